@@ -1,0 +1,37 @@
+"""The node's typed error hierarchy: each stage raises one of these; the runner records it once."""
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    """Configuration is invalid; the message names the field and the value found."""
+
+
+class StoreError(NodeError):
+    """The database or the spool could not do what was asked."""
+
+
+class IngestError(NodeError):
+    """A received instance was refused; carries the DICOM status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DecodeError(NodeError):
+    """Pixel data could not be decoded (unsupported transfer syntax, missing or short pixel data)."""
+
+
+class ManifestError(NodeError):
+    """A model manifest or its ONNX file is invalid; the message names the field."""
+
+
+class PreprocessError(NodeError):
+    """A preprocessing step could not be applied to an image."""
+
+
+class InferenceError(NodeError):
+    """ONNX Runtime failed to run a model."""
