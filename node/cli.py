@@ -1,0 +1,149 @@
+"""The `pacs-node` command line (Typer)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node import __version__
+from node.errors import NodeError
+
+app = typer.Typer(
+    name="pacs-node",
+    help="DICOM inference node for radiology (research models, not for diagnosis).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+log = logging.getLogger("node")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", envvar="PACS_NODE_CONFIG", help="YAML configuration (default: config/node.yaml)"
+    ),
+]
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr with times; pynetdicom's own chatter stays at warnings."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pacs-node {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """DICOM inference node for radiology."""
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the node: DICOM listener, assembly and the status page, until SIGINT/SIGTERM."""
+    from node.app import build_node
+    from node.settings import load_settings
+
+    try:
+        settings = load_settings(config)
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging(settings.logging.level)
+    try:
+        node = build_node(settings)
+        node.start()
+    except (NodeError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        raise typer.Exit(1) from exc
+    stop = threading.Event()
+    try:
+        if settings.web.enabled:
+            _serve_web(node, stop)
+        else:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+    finally:
+        log.info("stopping")
+        node.stop()
+
+
+def _serve_web(node: object, stop: threading.Event) -> None:
+    import uvicorn
+
+    from node.app import Node
+
+    assert isinstance(node, Node)
+    web = node.settings.web
+    config = uvicorn.Config(
+        node.web_app(), host=web.host, port=web.port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    log.info("status page on http://%s:%d/", web.host, web.port)
+    server.run()  # handles SIGINT/SIGTERM itself and returns
+
+
+@app.command()
+def echo(
+    host: str,
+    port: int,
+    aet: Annotated[str, typer.Option(help="our (calling) AE title")] = "PACSNODE-SCU",
+    aec: Annotated[str, typer.Option(help="the peer's (called) AE title")] = "ANY-SCP",
+) -> None:
+    """Send a C-ECHO to HOST PORT; exit 0 when it answers success."""
+    from node.dicom import scu, status
+
+    setup_logging("WARNING")
+    try:
+        code = scu.echo(host, port, aet, aec)
+    except NodeError as exc:
+        typer.echo(f"echo failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"C-ECHO {aec}@{host}:{port}: {status.name(code)}")
+    if code != status.SUCCESS:
+        raise typer.Exit(1)
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="files or folders (searched recursively)")],
+    host: Annotated[str, typer.Option(help="peer host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="peer port")] = 11112,
+    aet: Annotated[str, typer.Option(help="our (calling) AE title")] = "PACSNODE-SCU",
+    aec: Annotated[str, typer.Option(help="the peer's (called) AE title")] = "ANY-SCP",
+) -> None:
+    """C-STORE DICOM files to a peer, as stored (no decoding); exit 1 if any failed."""
+    from node.dicom import scu
+
+    setup_logging("WARNING")
+    files = list(scu.collect_files(paths))
+    if not files:
+        typer.echo("no DICOM files found", err=True)
+        raise typer.Exit(1)
+    report = scu.send_files(files, host, port, aet, aec)
+    for path, reason in report.failed:
+        typer.echo(f"failed: {path}: {reason}", err=True)
+    typer.echo(f"sent {len(report.sent)} of {len(files)} files to {aec}@{host}:{port}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,131 @@
+"""Check a received data set's structure and read the header values the node files it by,
+without decoding pixel data or re-encoding anything.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from node.dicom import status
+from node.errors import IngestError
+
+_UNDEFINED = 0xFFFFFFFF
+# Top-level attributes kept for filing and routing (nothing that identifies the patient).
+_WANTED = {
+    0x00080005,  # SpecificCharacterSet
+    0x00080016,  # SOPClassUID
+    0x00080018,  # SOPInstanceUID
+    0x00080060,  # Modality
+    0x0008103E,  # SeriesDescription
+    0x00180015,  # BodyPartExamined
+    0x0020000D,  # StudyInstanceUID
+    0x0020000E,  # SeriesInstanceUID
+    0x00200011,  # SeriesNumber
+    0x00200013,  # InstanceNumber
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What the node needs from a received data set to file it."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    body_part: str
+    series_number: int | None
+    series_description: str
+    instance_number: int | None
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # a malformed optional text value must not refuse the image
+        return ""
+    return str(value or "").strip()
+
+
+def inspect_dataset(stream: io.BytesIO, transfer_syntax: UID) -> Header:
+    """Walk every top-level element of ``stream`` and return the filing header.
+
+    Raises IngestError(CANNOT_UNDERSTAND) when the data set is truncated, overruns its lengths,
+    is not parseable, or lacks a UID the node needs.
+    """
+    stream.seek(0)
+    buffer = stream
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            buffer = io.BytesIO(inflater.decompress(stream.getbuffer()))
+        except zlib.error as exc:
+            raise IngestError(status.CANNOT_UNDERSTAND, f"deflated data set does not inflate: {exc}") from exc
+        if not inflater.eof:
+            raise IngestError(status.CANNOT_UNDERSTAND, "deflated data set is truncated")
+    size = len(buffer.getbuffer())
+    kept: dict[int, object] = {}
+    try:
+        elements = data_element_generator(
+            buffer, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, defer_size=4096
+        )
+        for element in elements:
+            if element.length != _UNDEFINED:
+                if element.value is None and element.length:
+                    end = element.value_tell + element.length
+                elif element.value is not None:
+                    end = element.value_tell + len(element.value)
+                else:
+                    end = element.value_tell
+                if end > size or (element.value is not None and len(element.value) != element.length):
+                    raise IngestError(
+                        status.CANNOT_UNDERSTAND,
+                        f"data set truncated: element {element.tag} declares {element.length} bytes",
+                    )
+            if int(element.tag) in _WANTED:
+                kept[int(element.tag)] = element
+    except IngestError:
+        raise
+    except Exception as exc:  # pydicom raises several types on malformed input
+        raise IngestError(status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from exc
+    finally:
+        stream.seek(0)
+    ds = Dataset(kept)  # type: ignore[arg-type]
+    ds.set_original_encoding(transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, None)
+    try:
+        header = Header(
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            sop_instance_uid=_text(ds, "SOPInstanceUID"),
+            study_uid=_text(ds, "StudyInstanceUID"),
+            series_uid=_text(ds, "SeriesInstanceUID"),
+            modality=_text(ds, "Modality").upper(),
+            body_part=_text(ds, "BodyPartExamined").upper(),
+            series_number=_int_or_none(ds.get("SeriesNumber")),
+            series_description=_text(ds, "SeriesDescription"),
+            instance_number=_int_or_none(ds.get("InstanceNumber")),
+        )
+    except Exception as exc:
+        raise IngestError(status.CANNOT_UNDERSTAND, f"header values cannot be read: {exc}") from exc
+    for field, label in (
+        ("sop_class_uid", "SOP Class UID"),
+        ("sop_instance_uid", "SOP Instance UID"),
+        ("study_uid", "Study Instance UID"),
+        ("series_uid", "Series Instance UID"),
+    ):
+        if not getattr(header, field):
+            raise IngestError(status.CANNOT_UNDERSTAND, f"data set has no {label}")
+    return header

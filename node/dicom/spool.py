@@ -1,0 +1,123 @@
+"""The durable spool: received bytes go to a temporary file, are fsync'd, renamed into place, and
+the directory is fsync'd, before anything is acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from node.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+_SAFE_UID = re.compile(r"^[0-9.]{1,64}$")
+Chunk = bytes | bytearray | memoryview
+
+
+class SpoolFullError(StoreError):
+    """Free space is below the configured watermark; nothing was written."""
+
+
+def safe_name(uid: str) -> str:
+    """A file-system-safe name for a UID: the UID itself when it is well formed, else a digest."""
+    if _SAFE_UID.match(uid) and uid.strip("."):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Files instances under ``root/<study>/<series>/<sop>.dcm``; temporary files under ``root/.tmp``."""
+
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.tmp_dir = root / ".tmp"
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+
+    def prepare(self) -> None:
+        """Create the folders and remove temporary files a crash left behind (never acknowledged)."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        stale = list(self.tmp_dir.iterdir())
+        for leftover in stale:
+            leftover.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d partial files left by an interrupted run", len(stale))
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance lives, relative to the spool root."""
+        return Path(safe_name(study_uid), safe_name(series_uid), safe_name(sop_instance_uid) + ".dcm")
+
+    def exists(self, relative: Path) -> bool:
+        """True when an instance file is already in place."""
+        return (self.root / relative).is_file()
+
+    def check_space(self, size: int) -> None:
+        """Raise SpoolFullError when writing ``size`` bytes would cross the free-space watermark."""
+        free = shutil.disk_usage(self.root).free
+        if free - size < self.min_free_bytes:
+            raise SpoolFullError(
+                f"free space {free // 2**20} MiB minus {size} bytes is below the "
+                f"{self.min_free_bytes // 2**20} MiB watermark"
+            )
+
+    def write(self, relative: Path, chunks: Sequence[Chunk]) -> set[Path]:
+        """Write ``chunks`` durably at ``relative`` and return the directories still to fsync.
+
+        The file is complete and fsync'd under its final name when this returns; the caller fsyncs
+        the returned directories (grouped across concurrent stores) before acknowledging.
+        """
+        final = self.root / relative
+        dirs = self._make_parents(final.parent)
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dirs.add(final.parent)
+        return dirs if self.fsync else set()
+
+    def _make_parents(self, parent: Path) -> set[Path]:
+        """Create missing parent folders; return the folders whose entries changed."""
+        if parent.is_dir():
+            return set()
+        changed: set[Path] = set()
+        missing = [parent, *[p for p in parent.parents if p.is_relative_to(self.root) and p != self.root]]
+        for folder in reversed(missing):
+            if not folder.is_dir():
+                with contextlib.suppress(FileExistsError):
+                    folder.mkdir()
+                changed.add(folder.parent)
+        return changed
+
+    def sync_dirs(self, dirs: Iterable[Path]) -> None:
+        """fsync each directory once, parents after children."""
+        for folder in sorted(set(dirs), key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(folder)
+
+    def remove(self, relative: Path) -> None:
+        """Delete an instance file (used when its row could not be committed)."""
+        (self.root / relative).unlink(missing_ok=True)

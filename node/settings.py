@@ -1,0 +1,173 @@
+"""Node configuration: one YAML file under config/, validated by pydantic-settings, with NODE_* overrides.
+
+Environment variables override the file; nested fields use a double underscore, e.g.
+``NODE_DICOM__PORT=11113`` or ``NODE_STORAGE__DATA_DIR=/srv/pacs-node``. Lists take JSON:
+``NODE_DICOM__ALLOWED_CALLING_AETS='["MODALITY1","PACS"]'``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from node.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/node.yaml")
+CONFIG_ENV = "PACS_NODE_CONFIG"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1 to 16 printable characters, not all spaces, without backslash")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DicomSettings(_Section):
+    """The DICOM listener (C-STORE / C-ECHO SCP)."""
+
+    ae_title: str = "PACSNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    max_pdu: int = Field(4 * 1024 * 1024, description="largest PDU we accept; 0 means unlimited")
+    max_associations: int = Field(16, ge=1, le=1000)
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list, description="empty: accept every calling AE title (a warning is logged)"
+    )
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in value]
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _max_pdu(cls, value: int) -> int:
+        if value != 0 and not 4096 <= value <= 0xFFFFFFFF:
+            raise ValueError("max_pdu is 0 (unlimited) or between 4096 and 4294967295 bytes")
+        return value
+
+
+class WebSettings(_Section):
+    """The status page and JSON API."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class StorageSettings(_Section):
+    """Where received instances and the database live."""
+
+    data_dir: Path = Path("data")
+    database_url: str | None = Field(None, description="default: SQLite file node.db in data_dir")
+    fsync: bool = Field(True, description="fsync before acknowledging a C-STORE (turn off only to measure)")
+    min_free_mb: int = Field(
+        100, ge=0, description="refuse new instances (out of resources) when free space would fall below this"
+    )
+
+    @property
+    def spool_dir(self) -> Path:
+        """Folder that holds received instances."""
+        return self.data_dir / "spool"
+
+    @property
+    def url(self) -> str:
+        """Database URL, the SQLite default resolved against data_dir."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'node.db').resolve()}"
+
+
+class AssemblySettings(_Section):
+    """When is a series (or study) complete: no new instance for a quiet period."""
+
+    group_by: Literal["series", "study"] = "series"
+    series_quiet_s: float = Field(5.0, gt=0, le=86400)
+    study_quiet_s: float = Field(10.0, gt=0, le=86400)
+    poll_interval_s: float = Field(1.0, gt=0, le=60)
+
+
+class LoggingSettings(_Section):
+    """Log level and format (logs never carry patient identifiers)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """All node settings. Build them with :func:`load_settings`, not at import time."""
+
+    model_config = SettingsConfigDict(env_prefix="NODE_", env_nested_delimiter="__", extra="forbid")
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment variables override the values read from the file (passed as init values)."""
+        return env_settings, init_settings
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    found = error.get("input")
+    shown = "" if isinstance(found, dict) else f" (found {found!r})"
+    return f"{location}: {error['msg']}{shown}"
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate the configuration file, apply NODE_* overrides, or raise ConfigError.
+
+    ``path`` None means config/node.yaml when it exists, otherwise embedded defaults.
+    ``overrides`` are merged over the file (sections as dicts), for tests and the CLI.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            data[section] = {**(data.get(section) or {}), **values}
+        else:
+            data[section] = values
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        details = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration in {source} (or NODE_* environment): {details}") from exc

@@ -1,0 +1,107 @@
+"""SQLModel tables: studies, series and instances as received, and the state used by assembly.
+
+No patient identifiers are stored: the node files instances by UID and keeps what routing and the
+status page need (modality, body part, series description, sizes, times, calling AE).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import Column, Index
+from sqlalchemy.types import DateTime, TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the only kind of time the store holds)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        """Normalise to UTC before storing."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use node.store.tables.utcnow()")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        """Attach UTC to what SQLite returns naive."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(nullable: bool = False, index: bool = False) -> Column:
+    return Column(UTCDateTime(), nullable=nullable, index=index)
+
+
+class SeriesState(StrEnum):
+    """Where a series is on its way through the node."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"  # quiet period over; awaiting routing ("complete, not yet routed")
+
+
+class StudyState(StrEnum):
+    """Where a study is: receiving while any of its series is."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class Study(SQLModel, table=True):
+    """A study as the node has received it so far."""
+
+    study_uid: str = Field(primary_key=True, max_length=64)
+    modalities: str = Field(default="", max_length=64, description="distinct modalities, backslash-joined")
+    state: str = Field(default=StudyState.RECEIVING, max_length=16, index=True)
+    series_count: int = 0
+    instance_count: int = 0
+    byte_size: int = 0
+    first_received_at: datetime = Field(sa_column=_ts(index=True))
+    last_received_at: datetime = Field(sa_column=_ts())
+    completed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class Series(SQLModel, table=True):
+    """A series, with the assembly state that decides when it is complete."""
+
+    series_uid: str = Field(primary_key=True, max_length=64)
+    study_uid: str = Field(foreign_key="study.study_uid", index=True, max_length=64)
+    modality: str = Field(default="", max_length=16)
+    body_part: str = Field(default="", max_length=64)
+    series_number: int | None = None
+    series_description: str = Field(default="", max_length=64)
+    calling_aet: str = Field(default="", max_length=16)
+    state: str = Field(default=SeriesState.RECEIVING, max_length=16)
+    instance_count: int = 0
+    byte_size: int = 0
+    first_received_at: datetime = Field(sa_column=_ts())
+    last_received_at: datetime = Field(sa_column=_ts())
+    completed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+    __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
+
+
+class Instance(SQLModel, table=True):
+    """One received SOP instance, stored as received at ``path`` (relative to the data folder)."""
+
+    sop_instance_uid: str = Field(primary_key=True, max_length=64)
+    series_uid: str = Field(foreign_key="series.series_uid", index=True, max_length=64)
+    study_uid: str = Field(index=True, max_length=64)
+    sop_class_uid: str = Field(max_length=64)
+    transfer_syntax_uid: str = Field(max_length=64)
+    instance_number: int | None = None
+    byte_size: int
+    path: str = Field(max_length=512)
+    calling_aet: str = Field(default="", max_length=16)
+    received_at: datetime = Field(sa_column=_ts(index=True))
