@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvicorn
 
 from node import __version__
+from node.app import Node
 from node.errors import NodeError
 
 app = typer.Typer(
@@ -72,31 +74,33 @@ def serve(config: ConfigOpt = None) -> None:
         log.error("cannot start: %s", exc)
         raise typer.Exit(1) from exc
     stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    web = _start_web(node) if settings.web.enabled else None
     try:
-        if settings.web.enabled:
-            _serve_web(node, stop)
-        else:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-            stop.wait()
+        while not stop.wait(0.5):
+            if web is not None and not web[1].is_alive():
+                log.error("the web server stopped; shutting down")
+                break
     finally:
         log.info("stopping")
+        if web is not None:
+            web[0].should_exit = True
+            web[1].join(timeout=10)
         node.stop()
 
 
-def _serve_web(node: object, stop: threading.Event) -> None:
-    import uvicorn
-
-    from node.app import Node
-
-    assert isinstance(node, Node)
+def _start_web(node: Node) -> tuple[uvicorn.Server, threading.Thread]:
+    """Serve the status page and API from a thread (signals stay with the main thread)."""
     web = node.settings.web
     config = uvicorn.Config(
         node.web_app(), host=web.host, port=web.port, log_level="warning", access_log=False
     )
     server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="web", daemon=True)
+    thread.start()
     log.info("status page on http://%s:%d/", web.host, web.port)
-    server.run()  # handles SIGINT/SIGTERM itself and returns
+    return server, thread
 
 
 @app.command()

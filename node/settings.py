@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.errors import ConfigError
@@ -28,6 +28,9 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -35,27 +38,17 @@ class _Section(BaseModel):
 class DicomSettings(_Section):
     """The DICOM listener (C-STORE / C-ECHO SCP)."""
 
-    ae_title: str = "PACSNODE"
+    ae_title: AETitle = "PACSNODE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     max_pdu: int = Field(4 * 1024 * 1024, description="largest PDU we accept; 0 means unlimited")
     max_associations: int = Field(16, ge=1, le=1000)
-    allowed_calling_aets: list[str] = Field(
+    allowed_calling_aets: list[AETitle] = Field(
         default_factory=list, description="empty: accept every calling AE title (a warning is logged)"
     )
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae_title(cls, value: str) -> str:
-        return _check_ae_title(value)
-
-    @field_validator("allowed_calling_aets")
-    @classmethod
-    def _allowed(cls, value: list[str]) -> list[str]:
-        return [_check_ae_title(v) for v in value]
 
     @field_validator("max_pdu")
     @classmethod

@@ -8,6 +8,7 @@ import io
 import zlib
 from dataclasses import dataclass
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -84,7 +85,8 @@ def inspect_dataset(stream: io.BytesIO, transfer_syntax: UID) -> Header:
             buffer, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, defer_size=4096
         )
         for element in elements:
-            if element.length != _UNDEFINED:
+            # undefined-length sequences come back parsed (a truncated one raises while parsing)
+            if isinstance(element, RawDataElement) and element.length != _UNDEFINED:
                 if element.value is None and element.length:
                     end = element.value_tell + element.length
                 elif element.value is not None:

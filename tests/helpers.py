@@ -1,0 +1,200 @@
+"""Shared helpers for tests: instances with fresh UIDs, free ports, DCMTK lookup, node processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+# Only files bundled with pydicom (others would be downloaded, and there is no network in CI).
+TS_FILES = {
+    "explicit-le": "CT_small.dcm",
+    "implicit-le": "MR_small_implicit.dcm",
+    "big-endian": "MR_small_bigendian.dcm",
+    "deflated": "image_dfl.dcm",
+    "jpeg-baseline": "SC_rgb_jpeg_dcmtk.dcm",
+    "jpeg-extended": "JPEG-lossy.dcm",
+    "jpeg-ls": "MR_small_jpeg_ls_lossless.dcm",
+    "jpeg2000-lossless": "MR_small_jp2klossless.dcm",
+    "jpeg2000": "JPEG2000.dcm",
+    "rle": "MR_small_RLE.dcm",
+}
+# storescu flag that proposes each file's own transfer syntax
+STORESCU_FLAG = {
+    "explicit-le": "-xe",
+    "implicit-le": "-xi",
+    "big-endian": "-xb",
+    "deflated": "-xd",
+    "jpeg-baseline": "-xy",
+    "jpeg-extended": "-xx",
+    "jpeg-ls": "-xt",
+    "jpeg2000-lossless": "-xv",
+    "jpeg2000": "-xw",
+    "rle": "-xr",
+}
+
+
+def sample_file(name: str) -> Path:
+    """A pydicom bundled test file."""
+    path = get_testdata_file(name, download=False)
+    assert path, f"{name} is not bundled with pydicom"
+    return Path(path)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta group of a Part 10 file."""
+    raw = path.read_bytes()
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    return raw[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
+
+
+def fresh_copy(
+    src: Path,
+    dst: Path,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_name: str | None = None,
+) -> Path:
+    """Copy ``src`` with a new SOP Instance UID (and optionally study/series UIDs), pixel data untouched."""
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
+    if series_uid:
+        ds.SeriesInstanceUID = series_uid
+    if patient_name:
+        ds.PatientName = patient_name
+    if 0xFFFCFFFC in ds:  # DCMTK drops Data Set Trailing Padding when it sends; so do we, to compare bytes
+        del ds[0xFFFCFFFC]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def make_series(folder: Path, count: int, template: str = "CT_small.dcm", **uids: str) -> list[Path]:
+    """``count`` copies of a test file in one new series (fresh SOP Instance UIDs)."""
+    study_uid = uids.get("study_uid") or generate_uid()
+    series_uid = uids.get("series_uid") or generate_uid()
+    return [
+        fresh_copy(sample_file(template), folder / f"{i:05d}.dcm", study_uid, series_uid)
+        for i in range(count)
+    ]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need(tool: str) -> str:
+    """Path of a DCMTK/dicom3tools binary; skip (outside CI) or fail (in CI) when it is missing."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed; .ci/run installs it")
+        pytest.skip(f"{tool} is not installed (apt-get install dcmtk dicom3tools)")
+    return path
+
+
+def write_config(folder: Path, **sections: dict) -> Path:
+    """A node.yaml for tests: loopback ports, short quiet period, no disk watermark."""
+    import yaml
+
+    config = {
+        "dicom": {"host": "127.0.0.1", "port": free_port(), "ae_title": "PACSNODE"},
+        "web": {"host": "127.0.0.1", "port": free_port()},
+        "storage": {"data_dir": str(folder / "data"), "min_free_mb": 0},
+        "assembly": {"series_quiet_s": 1.0, "poll_interval_s": 0.2},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path = folder / "node.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    """Wait until something listens on loopback ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def start_node_process(config: Path, log: Path) -> subprocess.Popen:
+    """Run `pacs-node serve` as a subprocess and wait until its DICOM port listens."""
+    import yaml
+
+    port = yaml.safe_load(config.read_text())["dicom"]["port"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node", "serve", "--config", str(config)],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc
+
+
+def raw_store(port: int, sop_class: str, sop_instance: str, transfer_syntax: str, data: bytes) -> int:
+    """Send ``data`` as a C-STORE data set under the given request UIDs, with no checks and no
+    encoding on our side (pynetdicom's own send_c_store refuses malformed input), and return the
+    status the node answered.
+    """
+    from io import BytesIO
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(sop_class, [transfer_syntax])
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+    assert assoc.is_established, "association refused"
+    try:
+        context = assoc._get_valid_context(sop_class, transfer_syntax, "scu")
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = sop_class
+        req.AffectedSOPInstanceUID = sop_instance
+        req.Priority = 2
+        req.DataSet = BytesIO(data)
+        assoc._reactor_checkpoint.clear()  # same hand-off as Association.send_c_store
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        assoc.dimse.send_msg(req, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert rsp is not None, "no C-STORE response"
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def raw_store_file(port: int, path: Path, data: bytes | None = None, **request: str) -> int:
+    """raw_store with the UIDs and syntax of a file's meta (overridable) and its data set bytes."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    return raw_store(
+        port,
+        request.get("sop_class", str(meta.MediaStorageSOPClassUID)),
+        request.get("sop_instance", str(meta.MediaStorageSOPInstanceUID)),
+        request.get("transfer_syntax", str(meta.TransferSyntaxUID)),
+        dataset_bytes(path) if data is None else data,
+    )
