@@ -1,0 +1,327 @@
+"""Pixel decoding: a pydicom Dataset (or a file path) to stored values plus the header values needed.
+
+Every transfer syntax pydicom has a decoder for works, provided its plugin is installed (pylibjpeg
+with openjpeg/libjpeg/rle; see ``supported_transfer_syntaxes``). Failures raise ``DecodeError``
+with a message that says what is wrong and with which instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, pixel_array
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID
+
+from node.errors import DecodeError
+from node.types import DecodedImage, ImageHeader
+
+log = logging.getLogger(__name__)
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UNCOMPRESSED = {
+    pydicom.uid.ImplicitVRLittleEndian,
+    pydicom.uid.ExplicitVRLittleEndian,
+    pydicom.uid.DeflatedExplicitVRLittleEndian,
+    pydicom.uid.ExplicitVRBigEndian,
+}
+
+FrameMode = Literal["all", "single", "first"]
+
+
+def supported_transfer_syntaxes() -> list[UID]:
+    """Transfer syntaxes whose pixel data can be decoded with the plugins installed here."""
+    out: list[UID] = sorted(_UNCOMPRESSED)
+    for ts in pydicom.uid.AllTransferSyntaxes:
+        if ts in _UNCOMPRESSED:
+            continue
+        try:
+            if get_decoder(ts).is_available:
+                out.append(ts)
+        except NotImplementedError:
+            continue
+    return out
+
+
+def read_dataset(source: Dataset | str | Path) -> Dataset:
+    """Return ``source`` if it is a Dataset, else read the DICOM file at that path."""
+    if isinstance(source, Dataset):
+        return source
+    path = Path(source)
+    try:
+        return pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise DecodeError(f"{path}: not a readable DICOM file: {exc}") from exc
+
+
+def _name(ds: Dataset) -> str:
+    uid = ds.get("SOPInstanceUID")
+    if uid:
+        return f"instance {uid}"
+    filename = getattr(ds, "filename", None)
+    return f"file {filename}" if filename else "dataset"
+
+
+def _first(value: Any) -> Any:
+    """First value of a multi-valued element, the value itself otherwise; None for empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return value[0] if len(value) else None
+    return value
+
+
+def _float_or_none(value: Any) -> float | None:
+    value = _first(value)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    value = _first(value)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _functional_group_value(ds: Dataset, sequence: str, keyword: str) -> Any:
+    """A value from the Shared Functional Groups (enhanced multi-frame objects), else None."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if not shared:
+        return None
+    item = shared[0].get(sequence)
+    if not item:
+        return None
+    return item[0].get(keyword)
+
+
+def _required_int(ds: Dataset, keyword: str) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise DecodeError(f"{_name(ds)}: required element {keyword} is missing")
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"{_name(ds)}: {keyword} is not an integer (found {value!r})") from exc
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not ts:
+        raise DecodeError(f"{_name(ds)}: no Transfer Syntax UID in the file meta information")
+    ts = UID(str(ts))
+    if ts not in _UNCOMPRESSED and ts not in pydicom.uid.AllTransferSyntaxes:
+        raise DecodeError(f"{_name(ds)}: unknown transfer syntax {ts}")
+    return ts
+
+
+def _check_decoder(ds: Dataset, ts: UID) -> None:
+    if ts in _UNCOMPRESSED:
+        return
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as exc:
+        raise DecodeError(
+            f"{_name(ds)}: unsupported transfer syntax {ts} ({ts.name}): no pixel decoder exists for it"
+        ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(f"{k}: {v}" for k, v in decoder.missing_dependencies.items()) or "none"
+        raise DecodeError(
+            f"{_name(ds)}: unsupported transfer syntax {ts} ({ts.name}): no decoder plugin installed "
+            f"(missing: {missing})"
+        )
+
+
+def header_from_dataset(ds: Dataset) -> ImageHeader:
+    """Extract the header values the node needs; raise DecodeError when an essential one is bad."""
+    ts = _transfer_syntax(ds)
+    rows = _required_int(ds, "Rows")
+    cols = _required_int(ds, "Columns")
+    if rows <= 0 or cols <= 0:
+        raise DecodeError(f"{_name(ds)}: image has zero size (Rows={rows}, Columns={cols})")
+    frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+    if frames <= 0:
+        frames = 1
+    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+    stored_pi = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if not stored_pi:
+        raise DecodeError(f"{_name(ds)}: required element PhotometricInterpretation is missing")
+    decoded_pi = "RGB" if samples == 3 or stored_pi == "PALETTE COLOR" else stored_pi
+    bits_allocated = _required_int(ds, "BitsAllocated")
+    bits_stored = _int_or_none(ds.get("BitsStored")) or bits_allocated
+    pixel_rep = _int_or_none(ds.get("PixelRepresentation")) or 0
+
+    slope = _float_or_none(ds.get("RescaleSlope"))
+    intercept = _float_or_none(ds.get("RescaleIntercept"))
+    if slope is None:
+        slope = _float_or_none(
+            _functional_group_value(ds, "PixelValueTransformationSequence", "RescaleSlope")
+        )
+        intercept = _float_or_none(
+            _functional_group_value(ds, "PixelValueTransformationSequence", "RescaleIntercept")
+        )
+    center = _float_or_none(ds.get("WindowCenter"))
+    width = _float_or_none(ds.get("WindowWidth"))
+    if center is None or width is None:
+        center = _float_or_none(_functional_group_value(ds, "FrameVOILUTSequence", "WindowCenter"))
+        width = _float_or_none(_functional_group_value(ds, "FrameVOILUTSequence", "WindowWidth"))
+
+    spacing = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
+    if spacing is None:
+        spacing = _floats(_functional_group_value(ds, "PixelMeasuresSequence", "PixelSpacing"), 2)
+    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+
+    def text(keyword: str) -> str | None:
+        value = ds.get(keyword)
+        return str(value) if value not in (None, "") else None
+
+    return ImageHeader(
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        transfer_syntax_uid=str(ts),
+        modality=str(ds.get("Modality", "") or ""),
+        rows=rows,
+        cols=cols,
+        number_of_frames=frames,
+        samples_per_pixel=samples,
+        photometric_interpretation=decoded_pi,
+        stored_photometric_interpretation=stored_pi,
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        pixel_representation=pixel_rep,
+        rescale_slope=1.0 if slope is None else slope,
+        rescale_intercept=0.0 if intercept is None else intercept,
+        window_center=center,
+        window_width=width if width is None or width >= 1 else None,
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        image_position_patient=ipp,  # type: ignore[arg-type]
+        image_orientation_patient=iop,  # type: ignore[arg-type]
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        slice_location=_float_or_none(ds.get("SliceLocation")),
+        body_part_examined=text("BodyPartExamined"),
+    )
+
+
+def _check_native_length(ds: Dataset, header: ImageHeader, keyword: str) -> None:
+    """Refuse native pixel data shorter than Rows x Columns x Samples x Frames needs."""
+    if keyword == "FloatPixelData":
+        bits = 32
+    elif keyword == "DoubleFloatPixelData":
+        bits = 64
+    else:
+        bits = header.bits_allocated
+    n_values = header.rows * header.cols * header.samples_per_pixel * header.number_of_frames
+    expected = (n_values + 7) // 8 if bits == 1 else n_values * (bits // 8)
+    stored_pi = header.stored_photometric_interpretation
+    if stored_pi in ("YBR_FULL_422", "YBR_PARTIAL_422") and bits != 1:
+        expected = expected * 2 // 3
+    actual = len(ds[keyword].value or b"")
+    if actual < expected:
+        raise DecodeError(
+            f"{_name(ds)}: pixel data is truncated: {actual} bytes, expected {expected} "
+            f"({header.number_of_frames} frame(s) of {header.rows}x{header.cols}x"
+            f"{header.samples_per_pixel}, {bits} bits allocated)"
+        )
+
+
+def decode(
+    source: Dataset | str | Path,
+    *,
+    frames: FrameMode = "all",
+) -> DecodedImage:
+    """Decode the pixel data of one instance into stored values (native byte order).
+
+    ``frames``: ``"all"`` decodes every frame; ``"single"`` refuses a multi-frame image with a
+    DecodeError; ``"first"`` decodes only the first frame. The result always has a leading frame
+    axis. YBR colour is converted to RGB and PALETTE COLOR expanded to 8-bit RGB; greyscale values
+    are stored values (apply the modality LUT in preprocessing).
+    """
+    ds = read_dataset(source)
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None or ds[keyword].value in (None, b""):
+        raise DecodeError(f"{_name(ds)}: no pixel data")
+    header = header_from_dataset(ds)
+    ts = UID(header.transfer_syntax_uid)
+    _check_decoder(ds, ts)
+    if header.number_of_frames > 1 and frames == "single":
+        raise DecodeError(
+            f"{_name(ds)}: multi-frame image ({header.number_of_frames} frames) where a single frame "
+            "was expected"
+        )
+    if not ts.is_compressed:
+        _check_native_length(ds, header, keyword)
+    index = 0 if frames == "first" else None
+    try:
+        arr = pixel_array(ds, index=index)
+        if header.stored_photometric_interpretation == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+            if arr.dtype == np.uint16:  # 16-bit LUT entries: bring them to the 8 bits the header says
+                arr = np.floor(arr / 257.0 + 0.5).astype(np.uint8)
+    except DecodeError:
+        raise
+    except Exception as exc:  # pydicom and its plugins raise many types: re-raise typed
+        raise DecodeError(f"{_name(ds)}: could not decode pixel data ({ts.name}): {exc}") from exc
+
+    single = header.number_of_frames == 1 or index is not None
+    arr = np.asarray(arr)
+    if single:
+        arr = arr[np.newaxis, ...]
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    arr = np.ascontiguousarray(arr)
+    expected_shape: tuple[int, ...] = (arr.shape[0], header.rows, header.cols)
+    if header.photometric_interpretation == "RGB":
+        expected_shape += (3,)
+    if arr.shape != expected_shape:
+        raise DecodeError(
+            f"{_name(ds)}: decoded pixel array has shape {arr.shape}, expected {expected_shape}"
+        )
+    log.debug("decoded %s: %s %s via %s", _name(ds), arr.shape, arr.dtype, ts.name)
+    return DecodedImage(header=header, pixels=arr)
+
+
+def slice_order(headers: Sequence[ImageHeader]) -> list[int]:
+    """Indices of ``headers`` sorted for display/volume order.
+
+    Sorts along the slice normal (from ImageOrientationPatient and ImagePositionPatient) when every
+    header has both, else by InstanceNumber, else keeps the given order.
+    """
+    n = len(headers)
+    if n == 0:
+        return []
+    if all(h.image_position_patient and h.image_orientation_patient for h in headers):
+        iop = np.asarray(headers[0].image_orientation_patient, dtype=float)
+        normal = np.cross(iop[:3], iop[3:])
+        keys = [float(np.dot(normal, np.asarray(h.image_position_patient))) for h in headers]
+        return sorted(range(n), key=lambda i: (keys[i], i))
+    if all(h.instance_number is not None for h in headers):
+        return sorted(range(n), key=lambda i: (headers[i].instance_number, i))
+    return list(range(n))

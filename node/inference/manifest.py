@@ -1,0 +1,501 @@
+"""The model manifest schema (``models/onnx/<id>/manifest.yaml``), strict: unknown fields are refused.
+
+``load_manifest(path)`` parses and validates a file; every problem is reported as a ManifestError
+whose message names the file and the field, e.g.
+``models/onnx/cxr/manifest.yaml: labels.0.threshold: Input should be less than or equal to 1
+(found 1.5)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from node.errors import ManifestError
+from node.inference.preprocess import WINDOW_PRESETS
+
+_MISSING = object()
+
+
+class FieldProblem(ValueError):
+    """A cross-field check failed; ``field`` is the dotted path relative to the model checked."""
+
+    def __init__(self, field: str, message: str, found: Any = _MISSING) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.found = found
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance and model file
+
+
+class Provenance(_Strict):
+    """How the model was made."""
+
+    training_script: str = Field(min_length=1)
+    data: str = Field(min_length=1, description="description of the training data")
+    seed: int
+    created: dt.date
+    metrics: dict[str, float] = Field(default_factory=dict)
+    framework: str | None = None
+
+
+class ModelFile(_Strict):
+    """The ONNX file beside the manifest and its sha256."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+Dim = int | str | None
+
+
+class InputSpec(_Strict):
+    """The graph input: name, shape (first dim is the dynamic batch), dtype, layout."""
+
+    name: str = Field(min_length=1)
+    shape: list[Dim] = Field(min_length=4, max_length=4)
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> InputSpec:
+        batch = self.shape[0]
+        if isinstance(batch, int) and batch > 0:
+            raise FieldProblem("shape.0", "the batch dimension must be dynamic (null or a name)", batch)
+        for i, d in enumerate(self.shape[1:], start=1):
+            if isinstance(d, int) and d <= 0:
+                raise FieldProblem(f"shape.{i}", "dimensions must be positive", d)
+        c_axis = 1 if self.layout == "NCHW" else 3
+        if not isinstance(self.shape[c_axis], int):
+            raise FieldProblem(f"shape.{c_axis}", "the channel dimension must be fixed", self.shape[c_axis])
+        return self
+
+    @property
+    def channels(self) -> int:
+        """Number of channels the model expects."""
+        return int(self.shape[1] if self.layout == "NCHW" else self.shape[3])  # type: ignore[arg-type]
+
+    @property
+    def spatial(self) -> tuple[int | None, int | None]:
+        """(height, width); None for dynamic dims."""
+        h, w = (self.shape[2], self.shape[3]) if self.layout == "NCHW" else (self.shape[1], self.shape[2])
+        return (h if isinstance(h, int) else None, w if isinstance(w, int) else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing steps (a discriminated union on ``op``)
+
+Interpolation = Literal["nearest", "linear", "cubic", "area"]
+Size = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
+
+
+class ModalityLutStep(_Strict):
+    """Stored values to modality units: ``x * RescaleSlope + RescaleIntercept``."""
+
+    op: Literal["modality_lut"]
+
+
+class WindowStep(_Strict):
+    """DICOM linear VOI window to 0..255, from the header, a named preset, or explicit values."""
+
+    op: Literal["window"]
+    source: Literal["header", "preset", "explicit"] = "header"
+    preset: str | None = None
+    center: float | None = None
+    width: float | None = Field(default=None, ge=1)
+    fallback: Literal["error", "minmax"] = "error"
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in WINDOW_PRESETS:
+            raise ValueError(f"unknown window preset; known: {', '.join(sorted(WINDOW_PRESETS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> WindowStep:
+        if self.source == "preset" and self.preset is None:
+            raise FieldProblem("preset", "required when source is 'preset'")
+        if self.source == "explicit":
+            if self.center is None:
+                raise FieldProblem("center", "required when source is 'explicit'")
+            if self.width is None:
+                raise FieldProblem("width", "required when source is 'explicit'")
+        return self
+
+
+class InvertMonochrome1Step(_Strict):
+    """Invert MONOCHROME1 images (high values dark) so that every image reads MONOCHROME2."""
+
+    op: Literal["invert_monochrome1"]
+
+
+class To8BitStep(_Strict):
+    """16->8-bit conversion: naive bit-depth scaling, global or per-image percentile bounds, or the
+    3-channel mix stacking the three."""
+
+    op: Literal["to_8bit"]
+    method: Literal["naive", "global_percentile", "image_percentile", "mix"]
+    low: float | None = None
+    high: float | None = None
+    low_percentile: float = Field(default=0.01, ge=0, le=100)
+    high_percentile: float = Field(default=99.99, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> To8BitStep:
+        if self.method in ("global_percentile", "mix"):
+            if self.low is None:
+                raise FieldProblem("low", f"required for method '{self.method}'")
+            if self.high is None:
+                raise FieldProblem("high", f"required for method '{self.method}'")
+            if self.high <= self.low:
+                raise FieldProblem("high", "must be greater than low", self.high)
+        if self.high_percentile <= self.low_percentile:
+            raise FieldProblem("high_percentile", "must be greater than low_percentile", self.high_percentile)
+        return self
+
+
+class ClaheStep(_Strict):
+    """Contrast-limited adaptive histogram equalisation (OpenCV) on an 8-bit image."""
+
+    op: Literal["clahe"]
+    clip_limit: float = Field(default=2.0, gt=0)
+    tile_grid: Size = (8, 8)
+
+
+class MedianStep(_Strict):
+    """Median filter with an odd square kernel."""
+
+    op: Literal["median"]
+    ksize: int = Field(default=3, ge=3)
+
+    @field_validator("ksize")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("ksize must be odd")
+        return v
+
+
+class GaussianStep(_Strict):
+    """Gaussian filter; ``ksize`` 0 derives the kernel size from sigma."""
+
+    op: Literal["gaussian"]
+    sigma: float = Field(gt=0)
+    ksize: int = Field(default=0, ge=0)
+
+    @field_validator("ksize")
+    @classmethod
+    def _odd_or_zero(cls, v: int) -> int:
+        if v != 0 and v % 2 == 0:
+            raise ValueError("ksize must be odd (or 0 to derive it from sigma)")
+        return v
+
+
+class ResizeStep(_Strict):
+    """Resize to (height, width), ignoring the aspect ratio."""
+
+    op: Literal["resize"]
+    size: Size
+    interpolation: Interpolation = "area"
+
+
+class LetterboxStep(_Strict):
+    """Resize keeping the aspect ratio, then pad to (height, width)."""
+
+    op: Literal["letterbox"]
+    size: Size
+    pad_value: float = 0.0
+    interpolation: Interpolation = "area"
+    align: Literal["center", "top_left"] = "center"
+
+
+class NormalizeStep(_Strict):
+    """``(x / max_pixel_value - mean[c]) / std[c]`` per channel (one value broadcasts)."""
+
+    op: Literal["normalize"]
+    mean: list[float] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    max_pixel_value: float = Field(default=255.0, gt=0)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> NormalizeStep:
+        if len(self.mean) != len(self.std):
+            raise FieldProblem("std", f"needs as many values as mean ({len(self.mean)})", self.std)
+        return self
+
+
+class ReplicateChannelsStep(_Strict):
+    """Replicate a single-channel image into ``channels`` channels."""
+
+    op: Literal["replicate_channels"]
+    channels: int = Field(default=3, ge=2)
+
+
+Step = Annotated[
+    ModalityLutStep
+    | WindowStep
+    | InvertMonochrome1Step
+    | To8BitStep
+    | ClaheStep
+    | MedianStep
+    | GaussianStep
+    | ResizeStep
+    | LetterboxStep
+    | NormalizeStep
+    | ReplicateChannelsStep,
+    Field(discriminator="op"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs, labels, heatmap, aggregation, routing
+
+
+class Outputs(_Strict):
+    """Output names: probabilities (N, n_outputs) and an optional CAM (N, n_outputs, h, w)."""
+
+    probabilities: str = Field(min_length=1)
+    activation: Literal["none", "sigmoid", "softmax"] = Field(
+        description="'none' when the graph already applies it"
+    )
+    cam: str | None = None
+
+
+class LabelCode(_Strict):
+    """The coded concept reported for a label."""
+
+    value: str = Field(min_length=1)
+    scheme_designator: Literal["SCT", "DCM", "RADLEX", "99PACSNODE"]
+    meaning: str = Field(min_length=1)
+
+
+class Label(_Strict):
+    """One finding the model reports."""
+
+    name: str = Field(min_length=1)
+    index: int = Field(ge=0, description="index in the probabilities output")
+    code: LabelCode
+    threshold: float = Field(ge=0, le=1)
+    triage: StrictBool = False
+    normal: StrictBool = False
+
+
+class CamHeatmap(_Strict):
+    """The graph outputs class activation maps."""
+
+    method: Literal["cam"]
+    normalize: Literal["relu_max", "minmax"] = "relu_max"
+
+
+class PatchHeatmap(_Strict):
+    """Run the (patch) classifier over tiles of the full image and stitch the scores."""
+
+    method: Literal["patch"]
+    patch_size: Size
+    stride: Size
+    batch_size: int = Field(default=32, ge=1)
+
+
+class OcclusionHeatmap(_Strict):
+    """Slide a mean-valued window over the input; the map is the drop in score."""
+
+    method: Literal["occlusion"]
+    window: Size
+    stride: Size
+    batch_size: int = Field(default=32, ge=1)
+
+
+class NoHeatmap(_Strict):
+    """No heatmap."""
+
+    method: Literal["none"]
+
+
+HeatmapSpec = Annotated[
+    CamHeatmap | PatchHeatmap | OcclusionHeatmap | NoHeatmap, Field(discriminator="method")
+]
+
+
+class Aggregation(_Strict):
+    """How image scores become a series/study score, and how many top slices to display."""
+
+    level: Literal["image", "series", "study"] = "image"
+    method: Literal["max", "mean", "top_k_mean"] = "max"
+    k: int | None = Field(default=None, ge=1)
+    keep_top_slices: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _k_for_top_k(self) -> Aggregation:
+        if self.method == "top_k_mean" and self.k is None:
+            raise FieldProblem("k", "required when method is 'top_k_mean'")
+        return self
+
+
+class Routing(_Strict):
+    """Hints for the router: which series the model is meant for."""
+
+    modalities: list[str] = Field(default_factory=list)
+    body_parts: list[str] = Field(default_factory=list)
+
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [s.strip().upper() for s in v]
+
+
+class Manifest(_Strict):
+    """Everything the node needs to know about one model."""
+
+    manifest_version: Literal[1] = 1
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    description: str = Field(min_length=1)
+    research_use_only: StrictBool = True
+    intended_use: str = Field(min_length=1)
+    provenance: Provenance
+    model: ModelFile
+    input: InputSpec
+    preprocessing: list[Step] = Field(default_factory=list)
+    outputs: Outputs
+    kind: Literal["multi_label", "multi_class"]
+    labels: list[Label] = Field(min_length=1)
+    heatmap: HeatmapSpec = NoHeatmap(method="none")
+    aggregation: Aggregation = Aggregation()
+    routing: Routing = Routing()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Manifest:
+        seen_names: dict[str, int] = {}
+        seen_index: dict[int, int] = {}
+        for i, label in enumerate(self.labels):
+            if label.name in seen_names:
+                raise FieldProblem(
+                    f"labels.{i}.name", f"duplicate of labels.{seen_names[label.name]}", label.name
+                )
+            if label.index in seen_index:
+                raise FieldProblem(
+                    f"labels.{i}.index", f"duplicate of labels.{seen_index[label.index]}", label.index
+                )
+            seen_names[label.name] = i
+            seen_index[label.index] = i
+        normals = [i for i, label in enumerate(self.labels) if label.normal]
+        if self.kind == "multi_class":
+            if self.outputs.activation == "sigmoid":
+                raise FieldProblem(
+                    "outputs.activation", "a multi_class model uses softmax (or none)", "sigmoid"
+                )
+            if len(normals) != 1:
+                raise FieldProblem(
+                    "labels", f"a multi_class model needs exactly one normal label (found {len(normals)})"
+                )
+            if len(self.labels) < 2:
+                raise FieldProblem("labels", "a multi_class model needs at least two labels")
+            if self.labels[normals[0]].triage:
+                raise FieldProblem(
+                    f"labels.{normals[0]}.triage", "the normal class cannot raise triage", True
+                )
+        else:
+            if self.outputs.activation == "softmax":
+                raise FieldProblem(
+                    "outputs.activation", "a multi_label model uses sigmoid (or none)", "softmax"
+                )
+            if normals:
+                raise FieldProblem(
+                    f"labels.{normals[0]}.normal", "only a multi_class model has a normal label", True
+                )
+        if isinstance(self.heatmap, CamHeatmap) and self.outputs.cam is None:
+            raise FieldProblem("outputs.cam", "required when heatmap.method is 'cam'")
+        if isinstance(self.heatmap, PatchHeatmap):
+            h, w = self.input.spatial
+            ph, pw = self.heatmap.patch_size
+            if (h is not None and h != ph) or (w is not None and w != pw):
+                raise FieldProblem(
+                    "heatmap.patch_size", f"must equal the input's spatial size ({h}, {w})", [ph, pw]
+                )
+        return self
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the probabilities output the labels need (highest index + 1)."""
+        return max(label.index for label in self.labels) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and error formatting
+
+
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _found_text(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: message (found value)``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err.get("loc", ()))
+        msg = str(err.get("msg", ""))
+        found: Any = err.get("input", _MISSING)
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, FieldProblem):
+            loc = loc + tuple(ctx_error.field.split("."))
+            msg = ctx_error.message
+            found = ctx_error.found
+        elif err.get("type") == "missing":
+            found = _MISSING
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        field = _loc_text(loc) or "(top level)"
+        suffix = "" if found is _MISSING else f" (found {_found_text(found)})"
+        lines.append(f"{source}: {field}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def parse_manifest(data: Mapping[str, Any] | Any, source: str = "manifest") -> Manifest:
+    """Validate already-parsed manifest data; raise ManifestError naming ``source`` and the field."""
+    if not isinstance(data, Mapping):
+        raise ManifestError(f"{source}: (top level): expected a mapping (found {type(data).__name__})")
+    try:
+        return Manifest.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ManifestError(format_validation_error(exc, source)) from exc
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a ``manifest.yaml``; raise ManifestError naming the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: invalid YAML: {exc}") from exc
+    return parse_manifest(data, str(path))

@@ -1,0 +1,538 @@
+"""Preprocessing ops (pure functions on numpy arrays) and the executor that applies a manifest's steps.
+
+Conventions: images are float32 (H, W) or (H, W, C). Ops that produce display values (window,
+the 8-bit conversions) return float32 holding 0..255. ``run_steps`` returns the model tensor in
+the manifest's layout plus the ``Geometry`` that maps model pixels back to source pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+import cv2
+import numpy as np
+
+from node.errors import PreprocessError
+from node.types import DecodedImage, Geometry, ImageHeader, ModelInput
+
+if TYPE_CHECKING:
+    from node.inference.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+#: Standard CT window presets, name -> (center/level, width), in HU (Radiopaedia's "Windowing (CT)").
+WINDOW_PRESETS: MappingProxyType[str, tuple[float, float]] = MappingProxyType(
+    {
+        "brain": (40.0, 80.0),
+        "subdural": (75.0, 215.0),
+        "stroke": (40.0, 40.0),
+        "liver": (30.0, 150.0),
+        "abdomen": (50.0, 400.0),
+        "mediastinum": (50.0, 350.0),
+        "lung": (-600.0, 1500.0),
+        "bone": (400.0, 1800.0),
+    }
+)
+
+_INTERPOLATION = MappingProxyType(
+    {
+        "nearest": cv2.INTER_NEAREST,
+        "linear": cv2.INTER_LINEAR,
+        "cubic": cv2.INTER_CUBIC,
+        "area": cv2.INTER_AREA,
+    }
+)
+
+
+def _f32(arr: np.ndarray) -> np.ndarray:
+    return np.asarray(arr, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Intensity ops
+
+
+def modality_lut(arr: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    """Stored values to modality units (e.g. HU): ``arr * slope + intercept`` (float32)."""
+    out = arr.astype(np.float64) * float(slope) + float(intercept)
+    return out.astype(np.float32)
+
+
+def window_preset(name: str) -> tuple[float, float]:
+    """(center, width) of a named preset; PreprocessError for an unknown name."""
+    try:
+        return WINDOW_PRESETS[name]
+    except KeyError:
+        raise PreprocessError(
+            f"unknown window preset {name!r}; known: {', '.join(sorted(WINDOW_PRESETS))}"
+        ) from None
+
+
+def window(
+    arr: np.ndarray, center: float, width: float, out_min: float = 0.0, out_max: float = 255.0
+) -> np.ndarray:
+    """DICOM linear VOI window (PS3.3 C.11.2.1.2.1) to [out_min, out_max], float32.
+
+    ``x <= c - 0.5 - (w - 1) / 2`` -> out_min; ``x > c - 0.5 + (w - 1) / 2`` -> out_max; else
+    ``((x - (c - 0.5)) / (w - 1) + 0.5) * (out_max - out_min) + out_min``.
+    """
+    if width < 1:
+        raise PreprocessError(f"window width must be >= 1 (found {width})")
+    x = arr.astype(np.float64)
+    c = float(center) - 0.5
+    if width == 1:
+        y = np.where(x <= c, out_min, out_max)
+    else:
+        w = float(width) - 1.0
+        y = ((x - c) / w + 0.5) * (out_max - out_min) + out_min
+        y = np.where(x <= c - w / 2, out_min, np.where(x > c + w / 2, out_max, y))
+    return y.astype(np.float32)
+
+
+def invert(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Mirror values within [lo, hi]: ``lo + hi - x`` (MONOCHROME1 -> MONOCHROME2)."""
+    return (float(lo) + float(hi) - arr.astype(np.float64)).astype(np.float32)
+
+
+def scale_to_8bit(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map [lo, hi] linearly to 0..255, clip, round half up (float32 holding integers)."""
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.float32)
+    y = (arr.astype(np.float64) - lo) / (hi - lo)
+    return np.floor(np.clip(y, 0.0, 1.0) * 255.0 + 0.5).astype(np.float32)
+
+
+def to_8bit_naive(arr: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """(a) Naive: scale the full range representable with the bit depth (``value_range``) to 0..255."""
+    return scale_to_8bit(arr, *value_range)
+
+
+def to_8bit_global(arr: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(b) Global percentile bounds fixed in the manifest: map [low, high] to 0..255."""
+    return scale_to_8bit(arr, low, high)
+
+
+def to_8bit_image_percentile(
+    arr: np.ndarray, low_percentile: float = 0.01, high_percentile: float = 99.99
+) -> np.ndarray:
+    """(c) Per-image percentile bounds (default 0.01 % / 99.99 %) mapped to 0..255."""
+    lo, hi = np.percentile(arr, [low_percentile, high_percentile])
+    if hi <= lo:
+        log.debug("image percentile bounds collapse (%s); output is zero", lo)
+    return scale_to_8bit(arr, float(lo), float(hi))
+
+
+def to_8bit_mix(
+    arr: np.ndarray,
+    value_range: tuple[float, float],
+    low: float,
+    high: float,
+    low_percentile: float = 0.01,
+    high_percentile: float = 99.99,
+) -> np.ndarray:
+    """(d) 3-channel mix: (a) naive, (b) global bounds, (c) per-image percentiles as channels (H, W, 3)."""
+    return np.stack(
+        [
+            to_8bit_naive(arr, value_range),
+            to_8bit_global(arr, low, high),
+            to_8bit_image_percentile(arr, low_percentile, high_percentile),
+        ],
+        axis=-1,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Filters
+
+
+def _per_channel(img: np.ndarray, fn: Any) -> np.ndarray:
+    if img.ndim == 2:
+        return fn(img)
+    return np.stack([fn(img[..., c]) for c in range(img.shape[-1])], axis=-1)
+
+
+def clahe(img: np.ndarray, clip_limit: float = 2.0, tile_grid: tuple[int, int] = (8, 8)) -> np.ndarray:
+    """CLAHE (OpenCV) on an image holding 0..255 values; per channel; float32 out."""
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid[1]), int(tile_grid[0])))
+
+    def one(ch: np.ndarray) -> np.ndarray:
+        u8 = np.clip(np.floor(ch.astype(np.float64) + 0.5), 0, 255).astype(np.uint8)
+        return op.apply(u8).astype(np.float32)
+
+    return _per_channel(img, one)
+
+
+def median(img: np.ndarray, ksize: int = 3) -> np.ndarray:
+    """Median filter (square odd kernel, edges replicated), float32.
+
+    ksize 3 and 5 work on any values; larger kernels need values within 0..255 (OpenCV limit).
+    """
+    if ksize < 3 or ksize % 2 == 0:
+        raise PreprocessError(f"median ksize must be odd and >= 3 (found {ksize})")
+    f = _f32(img)
+    if ksize <= 5:
+        return _per_channel(f, lambda ch: cv2.medianBlur(np.ascontiguousarray(ch), ksize))
+    if f.min() < 0 or f.max() > 255:
+        raise PreprocessError(f"median ksize {ksize} needs an 8-bit image: apply window or to_8bit first")
+
+    def one(ch: np.ndarray) -> np.ndarray:
+        u8 = np.floor(ch + 0.5).astype(np.uint8)
+        return cv2.medianBlur(u8, ksize).astype(np.float32)
+
+    return _per_channel(f, one)
+
+
+def gaussian(img: np.ndarray, sigma: float, ksize: int = 0) -> np.ndarray:
+    """Gaussian filter (OpenCV, reflect-101 borders); ksize 0 derives the kernel from sigma."""
+    if sigma <= 0:
+        raise PreprocessError(f"gaussian sigma must be > 0 (found {sigma})")
+    return cv2.GaussianBlur(_f32(img), (ksize, ksize), sigmaX=float(sigma), sigmaY=float(sigma))
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry ops
+
+
+def _interp(name: str) -> int:
+    try:
+        return _INTERPOLATION[name]
+    except KeyError:
+        raise PreprocessError(f"unknown interpolation {name!r}; known: {', '.join(_INTERPOLATION)}") from None
+
+
+def resize(img: np.ndarray, size: tuple[int, int], interpolation: str = "area") -> np.ndarray:
+    """Resize to (height, width), ignoring aspect; float32, channels kept."""
+    h, w = int(size[0]), int(size[1])
+    out = cv2.resize(_f32(img), (w, h), interpolation=_interp(interpolation))
+    if img.ndim == 3 and out.ndim == 2:
+        out = out[..., np.newaxis]
+    return out
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where a letterboxed image sits in its canvas."""
+
+    scale_y: float
+    scale_x: float
+    pad_top: int
+    pad_left: int
+    inner_shape: tuple[int, int]
+
+
+def letterbox_params(
+    shape: tuple[int, int], size: tuple[int, int], align: Literal["center", "top_left"] = "center"
+) -> Letterbox:
+    """The resize and padding ``letterbox`` applies to an image of ``shape`` for a canvas ``size``."""
+    h, w = shape
+    th, tw = size
+    s = min(th / h, tw / w)
+    nh = min(th, max(1, round(h * s)))
+    nw = min(tw, max(1, round(w * s)))
+    if align == "center":
+        top, left = (th - nh) // 2, (tw - nw) // 2
+    else:
+        top, left = 0, 0
+    return Letterbox(scale_y=nh / h, scale_x=nw / w, pad_top=top, pad_left=left, inner_shape=(nh, nw))
+
+
+def letterbox(
+    img: np.ndarray,
+    size: tuple[int, int],
+    pad_value: float = 0.0,
+    interpolation: str = "area",
+    align: Literal["center", "top_left"] = "center",
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping aspect ratio so the image fits (height, width), then pad with ``pad_value``."""
+    params = letterbox_params((img.shape[0], img.shape[1]), size, align)
+    inner = resize(img, params.inner_shape, interpolation)
+    canvas = np.full((size[0], size[1], *img.shape[2:]), pad_value, dtype=np.float32)
+    nh, nw = params.inner_shape
+    canvas[params.pad_top : params.pad_top + nh, params.pad_left : params.pad_left + nw] = inner
+    return canvas, params
+
+
+# ------------------------------------------------------------------------------------------------
+# Channel ops
+
+
+def normalize(
+    img: np.ndarray, mean: Sequence[float], std: Sequence[float], max_pixel_value: float = 255.0
+) -> np.ndarray:
+    """``(img / max_pixel_value - mean[c]) / std[c]``; a single mean/std value broadcasts."""
+    f = _f32(img) / np.float32(max_pixel_value)
+    m = np.asarray(mean, dtype=np.float32)
+    s = np.asarray(std, dtype=np.float32)
+    channels = 1 if f.ndim == 2 else f.shape[-1]
+    if m.size not in (1, channels) or s.size != m.size:
+        raise PreprocessError(
+            f"normalize has {m.size} mean / {s.size} std values for an image with {channels} channel(s)"
+        )
+    if f.ndim == 2:
+        return (f - m[0]) / s[0]
+    return (f - m) / s
+
+
+def replicate_channels(img: np.ndarray, channels: int = 3) -> np.ndarray:
+    """(H, W) or (H, W, 1) -> (H, W, channels)."""
+    if img.ndim == 3 and img.shape[-1] != 1:
+        raise PreprocessError(f"replicate_channels needs a single-channel image (found {img.shape[-1]})")
+    base = img if img.ndim == 2 else img[..., 0]
+    return np.repeat(base[..., np.newaxis], channels, axis=-1).astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Patch tiling and stitching
+
+
+def tile_origins(
+    shape: tuple[int, int], patch: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int]]:
+    """Top-left corners of patches covering ``shape``: every ``stride``, plus one flush with the far
+    edge when the stride does not land there. An image smaller than the patch gets one origin (0, 0)."""
+
+    def axis(n: int, p: int, s: int) -> list[int]:
+        if s <= 0 or p <= 0:
+            raise PreprocessError(f"patch size and stride must be positive (found {p}, {s})")
+        if n <= p:
+            return [0]
+        starts = list(range(0, n - p + 1, s))
+        if starts[-1] != n - p:
+            starts.append(n - p)
+        return starts
+
+    ys = axis(shape[0], patch[0], stride[0])
+    xs = axis(shape[1], patch[1], stride[1])
+    return [(y, x) for y in ys for x in xs]
+
+
+def tile(
+    img: np.ndarray, patch: tuple[int, int], stride: tuple[int, int], pad_value: float = 0.0
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Cut ``img`` (H, W[, C]) into patches (N, ph, pw[, C]); images smaller than a patch are padded
+    (bottom/right) with ``pad_value``. Returns the patches and their top-left origins."""
+    ph, pw = patch
+    h, w = img.shape[:2]
+    if h < ph or w < pw:
+        padded = np.full((max(h, ph), max(w, pw), *img.shape[2:]), pad_value, dtype=img.dtype)
+        padded[:h, :w] = img
+        img = padded
+    origins = tile_origins((img.shape[0], img.shape[1]), patch, stride)
+    patches = np.stack([img[y : y + ph, x : x + pw] for y, x in origins])
+    return patches, origins
+
+
+def stitch(
+    values: np.ndarray,
+    origins: Sequence[tuple[int, int]],
+    patch: tuple[int, int],
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """Stitch per-patch outputs into a (H, W) map, averaging overlaps.
+
+    ``values``: (N,) scores (each fills its patch), or (N, h, w) maps (resized to the patch size
+    when smaller). Pixels no patch covers are 0.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape[0] != len(origins):
+        raise PreprocessError(f"stitch got {values.shape[0]} values for {len(origins)} patches")
+    ph, pw = patch
+    h, w = shape
+    acc = np.zeros((max(h, ph), max(w, pw)), dtype=np.float64)
+    count = np.zeros_like(acc)
+    for v, (y, x) in zip(values, origins, strict=True):
+        if v.ndim == 0:
+            block: np.ndarray | float = float(v)
+        else:
+            block = v if v.shape == (ph, pw) else cv2.resize(v, (pw, ph), interpolation=cv2.INTER_LINEAR)
+        acc[y : y + ph, x : x + pw] += block
+        count[y : y + ph, x : x + pw] += 1.0
+    out = np.divide(acc, count, out=np.zeros_like(acc), where=count > 0)
+    return out[:h, :w].astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Executor
+
+
+@dataclass(frozen=True, eq=False)
+class _State:
+    image: np.ndarray
+    value_range: tuple[float, float] | None
+    geometry: Geometry
+
+
+def _require_gray(state: _State, op: str) -> None:
+    if state.image.ndim == 3 and state.image.shape[-1] != 1:
+        raise PreprocessError(f"{op} needs a single-channel image (found {state.image.shape[-1]} channels)")
+
+
+def _require_8bit(state: _State, op: str) -> None:
+    if state.value_range != (0.0, 255.0):
+        raise PreprocessError(f"{op} needs an 8-bit image: apply window or to_8bit first")
+
+
+def _require_range(state: _State, op: str) -> tuple[float, float]:
+    if state.value_range is None:
+        raise PreprocessError(f"{op} cannot follow normalize (the value range is no longer known)")
+    return state.value_range
+
+
+def _resized(state: _State, img: np.ndarray, sy: float, sx: float, oy: float, ox: float) -> _State:
+    geom = state.geometry.then(sy, sx, oy, ox, (img.shape[0], img.shape[1]))
+    return replace(state, image=img, geometry=geom)
+
+
+def _apply_step(state: _State, step: Any, header: ImageHeader, index: int) -> _State:
+    op = step.op
+    img = state.image
+    if op == "modality_lut":
+        if img.ndim == 3:
+            log.debug("modality_lut skipped for a colour image")
+            return state
+        lo, hi = _require_range(state, op)
+        a = lo * header.rescale_slope + header.rescale_intercept
+        b = hi * header.rescale_slope + header.rescale_intercept
+        return replace(
+            state,
+            image=modality_lut(img, header.rescale_slope, header.rescale_intercept),
+            value_range=(min(a, b), max(a, b)),
+        )
+    if op == "window":
+        _require_gray(state, op)
+        if step.source == "preset":
+            center, width = window_preset(step.preset)
+        elif step.source == "explicit":
+            center, width = step.center, step.width
+        elif header.window_center is not None and header.window_width is not None:
+            center, width = header.window_center, header.window_width
+        elif step.fallback == "minmax":
+            lo, hi = float(img.min()), float(img.max())
+            center, width = (lo + hi + 1) / 2, max(1.0, hi - lo + 1)
+            log.debug("no window in header of %s; using min/max (%s, %s)", header.sop_instance_uid, lo, hi)
+        else:
+            raise PreprocessError(
+                f"step {index} (window): instance {header.sop_instance_uid} has no WindowCenter/WindowWidth"
+            )
+        return replace(state, image=window(img, center, width), value_range=(0.0, 255.0))
+    if op == "invert_monochrome1":
+        if header.photometric_interpretation != "MONOCHROME1":
+            return state
+        lo, hi = _require_range(state, op)
+        return replace(state, image=invert(img, lo, hi))
+    if op == "to_8bit":
+        _require_gray(state, op)
+        vr = _require_range(state, op)
+        if step.method == "naive":
+            out = to_8bit_naive(img, vr)
+        elif step.method == "global_percentile":
+            out = to_8bit_global(img, step.low, step.high)
+        elif step.method == "image_percentile":
+            out = to_8bit_image_percentile(img, step.low_percentile, step.high_percentile)
+        else:
+            out = to_8bit_mix(img, vr, step.low, step.high, step.low_percentile, step.high_percentile)
+        return replace(state, image=out, value_range=(0.0, 255.0))
+    if op == "clahe":
+        _require_8bit(state, op)
+        return replace(state, image=clahe(img, step.clip_limit, tuple(step.tile_grid)))
+    if op == "median":
+        return replace(state, image=median(img, step.ksize))
+    if op == "gaussian":
+        return replace(state, image=gaussian(img, step.sigma, step.ksize))
+    if op == "resize":
+        h, w = step.size
+        out = resize(img, (h, w), step.interpolation)
+        return _resized(state, out, h / img.shape[0], w / img.shape[1], 0.0, 0.0)
+    if op == "letterbox":
+        out, lb = letterbox(img, tuple(step.size), step.pad_value, step.interpolation, step.align)
+        return _resized(state, out, lb.scale_y, lb.scale_x, lb.pad_top, lb.pad_left)
+    if op == "normalize":
+        return replace(
+            state, image=normalize(img, step.mean, step.std, step.max_pixel_value), value_range=None
+        )
+    if op == "replicate_channels":
+        return replace(state, image=replicate_channels(img, step.channels))
+    raise PreprocessError(f"step {index}: unknown op {op!r}")
+
+
+def _initial_range(image: np.ndarray, header: ImageHeader | None) -> tuple[float, float]:
+    if header is not None and np.issubdtype(image.dtype, np.integer):
+        return header.stored_value_range
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        return float(info.min), float(info.max)
+    return float(np.min(image)), float(np.max(image))
+
+
+def run_steps(
+    image: np.ndarray,
+    header: ImageHeader,
+    steps: Sequence[Any],
+    *,
+    layout: Literal["NCHW", "NHWC"] = "NCHW",
+    dtype: str = "float32",
+    expected_hw: tuple[int | None, int | None] | None = None,
+    expected_channels: int | None = None,
+) -> ModelInput:
+    """Apply manifest steps in order to one frame (H, W[, C]) of stored values.
+
+    Returns a (1, C, H, W) or (1, H, W, C) tensor of ``dtype`` and the geometry from source to
+    model pixels. ``expected_hw``/``expected_channels`` (from the manifest input) are checked at the
+    end so that a pipeline that forgot a resize fails here, naming what differs.
+    """
+    if image.ndim not in (2, 3):
+        raise PreprocessError(f"expected one frame (H, W) or (H, W, C), found shape {image.shape}")
+    state = _State(
+        image=image,
+        value_range=_initial_range(image, header),
+        geometry=Geometry.identity((int(image.shape[0]), int(image.shape[1]))),
+    )
+    for i, step in enumerate(steps):
+        try:
+            state = _apply_step(state, step, header, i)
+        except PreprocessError as exc:
+            msg = str(exc)
+            raise PreprocessError(msg if msg.startswith("step ") else f"step {i} ({step.op}): {msg}") from exc
+        except cv2.error as exc:
+            raise PreprocessError(f"step {i} ({step.op}): OpenCV failed: {exc}") from exc
+    img = _f32(state.image)
+    if img.ndim == 2:
+        img = img[..., np.newaxis]
+    h, w, c = img.shape
+    if expected_channels is not None and c != expected_channels:
+        raise PreprocessError(
+            f"preprocessing produced {c} channel(s); the model input needs {expected_channels}"
+        )
+    if expected_hw is not None:
+        eh, ew = expected_hw
+        if (eh is not None and eh != h) or (ew is not None and ew != w):
+            raise PreprocessError(f"preprocessing produced {h}x{w}; the model input needs {eh}x{ew}")
+    tensor = img.transpose(2, 0, 1)[np.newaxis] if layout == "NCHW" else img[np.newaxis]
+    if dtype == "uint8":
+        tensor = np.clip(np.floor(tensor + 0.5), 0, 255).astype(np.uint8)
+    else:
+        tensor = tensor.astype(np.dtype(dtype))
+    return ModelInput(tensor=np.ascontiguousarray(tensor), geometry=state.geometry, layout=layout)
+
+
+def prepare(
+    decoded: DecodedImage, manifest: Manifest, frame: int = 0, *, check_size: bool = True
+) -> ModelInput:
+    """Run ``manifest.preprocessing`` on one frame of a decoded image, checking the input spec.
+
+    ``check_size=False`` skips the spatial check (patch models prepare the full image and tile it).
+    """
+    spec = manifest.input
+    return run_steps(
+        decoded.frame(frame),
+        decoded.header,
+        manifest.preprocessing,
+        layout=spec.layout,
+        dtype=spec.dtype,
+        expected_hw=spec.spatial if check_size else None,
+        expected_channels=spec.channels,
+    )

@@ -1,0 +1,181 @@
+"""Values passed between the node's stages: frozen dataclasses, no behaviour beyond small helpers.
+
+Coordinates: images are indexed (row, col) with pixel centres at integer positions, as numpy
+indexes them. Boxes are (row_min, col_min, row_max, col_max), inclusive, in source-image pixels.
+Polygons are lists of (row, col). (DICOM SR SCOORD wants (column, row): swap when writing.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """The header values of one image instance that decoding, preprocessing and outputs need."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    rows: int
+    cols: int
+    number_of_frames: int
+    samples_per_pixel: int
+    #: The photometric interpretation of the decoded pixels (YBR is converted to RGB when decoding,
+    #: PALETTE COLOR is expanded to RGB).
+    photometric_interpretation: str
+    #: The photometric interpretation as stored in the dataset.
+    stored_photometric_interpretation: str
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    #: First value when the header holds several.
+    window_center: float | None = None
+    window_width: float | None = None
+    #: (row spacing, column spacing) in mm; PixelSpacing, else ImagerPixelSpacing.
+    pixel_spacing: tuple[float, float] | None = None
+    image_position_patient: tuple[float, float, float] | None = None
+    image_orientation_patient: tuple[float, float, float, float, float, float] | None = None
+    instance_number: int | None = None
+    slice_location: float | None = None
+    body_part_examined: str | None = None
+
+    @property
+    def is_signed(self) -> bool:
+        """True when stored values are two's complement."""
+        return self.pixel_representation == 1
+
+    @property
+    def stored_value_range(self) -> tuple[float, float]:
+        """The range representable with BitsStored and PixelRepresentation."""
+        if self.is_signed:
+            return float(-(2 ** (self.bits_stored - 1))), float(2 ** (self.bits_stored - 1) - 1)
+        return 0.0, float(2**self.bits_stored - 1)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """Stored pixel values of one instance, native byte order.
+
+    ``pixels`` always has a leading frame axis: (frames, rows, cols) for one sample per pixel,
+    (frames, rows, cols, samples) for colour.
+    """
+
+    header: ImageHeader
+    pixels: np.ndarray
+
+    @property
+    def frame_count(self) -> int:
+        """Number of frames held in ``pixels``."""
+        return int(self.pixels.shape[0])
+
+    def frame(self, index: int = 0) -> np.ndarray:
+        """One frame: (rows, cols) or (rows, cols, samples)."""
+        return self.pixels[index]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Maps source-image pixels to model-input pixels and back (per-axis affine).
+
+    In continuous edge coordinates (a pixel ``i`` spans ``[i, i + 1)``):
+    ``model = source * scale + offset`` on each axis. ``offset`` is the letterbox padding (or a
+    negative crop). ``to_source``/``to_model`` work on pixel-centre indices.
+    """
+
+    source_shape: tuple[int, int]
+    model_shape: tuple[int, int]
+    scale_y: float = 1.0
+    scale_x: float = 1.0
+    offset_y: float = 0.0
+    offset_x: float = 0.0
+
+    @staticmethod
+    def identity(shape: tuple[int, int]) -> Geometry:
+        """The geometry of an image that was not resized."""
+        return Geometry(source_shape=shape, model_shape=shape)
+
+    def then(
+        self, scale_y: float, scale_x: float, offset_y: float, offset_x: float, model_shape: tuple[int, int]
+    ) -> Geometry:
+        """Compose with a further resize/pad step (``new = old * scale + offset``)."""
+        return Geometry(
+            source_shape=self.source_shape,
+            model_shape=model_shape,
+            scale_y=self.scale_y * scale_y,
+            scale_x=self.scale_x * scale_x,
+            offset_y=self.offset_y * scale_y + offset_y,
+            offset_x=self.offset_x * scale_x + offset_x,
+        )
+
+    def to_source(self, row: float, col: float) -> tuple[float, float]:
+        """Model-input pixel (row, col) to source pixel (row, col), pixel centres."""
+        return (
+            (row + 0.5 - self.offset_y) / self.scale_y - 0.5,
+            (col + 0.5 - self.offset_x) / self.scale_x - 0.5,
+        )
+
+    def to_model(self, row: float, col: float) -> tuple[float, float]:
+        """Source pixel (row, col) to model-input pixel (row, col), pixel centres."""
+        return (
+            (row + 0.5) * self.scale_y + self.offset_y - 0.5,
+            (col + 0.5) * self.scale_x + self.offset_x - 0.5,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ModelInput:
+    """A model-ready tensor (float32/float16/uint8, layout as the manifest says) and its geometry."""
+
+    tensor: np.ndarray
+    geometry: Geometry
+    layout: str = "NCHW"
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: value, coding scheme designator (SCT, DCM, RADLEX, 99PACSNODE), meaning."""
+
+    value: str
+    scheme_designator: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Hotspot:
+    """The peak of a heatmap and the region around it, in source-image pixels."""
+
+    peak_row: int
+    peak_col: int
+    peak_value: float
+    box: tuple[int, int, int, int]
+    polygon: tuple[tuple[float, float], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, eq=False)
+class Heatmap:
+    """A per-label map in source-image pixels, values 0..1, and its hotspot."""
+
+    label: str
+    values: np.ndarray
+    method: str
+    hotspot: Hotspot | None = None
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """One label's probability for an image (or aggregated over a series/study)."""
+
+    label: str
+    code: Code
+    probability: float
+    threshold: float
+    positive: bool
+    triage: bool
