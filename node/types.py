@@ -179,3 +179,58 @@ class LabelScore:
     threshold: float
     positive: bool
     triage: bool
+
+
+@dataclass(frozen=True)
+class AlgorithmIdentity:
+    """The model behind a result, as the outputs describe it (SR TID 4019, Contributing Equipment)."""
+
+    model_id: str
+    name: str
+    version: str
+    sha256: str  # of the ONNX file: the algorithm's device UID is derived from it
+    manufacturer: str = "pacs-node"
+    research_use_only: bool = True
+    parameters: str = ""  # short text, e.g. "thresholds tuberculosis=0.5 pneumonia=0.5"
+
+
+@dataclass(frozen=True)
+class OutputIdentity:
+    """Who writes the outputs: the node as device observer, and how its UIDs are made."""
+
+    uid_root: str  # organisation root ending with ".", e.g. "1.2.826.0.1.3680043.8.498."
+    device_name: str  # the node's AE title
+    device_uid: str  # stable UID of this node (derived from uid_root and the AE title)
+    manufacturer: str = "pacs-node"
+    software_version: str = "0"
+    institution_name: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageResult:
+    """One analysed source image: its scores, heatmaps and the windowed image to draw them on."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    scores: tuple[LabelScore, ...]
+    heatmaps: tuple[Heatmap, ...]  # values (rows, cols) in source-image pixels, 0..1
+    display: np.ndarray | None = None  # uint8 (rows, cols): the source image windowed for display
+    frame: int | None = None  # 1-based frame number in a multi-frame source, None for single-frame
+
+
+@dataclass(frozen=True, eq=False)
+class AnalysisResult:
+    """What one model concluded about one series or study: the input of every output writer.
+
+    ``findings`` are aggregated at ``level``; ``images`` are the images to show and to place image
+    regions on (every analysed image for CR/DX/MG, the top-k slices for CT/MR). ``uid_seed`` makes
+    every output UID deterministic, so a retried job re-sends the same SOP Instance UIDs.
+    """
+
+    algorithm: AlgorithmIdentity
+    study_uid: str
+    series_uids: tuple[str, ...]
+    level: str  # "image" | "series" | "study"
+    findings: tuple[LabelScore, ...]
+    images: tuple[ImageResult, ...]
+    uid_seed: str
