@@ -148,6 +148,16 @@ def send(
         raise typer.Exit(1)
 
 
+def _register_tools() -> None:
+    """Commands whose code lives beside the node's core."""
+    from node.synth.cli import synth
+
+    app.command(name="synth", help="Write synthetic phantom studies (DICOM + truth.json).")(synth)
+
+
+_register_tools()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,1 +1,40 @@
-"""synth stage of the node."""
+"""Synthetic DICOM phantoms with known lesions (chest radiographs, mammograms, abdominal CT, brain MR).
+
+Used to train the reference models, and by tests, benchmarks and demos. Two layers:
+
+- in memory: :func:`render_study` (or ``render_cxr``/``render_mammo``/``render_ct``/``render_mr``)
+  returns a :class:`RenderedStudy` of stored pixel arrays, header values and lesion masks/boxes;
+- on disk: :func:`generate_study` / :func:`generate_studies` write DICOM Part 10 files, lesion
+  masks and a ``truth.json`` per study (see :mod:`node.synth.truth`).
+
+Everything is seeded: the same seed gives the same pixels and (by default) the same UIDs.
+"""
+
+from .ct import render_ct
+from .cxr import render_cxr
+from .labels import KINDS, LABELS, label_choices
+from .mammo import render_mammo
+from .mr import render_mr
+from .rendered import Box, Lesion, RenderedImage, RenderedStudy
+from .study import generate_studies, generate_study, render_study, study_labels
+from .truth import InstanceTruth, StudyTruth
+
+__all__ = [
+    "KINDS",
+    "LABELS",
+    "Box",
+    "InstanceTruth",
+    "Lesion",
+    "RenderedImage",
+    "RenderedStudy",
+    "StudyTruth",
+    "generate_studies",
+    "generate_study",
+    "label_choices",
+    "render_ct",
+    "render_cxr",
+    "render_mammo",
+    "render_mr",
+    "render_study",
+    "study_labels",
+]
