@@ -148,6 +148,39 @@ def send(
         raise typer.Exit(1)
 
 
+@app.command()
+def route(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively)")],
+    rules: Annotated[
+        Path | None, typer.Option("--rules", help="routing rules file (default: the configuration's)")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every rule tried and why")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Print which routing rule and model each file matches, and why (a rule tester for IT).
+
+    Exits 0 when every file could be read (routed or not), 1 when some could not, 2 when the
+    rules or the configuration are invalid."""
+    from node.pipeline.route import explain_report
+    from node.pipeline.route_rules import load_rules
+    from node.settings import load_settings
+
+    setup_logging("WARNING")
+    try:
+        rules_file = rules if rules is not None else load_settings(config).routing.rules_file
+        rule_set = load_rules(rules_file)
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    lines, code = explain_report(rule_set, paths, verbose=verbose)
+    if not lines:
+        typer.echo("no files found", err=True)
+        raise typer.Exit(1)
+    for line in lines:
+        typer.echo(line)
+    raise typer.Exit(code)
+
+
 def _register_tools() -> None:
     """Commands whose code lives beside the node's core."""
     from node.synth.cli import synth
