@@ -1,4 +1,5 @@
-"""The app factory: settings -> store -> spool -> SCP -> runner -> FastAPI. Nothing starts at import."""
+"""The app factory: settings -> store -> spool -> models -> rules -> SCP -> runner -> FastAPI.
+Nothing starts at import."""
 
 from __future__ import annotations
 
@@ -7,15 +8,22 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
+from pydicom.uid import generate_uid
 from sqlalchemy.engine import Engine
 
 from node import __version__
 from node.dicom.committer import IngestCommitter
 from node.dicom.scp import StorageSCP
 from node.dicom.spool import Spool
-from node.runner import Runner
+from node.errors import ConfigError
+from node.inference.registry import load_registry
+from node.inference.runtime import RuntimeConfig, create_session
+from node.pipeline.route import check_models, load_rules
+from node.runner import Models, Runner
+from node.send.cstore import CStoreDestination
 from node.settings import Settings
 from node.store.db import make_engine, ping
+from node.types import OutputIdentity
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +38,12 @@ class Node:
     committer: IngestCommitter
     scp: StorageSCP
     runner: Runner
+    models: Models
     started_at: float = field(default_factory=time.time)
     version: str = __version__
 
     def start(self) -> None:
-        """Prepare the spool, then start committing, listening and assembling."""
+        """Prepare the spool, then start committing, listening and the runner."""
         self.spool.prepare()
         self.committer.start()
         self.scp.start()
@@ -59,9 +68,41 @@ class Node:
         return create_web_app(self)
 
 
+def load_models(settings: Settings) -> Models:
+    """Load every manifest, open and warm one ONNX Runtime session per model."""
+    cfg = settings.models
+    registry = load_registry(cfg.directory, strict=cfg.strict)
+    runtime = RuntimeConfig(
+        providers=tuple(cfg.providers), intra_op_threads=cfg.intra_op_threads, max_batch=cfg.max_batch
+    )
+    sessions = {model_id: create_session(model, runtime) for model_id, model in registry.models.items()}
+    return Models(registry=registry, sessions=sessions)
+
+
+def output_identity(settings: Settings) -> OutputIdentity:
+    """The node as the device that writes outputs; its UID is stable for a UID root and AE title."""
+    root = settings.outputs.uid_root
+    return OutputIdentity(
+        uid_root=root,
+        device_name=settings.dicom.ae_title,
+        device_uid=generate_uid(prefix=root, entropy_srcs=["pacs-node device", settings.dicom.ae_title]),
+        software_version=__version__,
+        institution_name=settings.outputs.institution_name,
+    )
+
+
 def build_node(settings: Settings) -> Node:
     """Wire a node from settings; nothing listens until ``start()``."""
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    rules = load_rules(settings.routing.rules_file)
+    models = load_models(settings)
+    known = set(models.registry.models) | set(models.registry.refused)
+    try:
+        check_models(rules, known)
+    except ConfigError as exc:
+        if settings.models.strict:
+            raise
+        log.warning("%s; series routed to it will be recorded as not routed", exc)
     engine = make_engine(settings.storage.url)
     spool = Spool(
         settings.storage.spool_dir,
@@ -70,5 +111,8 @@ def build_node(settings: Settings) -> Node:
     )
     committer = IngestCommitter(engine, spool)
     scp = StorageSCP(settings.dicom, spool, committer)
-    runner = Runner(engine, settings.assembly)
-    return Node(settings, engine, spool, committer, scp, runner)
+    destinations = {
+        d.name: (d, CStoreDestination(d, calling_aet=settings.dicom.ae_title)) for d in settings.destinations
+    }
+    runner = Runner(engine, settings, rules, models, output_identity(settings), destinations)
+    return Node(settings, engine, spool, committer, scp, runner, models)

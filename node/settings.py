@@ -96,6 +96,64 @@ class AssemblySettings(_Section):
     poll_interval_s: float = Field(1.0, gt=0, le=60)
 
 
+class ModelsSettings(_Section):
+    """Where the model manifests live and how ONNX Runtime runs them."""
+
+    directory: Path = Path("models/onnx")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="in order of preference; unavailable ones are skipped, CPU is always the last resort",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="0: ONNX Runtime's default")
+    max_batch: int = Field(16, ge=1, le=1024)
+    strict: bool = Field(False, description="refuse to start when any model is refused")
+
+
+class RoutingSettings(_Section):
+    """The routing rules file (which series go to which model)."""
+
+    rules_file: Path = Path("config/routes.yaml")
+
+
+class RunnerSettings(_Section):
+    """The workers that run jobs."""
+
+    workers: int = Field(2, ge=1, le=64)
+    job_timeout_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=20, description="attempts for transient errors")
+    retry_backoff_s: float = Field(10.0, ge=0)
+
+
+class DestinationSettings(_Section):
+    """A DICOM peer (usually the PACS) that receives the node's outputs."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    parametric_map: bool = Field(True, description="also send the heatmap as a Parametric Map")
+    max_attempts: int = Field(8, ge=1, le=100)
+    backoff_initial_s: float = Field(5.0, ge=0)
+    backoff_max_s: float = Field(600.0, ge=0)
+
+
+class OutputSettings(_Section):
+    """What the node writes back and to whom."""
+
+    uid_root: str = Field(
+        "1.2.826.0.1.3680043.8.498.",
+        description="organisation UID root for every UID the node makes (set your own)",
+        pattern=r"^[0-9]+(\.[0-9]+)*\.$",
+        max_length=40,
+    )
+    send_to: Literal["origin", "all"] = Field(
+        "origin", description="origin: the destination whose AE title sent the study (all when none matches)"
+    )
+    sr: bool = True
+    secondary_capture: bool = True
+    institution_name: str = ""
+
+
 class LoggingSettings(_Section):
     """Log level and format (logs never carry patient identifiers)."""
 
@@ -111,6 +169,11 @@ class Settings(BaseSettings):
     web: WebSettings = Field(default_factory=WebSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod

@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests use as real peers, when missing: DCMTK (storescu, echoscu,
-# storescp, dsrdump) and dicom3tools (dciodvfy). Needs root for apt-get; otherwise says what to run.
+# storescp, dsrdump), dicom3tools (dciodvfy), Orthanc (the PACS in end-to-end tests) and PixelMed
+# (the SR validator, with a JDK). Needs root for apt-get; otherwise says what to run.
 set -euo pipefail
-declare -A pkg_of=([storescu]=dcmtk [dciodvfy]=dicom3tools)
 missing=()
-for tool in "${!pkg_of[@]}"; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("${pkg_of[$tool]}")
-done
+command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -f /usr/share/java/pixelmed.jar ] || missing+=(pixelmed-apps)
+command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (apt-get)" >&2
   apt-get update -qq
+  # the orthanc package starts its own service on 4242/8042 where an init system runs; the tests
+  # start their own instances on free ports, so stop it from starting here (policy-rc.d 101)
+  policy=/usr/sbin/policy-rc.d
+  created_policy=0
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created_policy=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ "$created_policy" -eq 1 ] && rm -f "$policy"
+  exit 0
 else
   echo "the tests need: ${missing[*]} — run: sudo apt-get install ${missing[*]}" >&2
   exit 1

@@ -15,6 +15,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Only files bundled with pydicom (others would be downloaded, and there is no network in CI).
 TS_FILES = {
     "explicit-le": "CT_small.dcm",
@@ -117,9 +119,15 @@ def write_config(folder: Path, **sections: dict) -> Path:
         "web": {"host": "127.0.0.1", "port": free_port()},
         "storage": {"data_dir": str(folder / "data"), "min_free_mb": 0},
         "assembly": {"series_quiet_s": 1.0, "poll_interval_s": 0.2},
+        # no models by default (fast start); the repository's routing rules
+        "models": {"directory": str(folder / "no-models")},
+        "routing": {"rules_file": str(REPO / "config" / "routes.yaml")},
     }
     for name, values in sections.items():
-        config.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            config.setdefault(name, {}).update(values)
+        else:
+            config[name] = values
     path = folder / "node.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

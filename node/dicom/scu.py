@@ -49,6 +49,11 @@ def _nodelay(event: Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def nodelay_handlers() -> list:
+    """Event handlers that set TCP_NODELAY on an association's socket once it is connected."""
+    return [(evt.EVT_CONN_OPEN, _nodelay)]
+
+
 def _ae(calling_aet: str) -> AE:
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = 30
@@ -58,7 +63,7 @@ def _ae(calling_aet: str) -> AE:
 
 
 def _associate(ae: AE, host: str, port: int, called_aet: str) -> Association:
-    assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=nodelay_handlers())
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
         raise AssociationError(f"association with {called_aet}@{host}:{port} {reason}")

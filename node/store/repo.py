@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from node.store.tables import Instance, Series, SeriesState, Study, StudyState
+from node.store.tables import Instance, Job, OutboxItem, Series, SeriesState, Study, StudyState
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,4 +223,29 @@ def totals_since(session: Session, since: datetime) -> Totals:
 def state_counts(session: Session) -> dict[str, int]:
     """Number of series in each state."""
     rows = session.exec(select(Series.state, func.count()).group_by(Series.state))
+    return {state: count for state, count in rows}
+
+
+def study_jobs(session: Session, study_uid: str) -> list[Job]:
+    """The jobs of one study, oldest first."""
+    return list(session.exec(select(Job).where(Job.study_uid == study_uid).order_by(col(Job.id))))
+
+
+def job_outbox(session: Session, job_ids: Sequence[int]) -> list[OutboxItem]:
+    """The outbox rows of some jobs."""
+    if not job_ids:
+        return []
+    query = select(OutboxItem).where(col(OutboxItem.job_id).in_(job_ids)).order_by(col(OutboxItem.id))
+    return list(session.exec(query))
+
+
+def job_state_counts(session: Session) -> dict[str, int]:
+    """Number of jobs in each state."""
+    rows = session.exec(select(Job.state, func.count()).group_by(Job.state))
+    return {state: count for state, count in rows}
+
+
+def outbox_state_counts(session: Session) -> dict[str, int]:
+    """Number of outbox rows in each state."""
+    rows = session.exec(select(OutboxItem.state, func.count()).group_by(OutboxItem.state))
     return {state: count for state, count in rows}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import Column, Index
+from sqlalchemy import Column, Index, UniqueConstraint
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -49,6 +49,8 @@ class SeriesState(StrEnum):
 
     RECEIVING = "receiving"
     COMPLETE = "complete"  # quiet period over; awaiting routing ("complete, not yet routed")
+    ROUTED = "routed"  # jobs created (or waiting for the study, for study-level models)
+    NOT_ROUTED = "not routed"  # no rule matched; route_note says why
 
 
 class StudyState(StrEnum):
@@ -83,6 +85,10 @@ class Series(SQLModel, table=True):
     series_description: str = Field(default="", max_length=64)
     calling_aet: str = Field(default="", max_length=16)
     state: str = Field(default=SeriesState.RECEIVING, max_length=16)
+    route_rule: str = Field(default="", max_length=64)
+    route_models: str = Field(default="", max_length=256, description="model ids, backslash-joined")
+    route_grouping: str = Field(default="", max_length=8)
+    route_note: str = Field(default="", max_length=512)
     instance_count: int = 0
     byte_size: int = 0
     first_received_at: datetime = Field(sa_column=_ts())
@@ -105,3 +111,68 @@ class Instance(SQLModel, table=True):
     path: str = Field(max_length=512)
     calling_aet: str = Field(default="", max_length=16)
     received_at: datetime = Field(sa_column=_ts(index=True))
+
+
+class JobState(StrEnum):
+    """Stages of a job; each change is a committed row."""
+
+    QUEUED = "queued"
+    PREPROCESSING = "preprocessing"
+    INFERRING = "inferring"
+    WRITING = "writing"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+ACTIVE_JOB_STATES = (JobState.PREPROCESSING, JobState.INFERRING, JobState.WRITING)
+
+
+class Job(SQLModel, table=True):
+    """One model run over one series (or study): a serialisable record any worker can pick up."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True, max_length=256, description="model|level|uid: created once")
+    model_id: str = Field(max_length=64)
+    rule: str = Field(default="", max_length=64)
+    level: str = Field(max_length=8)
+    study_uid: str = Field(index=True, max_length=64)
+    series_uids: str = Field(description="backslash-joined Series Instance UIDs")
+    state: str = Field(default=JobState.QUEUED, max_length=16, index=True)
+    attempts: int = 0
+    error: str = Field(default="", max_length=1024)
+    timings: str = Field(default="{}", description="JSON: seconds per stage")
+    result: str = Field(default="", description="JSON: model version and findings")
+    created_at: datetime = Field(sa_column=_ts())
+    updated_at: datetime = Field(sa_column=_ts())
+    not_before: datetime = Field(sa_column=_ts(), description="earliest time to (re)try")
+    started_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    finished_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class OutboxState(StrEnum):
+    """Delivery state of one output to one destination."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"  # parked after max attempts; a retry request puts it back to pending
+
+
+class OutboxItem(SQLModel, table=True):
+    """One output file waiting for (or done with) one destination."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", index=True)
+    destination: str = Field(max_length=64)
+    kind: str = Field(max_length=8, description="sr, sc or pm")
+    sop_class_uid: str = Field(max_length=64)
+    sop_instance_uid: str = Field(max_length=64)
+    path: str = Field(max_length=512, description="relative to the data folder")
+    state: str = Field(default=OutboxState.PENDING, max_length=8, index=True)
+    attempts: int = 0
+    last_error: str = Field(default="", max_length=512)
+    next_attempt_at: datetime = Field(sa_column=_ts())
+    created_at: datetime = Field(sa_column=_ts())
+    sent_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_outbox_destination_sop"),)

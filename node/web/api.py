@@ -3,6 +3,7 @@
 The web layer reads the store only; it never calls the pipeline.
 """
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -17,8 +18,17 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from node.store import repo
-from node.store.tables import Series, Study
-from node.web.schemas import Health, SeriesOut, StudyDetailOut, StudyOut, StudyPage
+from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study
+from node.web.schemas import (
+    FindingOut,
+    Health,
+    JobOut,
+    OutputOut,
+    SeriesOut,
+    StudyDetailOut,
+    StudyOut,
+    StudyPage,
+)
 
 if TYPE_CHECKING:
     from node.app import Node
@@ -48,7 +58,61 @@ def _study_out(study: Study) -> StudyOut:
 
 
 def _series_out(series: Series) -> SeriesOut:
-    return SeriesOut.model_validate(series, from_attributes=True)
+    data = series.model_dump()
+    data["route_models"] = [m for m in series.route_models.split("\\") if m]
+    return SeriesOut.model_validate(data)
+
+
+def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
+    result = json.loads(job.result) if job.result else {}
+    return JobOut(
+        id=job.id or 0,
+        model_id=job.model_id,
+        model_version=str(result.get("version", "")),
+        rule=job.rule,
+        level=job.level,
+        series_uids=[u for u in job.series_uids.split("\\") if u],
+        state=job.state,
+        attempts=job.attempts,
+        error=job.error,
+        timings=json.loads(job.timings or "{}"),
+        findings=[FindingOut.model_validate(f) for f in result.get("findings", [])],
+        outputs=[OutputOut.model_validate(o, from_attributes=True) for o in outputs],
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _study_jobs(db: Session, study_uid: str) -> list[JobOut]:
+    jobs = repo.study_jobs(db, study_uid)
+    outputs = repo.job_outbox(db, [j.id for j in jobs if j.id is not None])
+    return [_job_out(j, [o for o in outputs if o.job_id == j.id]) for j in jobs]
+
+
+def analysis_summary(series: list[Series], jobs: list[JobOut]) -> tuple[str, str]:
+    """One line for the status page: where the study's analysis stands, and a CSS class."""
+    states = {s.state for s in series}
+    if SeriesState.RECEIVING in states:
+        return "receiving", "state-receiving"
+    if SeriesState.COMPLETE in states:
+        return "complete, not yet routed", "state-receiving"
+    failed = [j for j in jobs if j.state == JobState.FAILED]
+    if failed:
+        return "failed: " + "; ".join(f"{j.model_id}: {j.error}" for j in failed), "bad"
+    busy = [j for j in jobs if j.state not in (JobState.DONE, JobState.FAILED)]
+    if busy:
+        return ", ".join(f"{j.model_id} {j.state}" for j in busy), "state-receiving"
+    if jobs:
+        parts = []
+        for j in jobs:
+            positives = [f"{f.label} {f.probability:.2f}" for f in j.findings if f.positive]
+            parts.append(f"{j.model_id}: " + (", ".join(positives) if positives else "no finding"))
+        return "; ".join(parts), "state-complete"
+    if SeriesState.ROUTED in states:
+        return "routed, waiting for the study", "state-receiving"
+    notes = sorted({s.route_note for s in series if s.route_note})
+    return "; ".join(notes) or "not routed", "note"
 
 
 def _human_bytes(size: float) -> str:
@@ -101,7 +165,8 @@ def create_web_app(node: "Node") -> FastAPI:
         if study is None:
             raise HTTPException(status_code=404, detail=f"no study with Study Instance UID {study_uid!r}")
         series = [_series_out(s) for s in repo.study_series(db, study_uid)]
-        return StudyDetailOut(**_study_out(study).model_dump(), series=series)
+        jobs = _study_jobs(db, study_uid)
+        return StudyDetailOut(**_study_out(study).model_dump(), series=series, jobs=jobs)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def status_page(request: Request, db: SessionDep) -> HTMLResponse:
@@ -121,7 +186,9 @@ def create_web_app(node: "Node") -> FastAPI:
             "states": repo.state_counts(db),
             "studies": repo.list_studies(db, limit=50),
             "human_bytes": _human_bytes,
-            "series_of": lambda uid: repo.study_series(db, uid),
+            "analysis_of": lambda uid: analysis_summary(repo.study_series(db, uid), _study_jobs(db, uid)),
+            "jobs": repo.job_state_counts(db),
+            "outbox": repo.outbox_state_counts(db),
         }
         return TEMPLATES.TemplateResponse(request, "status.html", context)
 

@@ -53,7 +53,11 @@ def test_studies_api_and_page(make_node, tmp_path):
     detail = client.get(f"/api/v1/studies/{uid}")
     assert detail.status_code == 200
     (series,) = detail.json()["series"]
-    assert series["instance_count"] == 3 and series["modality"] == "CT" and series["state"] == "complete"
+    assert series["instance_count"] == 3 and series["modality"] == "CT"
+    # no model is loaded in this node: the series is complete and recorded as not routed, with why
+    assert series["state"] == "not routed"
+    assert "ct-liver" in series["route_note"] and "not loaded" in series["route_note"]
+    assert detail.json()["jobs"] == []
     assert series["calling_aet"] == "RAWSCU"
 
     missing = client.get("/api/v1/studies/1.2.3.4")
@@ -67,7 +71,7 @@ def test_studies_api_and_page(make_node, tmp_path):
     assert html.status_code == 200
     assert "PACSNODE" in html.text
     assert uid in html.text
-    assert "complete, not yet routed" in html.text
+    assert "which is not loaded" in html.text
     assert "Images today<b>4</b>" in html.text
     assert PATIENT not in html.text and "Phantom" not in html.text
     assert client.get("/api/openapi.json").status_code == 200

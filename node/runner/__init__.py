@@ -1,0 +1,275 @@
+"""The runner: the only place that chains stages. A scheduler thread completes and routes series
+and creates jobs; worker threads run jobs (decode/preprocess/infer/write); a sender thread drains
+the outbox. All state is in the database, so a restart resumes where the last run stopped."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from node.errors import DecodeError, ManifestError, NodeError, PreprocessError
+from node.inference.registry import LoadedModel, Registry
+from node.inference.runtime import ModelSession
+from node.pipeline.assemble import assemble
+from node.pipeline.route import RuleSet
+from node.runner import jobs, outbox
+from node.runner.analyse import Stopwatch, analyse
+from node.send import Destination
+from node.settings import DestinationSettings, Settings
+from node.store.tables import Job, JobState, Series, utcnow
+from node.types import AnalysisResult, OutputIdentity
+
+log = logging.getLogger(__name__)
+PERMANENT = (DecodeError, PreprocessError, ManifestError)
+_STAGE_STATE = {
+    "preprocessing": JobState.PREPROCESSING,
+    "inferring": JobState.INFERRING,
+    "writing": JobState.WRITING,
+}
+
+
+@dataclass
+class Models:
+    """Loaded models and their sessions, by model id."""
+
+    registry: Registry
+    sessions: Mapping[str, ModelSession]
+
+    def available(self, model_id: str) -> bool:
+        """True when the model loaded and has a session."""
+        return model_id in self.sessions
+
+
+def build_outputs(
+    result: AnalysisResult, sources: list[Dataset], identity: OutputIdentity, settings: Settings
+) -> list[tuple[str, Dataset]]:
+    """Every output object the configuration asks for: SR, heatmap SCs, parametric maps."""
+    from node.outputs.pm import build_parametric_maps
+    from node.outputs.sc import build_heatmap_scs
+    from node.outputs.sr import build_sr
+
+    out: list[tuple[str, Dataset]] = []
+    if settings.outputs.sr:
+        out.append(("sr", build_sr(result, sources, identity)))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    if settings.outputs.secondary_capture:
+        out.extend(("sc", ds) for ds in build_heatmap_scs(result, by_uid, identity))
+    if any(d.parametric_map for d in settings.destinations):
+        out.extend(("pm", ds) for ds in build_parametric_maps(result, sources, identity))
+    return out
+
+
+class Runner:
+    """Background threads that move work from completed series to delivered outputs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        rules: RuleSet,
+        models: Models,
+        identity: OutputIdentity,
+        destinations: Mapping[str, tuple[DestinationSettings, Destination]],
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._rules = rules
+        self._models = models
+        self._identity = identity
+        self._destinations = destinations
+        self._data_dir = settings.storage.data_dir
+        self._spool = settings.storage.spool_dir
+        self._outbox_dir = settings.storage.data_dir / "outbox"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._claim_lock = threading.Lock()
+        self._wake_workers = threading.Event()
+
+    def start(self) -> None:
+        """Resume interrupted jobs, then start the scheduler, workers and sender."""
+        self._stop.clear()
+        with Session(self._engine) as session:
+            jobs.requeue_interrupted(session, utcnow())
+            session.commit()
+        targets = [("scheduler", self._schedule_loop), ("sender", self._send_loop)]
+        targets += [(f"worker-{i}", self._work_loop) for i in range(self._settings.runner.workers)]
+        for name, target in targets:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Ask every thread to finish its current step and wait for them."""
+        self._stop.set()
+        self._wake_workers.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+
+    # -- scheduler: assembly, routing, job creation ------------------------------------------
+    def tick(self) -> None:
+        """One scheduling pass."""
+        now = utcnow()
+        with Session(self._engine) as session:
+            done = assemble(session, now, self._settings.assembly)
+            session.commit()
+            routed = jobs.route_complete_series(
+                session, self._rules, self._models.available, self._spool, now
+            )
+            created = jobs.create_study_jobs(session, now)
+            session.commit()
+        if done.series or done.studies:
+            log.info("assembly: %d series and %d studies complete", len(done.series), len(done.studies))
+        if routed or created:
+            self._wake_workers.set()
+
+    def _schedule_loop(self) -> None:
+        self._loop(self.tick, self._settings.assembly.poll_interval_s)
+
+    def _loop(self, step: object, interval: float) -> None:
+        while not self._stop.is_set():
+            try:
+                step()  # type: ignore[operator]
+            except Exception:  # a transient database error must not end the loop; it is logged
+                log.exception("%s pass failed; retrying", threading.current_thread().name)
+            self._stop.wait(interval)
+
+    # -- workers -----------------------------------------------------------------------------
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.work_once()
+            except Exception:
+                log.exception("worker pass failed; retrying")
+                worked = False
+            if not worked:
+                self._wake_workers.wait(0.5)
+                self._wake_workers.clear()
+
+    def work_once(self) -> bool:
+        """Claim and run one job; False when none is due."""
+        with self._claim_lock, Session(self._engine) as session:
+            job = jobs.claim_job(session, utcnow())
+            session.commit()
+            if job is None:
+                return False
+            session.expunge(job)
+        self._run_job(job)
+        return True
+
+    def _record_stage(self, job_id: int, stage: str) -> None:
+        state = _STAGE_STATE.get(stage)
+        if state is None:
+            return
+        with Session(self._engine) as session:
+            jobs.set_state(session, job_id, state, utcnow())
+            session.commit()
+
+    def _run_job(self, job: Job) -> None:
+        assert job.id is not None
+        settings = self._settings
+        watch = Stopwatch(
+            deadline=time.monotonic() + settings.runner.job_timeout_s,
+            on_stage=lambda stage: self._record_stage(job.id or 0, stage),
+        )
+        with Session(self._engine) as session:
+            waited = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
+            watch.timings["queued"] = max(0.0, waited)
+            files = jobs.job_files(session, job, self._spool)
+            calling = {
+                s.calling_aet for uid in job.series_uids.split("\\") if (s := session.get(Series, uid))
+            }
+        try:
+            model: LoadedModel = self._models.registry.get(job.model_id)
+            session_ = self._models.sessions.get(job.model_id)
+            if session_ is None:
+                raise ManifestError(f"model {job.model_id!r} has no runtime session")
+            result, sources = analyse(model, session_, files, level=job.level, uid_seed=job.key, watch=watch)
+            with watch.stage("writing"):
+                outputs = build_outputs(result, sources, self._identity, settings)
+                written = outbox.write_output_files(self._outbox_dir, job.id, outputs)
+        except PERMANENT as exc:
+            self._fail(job, watch, f"{type(exc).__name__}: {exc}")
+            return
+        except (NodeError, OSError) as exc:
+            self._retry_or_fail(job, watch, f"{type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:  # an unexpected bug: recorded on the job, visible, not retried
+            log.exception("job %d (%s) failed unexpectedly", job.id, job.model_id)
+            self._fail(job, watch, f"unexpected {type(exc).__name__}: {exc}")
+            return
+        summary = {
+            "model": result.algorithm.model_id,
+            "version": result.algorithm.version,
+            "findings": [
+                {
+                    "label": f.label,
+                    "probability": round(f.probability, 4),
+                    "positive": f.positive,
+                    "triage": f.triage,
+                }
+                for f in result.findings
+            ],
+            "outputs": [
+                {"kind": kind, "sop_instance_uid": str(ds.SOPInstanceUID)} for kind, ds, _ in written
+            ],
+        }
+        dests = outbox.choose_destinations(settings.destinations, settings.outputs.send_to, calling)
+        now = utcnow()
+        with Session(self._engine) as session:
+            fresh = session.get(Job, job.id)
+            assert fresh is not None
+            rows = outbox.queue_outputs(session, fresh, written, dests, self._data_dir, now)
+            state = JobState.SENDING if rows else JobState.DONE
+            jobs.finish(session, fresh, state, now, watch.timings, summary)
+            session.commit()
+        positives = [f.label for f in result.findings if f.positive]
+        log.info(
+            "job %d: %s %s on %d images, positive: %s; %d outputs queued",
+            job.id,
+            job.model_id,
+            result.algorithm.version,
+            len(files),
+            ", ".join(positives) or "none",
+            rows,
+        )
+
+    def _fail(self, job: Job, watch: Stopwatch, error: str) -> None:
+        log.error("job %d (%s) failed: %s", job.id, job.model_id, error)
+        with Session(self._engine) as session:
+            fresh = session.get(Job, job.id)
+            if fresh is not None:
+                jobs.finish(session, fresh, JobState.FAILED, utcnow(), watch.timings, error=error)
+                session.commit()
+
+    def _retry_or_fail(self, job: Job, watch: Stopwatch, error: str) -> None:
+        if job.attempts >= self._settings.runner.max_attempts:
+            self._fail(job, watch, f"after {job.attempts} attempts: {error}")
+            return
+        log.warning(
+            "job %d (%s) attempt %d failed, will retry: %s", job.id, job.model_id, job.attempts, error
+        )
+        with Session(self._engine) as session:
+            fresh = session.get(Job, job.id)
+            if fresh is not None:
+                delay = self._settings.runner.retry_backoff_s * 2 ** (job.attempts - 1)
+                jobs.retry_later(session, fresh, utcnow(), delay, error)
+                session.commit()
+
+    # -- sender ------------------------------------------------------------------------------
+    def send_once(self) -> int:
+        """One outbox pass."""
+        with Session(self._engine) as session:
+            sent = outbox.deliver_due(session, self._destinations, self._data_dir, utcnow())
+            session.commit()
+        return sent
+
+    def _send_loop(self) -> None:
+        self._loop(self.send_once, 1.0)

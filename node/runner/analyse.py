@@ -1,0 +1,211 @@
+"""One job's analysis: decode -> preprocess -> infer -> explain -> aggregate, over the files of a
+series or study. The same path serves the pipeline, the rule tester and evaluation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset
+
+from node.errors import DecodeError, NodeError
+from node.inference import preprocess as pp
+from node.inference.decode import decode, read_dataset, slice_order
+from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
+from node.inference.manifest import Manifest, PatchHeatmap
+from node.inference.postprocess import label_scores, probabilities
+from node.inference.registry import LoadedModel
+from node.inference.runtime import ModelSession
+from node.types import AlgorithmIdentity, AnalysisResult, DecodedImage, ImageResult, ModelInput
+
+log = logging.getLogger(__name__)
+
+
+class JobTimeout(NodeError):
+    """The job ran past its time limit."""
+
+
+@dataclass
+class Stopwatch:
+    """Seconds spent per stage, and the deadline every stage checks."""
+
+    deadline: float
+    timings: dict[str, float] = field(default_factory=dict)
+    on_stage: Callable[[str], None] | None = None
+
+    def stage(self, name: str) -> _Stage:
+        """Time a stage (and report its start, e.g. to record the job state)."""
+        if time.monotonic() > self.deadline:
+            raise JobTimeout(f"job timed out before stage {name}")
+        if self.on_stage is not None:
+            self.on_stage(name)
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, watch: Stopwatch, name: str) -> None:
+        self.watch, self.name = watch, name
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        spent = time.monotonic() - self.started
+        self.watch.timings[self.name] = self.watch.timings.get(self.name, 0.0) + spent
+
+
+def display_image(image: DecodedImage) -> np.ndarray:
+    """The first frame windowed for display as uint8 (header window, else 0.5-99.5 percentiles)."""
+    header = image.header
+    frame = image.frame(0).astype(np.float32)
+    if frame.ndim == 3:  # colour: show as grey
+        return cv2.cvtColor(np.clip(frame, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    values = pp.modality_lut(frame, header.rescale_slope, header.rescale_intercept)
+    if header.window_center is not None and header.window_width and header.window_width > 1:
+        out = pp.window(values, header.window_center, header.window_width)
+    else:
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        out = pp.scale_to_8bit(values, float(lo), float(hi or lo + 1))
+    if header.photometric_interpretation == "MONOCHROME1":
+        out = 255.0 - out
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class _Image:
+    dataset: Dataset
+    decoded: DecodedImage
+    model_input: ModelInput
+
+
+def algorithm_identity(model: LoadedModel) -> AlgorithmIdentity:
+    """How outputs name this model."""
+    m = model.manifest
+    thresholds = " ".join(f"{lb.name}={lb.threshold:g}" for lb in m.labels if not lb.normal)
+    return AlgorithmIdentity(
+        model_id=m.id,
+        name=m.name,
+        version=m.version,
+        sha256=m.model.sha256,
+        research_use_only=m.research_use_only,
+        parameters=f"thresholds {thresholds}"[:64],
+    )
+
+
+def analyse(
+    model: LoadedModel,
+    session: ModelSession,
+    files: Sequence[Path],
+    *,
+    level: str,
+    uid_seed: str,
+    watch: Stopwatch,
+) -> tuple[AnalysisResult, list[Dataset]]:
+    """Run ``model`` over ``files`` (one series or study); return the result and the source
+    data sets (pixel data dropped) that the outputs reference."""
+    manifest = model.manifest
+    is_patch = isinstance(manifest.heatmap, PatchHeatmap)
+    with watch.stage("preprocessing"):
+        images = _prepare_all(files, manifest, is_patch)
+    predict = _predictor(manifest, session)
+    with watch.stage("inferring"):
+        outputs, probs, patch_results = _infer(manifest, session, images, predict, is_patch)
+        per_image = [label_scores(manifest, row) for row in probs]
+        agg = manifest.aggregation
+        findings = label_scores(manifest, aggregate(probs, agg.method, agg.k))
+        shown = _images_to_show(manifest, probs, len(images))
+        results = []
+        for i in shown:
+            image_outputs = {name: value[i : i + 1] for name, value in outputs.items()}
+            maps = heatmaps(
+                manifest,
+                images[i].model_input,
+                image_outputs,
+                predict,
+                patch_result=patch_results[i] if is_patch else None,
+            )
+            results.append(
+                ImageResult(
+                    sop_instance_uid=images[i].decoded.header.sop_instance_uid,
+                    sop_class_uid=images[i].decoded.header.sop_class_uid,
+                    scores=tuple(per_image[i]),
+                    heatmaps=tuple(maps),
+                    display=display_image(images[i].decoded),
+                )
+            )
+    sources = [im.dataset for im in images]
+    result = AnalysisResult(
+        algorithm=algorithm_identity(model),
+        study_uid=str(sources[0].StudyInstanceUID),
+        series_uids=tuple(dict.fromkeys(str(ds.SeriesInstanceUID) for ds in sources)),
+        level=level,
+        findings=tuple(findings),
+        images=tuple(results),
+        uid_seed=uid_seed,
+    )
+    return result, sources
+
+
+def _prepare_all(files: Sequence[Path], manifest: Manifest, is_patch: bool) -> list[_Image]:
+    if not files:
+        raise DecodeError("the job has no images")
+    images = []
+    for path in files:
+        ds = read_dataset(path)
+        decoded = decode(ds, frames="first")
+        model_input = pp.prepare(decoded, manifest, check_size=not is_patch)
+        if "PixelData" in ds:
+            del ds.PixelData  # the outputs need the header only
+        images.append(_Image(ds, decoded, model_input))
+    order = slice_order([im.decoded.header for im in images])
+    return [images[i] for i in order]
+
+
+def _predictor(manifest: Manifest, session: ModelSession) -> Callable[[np.ndarray], np.ndarray]:
+    def predict(batch: np.ndarray) -> np.ndarray:
+        raw = session.run(batch, [manifest.outputs.probabilities])[manifest.outputs.probabilities]
+        return probabilities(manifest, raw)
+
+    return predict
+
+
+def _infer(
+    manifest: Manifest,
+    session: ModelSession,
+    images: list[_Image],
+    predict: Callable[[np.ndarray], np.ndarray],
+    is_patch: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
+    if is_patch:
+        spec = manifest.heatmap
+        assert isinstance(spec, PatchHeatmap)
+        patch_results = [
+            patch_scores(
+                im.model_input.tensor,
+                predict,
+                tuple(spec.patch_size),
+                tuple(spec.stride),
+                batch_size=spec.batch_size,
+                layout=im.model_input.layout,
+            )
+            for im in images
+        ]
+        probs = np.stack([scores.max(axis=0) for scores, _ in patch_results])
+        return {}, probs, patch_results
+    batch = np.concatenate([im.model_input.tensor for im in images], axis=0)
+    outputs = session.run(batch)
+    probs = probabilities(manifest, outputs[manifest.outputs.probabilities])
+    return outputs, probs, []
+
+
+def _images_to_show(manifest: Manifest, probs: np.ndarray, count: int) -> list[int]:
+    keep = manifest.aggregation.keep_top_slices
+    if manifest.aggregation.level == "series" and count > keep:
+        suspicion = probs[:, [i for i, lb in enumerate(manifest.labels) if not lb.normal]].max(axis=1)
+        return sorted(top_slices(suspicion, keep))
+    return list(range(count))

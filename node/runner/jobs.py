@@ -1,0 +1,219 @@
+"""Job and routing state transitions in the database. Every change is committed by the caller."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from node.pipeline.route import ROUTE_KEYWORDS, RouteDecision, RuleSet, route, route_header_from_dataset
+from node.store import repo
+from node.store.tables import (
+    ACTIVE_JOB_STATES,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    Study,
+    StudyState,
+)
+
+log = logging.getLogger(__name__)
+
+
+def job_key(model_id: str, level: str, uid: str) -> str:
+    """The unique key that makes job creation idempotent."""
+    return f"{model_id}|{level}|{uid}"
+
+
+def _new_job(
+    session: Session, model_id: str, rule: str, level: str, study_uid: str, series: list[str], now: datetime
+) -> bool:
+    uid = study_uid if level == "study" else series[0]
+    key = job_key(model_id, level, uid)
+    if session.exec(select(Job.id).where(Job.key == key)).first() is not None:
+        return False
+    session.add(
+        Job(
+            key=key,
+            model_id=model_id,
+            rule=rule,
+            level=level,
+            study_uid=study_uid,
+            series_uids="\\".join(series),
+            created_at=now,
+            updated_at=now,
+            not_before=now,
+        )
+    )
+    return True
+
+
+def _decide(rules: RuleSet, spool_root: Path, series: Series, session: Session) -> RouteDecision | str:
+    instances = repo.series_instances(session, series.series_uid)
+    if not instances:
+        return "not routed: the series has no instance on record"
+    try:
+        ds = dcmread(
+            spool_root / instances[0].path, stop_before_pixels=True, specific_tags=list(ROUTE_KEYWORDS)
+        )
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        return f"not routed: its first instance cannot be read ({exc})"
+    return route(rules, route_header_from_dataset(ds))
+
+
+def route_complete_series(
+    session: Session, rules: RuleSet, available: Callable[[str], bool], spool_root: Path, now: datetime
+) -> int:
+    """Route every complete, not yet routed series; create its jobs (series/image level).
+    Returns the number of series routed or recorded as not routed."""
+    pending = list(session.exec(select(Series).where(Series.state == SeriesState.COMPLETE)))
+    for series in pending:
+        decision = _decide(rules, spool_root, series, session)
+        if isinstance(decision, str):
+            series.state, series.route_note = SeriesState.NOT_ROUTED, decision[:512]
+            continue
+        models = [m for m in decision.models if available(m)]
+        if not decision.rule or not decision.models:
+            series.state, series.route_note = SeriesState.NOT_ROUTED, decision.reason[:512]
+            continue
+        if not models:
+            missing = ", ".join(decision.models)
+            series.state = SeriesState.NOT_ROUTED
+            series.route_note = (
+                f"not routed: rule '{decision.rule}' names model {missing}, which is not loaded"
+            )
+            continue
+        series.state = SeriesState.ROUTED
+        series.route_rule = decision.rule[:64]
+        series.route_models = "\\".join(models)[:256]
+        series.route_grouping = str(decision.grouping)
+        series.route_note = decision.reason[:512]
+        if decision.grouping != "study":
+            for model_id in models:
+                _new_job(
+                    session,
+                    model_id,
+                    decision.rule,
+                    str(decision.grouping),
+                    series.study_uid,
+                    [series.series_uid],
+                    now,
+                )
+    if pending:
+        log.info("routing: %d series decided", len(pending))
+    return len(pending)
+
+
+def create_study_jobs(session: Session, now: datetime) -> int:
+    """For complete studies, one job per study-level model over all its series routed to it."""
+    created = 0
+    studies = session.exec(
+        select(Study.study_uid)
+        .join(Series, col(Series.study_uid) == col(Study.study_uid))
+        .where(
+            Study.state == StudyState.COMPLETE,
+            Series.route_grouping == "study",
+            Series.state == SeriesState.ROUTED,
+        )
+        .distinct()
+    )
+    for study_uid in list(studies):
+        series = repo.study_series(session, study_uid)
+        if any(s.state in (SeriesState.RECEIVING, SeriesState.COMPLETE) for s in series):
+            continue  # wait until every series of the study is routed
+        by_model: dict[str, tuple[str, list[str]]] = {}
+        for s in series:
+            if s.state == SeriesState.ROUTED and s.route_grouping == "study":
+                for model_id in s.route_models.split("\\"):
+                    by_model.setdefault(model_id, (s.route_rule, []))[1].append(s.series_uid)
+        for model_id, (rule, uids) in by_model.items():
+            created += _new_job(session, model_id, rule, "study", study_uid, uids, now)
+    return created
+
+
+def claim_job(session: Session, now: datetime) -> Job | None:
+    """Take the oldest queued job that is due; None when there is none. The caller commits."""
+    job = session.exec(
+        select(Job)
+        .where(Job.state == JobState.QUEUED, col(Job.not_before) <= now)
+        .order_by(col(Job.id))
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).first()
+    if job is None:
+        return None
+    claimed = session.exec(  # type: ignore[call-overload]
+        update(Job)
+        .where(col(Job.id) == job.id, Job.state == JobState.QUEUED)
+        .values(
+            state=JobState.PREPROCESSING, attempts=Job.attempts + 1, started_at=now, updated_at=now, error=""
+        )
+    )
+    if claimed.rowcount != 1:
+        return None
+    session.refresh(job)
+    return job
+
+
+def set_state(session: Session, job_id: int, state: str, now: datetime) -> None:
+    """Record the stage a job is in."""
+    session.exec(update(Job).where(col(Job.id) == job_id).values(state=state, updated_at=now))  # type: ignore[call-overload]
+
+
+def finish(
+    session: Session,
+    job: Job,
+    state: str,
+    now: datetime,
+    timings: dict[str, float],
+    result: dict | None = None,
+    error: str = "",
+) -> None:
+    """Record the end of a job's processing (sending, done or failed)."""
+    job.state = state
+    job.updated_at = now
+    job.timings = json.dumps({k: round(v, 4) for k, v in timings.items()})
+    if result is not None:
+        job.result = json.dumps(result)
+    job.error = error[:1024]
+    if state in (JobState.DONE, JobState.FAILED):
+        job.finished_at = now
+    session.add(job)
+
+
+def retry_later(session: Session, job: Job, now: datetime, delay_s: float, error: str) -> None:
+    """Put a job back in the queue after a transient error."""
+    job.state = JobState.QUEUED
+    job.not_before = now + timedelta(seconds=delay_s)
+    job.updated_at = now
+    job.error = f"attempt {job.attempts} failed, will retry: {error}"[:1024]
+    session.add(job)
+
+
+def requeue_interrupted(session: Session, now: datetime) -> int:
+    """Jobs a stopped process left mid-way go back to the queue (their outputs are deterministic)."""
+    result = session.exec(  # type: ignore[call-overload]
+        update(Job)
+        .where(col(Job.state).in_(ACTIVE_JOB_STATES))
+        .values(state=JobState.QUEUED, not_before=now, updated_at=now)
+    )
+    if result.rowcount:
+        log.info("resuming %d interrupted jobs", result.rowcount)
+    return int(result.rowcount)
+
+
+def job_files(session: Session, job: Job, spool_root: Path) -> list[Path]:
+    """The spool paths of every instance a job covers."""
+    return [
+        spool_root / inst.path
+        for uid in job.series_uids.split("\\")
+        for inst in repo.series_instances(session, uid)
+    ]

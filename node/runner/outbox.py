@@ -1,0 +1,183 @@
+"""The outbox: output files written durably with one row per destination, then delivered with
+retries and exponential backoff; parked as failed after the last attempt."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from sqlmodel import Session, col, select
+
+from node.dicom.spool import fsync_dir
+from node.send import Delivery, Destination, OutgoingFile
+from node.settings import DestinationSettings
+from node.store.tables import Job, JobState, OutboxItem, OutboxState
+
+log = logging.getLogger(__name__)
+
+
+def write_output_files(
+    outbox_dir: Path, job_id: int, outputs: Sequence[tuple[str, Dataset]]
+) -> list[tuple[str, Dataset, Path]]:
+    """Save each (kind, dataset) as a Part 10 file under ``outbox_dir/<job>/``, fsync'd; return paths."""
+    folder = outbox_dir / str(job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, ds in outputs:
+        final = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"
+        tmp = folder / f".{uuid.uuid4().hex}.part"
+        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        written.append((kind, ds, final))
+    fsync_dir(folder)
+    fsync_dir(outbox_dir)
+    return written
+
+
+def choose_destinations(
+    destinations: Sequence[DestinationSettings], send_to: str, calling_aets: set[str]
+) -> list[DestinationSettings]:
+    """origin: the destinations whose AE title sent the study (every destination when none did)."""
+    if send_to == "origin":
+        origin = [d for d in destinations if d.ae_title in calling_aets]
+        if origin:
+            return origin
+    return list(destinations)
+
+
+def queue_outputs(
+    session: Session,
+    job: Job,
+    files: Sequence[tuple[str, Dataset, Path]],
+    destinations: Sequence[DestinationSettings],
+    data_dir: Path,
+    now: datetime,
+) -> int:
+    """One outbox row per (file, destination); parametric maps only where the destination wants them."""
+    rows = 0
+    for kind, ds, path in files:
+        for dest in destinations:
+            if kind == "pm" and not dest.parametric_map:
+                continue
+            session.add(
+                OutboxItem(
+                    job_id=job.id or 0,
+                    destination=dest.name,
+                    kind=kind,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    path=str(path.relative_to(data_dir)),
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+            )
+            rows += 1
+    return rows
+
+
+def _backoff(dest: DestinationSettings, attempts: int) -> timedelta:
+    return timedelta(seconds=min(dest.backoff_max_s, dest.backoff_initial_s * 2 ** max(0, attempts - 1)))
+
+
+def deliver_due(
+    session: Session,
+    destinations: Mapping[str, tuple[DestinationSettings, Destination]],
+    data_dir: Path,
+    now: datetime,
+    batch: int = 100,
+) -> int:
+    """Send what is due, one batch per destination; update rows and the jobs they finish.
+    Returns the number of outputs delivered."""
+    due = list(
+        session.exec(
+            select(OutboxItem)
+            .where(OutboxItem.state == OutboxState.PENDING, col(OutboxItem.next_attempt_at) <= now)
+            .order_by(col(OutboxItem.id))
+            .limit(batch)
+        )
+    )
+    by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
+    for item in due:
+        by_destination[item.destination].append(item)
+    delivered = 0
+    for name, items in by_destination.items():
+        if name not in destinations:
+            for item in items:
+                item.state, item.last_error = (
+                    OutboxState.FAILED,
+                    f"destination {name!r} is no longer configured",
+                )
+            continue
+        settings, destination = destinations[name]
+        files = [OutgoingFile(data_dir / i.path, i.sop_class_uid, "1.2.840.10008.1.2.1") for i in items]
+        outcomes: list[Delivery] = destination.send(files)
+        for item, outcome in zip(items, outcomes, strict=True):
+            item.attempts += 1
+            if outcome.ok:
+                item.state, item.sent_at, item.last_error = OutboxState.SENT, now, ""
+                delivered += 1
+            else:
+                item.last_error = outcome.detail[:512]
+                if item.attempts >= settings.max_attempts:
+                    item.state = OutboxState.FAILED
+                    log.error(
+                        "output %s to %s parked after %d attempts: %s",
+                        item.kind,
+                        name,
+                        item.attempts,
+                        outcome.detail,
+                    )
+                else:
+                    item.next_attempt_at = now + _backoff(settings, item.attempts)
+        failed = sum(not o.ok for o in outcomes)
+        if failed:
+            log.warning(
+                "destination %s: %d of %d outputs not delivered (%s)",
+                name,
+                failed,
+                len(items),
+                outcomes[0].detail,
+            )
+    session.flush()
+    for job_id in {i.job_id for i in due}:
+        settle_job(session, job_id, now)
+    return delivered
+
+
+def settle_job(session: Session, job_id: int, now: datetime) -> None:
+    """A sending job is done when all its outputs are sent, failed when some are parked."""
+    job = session.get(Job, job_id)
+    if job is None or job.state != JobState.SENDING:
+        return
+    states = list(
+        session.exec(
+            select(OutboxItem.state, OutboxItem.destination, OutboxItem.last_error).where(
+                OutboxItem.job_id == job_id
+            )
+        )
+    )
+    if any(s == OutboxState.PENDING for s, _, _ in states):
+        return
+    parked = [(d, e) for s, d, e in states if s == OutboxState.FAILED]
+    job.updated_at = job.finished_at = now
+    if parked:
+        job.state = JobState.FAILED
+        job.error = f"{len(parked)} outputs not delivered to {parked[0][0]}: {parked[0][1]}"[:1024]
+    else:
+        job.state = JobState.DONE
+    session.add(job)
+
+
+def backlog(session: Session) -> dict[str, int]:
+    """Outbox rows per state."""
+    from sqlalchemy import func
+
+    return {s: n for s, n in session.exec(select(OutboxItem.state, func.count()).group_by(OutboxItem.state))}
