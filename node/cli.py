@@ -181,6 +181,37 @@ def route(
     raise typer.Exit(code)
 
 
+@app.command()
+def retry(
+    job: Annotated[
+        int | None, typer.Option("--job", help="only this job id (default: every failed one)")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Requeue failed jobs and parked outputs; a running node picks them up within seconds."""
+    from sqlmodel import Session
+
+    from node.runner.jobs import requeue_failed_jobs
+    from node.runner.outbox import requeue_failed_outputs
+    from node.settings import load_settings
+    from node.store.db import make_engine
+    from node.store.tables import utcnow
+
+    try:
+        settings = load_settings(config)
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging("WARNING")
+    engine = make_engine(settings.storage.url)
+    with Session(engine) as session:
+        now = utcnow()
+        jobs = requeue_failed_jobs(session, now, job)
+        outputs = requeue_failed_outputs(session, now, job)
+        session.commit()
+    typer.echo(f"requeued {jobs} jobs and {outputs} outputs")
+
+
 def _register_tools() -> None:
     """Commands whose code lives beside the node's core."""
     from node.synth.cli import synth
