@@ -8,7 +8,12 @@ active is read from ``session.get_providers()`` after creation and logged.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import io
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +47,50 @@ class RuntimeConfig:
     log_severity: int = 3  # ORT's own log: 0 verbose .. 4 fatal
 
 
+_CUDA_LIBRARIES = ("libcuda.so.1", "libcudart.so.13", "libcublasLt.so.13", "libcudnn.so.9")
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+@functools.cache
+def missing_cuda_library() -> str | None:
+    """The first CUDA library (driver, runtime, cuBLAS, cuDNN) that cannot be loaded, or None.
+
+    onnxruntime-gpu lists its CUDA provider as available even on a machine without a GPU; asking
+    for it there only prints loader errors before falling back. Checking first keeps logs clean."""
+    if sys.platform != "linux":
+        return None
+    for attempt in range(2):
+        missing = None
+        for lib in _CUDA_LIBRARIES:
+            try:
+                ctypes.CDLL(lib)
+            except OSError:
+                missing = lib
+                break
+        if missing is None or attempt == 1 or not hasattr(ort, "preload_dlls"):
+            return missing
+        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+        with quiet[0], quiet[1], contextlib.suppress(Exception):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages, when installed
+    return missing
+
+
 def select_providers(requested: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
-    """Requested providers that this onnxruntime build offers, in order; CPU is always last."""
-    available = list(ort.get_available_providers() if available is None else available)
+    """Requested providers that this onnxruntime build offers (and, for GPU providers, that this
+    machine can load), in order; CPU is always last."""
+    unusable: set[str] = set()
+    if available is None:
+        available = list(ort.get_available_providers())
+        if any(p in _GPU_PROVIDERS for p in requested) and (lib := missing_cuda_library()):
+            log.info("no usable GPU here (%s cannot be loaded): running on the CPU provider", lib)
+            unusable = {p for p in available if p in _GPU_PROVIDERS}
+            available = [p for p in available if p not in unusable]
+    available = list(available)
     chosen = []
     for p in requested:
         if p in available and p not in chosen:
             chosen.append(p)
-        elif p not in available:
+        elif p not in available and p not in unusable:
             log.warning("execution provider %s is not available in this onnxruntime build; skipped", p)
     if CPU not in chosen:
         chosen.append(CPU)

@@ -155,13 +155,17 @@ class Runner:
 
     def work_once(self) -> bool:
         """Claim and run one job; False when none is due."""
-        with self._claim_lock, Session(self._engine) as session:
+        with self._claim_lock, Session(self._engine, expire_on_commit=False) as session:
             job = jobs.claim_job(session, utcnow())
             session.commit()
             if job is None:
                 return False
             session.expunge(job)
-        self._run_job(job)
+        try:
+            self._run_job(job)
+        except Exception as exc:  # e.g. the database went away mid-job: never leave it claimed
+            log.exception("job %d (%s): runner error", job.id, job.model_id)
+            self._retry_or_fail(job, Stopwatch(deadline=0.0), f"runner error {type(exc).__name__}: {exc}")
         return True
 
     def _record_stage(self, job_id: int, stage: str) -> None:
