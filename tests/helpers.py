@@ -206,3 +206,21 @@ def raw_store_file(port: int, path: Path, data: bytes | None = None, **request: 
         request.get("transfer_syntax", str(meta.TransferSyntaxUID)),
         dataset_bytes(path) if data is None else data,
     )
+
+
+class StoreSCP:
+    """DCMTK storescp writing what it receives into a folder."""
+
+    def __init__(self, folder: Path, port: int, aet: str = "DEST") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        cmd = [need("storescp"), "--aetitle", aet, "--output-directory", str(folder), str(port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, 20)
+
+    def received(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(self.folder.iterdir())]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

@@ -19,25 +19,7 @@ from node.send.cstore import CStoreDestination
 from node.settings import DestinationSettings
 from node.store.db import make_engine
 from node.store.tables import Job, JobState, OutboxItem, OutboxState, utcnow
-from tests.helpers import free_port, need, sample_file, wait_port, write_config
-
-
-class StoreSCP:
-    """DCMTK storescp writing what it receives into a folder."""
-
-    def __init__(self, folder: Path, port: int, aet: str = "DEST") -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
-        cmd = [need("storescp"), "--aetitle", aet, "--output-directory", str(folder), str(port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port, 20)
-
-    def received(self) -> list[pydicom.Dataset]:
-        return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(self.folder.iterdir())]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+from tests.helpers import StoreSCP, free_port, need, sample_file, wait_port, write_config
 
 
 def _outputs(data_dir: Path, count: int) -> list[tuple[str, pydicom.Dataset]]:
