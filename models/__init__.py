@@ -1,0 +1,1 @@
+"""Bundled reference models (``models/onnx``) and their training recipes (``models/train``)."""
