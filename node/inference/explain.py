@@ -206,6 +206,13 @@ def find_hotspot(values: np.ndarray, rel_threshold: float = 0.5) -> Hotspot | No
     if not np.isfinite(peak) or peak <= 0:
         return None
     r, c = divmod(flat, m.shape[1])
+    # A flat top (patch maps are constant over stride-sized blocks) would put the peak on its first,
+    # top-left pixel: take the top's pixel nearest to the top's centroid instead.
+    _, tops = cv2.connectedComponents((m >= peak).astype(np.uint8), connectivity=8)
+    ys, xs = np.nonzero(tops == tops[r, c])
+    if ys.size > 1:
+        k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+        r, c = int(ys[k]), int(xs[k])
     mask = (m >= rel_threshold * peak).astype(np.uint8)
     _, labels = cv2.connectedComponents(mask, connectivity=8)
     region = (labels == labels[r, c]).astype(np.uint8)

@@ -232,3 +232,16 @@ def test_heatmaps_patch_method_keeps_probabilities():
     assert hms[0].hotspot.box == (8, 16, 15, 23)
     reused = ex.heatmaps(m, mi, {}, None, patch_result=(scores, origins))
     np.testing.assert_array_equal(reused[0].values, hms[0].values)
+
+
+def test_hotspot_of_a_flat_top_is_its_centre():
+    """Patch maps are constant over stride-sized blocks: the peak is the block's centre, not its
+    top-left corner."""
+    from node.inference.explain import find_hotspot
+
+    m = np.zeros((64, 64), dtype=np.float32)
+    m[16:32, 32:48] = 1.0
+    spot = find_hotspot(m)
+    assert spot is not None
+    assert abs(spot.peak_row - 23.5) <= 0.5 and abs(spot.peak_col - 39.5) <= 0.5
+    assert spot.box == (16, 32, 31, 47)
