@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests use as real peers, when missing: DCMTK (storescu, echoscu,
 # storescp, dsrdump), dicom3tools (dciodvfy), Orthanc (the PACS in end-to-end tests) and PixelMed
-# (the SR validator, with a JDK). Needs root for apt-get; otherwise says what to run.
+# (the SR validator, with a JDK) and Chromium (headless, for the page tests). Needs root for apt-get; otherwise says what to run.
 set -euo pipefail
 missing=()
 command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
@@ -9,6 +9,7 @@ command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -f /usr/share/java/pixelmed.jar ] || missing+=(pixelmed-apps)
 command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)  # runs the SR validator launcher from source
+command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)  # renders the status pages in tests
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (apt-get)" >&2
