@@ -217,6 +217,45 @@ def _register_tools() -> None:
     from node.synth.cli import synth
 
     app.command(name="synth", help="Write synthetic phantom studies (DICOM + truth.json).")(synth)
+    from node.evaluate.cli import evaluate, models_app
+
+    app.add_typer(models_app, name="models")
+    app.command(name="evaluate")(evaluate)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def convert(ctx: typer.Context) -> None:
+    """Convert a PyTorch or Keras model to ONNX with parity checks (`pacs-node convert --help`)."""
+    converters_cli = _import_converters_cli()
+    converters_cli.app(args=list(ctx.args), prog_name="pacs-node convert")
+
+
+def _import_converters_cli():  # noqa: ANN202 - module type
+    """Import ``converters.cli`` lazily (``node`` never imports converters at import time)."""
+    import importlib
+
+    try:
+        return importlib.import_module("converters.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("converters", "converters.cli"):
+            typer.echo(f"error: the converters need {exc.name!r}: pip install -e '.[convert]'", err=True)
+            raise typer.Exit(2) from exc
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "converters" / "__init__.py").is_file():
+        typer.echo(
+            "error: the converters/ package is not importable; run pacs-node from a checkout of the "
+            "repository (converters/ beside node/)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    sys.path.insert(0, str(repo))
+    try:
+        return importlib.import_module("converters.cli")
+    except ModuleNotFoundError as exc:
+        typer.echo(f"error: the converters need {exc.name!r}: pip install -e '.[convert]'", err=True)
+        raise typer.Exit(2) from exc
 
 
 _register_tools()

@@ -110,6 +110,19 @@ def need(tool: str) -> str:
     return path
 
 
+def need_module(name: str) -> object:
+    """Import an optional Python package; skip (outside CI) or fail (in CI, which installs the
+    `convert` extra) when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"Python package {name} is not installed; ./run-tests installs the convert extra")
+        pytest.skip(f"{name} is not installed (pip install -e '.[convert]')", allow_module_level=True)
+
+
 def write_config(folder: Path, **sections: dict) -> Path:
     """A node.yaml for tests: loopback ports, short quiet period, no disk watermark."""
     import yaml

@@ -44,10 +44,10 @@ from models.train.common import (  # noqa: E402
     SYNTHETIC,
     TRAIN_SEED,
     Spec,
-    auc,
     study_seeds,
     write_manifest,
 )
+from node.evaluate.metrics import auc, confusion  # noqa: E402
 from node.inference.manifest import CamHeatmap, Manifest, PatchHeatmap  # noqa: E402
 from node.inference.registry import LoadedModel, load_model  # noqa: E402
 from node.inference.runtime import CPU, ModelSession, RuntimeConfig, create_session  # noqa: E402
@@ -255,13 +255,12 @@ class Evaluation:
         """AUC, and accuracy / sensitivity / specificity at the manifest threshold, for one finding."""
         y = self.truth(label)
         pred = np.array([c.positive[label] for c in self.cases], dtype=bool)
-        tp, tn = int(np.sum(pred & y)), int(np.sum(~pred & ~y))
-        fp, fn = int(np.sum(pred & ~y)), int(np.sum(~pred & y))
+        cm = confusion(y, pred)  # the node's metric code (pacs-node evaluate uses the same)
         return {
             "auc": auc(y, self.scores(label)),
-            "accuracy": (tp + tn) / max(len(y), 1),
-            "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
-            "specificity": tn / (tn + fp) if tn + fp else math.nan,
+            "accuracy": cm.accuracy if cm.n else 0.0,
+            "sensitivity": cm.sensitivity,
+            "specificity": cm.specificity,
             "positives": float(y.sum()),
             "negatives": float((~y).sum()),
         }

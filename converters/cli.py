@@ -1,0 +1,391 @@
+"""``pacs-node convert torch|keras``: export to ONNX, parity checks, fp16 variant, manifest scaffold.
+
+Exit codes: 0 converted and parity passed; 1 parity above tolerance (files are still written so that
+they can be inspected); 2 the conversion could not be done (the message says why).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from converters.common import (
+    DEFAULT_OPSET,
+    ConversionError,
+    ParityResult,
+    check_opset,
+    check_parity,
+    parity_inputs,
+    parse_shape,
+    prepare_out_dir,
+    write_fp16,
+    write_parity_json,
+)
+from converters.scaffold import write_manifest_scaffold
+
+app = typer.Typer(
+    name="convert",
+    help="Convert a PyTorch or Keras classifier to ONNX for the node, with parity checks.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+MODEL_FILE = "model.onnx"
+FP16_FILE = "model.fp16.onnx"
+OUTPUT_FILES = (MODEL_FILE, FP16_FILE, "manifest.yaml", "parity.json")
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (usually models/onnx/<id>)")]
+IdOpt = Annotated[str | None, typer.Option("--id", help="model id (default: the output folder's name)")]
+CamOpt = Annotated[
+    bool, typer.Option("--cam", help="add the class-activation-map output (GAP + linear heads)")
+]
+Fp16Opt = Annotated[bool, typer.Option("--fp16", help="also write model.fp16.onnx with its own parity check")]
+AtolOpt = Annotated[float, typer.Option(help="parity tolerance: |diff| <= atol + rtol*|reference|")]
+OpsetOpt = Annotated[int, typer.Option(help="ONNX opset (>= 17)")]
+PhantomOpt = Annotated[
+    str, typer.Option("--phantom", help="phantom kind for the parity input (cxr, mammo, ct, mr; 'none')")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing files in the output folder")]
+
+
+@dataclass
+class Converted:
+    """What a conversion produced."""
+
+    out_dir: Path
+    onnx_path: Path
+    output_names: list[str]
+    parity: list[ParityResult]
+    manifest_path: Path
+
+    @property
+    def ok(self) -> bool:
+        """Whether every parity check passed."""
+        return all(p.ok for p in self.parity)
+
+
+def _model_id(out_dir: Path, model_id: str | None) -> str:
+    mid = (model_id or out_dir.resolve().name).lower()
+    if not mid or not (mid[0].isalnum() and all(ch.isalnum() or ch in "_.-" for ch in mid)):
+        raise ConversionError(f"model id {mid!r} is invalid: use lower-case letters, digits, '_', '.', '-'")
+    return mid
+
+
+def finish(
+    *,
+    out_dir: Path,
+    model_id: str,
+    onnx_path: Path,
+    output_names: Sequence[str],
+    reference: Callable[[np.ndarray], Sequence[np.ndarray]],
+    shape: Sequence[int],
+    layout: str,
+    phantom: str | None,
+    atol: float,
+    rtol: float,
+    fp16: bool,
+    fp16_atol: float,
+    activation: str | None,
+    kind: str | None,
+    framework: str,
+    source: str,
+    echo: Callable[[str], None] = print,
+) -> Converted:
+    """Parity (fp32, and fp16 when asked), manifest scaffold and parity.json for an exported model."""
+    inputs = parity_inputs(shape, layout, phantom)
+    results = [check_parity(onnx_path, reference, inputs, output_names, atol, rtol)]
+    echo(f"parity of {onnx_path.name} (source framework vs ONNX Runtime CPU):")
+    for line in results[0].lines():
+        echo(line)
+    if fp16:
+        half = onnx_path.with_name(FP16_FILE)
+        write_fp16(onnx_path, half)
+        results.append(check_parity(half, reference, inputs, output_names, fp16_atol, fp16_atol))
+        echo(f"parity of {half.name} (fp16 weights and compute, float32 input/output):")
+        for line in results[1].lines():
+            echo(line)
+    import onnx
+
+    graph = onnx.load(str(onnx_path))
+    n_outputs = int(graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value or 1)
+    metrics = {"parity_max_abs": results[0].max_abs, "parity_max_rel": results[0].max_rel}
+    if fp16:
+        metrics |= {"parity_fp16_max_abs": results[1].max_abs, "parity_fp16_max_rel": results[1].max_rel}
+    manifest = write_manifest_scaffold(
+        out_dir,
+        model_id=model_id,
+        onnx_path=onnx_path,
+        input_name=graph.graph.input[0].name,
+        input_shape=list(shape),
+        layout=layout,
+        probabilities=output_names[0],
+        n_outputs=n_outputs,
+        cam=output_names[1] if len(output_names) > 1 else None,
+        activation=activation,
+        kind=kind,
+        framework=framework,
+        source=source,
+        metrics=metrics,
+    )
+    write_parity_json(
+        out_dir, results, {"source": source, "framework": framework, "outputs": list(output_names)}
+    )
+    echo(
+        f"wrote {onnx_path}{' and ' + FP16_FILE if fp16 else ''}, {manifest.name} "
+        "(fill in the TODOs), parity.json"
+    )
+    return Converted(out_dir, onnx_path, list(output_names), results, manifest)
+
+
+def convert_torch(
+    *,
+    out_dir: Path,
+    model: str | None = None,
+    weights: Path | None = None,
+    torchscript: Path | None = None,
+    input_shape: Sequence[int],
+    model_id: str | None = None,
+    cam: bool = False,
+    cam_pool: str | None = None,
+    cam_linear: str | None = None,
+    fp16: bool = False,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    fp16_atol: float = 2e-2,
+    opset: int = DEFAULT_OPSET,
+    phantom: str | None = "cxr",
+    force: bool = False,
+    threads: int = 1,
+    echo: Callable[[str], None] = print,
+) -> Converted:
+    """Convert a PyTorch model (``module:factory`` + weights, or TorchScript); see :mod:`converters.cli`."""
+    from converters import torch_convert as tc
+
+    check_opset(opset)
+    mid = _model_id(out_dir, model_id)
+    if (model is None) == (torchscript is None):
+        raise ConversionError("give either --model module:factory (with --weights) or --torchscript FILE")
+    prepare_out_dir(out_dir, force, OUTPUT_FILES)
+    tc.torch.set_num_threads(max(1, threads))
+    if torchscript is not None:
+        net = tc.load_torchscript(torchscript)
+        source = str(torchscript)
+    else:
+        assert model is not None
+        net = tc.load_factory(model)
+        if weights is not None:
+            tc.load_weights(net, weights)
+        else:
+            echo("warning: no --weights given: exporting the factory's initial weights")
+        source = f"{model}" + (f" + {weights}" if weights else "")
+    onnx_path = out_dir / MODEL_FILE
+    module, names = tc.export_torch(
+        net, onnx_path, input_shape, cam=cam, cam_pool=cam_pool, cam_linear=cam_linear, opset=opset
+    )
+    activation, kind = tc.detect_activation(net)
+    return finish(
+        out_dir=out_dir,
+        model_id=mid,
+        onnx_path=onnx_path,
+        output_names=names,
+        reference=tc.reference_fn(module),
+        shape=(1, *input_shape),
+        layout="NCHW",
+        phantom=phantom,
+        atol=atol,
+        rtol=rtol,
+        fp16=fp16,
+        fp16_atol=fp16_atol,
+        activation=activation,
+        kind=kind,
+        framework=f"torch {tc.torch.__version__} -> ONNX opset {opset}",
+        source=source,
+        echo=echo,
+    )
+
+
+def _custom_objects(spec: str | None) -> dict[str, Any] | None:
+    if not spec:
+        return None
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(spec)
+    except Exception as exc:
+        raise ConversionError(f"cannot import --custom-objects module {spec!r}: {exc}") from exc
+    objects = getattr(module, "CUSTOM_OBJECTS", None)
+    if isinstance(objects, dict):
+        return objects
+    return {k: v for k, v in vars(module).items() if isinstance(v, type) and not k.startswith("_")}
+
+
+def convert_keras(
+    *,
+    out_dir: Path,
+    model_file: Path,
+    model_id: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    custom_objects: str | None = None,
+    cam: bool = False,
+    fp16: bool = False,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    fp16_atol: float = 2e-2,
+    opset: int = DEFAULT_OPSET,
+    phantom: str | None = "cxr",
+    force: bool = False,
+    threads: int = 1,
+    echo: Callable[[str], None] = print,
+) -> Converted:
+    """Convert a Keras ``.keras`` / ``.h5`` model; see :mod:`converters.cli`."""
+    check_opset(opset)
+    mid = _model_id(out_dir, model_id)
+    prepare_out_dir(out_dir, force, OUTPUT_FILES)
+    from converters import keras_convert as kc
+
+    keras_model = kc.load_keras(model_file, _custom_objects(custom_objects))
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    hwc = kc.input_shape(keras_model, input_shape)
+    onnx_path = out_dir / MODEL_FILE
+    exported, names = kc.export_keras(keras_model, onnx_path, hwc, cam=cam, opset=opset)
+    activation, kind = kc.detect_activation(keras_model)
+    keras = kc._keras()
+    return finish(
+        out_dir=out_dir,
+        model_id=mid,
+        onnx_path=onnx_path,
+        output_names=names,
+        reference=kc.reference_fn(exported),
+        shape=(1, *hwc),
+        layout="NHWC",
+        phantom=phantom,
+        atol=atol,
+        rtol=rtol,
+        fp16=fp16,
+        fp16_atol=fp16_atol,
+        activation=activation,
+        kind=kind,
+        framework=f"keras {keras.__version__} (torch backend) -> ONNX opset {opset}",
+        source=str(model_file),
+        echo=echo,
+    )
+
+
+def _run(fn: Callable[..., Converted], **kwargs: Any) -> None:
+    try:
+        result = fn(echo=typer.echo, **kwargs)
+    except ConversionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if not result.ok:
+        typer.echo("error: parity above tolerance; do not deploy this model as converted", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("torch")
+def torch_cmd(
+    out: OutOpt,
+    input_shape: Annotated[str, typer.Option("--input-shape", help="C,H,W of one image, e.g. 1,224,224")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="module:factory building the nn.Module")
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="state dict (.pt/.pth) for --model")
+    ] = None,
+    torchscript: Annotated[
+        Path | None, typer.Option("--torchscript", help="TorchScript file instead")
+    ] = None,
+    model_id: IdOpt = None,
+    cam: CamOpt = False,
+    cam_pool: Annotated[str | None, typer.Option(help="name of the GAP module (default: the last)")] = None,
+    cam_linear: Annotated[
+        str | None, typer.Option(help="name of the linear head (default: the last)")
+    ] = None,
+    fp16: Fp16Opt = False,
+    atol: AtolOpt = 1e-4,
+    rtol: AtolOpt = 1e-3,
+    fp16_atol: AtolOpt = 2e-2,
+    opset: OpsetOpt = DEFAULT_OPSET,
+    phantom: PhantomOpt = "cxr",
+    force: ForceOpt = False,
+) -> None:
+    """PyTorch (module:factory + weights, or TorchScript) -> ONNX (NCHW, dynamic batch)."""
+    try:
+        shape = parse_shape(input_shape)
+    except ConversionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    _run(
+        convert_torch,
+        out_dir=out,
+        model=model,
+        weights=weights,
+        torchscript=torchscript,
+        input_shape=shape,
+        model_id=model_id,
+        cam=cam,
+        cam_pool=cam_pool,
+        cam_linear=cam_linear,
+        fp16=fp16,
+        atol=atol,
+        rtol=rtol,
+        fp16_atol=fp16_atol,
+        opset=opset,
+        phantom=None if phantom == "none" else phantom,
+        force=force,
+    )
+
+
+@app.command("keras")
+def keras_cmd(
+    model_file: Annotated[Path, typer.Argument(help=".keras or .h5 model file")],
+    out: OutOpt,
+    model_id: IdOpt = None,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="H,W,C when the model's input has free dims")
+    ] = None,
+    custom_objects: Annotated[
+        str | None,
+        typer.Option("--custom-objects", help="module defining custom layers (CUSTOM_OBJECTS dict)"),
+    ] = None,
+    cam: CamOpt = False,
+    fp16: Fp16Opt = False,
+    atol: AtolOpt = 1e-4,
+    rtol: AtolOpt = 1e-3,
+    fp16_atol: AtolOpt = 2e-2,
+    opset: OpsetOpt = DEFAULT_OPSET,
+    phantom: PhantomOpt = "cxr",
+    force: ForceOpt = False,
+) -> None:
+    """Keras 3 (.keras / .h5) -> ONNX through the torch backend (NHWC, dynamic batch)."""
+    try:
+        shape = parse_shape(input_shape) if input_shape else None
+    except ConversionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    _run(
+        convert_keras,
+        out_dir=out,
+        model_file=model_file,
+        model_id=model_id,
+        input_shape=shape,
+        custom_objects=custom_objects,
+        cam=cam,
+        fp16=fp16,
+        atol=atol,
+        rtol=rtol,
+        fp16_atol=fp16_atol,
+        opset=opset,
+        phantom=None if phantom == "none" else phantom,
+        force=force,
+    )

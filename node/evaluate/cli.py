@@ -1,0 +1,160 @@
+"""Typer commands for ``pacs-node models check`` and ``pacs-node evaluate`` (registered by node.cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node.errors import NodeError
+
+DEFAULT_ROOT = Path("models/onnx")
+
+models_app = typer.Typer(help="Inspect and check the installed models.", no_args_is_help=True)
+
+
+def _model_dir(model: str, root: Path) -> Path:
+    path = Path(model)
+    return path if path.is_dir() and (path / "manifest.yaml").is_file() else root / model
+
+
+@models_app.command("check")
+def models_check(
+    model: Annotated[str | None, typer.Argument(help="model id (or folder); default: every model")] = None,
+    root: Annotated[Path, typer.Option("--models", help="models folder")] = DEFAULT_ROOT,
+    provider: Annotated[
+        list[str] | None, typer.Option("--provider", help="execution provider(s), in order")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="intra-op threads")] = 2,
+) -> None:
+    """Load each manifest, verify its ONNX file, run a phantom of its modality through the node's
+    preprocessing and runtime; print shapes, value ranges, provider and latency. Exit 1 on any failure."""
+    from node.evaluate.check import check_model
+    from node.inference.runtime import CPU
+
+    if model is not None:
+        dirs = [_model_dir(model, root)]
+    elif root.is_dir():
+        dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    else:
+        dirs = []
+    if not dirs:
+        typer.echo(f"no models found under {root}", err=True)
+        raise typer.Exit(1)
+    failed = 0
+    for d in dirs:
+        report = check_model(d, tuple(provider or (CPU,)), threads=threads)
+        typer.echo(f"[{report.model_id}] {'ok' if report.ok else 'FAILED'}")
+        for line in report.lines:
+            typer.echo(f"  {line}")
+        failed += not report.ok
+    typer.echo(f"{len(dirs) - failed} of {len(dirs)} model(s) passed")
+    if failed:
+        raise typer.Exit(1)
+
+
+def evaluate(
+    model: Annotated[str, typer.Argument(help="model id (under --models) or model folder")],
+    data: Annotated[Path, typer.Argument(help="folder of labelled DICOM (searched recursively)")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels", help="CSV keyed by sop/series/study_instance_uid (default: truth.json sidecars)"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("evaluation"),
+    root: Annotated[Path, typer.Option("--models", help="models folder")] = DEFAULT_ROOT,
+    sensitivity: Annotated[
+        float, typer.Option("--target-sensitivity", help="report the threshold reaching this sensitivity")
+    ] = 0.9,
+    group_by: Annotated[
+        str | None,
+        typer.Option("--group-by", help="CSV column or DICOM keyword (PatientID, InstitutionName)"),
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the 95% intervals")] = 1000,
+    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    examples: Annotated[int, typer.Option(help="example heatmaps in the report")] = 4,
+    threads: Annotated[int, typer.Option(help="intra-op threads")] = 2,
+) -> None:
+    """Run a model over labelled DICOM through the node's own path; write report.html and report.json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from node.evaluate.dataset import collect_cases
+    from node.evaluate.report import write_report
+    from node.evaluate.run import analyse_cases, summarise
+    from node.inference.registry import load_model
+    from node.inference.runtime import CPU, RuntimeConfig, create_session
+
+    try:
+        loaded = load_model(_model_dir(model, root))
+        manifest = loaded.manifest
+        cases = collect_cases(
+            data,
+            manifest.aggregation.level,
+            [lb.name for lb in manifest.labels],
+            labels_csv=labels,
+            group_by=group_by,
+        )
+        session = create_session(
+            loaded,
+            RuntimeConfig(providers=(CPU,), intra_op_threads=threads, inter_op_threads=1, max_batch=64),
+        )
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(f"evaluating {manifest.id}", total=len(cases))
+        outcomes, kept = analyse_cases(
+            loaded, session, cases, examples=examples, progress=lambda i, o: bar.advance(task)
+        )
+    summary = summarise(
+        loaded,
+        outcomes,
+        target_sensitivity=sensitivity,
+        per_group=group_by is not None,
+        n_boot=bootstrap,
+        seed=seed,
+    )
+    html_path, json_path = write_report(summary, kept, out)
+    for f in summary["findings"]:
+        m, ci, cm = f["metrics"], f["ci95"], f["confusion"]
+
+        def show(name: str, m: dict = m, ci: dict = ci) -> str:
+            v, (lo, hi) = m[name], ci[name]
+            return (
+                "n/a"
+                if v is None
+                else f"{v:.3f} [{lo if lo is None else f'{lo:.3f}'}, "
+                + (f"{hi:.3f}]" if hi is not None else "None]")
+            )
+
+        typer.echo(
+            f"{f['label']} ({f['positives']} pos / {f['negatives']} neg, threshold {f['threshold']:.4f})"
+        )
+        for name in (
+            "auc",
+            "accuracy",
+            "sensitivity",
+            "specificity",
+            "ppv",
+            "npv",
+            "balanced_accuracy",
+            "f1",
+        ):
+            typer.echo(f"  {name:18s} {show(name)}")
+        typer.echo(f"  confusion          TP {cm['tp']} FP {cm['fp']} FN {cm['fn']} TN {cm['tn']}")
+        op = f.get("operating_point")
+        if op:
+            typer.echo(
+                f"  threshold for sensitivity {op['target_sensitivity']:.2f}: {op['threshold']:.4f} "
+                f"(specificity {op['specificity']:.3f})"
+            )
+    if summary.get("class_accuracy") is not None:
+        typer.echo(f"decision accuracy over the classes: {summary['class_accuracy']:.3f}")
+    if summary["failed"]:
+        typer.echo(f"{len(summary['failed'])} case(s) failed; see the report", err=True)
+    typer.echo(f"wrote {html_path} and {json_path}")
+    if summary["failed"]:
+        raise typer.Exit(1)
