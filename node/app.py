@@ -18,12 +18,14 @@ from node.dicom.spool import Spool
 from node.errors import ConfigError
 from node.inference.registry import load_registry
 from node.inference.runtime import RuntimeConfig, create_session
-from node.pipeline.route import check_models, load_rules
+from node.metrics import NodeMetrics
+from node.pipeline.route import RuleSet, check_models, load_rules
 from node.runner import Models, Runner
 from node.send.cstore import CStoreDestination
 from node.settings import Settings
 from node.store.db import make_engine, ping
 from node.types import OutputIdentity
+from node.web.webhook import WebhookNotifier
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ class Node:
     scp: StorageSCP
     runner: Runner
     models: Models
+    rules: RuleSet | None = None
+    notifier: WebhookNotifier | None = None
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
     started_at: float = field(default_factory=time.time)
     version: str = __version__
 
@@ -48,12 +53,16 @@ class Node:
         self.committer.start()
         self.scp.start()
         self.runner.start()
+        if self.notifier is not None:
+            self.notifier.start()
         self.started_at = time.time()
 
     def stop(self) -> None:
         """Stop listening first, so that every accepted instance is committed before the end."""
         self.scp.stop()
         self.runner.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         self.committer.stop()
         self.engine.dispose()
 
@@ -110,9 +119,13 @@ def build_node(settings: Settings) -> Node:
         min_free_bytes=settings.storage.min_free_mb * 2**20,
     )
     committer = IngestCommitter(engine, spool)
-    scp = StorageSCP(settings.dicom, spool, committer)
+    metrics = NodeMetrics()
+    metrics.watch_store(engine, models.registry)
+    scp = StorageSCP(settings.dicom, spool, committer, metrics)
     destinations = {
-        d.name: (d, CStoreDestination(d, calling_aet=settings.dicom.ae_title)) for d in settings.destinations
+        d.name: (d, CStoreDestination(d, calling_aet=settings.dicom.ae_title, metrics=metrics))
+        for d in settings.destinations
     }
-    runner = Runner(engine, settings, rules, models, output_identity(settings), destinations)
-    return Node(settings, engine, spool, committer, scp, runner, models)
+    runner = Runner(engine, settings, rules, models, output_identity(settings), destinations, metrics=metrics)
+    notifier = WebhookNotifier(engine, settings)
+    return Node(settings, engine, spool, committer, scp, runner, models, rules, notifier, metrics)

@@ -12,9 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from node.dicom.access import parse_allow_entry
 from node.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/node.yaml")
@@ -31,8 +40,62 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
+def _check_allow_entry(value: str) -> str:
+    rule = parse_allow_entry(value)  # raises ValueError with the reason
+    if rule.ae_title is not None:
+        _check_ae_title(rule.ae_title)
+    return value.strip()
+
+
+AllowEntry = Annotated[str, AfterValidator(_check_allow_entry)]
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(_Section):
+    """DICOM TLS for the listener (PS3.15 Annex B secure transport, BCP 195 versions)."""
+
+    enabled: bool = False
+    cert_file: Path | None = Field(None, description="PEM certificate (chain) of the node")
+    key_file: Path | None = Field(None, description="PEM private key (unencrypted) of the node")
+    ca_file: Path | None = Field(None, description="PEM CA bundle that client certificates must chain to")
+    require_client_cert: bool = Field(False, description="refuse clients without a certificate from ca_file")
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="None: dicom.port speaks TLS only; a port: TLS there, plain TCP stays on dicom.port",
+    )
+    min_version: TlsVersion = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("dicom.tls.enabled needs cert_file and key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("dicom.tls.require_client_cert needs ca_file (the CA of client certificates)")
+        return self
+
+
+class ClientTlsSettings(_Section):
+    """DICOM TLS towards a destination."""
+
+    enabled: bool = False
+    ca_file: Path | None = Field(None, description="PEM CA bundle for the peer; None: the system trust store")
+    cert_file: Path | None = Field(None, description="client certificate, when the peer asks for one")
+    key_file: Path | None = None
+    server_name: str | None = Field(None, description="name to verify in the peer certificate; default: host")
+    check_hostname: bool = True
+    min_version: TlsVersion = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        return self
 
 
 class DicomSettings(_Section):
@@ -43,9 +106,14 @@ class DicomSettings(_Section):
     port: int = Field(11112, ge=1, le=65535)
     max_pdu: int = Field(4 * 1024 * 1024, description="largest PDU we accept; 0 means unlimited")
     max_associations: int = Field(16, ge=1, le=1000)
-    allowed_calling_aets: list[AETitle] = Field(
-        default_factory=list, description="empty: accept every calling AE title (a warning is logged)"
+    allowed_calling_aets: list[AllowEntry] = Field(
+        default_factory=list,
+        description=(
+            "entries AE, AE@address, AE@network/prefix or *@network/prefix; "
+            "empty: accept every calling AE title (a warning is logged)"
+        ),
     )
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
@@ -58,12 +126,59 @@ class DicomSettings(_Section):
         return value
 
 
+class TokenSettings(_Section):
+    """One bearer token, stored as the hex SHA-256 of the token (never the token itself)."""
+
+    name: str = Field(min_length=1, max_length=64, description="who holds it (shown in logs, not secret)")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex SHA-256 of the token")
+    role: Literal["read", "admin"] = Field("read", description="read: pages and API; admin: also retries")
+
+
+_LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
 class WebSettings(_Section):
-    """The status page and JSON API."""
+    """The status page and JSON API, and who may use them."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    tokens: list[TokenSettings] = Field(
+        default_factory=list,
+        description="bearer tokens; empty: no authentication (only allowed on loopback, see allow_open)",
+    )
+    allow_open: bool = Field(
+        False, description="allow listening beyond loopback without tokens (everyone is admin)"
+    )
+    metrics_open: bool = Field(True, description="/metrics answers without a token")
+    public_url: str = Field(
+        "", description="base URL of the pages as others reach them (webhook links); default http://host:port"
+    )
+    max_upload_mb: float = Field(64.0, gt=0, description="largest upload to POST /api/v1/infer (413 above)")
+    infer_timeout_s: float = Field(60.0, gt=0, description="POST /api/v1/infer gives up after this (504)")
+    heatmap_ttl_s: float = Field(600.0, gt=0, description="how long an inference heatmap PNG stays available")
+
+    @model_validator(mode="after")
+    def _refuse_open_network(self) -> WebSettings:
+        if self.enabled and not self.tokens and not self.allow_open and self.host not in _LOOPBACK_HOSTS:
+            raise ValueError(
+                f"the web server would listen on {self.host} without authentication: configure "
+                "web.tokens, listen on 127.0.0.1, or set web.allow_open: true"
+            )
+        return self
+
+
+class WebhookSettings(_Section):
+    """A JSON notification for each urgent study, POSTed by a background thread."""
+
+    url: str = Field("", description="empty: no notifications")
+    secret: str = Field("", description="shared secret: X-Node-Signature: sha256=<HMAC of the body>")
+    include_patient_identifiers: bool = Field(
+        False, description="add patient name and ID to the payload (off unless explicitly allowed)"
+    )
+    max_attempts: int = Field(5, ge=1, le=100)
+    backoff_s: float = Field(5.0, ge=0, description="first retry delay; doubles each attempt")
+    timeout_s: float = Field(5.0, gt=0, description="per request")
 
 
 class StorageSettings(_Section):
@@ -135,6 +250,7 @@ class DestinationSettings(_Section):
     max_attempts: int = Field(8, ge=1, le=100)
     backoff_initial_s: float = Field(5.0, ge=0)
     backoff_max_s: float = Field(600.0, ge=0)
+    tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
 
 
 class OutputSettings(_Section):
@@ -175,6 +291,7 @@ class Settings(BaseSettings):
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @classmethod
     def settings_customise_sources(

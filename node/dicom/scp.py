@@ -35,10 +35,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.dicom import status
+from node.dicom.access import AllowList
 from node.dicom.committer import IngestCommitter
 from node.dicom.inspect import inspect_dataset
 from node.dicom.spool import Spool, SpoolFullError
+from node.dicom.tls import server_context
 from node.errors import IngestError, StoreError
+from node.metrics import NodeMetrics
 from node.settings import DicomSettings
 from node.store.repo import ReceivedInstance
 from node.store.tables import utcnow
@@ -77,11 +80,21 @@ def _failure(code: int, comment: str) -> Dataset:
 class StorageSCP:
     """Listens for associations; files every instance durably before answering."""
 
-    def __init__(self, settings: DicomSettings, spool: Spool, committer: IngestCommitter) -> None:
+    def __init__(
+        self,
+        settings: DicomSettings,
+        spool: Spool,
+        committer: IngestCommitter,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.spool = spool
         self.committer = committer
+        self.metrics = metrics or NodeMetrics()
+        self.allowed = AllowList.parse(settings.allowed_calling_aets)
+        self._tls = server_context(settings.tls, settings.network_timeout_s) if settings.tls.enabled else None
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
         """Bind and serve in background threads."""
@@ -93,9 +106,7 @@ class StorageSCP:
         ae.dimse_timeout = s.dimse_timeout_s
         ae.network_timeout = s.network_timeout_s
         ae.require_called_aet = False
-        if s.allowed_calling_aets:
-            ae.require_calling_aet = list(s.allowed_calling_aets)
-        else:
+        if not self.allowed:  # the allow-list (AE titles and addresses) is checked in _on_requested
             log.warning("dicom.allowed_calling_aets is empty: every calling AE title is accepted")
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
@@ -104,17 +115,30 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, self._on_connect),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
-        log.info("DICOM SCP %s listening on %s:%d", s.ae_title, s.host, self.port)
+        tls_only = self._tls is not None and s.tls.port is None
+        main_context = self._tls if tls_only else None
+        self._server = ae.start_server(
+            (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=main_context
+        )
+        kind = "TLS" if tls_only else "plain TCP"
+        log.info("DICOM SCP %s listening on %s:%d (%s)", s.ae_title, s.host, self.port, kind)
+        if self._tls is not None and s.tls.port is not None:
+            self._tls_server = ae.start_server(
+                (s.host, s.tls.port), block=False, evt_handlers=handlers, ssl_context=self._tls
+            )
+            log.info("DICOM SCP %s listening on %s:%d (TLS)", s.ae_title, s.host, s.tls.port)
 
     def stop(self) -> None:
         """Stop accepting and close the listening socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        for server in (self._tls_server, self._server):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        self._server = self._tls_server = None
 
     @property
     def port(self) -> int:
@@ -123,9 +147,23 @@ class StorageSCP:
             return self.settings.port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The port that speaks TLS: the separate TLS port, the main one when TLS-only, or None."""
+        if self._tls is None:
+            return None
+        if self.settings.tls.port is None:
+            return self.port
+        if self._tls_server is None:
+            return self.settings.tls.port
+        return int(self._tls_server.server_address[1])
+
     def is_listening(self) -> bool:
-        """True while the server socket is open."""
-        return self._server is not None and self._server.socket.fileno() >= 0
+        """True while the server sockets are open."""
+        servers = [self._server]
+        if self._tls is not None and self.settings.tls.port is not None:
+            servers.append(self._tls_server)
+        return all(srv is not None and srv.socket.fileno() >= 0 for srv in servers)
 
     @staticmethod
     def _on_connect(event: Event) -> None:
@@ -133,10 +171,28 @@ class StorageSCP:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    @staticmethod
-    def _on_rejected(event: Event) -> None:
+    def _on_requested(self, event: Event) -> None:
+        """Check the calling AE title and source address against the allow-list; reject (calling
+        AE title not recognised) when no entry matches. Only the AE title and address are logged."""
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title if primitive is not None else assoc.requestor.ae_title)
+        address = str(assoc.requestor.address)
+        if self.allowed.allows(calling, address):
+            return
+        log.warning("association from %s at %s rejected: not in dicom.allowed_calling_aets", calling, address)
+        label = calling if self.allowed.knows(calling) else "(unlisted)"
+        self.metrics.association(label, "rejected_not_allowed")
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+        assoc.kill()
+
+    def _on_accepted(self, event: Event) -> None:
+        self.metrics.association(event.assoc.requestor.ae_title, "accepted")
+
+    def _on_rejected(self, event: Event) -> None:
         requestor = event.assoc.requestor
         log.warning("association from %s (%s) rejected", requestor.ae_title, requestor.address)
+        self.metrics.association(requestor.ae_title, "rejected")
 
     @staticmethod
     def _on_echo(event: Event) -> int:
@@ -149,6 +205,7 @@ class StorageSCP:
             stored = self.store(event)
         except IngestError as exc:
             log.warning("C-STORE from %s refused with %s: %s", calling, status.name(exc.status), exc)
+            self.metrics.refused(calling, exc.status)
             return _failure(exc.status, str(exc))
         log.debug("C-STORE from %s stored in %.1f ms", calling, (time.perf_counter() - started) * 1e3)
         return stored
@@ -213,4 +270,5 @@ class StorageSCP:
             body.release()
         if not new:
             log.info("duplicate instance received from %s; already stored", event.assoc.requestor.ae_title)
+        self.metrics.stored(event.assoc.requestor.ae_title, size, new)
         return status.SUCCESS

@@ -17,12 +17,14 @@ from sqlmodel import Session
 from node.errors import DecodeError, ManifestError, NodeError, PreprocessError
 from node.inference.registry import LoadedModel, Registry
 from node.inference.runtime import ModelSession
+from node.metrics import NodeMetrics
 from node.pipeline.assemble import assemble
 from node.pipeline.route import RuleSet
 from node.runner import jobs, outbox
 from node.runner.analyse import Stopwatch, analyse
 from node.send import Destination
 from node.settings import DestinationSettings, Settings
+from node.store import repo
 from node.store.tables import Job, JobState, Series, utcnow
 from node.types import AnalysisResult, OutputIdentity
 
@@ -77,8 +79,10 @@ class Runner:
         models: Models,
         identity: OutputIdentity,
         destinations: Mapping[str, tuple[DestinationSettings, Destination]],
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self._engine = engine
+        self._metrics = metrics or NodeMetrics()
         self._settings = settings
         self._rules = rules
         self._models = models
@@ -187,9 +191,10 @@ class Runner:
             waited = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
             watch.timings["queued"] = max(0.0, waited)
             files = jobs.job_files(session, job, self._spool)
-            calling = {
-                s.calling_aet for uid in job.series_uids.split("\\") if (s := session.get(Series, uid))
-            }
+            series_rows = [s for uid in job.series_uids.split("\\") if (s := session.get(Series, uid))]
+            calling = {s.calling_aet for s in series_rows}
+            last_received = max((s.last_received_at for s in series_rows), default=None)
+        assemble_wait = (job.created_at - last_received).total_seconds() if last_received else None
         try:
             model: LoadedModel = self._models.registry.get(job.model_id)
             session_ = self._models.sessions.get(job.model_id)
@@ -233,6 +238,11 @@ class Runner:
             rows = outbox.queue_outputs(session, fresh, written, dests, self._data_dir, now)
             state = JobState.SENDING if rows else JobState.DONE
             jobs.finish(session, fresh, state, now, watch.timings, summary)
+            self._metrics.job_ended(job.model_id, state, watch.timings, watch.batches, assemble_wait)
+            flagged = {model.manifest.id: {lb.name for lb in model.manifest.labels if lb.triage}}
+            repo.refresh_study_triage(
+                session, fresh.study_uid, now, flagged, notify=bool(settings.webhook.url)
+            )
             session.commit()
         positives = [f.label for f in result.findings if f.positive]
         log.info(
@@ -247,6 +257,7 @@ class Runner:
 
     def _fail(self, job: Job, watch: Stopwatch, error: str) -> None:
         log.error("job %d (%s) failed: %s", job.id, job.model_id, error)
+        self._metrics.job_ended(job.model_id, JobState.FAILED, watch.timings, watch.batches)
         with Session(self._engine) as session:
             fresh = session.get(Job, job.id)
             if fresh is not None:
@@ -260,6 +271,7 @@ class Runner:
         log.warning(
             "job %d (%s) attempt %d failed, will retry: %s", job.id, job.model_id, job.attempts, error
         )
+        self._metrics.job_ended(job.model_id, "retry", watch.timings, watch.batches)
         with Session(self._engine) as session:
             fresh = session.get(Job, job.id)
             if fresh is not None:

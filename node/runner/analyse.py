@@ -37,6 +37,7 @@ class Stopwatch:
     deadline: float
     timings: dict[str, float] = field(default_factory=dict)
     on_stage: Callable[[str], None] | None = None
+    batches: list[int] = field(default_factory=list)  # images (or patches) per inference call
 
     def stage(self, name: str) -> _Stage:
         """Time a stage (and report its start, e.g. to record the job state)."""
@@ -112,9 +113,9 @@ def analyse(
     is_patch = isinstance(manifest.heatmap, PatchHeatmap)
     with watch.stage("preprocessing"):
         images = _prepare_all(files, manifest, is_patch)
-    predict = _predictor(manifest, session)
+    predict = _predictor(manifest, session, watch.batches)
     with watch.stage("inferring"):
-        outputs, probs, patch_results = _infer(manifest, session, images, predict, is_patch)
+        outputs, probs, patch_results = _infer(manifest, session, images, predict, is_patch, watch.batches)
         per_image = [label_scores(manifest, row) for row in probs]
         agg = manifest.aggregation
         findings = label_scores(manifest, aggregate(probs, agg.method, agg.k))
@@ -166,8 +167,11 @@ def _prepare_all(files: Sequence[Path], manifest: Manifest, is_patch: bool) -> l
     return [images[i] for i in order]
 
 
-def _predictor(manifest: Manifest, session: ModelSession) -> Callable[[np.ndarray], np.ndarray]:
+def _predictor(
+    manifest: Manifest, session: ModelSession, batches: list[int]
+) -> Callable[[np.ndarray], np.ndarray]:
     def predict(batch: np.ndarray) -> np.ndarray:
+        batches.append(int(batch.shape[0]))
         raw = session.run(batch, [manifest.outputs.probabilities])[manifest.outputs.probabilities]
         return probabilities(manifest, raw)
 
@@ -180,6 +184,7 @@ def _infer(
     images: list[_Image],
     predict: Callable[[np.ndarray], np.ndarray],
     is_patch: bool,
+    batches: list[int],
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
     if is_patch:
         spec = manifest.heatmap
@@ -198,6 +203,7 @@ def _infer(
         probs = np.stack([scores.max(axis=0) for scores, _ in patch_results])
         return {}, probs, patch_results
     batch = np.concatenate([im.model_input.tensor for im in images], axis=0)
+    batches.append(int(batch.shape[0]))
     outputs = session.run(batch)
     probs = probabilities(manifest, outputs[manifest.outputs.probabilities])
     return outputs, probs, []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -10,6 +11,8 @@ from pynetdicom import AE
 
 from node.dicom import status
 from node.dicom.scu import nodelay_handlers
+from node.dicom.tls import client_context
+from node.metrics import NodeMetrics
 from node.send import Delivery, OutgoingFile
 from node.settings import DestinationSettings
 
@@ -20,13 +23,37 @@ _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 class CStoreDestination:
     """Sends files to a DICOM peer (usually the PACS) with C-STORE."""
 
-    def __init__(self, settings: DestinationSettings, calling_aet: str, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        settings: DestinationSettings,
+        calling_aet: str,
+        timeout_s: float = 60.0,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.name = settings.name
         self.calling_aet = calling_aet
         self.timeout_s = timeout_s
+        self.metrics = metrics or NodeMetrics()
+        tls = settings.tls
+        self._tls_args = None
+        if tls.enabled:
+            context = client_context(tls, f"destinations[{settings.name}].tls")
+            self._tls_args = (context, tls.server_name or settings.host)
 
     def send(self, files: list[OutgoingFile]) -> list[Delivery]:
+        """Deliver ``files`` over one association (see :meth:`_send`) and count the outcome."""
+        started = time.perf_counter()
+        results = self._send(files)
+        if results:
+            failed = [r for r in results if not r.ok]
+            reason = "association" if failed and failed[0].detail.startswith("association") else "status"
+            self.metrics.delivery(
+                self.name, time.perf_counter() - started, len(results) - len(failed), len(failed), reason
+            )
+        return results
+
+    def _send(self, files: list[OutgoingFile]) -> list[Delivery]:
         """Deliver ``files`` over one association; a file whose syntax the peer refused is converted
         to an uncompressed syntax it accepted (outputs are uncompressed, so nothing is lost)."""
         if not files:
@@ -38,9 +65,13 @@ class CStoreDestination:
             syntaxes = {f.transfer_syntax_uid for f in files if f.sop_class_uid == sop_class}
             ae.add_requested_context(sop_class, sorted(syntaxes | set(_UNCOMPRESSED)))
         s = self.settings
-        assoc = ae.associate(s.host, s.port, ae_title=s.ae_title, evt_handlers=nodelay_handlers())
+        assoc = ae.associate(
+            s.host, s.port, ae_title=s.ae_title, evt_handlers=nodelay_handlers(), tls_args=self._tls_args
+        )
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "not reachable or aborted"
+            if self._tls_args is not None and not assoc.is_rejected:
+                why += " (TLS)"
             log.warning(
                 "destination %s (%s@%s:%d): association %s", self.name, s.ae_title, s.host, s.port, why
             )

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from node.store.tables import Instance, Job, OutboxItem, Series, SeriesState, Study, StudyState
+from node.store.tables import (
+    Instance,
+    Job,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    Priority,
+    Series,
+    SeriesState,
+    Study,
+    StudyState,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,3 +261,148 @@ def outbox_state_counts(session: Session) -> dict[str, int]:
     """Number of outbox rows in each state."""
     rows = session.exec(select(OutboxItem.state, func.count()).group_by(OutboxItem.state))
     return {state: count for state, count in rows}
+
+
+# ------------------------------------------------------------------------------------------ triage
+def study_triage(
+    jobs: Sequence[Job], triage_labels: Mapping[str, Collection[str]]
+) -> tuple[str | None, float | None]:
+    """Priority and suspicion score from a study's finished jobs.
+
+    urgent: a finding raised triage in any job (a label the manifest flags for triage, above its
+    threshold); routine: analysed, none urgent; None when no job has a result yet. The score is
+    the highest probability among the labels flagged for triage (``triage_labels``: model id ->
+    label names; None when the models flag none).
+    """
+    done = [(j.model_id, json.loads(j.result)) for j in jobs if j.result]
+    if not done:
+        return None, None
+    findings = [(model, f) for model, r in done for f in r.get("findings", [])]
+    urgent = any(f.get("triage") for _, f in findings)
+    flagged = [float(f["probability"]) for m, f in findings if f["label"] in triage_labels.get(m, ())]
+    return (Priority.URGENT if urgent else Priority.ROUTINE), max(flagged, default=None)
+
+
+def refresh_study_triage(
+    session: Session,
+    study_uid: str,
+    now: datetime,
+    triage_labels: Mapping[str, Collection[str]],
+    notify: bool,
+) -> bool:
+    """Recompute a study's priority and score from its jobs; when it has just become urgent and
+    ``notify``, queue its webhook notification. Returns True when it became urgent now."""
+    study = session.get(Study, study_uid)
+    if study is None:
+        return False
+    priority, score = study_triage(study_jobs(session, study_uid), triage_labels)
+    became_urgent = priority == Priority.URGENT and study.priority != Priority.URGENT
+    study.priority, study.suspicion, study.triaged_at = priority, score, now
+    if became_urgent and notify and study.notify_state is None:
+        study.notify_state, study.notify_attempts, study.notify_next_at = "pending", 0, now
+    session.add(study)
+    return became_urgent
+
+
+def display_priorities(session: Session, studies: Sequence[Study]) -> dict[str, str]:
+    """Each study's priority for people: the stored one, else pending (routed, or not decided
+    yet) or not analysed (every series complete and none routed)."""
+    uids = [s.study_uid for s in studies if not s.priority]
+    open_states: dict[str, bool] = {}
+    if uids:
+        rows = session.exec(select(Series.study_uid, Series.state).where(col(Series.study_uid).in_(uids)))
+        for uid, state in rows:
+            open_states[uid] = open_states.get(uid, False) or state != SeriesState.NOT_ROUTED
+    return {
+        s.study_uid: s.priority
+        or (Priority.PENDING if open_states.get(s.study_uid, True) else Priority.NOT_ANALYSED)
+        for s in studies
+    }
+
+
+def worklist_order(items: Sequence[tuple[str, float | None, datetime]]) -> list[int]:
+    """Order (priority, score, arrival) tuples for reading; return indexes into ``items``.
+
+    Urgent studies come first, by suspicion score (highest first) then arrival (oldest first).
+    Every other study (routine, pending, not analysed) keeps plain arrival order, oldest first:
+    as cleared triage products do, the AI only ever moves suspected positives *up*; a negative or
+    missing result never moves a study below where arrival order puts it. So for a non-urgent
+    study, every study above it either arrived earlier or was flagged urgent.
+    """
+
+    def key(i: int) -> tuple[int, float, datetime, int]:
+        priority, score, arrival = items[i]
+        if priority == Priority.URGENT:
+            return 0, -(score or 0.0), arrival, i
+        return 1, 0.0, arrival, i
+
+    return sorted(range(len(items)), key=key)
+
+
+def worklist(session: Session, limit: int = 200) -> list[tuple[Study, str]]:
+    """The most recent ``limit`` studies by arrival, in reading order, with display priority."""
+    recent = list(session.exec(select(Study).order_by(col(Study.first_received_at).desc()).limit(limit)))
+    priorities = display_priorities(session, recent)
+    items = [(priorities[s.study_uid], s.suspicion, s.first_received_at) for s in recent]
+    return [(recent[i], items[i][0]) for i in worklist_order(items)]
+
+
+def due_notifications(session: Session, now: datetime, limit: int = 20) -> list[Study]:
+    """Urgent studies whose webhook notification is due."""
+    query = (
+        select(Study)
+        .where(Study.notify_state == "pending", col(Study.notify_next_at) <= now)
+        .order_by(col(Study.notify_next_at))
+        .limit(limit)
+    )
+    return list(session.exec(query))
+
+
+# ------------------------------------------------------------------------------ lists for the pages
+def list_jobs(session: Session, limit: int = 100, offset: int = 0, state: str | None = None) -> list[Job]:
+    """Jobs, most recent first."""
+    query = select(Job).order_by(col(Job.id).desc()).offset(offset).limit(limit)
+    if state:
+        query = query.where(Job.state == state)
+    return list(session.exec(query))
+
+
+def list_outbox(
+    session: Session, limit: int = 100, offset: int = 0, state: str | None = None
+) -> list[OutboxItem]:
+    """Outbox rows, most recent first."""
+    query = select(OutboxItem).order_by(col(OutboxItem.id).desc()).offset(offset).limit(limit)
+    if state:
+        query = query.where(OutboxItem.state == state)
+    return list(session.exec(query))
+
+
+def failed_jobs(session: Session, limit: int = 20) -> list[Job]:
+    """The most recent failed jobs."""
+    return list_jobs(session, limit, state=JobState.FAILED)
+
+
+def failed_outputs(session: Session, limit: int = 20) -> list[OutboxItem]:
+    """The most recent parked outbox rows."""
+    return list_outbox(session, limit, state=OutboxState.FAILED)
+
+
+def study_of_job(session: Session, job_id: int) -> str | None:
+    """The Study Instance UID of a job."""
+    job = session.get(Job, job_id)
+    return job.study_uid if job else None
+
+
+def jobs_finished_since(session: Session, since: datetime) -> dict[str, int]:
+    """Jobs finished (done or failed) at or after ``since``, by state."""
+    rows = session.exec(
+        select(Job.state, func.count()).where(col(Job.finished_at) >= since).group_by(Job.state)
+    )
+    return {state: count for state, count in rows}
+
+
+def find_output(session: Session, sop_instance_uid: str) -> OutboxItem | None:
+    """One outbox row of an output object (any destination)."""
+    return session.exec(
+        select(OutboxItem).where(OutboxItem.sop_instance_uid == sop_instance_uid).limit(1)
+    ).first()

@@ -72,6 +72,24 @@ class Study(SQLModel, table=True):
     first_received_at: datetime = Field(sa_column=_ts(index=True))
     last_received_at: datetime = Field(sa_column=_ts())
     completed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    # triage, set when a job of the study finishes (see repo.refresh_study_triage)
+    priority: str | None = Field(default=None, max_length=16, description="urgent or routine; None: not yet")
+    suspicion: float | None = Field(default=None, description="highest probability of a triage finding")
+    triaged_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    # webhook notification of an urgent study: pending -> sent | failed (bounded attempts)
+    notify_state: str | None = Field(default=None, max_length=8, index=True)
+    notify_attempts: int = 0
+    notify_next_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    notify_error: str = Field(default="", max_length=512)
+
+
+class Priority(StrEnum):
+    """Triage priority of a study, most urgent first."""
+
+    URGENT = "urgent"
+    ROUTINE = "routine"
+    PENDING = "pending"  # routed, analysis not finished yet
+    NOT_ANALYSED = "not analysed"  # no series was routed to a model
 
 
 class Series(SQLModel, table=True):

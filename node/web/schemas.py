@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class SeriesOut(BaseModel):
@@ -40,6 +40,8 @@ class StudyOut(BaseModel):
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
+    priority: str = Field(description="urgent, routine, pending (being analysed) or not analysed")
+    suspicion: float | None = Field(description="highest probability of a triage finding")
 
 
 class FindingOut(BaseModel):
@@ -104,3 +106,134 @@ class Health(BaseModel):
 
     status: str
     checks: dict[str, bool] = {}
+
+
+class WorklistItemOut(BaseModel):
+    """One study on the triage worklist."""
+
+    position: int = Field(description="1-based reading position")
+    arrival_position: int = Field(description="1-based position in plain arrival order (never exceeded)")
+    study: StudyOut
+    findings: list[FindingOut] = Field(description="positive triage findings, most probable first")
+
+
+class WorklistOut(BaseModel):
+    """Studies in reading order: priority, then suspicion, then arrival, never below arrival order."""
+
+    items: list[WorklistItemOut]
+
+
+class JobListItemOut(JobOut):
+    """A job with its study."""
+
+    study_uid: str
+
+
+class JobPage(BaseModel):
+    """Jobs, most recent first."""
+
+    limit: int
+    offset: int
+    items: list[JobListItemOut]
+
+
+class OutboxItemOut(OutputOut):
+    """One outbox row."""
+
+    id: int
+    job_id: int
+    next_attempt_at: datetime
+    created_at: datetime
+
+
+class OutboxPage(BaseModel):
+    """Outbox rows, most recent first, and the counts per state."""
+
+    counts: dict[str, int]
+    limit: int
+    offset: int
+    items: list[OutboxItemOut]
+
+
+class LabelOut(BaseModel):
+    """One label of a model."""
+
+    name: str
+    threshold: float
+    triage: bool
+    normal: bool
+
+
+class ModelOut(BaseModel):
+    """A loaded model."""
+
+    id: str
+    name: str
+    version: str
+    provider: str
+    research_use_only: bool
+    labels: list[LabelOut]
+
+
+class ModelsOut(BaseModel):
+    """Loaded models, and those refused at start-up with why."""
+
+    loaded: list[ModelOut]
+    refused: dict[str, str]
+
+
+class Totals(BaseModel):
+    """What arrived in a period."""
+
+    studies: int
+    series: int
+    instances: int
+    bytes: int
+
+
+class StatsOut(BaseModel):
+    """Counts for dashboards."""
+
+    uptime_s: float
+    last_hour: Totals
+    last_day: Totals
+    series_states: dict[str, int]
+    job_states: dict[str, int]
+    outbox_states: dict[str, int]
+    priorities: dict[str, int]
+
+
+class HeatmapLink(BaseModel):
+    """A heatmap PNG of one label (kept for a short while)."""
+
+    label: str
+    url: str
+
+
+class InferModelOut(BaseModel):
+    """One model's result for the uploaded image."""
+
+    model_id: str
+    model_version: str
+    findings: list[FindingOut]
+    heatmaps: list[HeatmapLink]
+
+
+class InferOut(BaseModel):
+    """The result of POST /api/v1/infer."""
+
+    rule: str
+    results: list[InferModelOut]
+
+
+class RetryOut(BaseModel):
+    """What a retry request put back in the queue."""
+
+    jobs: int
+    outputs: int
+
+
+class ErrorOut(BaseModel):
+    """An error answer."""
+
+    detail: str

@@ -715,6 +715,8 @@ def test_route_command_explains_each_file(tmp_path):
     broken.write_text("rules: [{name: x, models: [], match: {nonsense: 1}}]\n")
     refused = subprocess.run(
         [sys.executable, "-m", "node", "route", "--rules", str(broken), ct],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert refused.returncode == 2 and str(broken) in refused.stderr
