@@ -212,6 +212,108 @@ def retry(
     typer.echo(f"requeued {jobs} jobs and {outputs} outputs")
 
 
+db_app = typer.Typer(
+    help="The node's database schema: show its revision, apply migrations.", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+
+
+def _db_engine(config: Path | None):  # noqa: ANN202 - sqlalchemy Engine
+    from node.settings import load_settings
+    from node.store.db import make_engine
+
+    try:
+        settings = load_settings(config)
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging("WARNING")
+    return make_engine(settings.storage.url, check_schema=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="target revision")] = "head",
+    config: ConfigOpt = None,
+) -> None:
+    """Apply the migrations (back the database up first); safe to run again."""
+    from node.store.db import upgrade
+
+    engine = _db_engine(config)
+    try:
+        before, after = upgrade(engine, revision)
+    except Exception as exc:  # driver or migration error: report it, exit non-zero
+        typer.echo(f"error: the upgrade failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"database schema: {before or 'empty'} -> {after}" if before != after else f"up to date ({after})"
+    )
+
+
+@db_app.command("current")
+def db_current(config: ConfigOpt = None) -> None:
+    """Print the database's schema revision and the one this version needs; exit 1 if they differ."""
+    from node.store.db import schema_status
+
+    engine = _db_engine(config)
+    try:
+        current, head = schema_status(engine)
+    finally:
+        engine.dispose()
+    typer.echo(f"database: {current or 'empty'}; this version needs: {head}")
+    if current != head:
+        raise typer.Exit(1)
+
+
+@db_app.command("prune")
+def db_prune(
+    older_than_days: Annotated[
+        float | None, typer.Option(help="remove finished studies last received before this many days")
+    ] = None,
+    min_free_gb: Annotated[
+        float, typer.Option(help="then remove the oldest finished studies while free space is below this")
+    ] = 0.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would be removed")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Retention: delete the rows and files (spool, outbox) of studies whose jobs are all done and
+    whose outputs are all sent (or that nothing was routed to); run it from a timer or cron."""
+    from datetime import timedelta
+
+    from node.settings import load_settings
+    from node.store.retention import prune
+    from node.store.tables import utcnow
+
+    if older_than_days is None and not min_free_gb:
+        typer.echo("error: give --older-than-days and/or --min-free-gb", err=True)
+        raise typer.Exit(2)
+    from node.store.db import make_engine
+
+    try:
+        settings = load_settings(config)
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging("WARNING")
+    engine = make_engine(settings.storage.url)
+    try:
+        report = prune(
+            engine,
+            settings.storage.data_dir,
+            settings.storage.spool_dir,
+            utcnow(),
+            max_age=timedelta(days=older_than_days) if older_than_days is not None else None,
+            min_free_bytes=int(min_free_gb * 2**30),
+            dry_run=dry_run,
+        )
+    finally:
+        engine.dispose()
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(f"{verb} {len(report.studies)} studies ({report.files} files, {report.bytes / 1e6:.1f} MB)")
+
+
 def _register_tools() -> None:
     """Commands whose code lives beside the node's core."""
     from node.synth.cli import synth

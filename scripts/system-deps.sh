@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests use as real peers, when missing: DCMTK (storescu, echoscu,
 # storescp, dsrdump), dicom3tools (dciodvfy), Orthanc (the PACS in end-to-end tests) and PixelMed
-# (the SR validator, with a JDK) and Chromium (headless, for the page tests). Needs root for apt-get; otherwise says what to run.
+# (the SR validator, with a JDK), Chromium (headless, for the page tests) and PostgreSQL (a
+# throw-away server on loopback for the database tests). Needs root for apt-get; otherwise says what to run.
 set -euo pipefail
 missing=()
 command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
@@ -10,6 +11,7 @@ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orth
 [ -f /usr/share/java/pixelmed.jar ] || missing+=(pixelmed-apps)
 command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)  # runs the SR validator launcher from source
 command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)  # renders the status pages in tests
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)  # the suite also runs against PostgreSQL
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (apt-get)" >&2

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -123,8 +124,14 @@ def need_module(name: str) -> object:
         pytest.skip(f"{name} is not installed (pip install -e '.[convert]')", allow_module_level=True)
 
 
+# Set by tests/conftest.py when PACS_NODE_TEST_DATABASE=postgresql: returns the URL of a fresh empty
+# database on the session's PostgreSQL server. None: each node gets SQLite in its data folder.
+DATABASE_FACTORY: Callable[[], str] | None = None
+
+
 def write_config(folder: Path, **sections: dict) -> Path:
-    """A node.yaml for tests: loopback ports, short quiet period, no disk watermark."""
+    """A node.yaml for tests: loopback ports, short quiet period, no disk watermark; a fresh
+    PostgreSQL database when the suite runs against PostgreSQL."""
     import yaml
 
     config = {
@@ -136,6 +143,8 @@ def write_config(folder: Path, **sections: dict) -> Path:
         "models": {"directory": str(folder / "no-models")},
         "routing": {"rules_file": str(REPO / "config" / "routes.yaml")},
     }
+    if DATABASE_FACTORY is not None:
+        config["storage"]["database_url"] = DATABASE_FACTORY()
     for name, values in sections.items():
         if isinstance(values, dict):
             config.setdefault(name, {}).update(values)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import Column, Index, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, UniqueConstraint
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -68,7 +68,7 @@ class Study(SQLModel, table=True):
     state: str = Field(default=StudyState.RECEIVING, max_length=16, index=True)
     series_count: int = 0
     instance_count: int = 0
-    byte_size: int = 0
+    byte_size: int = Field(default=0, sa_type=BigInteger)  # > 2 GiB studies (int4 on PostgreSQL)
     first_received_at: datetime = Field(sa_column=_ts(index=True))
     last_received_at: datetime = Field(sa_column=_ts())
     completed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
@@ -108,7 +108,7 @@ class Series(SQLModel, table=True):
     route_grouping: str = Field(default="", max_length=8)
     route_note: str = Field(default="", max_length=512)
     instance_count: int = 0
-    byte_size: int = 0
+    byte_size: int = Field(default=0, sa_type=BigInteger)  # > 2 GiB studies (int4 on PostgreSQL)
     first_received_at: datetime = Field(sa_column=_ts())
     last_received_at: datetime = Field(sa_column=_ts())
     completed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
@@ -125,7 +125,7 @@ class Instance(SQLModel, table=True):
     sop_class_uid: str = Field(max_length=64)
     transfer_syntax_uid: str = Field(max_length=64)
     instance_number: int | None = None
-    byte_size: int
+    byte_size: int = Field(sa_type=BigInteger)
     path: str = Field(max_length=512)
     calling_aet: str = Field(default="", max_length=16)
     received_at: datetime = Field(sa_column=_ts(index=True))

@@ -64,8 +64,9 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(tmp_path):
 
     restarted = start_node_process(config, tmp_path / "node.log")
     try:
-        data_dir = Path(yaml.safe_load(config.read_text())["storage"]["data_dir"])
-        engine = create_engine(f"sqlite:///{data_dir / 'node.db'}")
+        storage = yaml.safe_load(config.read_text())["storage"]
+        data_dir = Path(storage["data_dir"])
+        engine = create_engine(storage.get("database_url") or f"sqlite:///{data_dir / 'node.db'}")
         with Session(engine) as s:
             stored = {row.sop_instance_uid: row for row in s.exec(select(Instance))}
         engine.dispose()

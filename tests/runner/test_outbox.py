@@ -19,6 +19,7 @@ from node.send.cstore import CStoreDestination
 from node.settings import DestinationSettings
 from node.store.db import make_engine
 from node.store.tables import Job, JobState, OutboxItem, OutboxState, utcnow
+from tests import helpers
 from tests.helpers import StoreSCP, free_port, need, sample_file, wait_port, write_config
 
 
@@ -35,7 +36,9 @@ def _outputs(data_dir: Path, count: int) -> list[tuple[str, pydicom.Dataset]]:
 
 @pytest.fixture
 def store(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    engine = make_engine(
+        helpers.DATABASE_FACTORY() if helpers.DATABASE_FACTORY else f"sqlite:///{tmp_path / 'node.db'}"
+    )
     now = utcnow()
     with Session(engine) as s:
         job = Job(
@@ -115,7 +118,8 @@ def test_backoff_then_parked_then_retried_and_delivered_once(store, tmp_path):
     scp = StoreSCP(tmp_path / "received", port)
     try:
         (tmp_path / "cfg").mkdir()
-        config = write_config(tmp_path / "cfg", storage={"data_dir": str(tmp_path)})
+        url = engine.url.render_as_string(hide_password=False)  # SQLite here, or the PostgreSQL test database
+        config = write_config(tmp_path / "cfg", storage={"data_dir": str(tmp_path), "database_url": url})
         cli = subprocess.run(
             [sys.executable, "-m", "node", "retry", "--config", str(config)],
             capture_output=True,

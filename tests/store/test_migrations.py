@@ -1,0 +1,180 @@
+"""Migrations: the schema is made from nothing by them, an older database is upgraded without loss,
+and start-up refuses a database that needs upgrading. On SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+from sqlmodel import Session, SQLModel, select
+from typer.testing import CliRunner
+
+from node.cli import app
+from node.errors import StoreError
+from node.store.db import SchemaOutdated, head_revision, make_engine, schema_status, upgrade
+from node.store.tables import Instance, Job, OutboxItem, Series, Study
+from tests.helpers import write_config
+
+T0 = "2026-01-02 03:04:05+00:00"
+
+
+def _schema_differences(engine) -> list:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        diffs = compare_metadata(context, SQLModel.metadata)
+
+    def same_on_sqlite(diff: object) -> bool:  # INTEGER is BIGINT on SQLite: 0003 is a no-op there
+        return (
+            engine.dialect.name == "sqlite"
+            and isinstance(diff, list)
+            and diff[0][0] == "modify_type"
+            and diff[0][3] == "byte_size"
+        )
+
+    return [d for d in diffs if not same_on_sqlite(d)]
+
+
+def test_empty_database_gets_the_schema_from_the_migrations(database_url):
+    engine = make_engine(database_url)
+    try:
+        assert schema_status(engine) == (head_revision(), head_revision())
+        assert _schema_differences(engine) == [], "the migrations and the SQLModel tables disagree"
+        again = make_engine(database_url)  # a second start finds it up to date
+        again.dispose()
+    finally:
+        engine.dispose()
+
+
+def _fill_revision_0001(engine) -> None:
+    """Rows as the node wrote them before the triage columns existed (revision 0001)."""
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO study (study_uid, modalities, state, series_count, instance_count, byte_size,"
+                " first_received_at, last_received_at, completed_at)"
+                " VALUES ('1.2.3', 'CT', 'complete', 1, 1, 1234, :t, :t, :t)"
+            ),
+            {"t": T0},
+        )
+        c.execute(
+            text(
+                "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number,"
+                " series_description, calling_aet, state, route_rule, route_models, route_grouping,"
+                " route_note, instance_count, byte_size, first_received_at, last_received_at)"
+                " VALUES ('1.2.3.4', '1.2.3', 'CT', 'ABDOMEN', 2, 'portal', 'MODALITY', 'routed',"
+                " 'ct-liver', 'ct-liver', 'series', 'matched', 1, 1234, :t, :t)"
+            ),
+            {"t": T0},
+        )
+        c.execute(
+            text(
+                "INSERT INTO instance (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
+                " transfer_syntax_uid, instance_number, byte_size, path, calling_aet, received_at)"
+                " VALUES ('1.2.3.4.5', '1.2.3.4', '1.2.3', '1.2.840.10008.5.1.4.1.1.2',"
+                " '1.2.840.10008.1.2.1', 1, 1234, 'a/b.dcm', 'MODALITY', :t)"
+            ),
+            {"t": T0},
+        )
+        c.execute(
+            text(
+                "INSERT INTO job (key, model_id, rule, level, study_uid, series_uids, state, attempts,"
+                " error, timings, result, created_at, updated_at, not_before)"
+                " VALUES ('ct-liver|series|1.2.3.4', 'ct-liver', 'ct-liver', 'series', '1.2.3', '1.2.3.4',"
+                " 'done', 1, '', '{}', '{\"findings\": []}', :t, :t, :t)"
+            ),
+            {"t": T0},
+        )
+        job_id = c.execute(text("SELECT id FROM job")).scalar_one()
+        c.execute(
+            text(
+                "INSERT INTO outboxitem (job_id, destination, kind, sop_class_uid, sop_instance_uid, path,"
+                " state, attempts, last_error, next_attempt_at, created_at)"
+                " VALUES (:j, 'pacs', 'sr', '1.2.840.10008.5.1.4.1.1.88.34', '9.9.9', 'out/sr.dcm',"
+                " 'sent', 1, '', :t, :t)"
+            ),
+            {"j": job_id, "t": T0},
+        )
+
+
+def test_upgrade_from_the_first_revision_keeps_the_data(database_url):
+    engine = make_engine(database_url, check_schema=False)
+    try:
+        upgrade(engine, "0001")
+        _fill_revision_0001(engine)
+        with pytest.raises(SchemaOutdated, match="pacs-node db upgrade"):
+            make_engine(database_url)
+
+        assert upgrade(engine) == ("0001", head_revision())
+        assert _schema_differences(engine) == []
+        with Session(engine) as s:
+            study = s.exec(select(Study)).one()
+            assert (study.study_uid, study.modalities, study.byte_size) == ("1.2.3", "CT", 1234)
+            assert study.first_received_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+            assert study.priority is None and study.notify_state is None
+            assert study.notify_attempts == 0 and study.notify_error == ""
+            assert s.exec(select(Series)).one().route_rule == "ct-liver"
+            assert s.exec(select(Instance)).one().path == "a/b.dcm"
+            job = s.exec(select(Job)).one()
+            assert (job.state, job.result) == ("done", '{"findings": []}')
+            assert s.exec(select(OutboxItem)).one().job_id == job.id
+            # 0003: sizes past 2 GiB fit (PostgreSQL's INTEGER is 32-bit)
+            study.byte_size = 5 * 2**30
+            s.add(study)
+            s.commit()
+            s.refresh(study)
+            assert study.byte_size == 5 * 2**30
+        make_engine(database_url).dispose()  # start-up accepts it now
+        assert upgrade(engine) == (head_revision(), head_revision())  # idempotent
+    finally:
+        engine.dispose()
+
+
+def test_database_from_before_migrations_is_stamped_then_upgraded(database_url):
+    engine = make_engine(database_url, check_schema=False)
+    try:
+        upgrade(engine, "0002")  # what create_all made at the last release without migrations
+        _fill_revision_0001(engine)
+        with engine.begin() as c:
+            c.execute(text("DROP TABLE alembic_version"))
+        assert schema_status(engine)[0] == "legacy:0002"
+        with pytest.raises(SchemaOutdated):
+            make_engine(database_url)
+        assert upgrade(engine) == ("0002", head_revision())
+        with Session(engine) as s:
+            assert s.exec(select(Job)).one().key == "ct-liver|series|1.2.3.4"
+    finally:
+        engine.dispose()
+
+
+def test_cli_db_upgrade_and_refusal_at_start(tmp_path, database_url):
+    config = write_config(tmp_path, storage={"database_url": database_url})
+    engine = make_engine(database_url, check_schema=False)
+    upgrade(engine, "0001")
+    engine.dispose()
+    runner = CliRunner()
+
+    current = runner.invoke(app, ["db", "current", "--config", str(config)])
+    assert current.exit_code == 1 and "0001" in current.output
+
+    serve = runner.invoke(app, ["serve", "--config", str(config)])
+    assert serve.exit_code == 1  # refused before anything listens; the log says to run db upgrade
+
+    done = runner.invoke(app, ["db", "upgrade", "--config", str(config)])
+    assert done.exit_code == 0, done.output
+    assert f"0001 -> {head_revision()}" in done.output
+    again = runner.invoke(app, ["db", "upgrade", "--config", str(config)])
+    assert again.exit_code == 0 and "up to date" in again.output
+    assert runner.invoke(app, ["db", "current", "--config", str(config)]).exit_code == 0
+
+
+def test_database_from_a_newer_version_is_refused(database_url):
+    engine = make_engine(database_url)
+    with engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="newer version") as caught:
+        make_engine(database_url)
+    assert not isinstance(caught.value, SchemaOutdated)
