@@ -1,0 +1,154 @@
+"""Deploy files: every YAML parses, the compose stack and the unit say what docs/deploy.md promises,
+the chart's templates only use values that exist, and `systemd-analyze verify` accepts the unit
+(when it is installed). No container engine or Kubernetes runs here; see docs/deploy.md."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import REPO
+
+DEPLOY = REPO / "deploy"
+UNIT = DEPLOY / "systemd" / "pacs-node.service"
+CHART = DEPLOY / "helm" / "pacs-node"
+
+
+def _plain_yaml() -> list[Path]:
+    return [p for p in DEPLOY.rglob("*.yaml") if "templates" not in p.parts]
+
+
+def test_every_plain_yaml_parses():
+    files = _plain_yaml()
+    assert len(files) >= 3
+    for path in files:
+        assert yaml.safe_load(path.read_text()) is not None, path
+
+
+def _unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # keys are case-sensitive
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def test_unit_is_hardened_and_restarts():
+    unit = _unit()
+    service = unit["Service"]
+    assert service["User"] == "pacs-node" and service["Group"] == "pacs-node"
+    assert service["ProtectSystem"] == "strict"
+    assert service["NoNewPrivileges"] == "true"
+    assert service["PrivateTmp"] == "true"
+    assert service["ProtectHome"] == "true"
+    assert "/var/lib/pacs-node" in service["ReadWritePaths"]
+    assert service["Restart"] == "on-failure"
+    assert "/healthz" in service["ExecStartPost"]  # started only when healthy
+    assert service["ExecStart"].endswith("pacs-node serve")
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    sysusers = (DEPLOY / "systemd" / "pacs-node.sysusers.conf").read_text()
+    assert re.search(r"^u pacs-node ", sysusers, re.M)
+
+
+def test_unit_health_check_script_is_valid_python():
+    command = _unit()["Service"]["ExecStartPost"]
+    script = command.split(" -c ", 1)[1].strip().strip('"').replace("\\n", "\n")
+    compile(script, "ExecStartPost", "exec")
+
+
+def test_systemd_analyze_verify(tmp_path):
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    # the unit's binaries live in /opt/pacs-node/venv when installed; point them at this venv
+    venv = Path(sys.executable).parent.parent
+    units = []
+    for source in sorted((DEPLOY / "systemd").glob("*.service")) + sorted(
+        (DEPLOY / "systemd").glob("*.timer")
+    ):
+        unit = tmp_path / source.name
+        unit.write_text(source.read_text().replace("/opt/pacs-node/venv", str(venv)))
+        units.append(str(unit))
+    assert len(units) == 3
+    result = subprocess.run(
+        [tool, "verify", *units], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_compose_stack_wires_orthanc_node_and_postgres():
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"node", "orthanc", "postgres"}
+    node = services["node"]
+    assert node["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+    assert (DEPLOY / "compose" / node["build"]["context"] / node["build"]["dockerfile"]).is_file()
+    env = node["environment"]
+    assert env["NODE_STORAGE__DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "@postgres:5432/" in env["NODE_STORAGE__DATABASE_URL"]
+    destinations = yaml.safe_load(env["NODE_DESTINATIONS"])
+    assert destinations[0]["host"] == "orthanc" and destinations[0]["ae_title"] == "ORTHANC"
+    assert node["depends_on"]["postgres"]["condition"] == "service_healthy"
+    import json
+
+    orthanc = json.loads((DEPLOY / "compose" / "orthanc" / "orthanc.json").read_text())
+    assert orthanc["DicomAet"] == "ORTHANC"
+    assert orthanc["DicomModalities"]["pacsnode"] == [env["NODE_DICOM__AE_TITLE"], "node", 11112]
+    for volume in services["orthanc"]["volumes"]:
+        source = volume.split(":")[0]
+        if source.startswith("./"):
+            assert (DEPLOY / "compose" / source).is_file(), source
+
+
+def test_dockerfiles_are_multistage_non_root_with_healthcheck():
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        text = (DEPLOY / "docker" / name).read_text()
+        assert len(re.findall(r"^FROM ", text, re.M)) >= 2, f"{name}: multi-stage"
+        assert re.search(r"^USER pacs-node$", text, re.M), f"{name}: non-root"
+        assert re.search(r"^HEALTHCHECK .*\n.*/healthz", text, re.M), f"{name}: healthcheck"
+        assert "COPY pyproject.toml" in text, f"{name}: built from the project's pyproject"
+        for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
+            assert (REPO / source).exists(), f"{name}: COPY {source} is not in the repository"
+
+
+def _value_paths(values: object, prefix: str = "") -> set[str]:
+    paths = {prefix} if prefix else set()
+    if isinstance(values, dict):
+        for key, value in values.items():
+            paths |= _value_paths(value, f"{prefix}.{key}" if prefix else key)
+    return paths
+
+
+def test_chart_templates_use_only_defined_values():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "pacs-node"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    known = _value_paths(values)
+    used: set[str] = set()
+    for template in (CHART / "templates").iterdir():
+        used |= set(re.findall(r"\.Values\.([A-Za-z0-9_.]+)", template.read_text()))
+    assert used, "templates use no values"
+    assert not used - known, f"templates use undefined values: {sorted(used - known)}"
+    text = (CHART / "templates" / "statefulset.yaml").read_text()
+    for needed in ("kind: StatefulSet", "volumeClaimTemplates", "/healthz", "/readyz", "secretKeyRef"):
+        assert needed in text
+    services = (CHART / "templates" / "services.yaml").read_text()
+    assert ".Values.dicom.service.type" in services and values["dicom"]["service"]["type"] in (
+        "LoadBalancer",
+        "NodePort",
+    )
+    assert values["gpu"]["resource"] == "nvidia.com/gpu"
+
+
+def test_helm_lint_when_available():
+    helm = shutil.which("helm")
+    if helm is None:
+        pytest.skip("helm is not installed")
+    result = subprocess.run([helm, "lint", str(CHART)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
