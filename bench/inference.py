@@ -1,0 +1,197 @@
+"""Inference benchmark: the node's decode → preprocess → infer path ÷ bare onnxruntime.
+
+For each reference model in ``models/onnx``, a phantom study of the model's kind is generated
+(node.synth) and pushed through the node's own path, as the runner does it
+(``node.runner.analyse._prepare_all``: read + decode + ``prepare`` per file, then ``_infer``:
+one ``ModelSession.run`` over the batch, or the patch tiler for patch models). Every array that
+the node hands to ``ModelSession.run`` is recorded; the bare baseline then runs the same ONNX file
+in a plain ``onnxruntime.InferenceSession`` (same provider, same thread settings) over exactly those
+already-prepared arrays, in the same chunks of at most ``max_batch`` (padded when the graph's batch
+is fixed). images/s = source images per second; the ratio node ÷ bare shows what decode and
+preprocessing cost on top of the model itself. Heatmaps/explain and outputs are not included.
+
+    .venv/bin/python bench/inference.py [--images 16] [--repeat 3] [--provider cpu|cuda|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from node.inference.manifest import PatchHeatmap  # noqa: E402
+from node.inference.registry import LoadedModel, load_registry  # noqa: E402
+from node.inference.runtime import (  # noqa: E402
+    CPU,
+    CUDA,
+    ModelSession,
+    RuntimeConfig,
+    create_session,
+    missing_cuda_library,
+    open_session,
+)
+from node.runner.analyse import _infer, _predictor, _prepare_all  # noqa: E402
+from node.synth import generate_study  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KIND = {"ct-liver": "ct", "cxr": "cxr", "mammo": "mammo", "mr-brain": "mr"}
+
+
+class Recording:
+    """A ModelSession stand-in that records each batch the node passes to ``run``."""
+
+    def __init__(self, session: ModelSession) -> None:
+        self.session = session
+        self.calls: list[tuple[np.ndarray, tuple[str, ...] | None]] = []
+
+    def run(self, batch: np.ndarray, outputs=None) -> dict[str, np.ndarray]:  # noqa: ANN001
+        self.calls.append((np.ascontiguousarray(batch, dtype=self.session.input_dtype), outputs))
+        return self.session.run(batch, outputs)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.session, name)
+
+
+def study_files(kind: str, folder: Path, images: int) -> list[Path]:
+    """At least ``images`` DICOM files of ``kind`` (several studies for 1-4-image kinds)."""
+    files: list[Path] = []
+    seed = 0
+    while len(files) < images:
+        options = {"slices": images} if kind in ("ct", "mr") else {}
+        out = folder / f"{kind}-{seed}"
+        generate_study(kind, out, seed, None, write_masks=False, **options)
+        files += sorted(out.glob("*.dcm"))
+        seed += 1
+    return files[:images]
+
+
+def node_path(model: LoadedModel, session: ModelSession, files: list[Path]) -> list:
+    """One pass of the node's path; returns the recorded session calls."""
+    rec = Recording(session)
+    is_patch = isinstance(model.manifest.heatmap, PatchHeatmap)
+    batches: list[int] = []
+    images = _prepare_all(files, model.manifest, is_patch)
+    _infer(model.manifest, rec, images, _predictor(model.manifest, rec, batches), is_patch, batches)
+    return rec.calls
+
+
+def bare_path(
+    sess: ort.InferenceSession,
+    input_name: str,
+    calls: list,
+    default_outputs: list[str],
+    max_batch: int,
+    fixed: int | None,
+) -> None:
+    """The same arrays, the same chunks, through a plain InferenceSession."""
+    for batch, outputs in calls:
+        names = list(outputs) if outputs is not None else default_outputs
+        for start in range(0, batch.shape[0], max_batch):
+            chunk = batch[start : start + max_batch]
+            if fixed is not None and chunk.shape[0] < fixed:
+                pad = np.zeros((fixed - chunk.shape[0], *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            sess.run(names, {input_name: chunk})
+
+
+def best(fn, repeat: int) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def machine() -> str:
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem = next((int(line.split()[1]) // (1024 * 1024) for line in meminfo if line.startswith("MemTotal")), 0)
+    gpu = "no GPU"
+    if missing_cuda_library() is None and CUDA in ort.get_available_providers():
+        try:
+            import subprocess
+
+            gpu = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+                or "GPU"
+            )
+        except OSError:
+            gpu = "GPU"
+    return (
+        f"{os.cpu_count()} cores, {mem} GiB, {gpu}; {platform.processor() or platform.machine()}; "
+        f"python {sys.version.split()[0]}, onnxruntime {ort.__version__}; {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def measure(model: LoadedModel, files: list[Path], provider: str, max_batch: int, repeat: int) -> str:
+    """One table row: node path vs bare ORT for one model and provider."""
+    config = RuntimeConfig(providers=(provider,), max_batch=max_batch)
+    session = create_session(model, config)
+    calls = node_path(model, session, files)  # warm: page cache, arenas
+    node_s = best(lambda: node_path(model, session, files), repeat)
+    bare = open_session(model.onnx_path, config, model.id)
+    outs = list(session.output_names)
+    mb, fixed = session.max_batch, model.fixed_batch
+    bare_path(bare, session.input_name, calls, outs, mb, fixed)  # warm
+    bare_s = best(lambda: bare_path(bare, session.input_name, calls, outs, mb, fixed), repeat)
+    is_patch = isinstance(model.manifest.heatmap, PatchHeatmap)
+    prep_s = best(lambda: _prepare_all(files, model.manifest, is_patch), repeat)
+    n = len(files)
+    runs = sum(-(-b.shape[0] // mb) for b, _ in calls)
+    batch = max(b.shape[0] for b, _ in calls)
+    return (
+        f"{model.id:<10}{provider.replace('ExecutionProvider', ''):<10}{n:>7}{runs:>6}"
+        f"{min(batch, mb):>7}{n / node_s:>12.1f}{n / bare_s:>12.1f}"
+        f"{bare_s / node_s:>13.2f}{prep_s / n * 1000:>13.1f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=16, help="source images per model")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N passes")
+    parser.add_argument("--provider", choices=("cpu", "cuda", "all"), default="all")
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--max-batch", type=int, default=16, help="RuntimeConfig.max_batch (node default 16)")
+    args = parser.parse_args()
+
+    providers = [CPU]
+    cuda_ok = missing_cuda_library() is None and CUDA in ort.get_available_providers()
+    if args.provider in ("cuda", "all") and cuda_ok:
+        providers.append(CUDA)
+    if args.provider == "cuda":
+        providers = [CUDA] if cuda_ok else []
+        if not providers:
+            sys.exit("CUDA provider not usable here")
+
+    registry = load_registry(REPO / "models" / "onnx")
+    ids = args.models or sorted(registry.models)
+    print(f"machine: {machine()}")
+    header = (
+        f"{'model':<10}{'provider':<10}{'images':>7}{'runs':>6}{'batch':>7}"
+        f"{'node img/s':>12}{'bare img/s':>12}{'node ÷ bare':>13}{'prep ms/img':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory(prefix="bench-inf-") as tmp:
+        for model_id in ids:
+            model = registry.get(model_id)
+            files = study_files(KIND[model_id], Path(tmp) / model_id, args.images)
+            for provider in providers:
+                print(measure(model, files, provider, args.max_batch, args.repeat), flush=True)
+
+
+if __name__ == "__main__":
+    main()
