@@ -181,6 +181,19 @@ def route(
     raise typer.Exit(code)
 
 
+def _settings_or_exit(config: Path | None):  # noqa: ANN202 - node.settings.Settings
+    """The validated settings for a one-shot command (quiet logging); exit 2 naming what is wrong."""
+    from node.settings import load_settings
+
+    try:
+        settings = load_settings(config)
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging("WARNING")
+    return settings
+
+
 @app.command()
 def retry(
     job: Annotated[
@@ -193,17 +206,10 @@ def retry(
 
     from node.runner.jobs import requeue_failed_jobs
     from node.runner.outbox import requeue_failed_outputs
-    from node.settings import load_settings
     from node.store.db import make_engine
     from node.store.tables import utcnow
 
-    try:
-        settings = load_settings(config)
-    except NodeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    setup_logging("WARNING")
-    engine = make_engine(settings.storage.url)
+    engine = make_engine(_settings_or_exit(config).storage.url)
     with Session(engine) as session:
         now = utcnow()
         jobs = requeue_failed_jobs(session, now, job)
@@ -219,16 +225,9 @@ app.add_typer(db_app, name="db")
 
 
 def _db_engine(config: Path | None):  # noqa: ANN202 - sqlalchemy Engine
-    from node.settings import load_settings
     from node.store.db import make_engine
 
-    try:
-        settings = load_settings(config)
-    except NodeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    setup_logging("WARNING")
-    return make_engine(settings.storage.url, check_schema=False)
+    return make_engine(_settings_or_exit(config).storage.url, check_schema=False)
 
 
 @db_app.command("upgrade")
