@@ -204,9 +204,8 @@ def retry(
     """Requeue failed jobs and parked outputs; a running node picks them up within seconds."""
     from sqlmodel import Session
 
-    from node.runner.jobs import requeue_failed_jobs
-    from node.runner.outbox import requeue_failed_outputs
     from node.store.db import make_engine
+    from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
     from node.store.tables import utcnow
 
     engine = make_engine(_settings_or_exit(config).storage.url)

@@ -198,22 +198,6 @@ def retry_later(session: Session, job: Job, now: datetime, delay_s: float, error
     session.add(job)
 
 
-def requeue_failed_jobs(session: Session, now: datetime, job_id: int | None = None) -> int:
-    """Put failed jobs whose analysis failed (no output written) back in the queue with a fresh
-    attempt budget. Jobs that failed only in delivery are the outbox's (see requeue_failed_outputs)."""
-    query = select(Job).where(Job.state == JobState.FAILED, Job.result == "")
-    if job_id is not None:
-        query = query.where(Job.id == job_id)
-    failed = list(session.exec(query))
-    for job in failed:
-        job.state, job.attempts, job.not_before, job.updated_at = JobState.QUEUED, 0, now, now
-        job.finished_at = None
-        session.add(job)
-    if failed:
-        log.info("requeued %d failed jobs", len(failed))
-    return len(failed)
-
-
 def requeue_interrupted(session: Session, now: datetime) -> int:
     """Jobs a stopped process left mid-way go back to the queue (their outputs are deterministic)."""
     result = session.exec(  # type: ignore[call-overload]

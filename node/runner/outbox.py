@@ -176,26 +176,6 @@ def settle_job(session: Session, job_id: int, now: datetime) -> None:
     session.add(job)
 
 
-def requeue_failed_outputs(session: Session, now: datetime, job_id: int | None = None) -> int:
-    """Put parked outputs back in the queue (attempts start again) and their jobs back to sending.
-    Returns the number of outputs requeued."""
-    query = select(OutboxItem).where(OutboxItem.state == OutboxState.FAILED)
-    if job_id is not None:
-        query = query.where(OutboxItem.job_id == job_id)
-    items = list(session.exec(query))
-    for item in items:
-        item.state, item.attempts, item.next_attempt_at = OutboxState.PENDING, 0, now
-        session.add(item)
-    for jid in {i.job_id for i in items}:
-        job = session.get(Job, jid)
-        if job is not None and job.state == JobState.FAILED:
-            job.state, job.finished_at, job.updated_at = JobState.SENDING, None, now
-            session.add(job)
-    if items:
-        log.info("requeued %d parked outputs", len(items))
-    return len(items)
-
-
 def backlog(session: Session) -> dict[str, int]:
     """Outbox rows per state."""
     from sqlalchemy import func

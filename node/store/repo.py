@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,6 +23,8 @@ from node.store.tables import (
     Study,
     StudyState,
 )
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,3 +409,39 @@ def find_output(session: Session, sop_instance_uid: str) -> OutboxItem | None:
     return session.exec(
         select(OutboxItem).where(OutboxItem.sop_instance_uid == sop_instance_uid).limit(1)
     ).first()
+
+
+def requeue_failed_jobs(session: Session, now: datetime, job_id: int | None = None) -> int:
+    """Put failed jobs whose analysis failed (no output written) back in the queue with a fresh
+    attempt budget. Jobs that failed only in delivery are the outbox's (see requeue_failed_outputs)."""
+    query = select(Job).where(Job.state == JobState.FAILED, Job.result == "")
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    failed = list(session.exec(query))
+    for job in failed:
+        job.state, job.attempts, job.not_before, job.updated_at = JobState.QUEUED, 0, now, now
+        job.finished_at = None
+        session.add(job)
+    if failed:
+        _log.info("requeued %d failed jobs", len(failed))
+    return len(failed)
+
+
+def requeue_failed_outputs(session: Session, now: datetime, job_id: int | None = None) -> int:
+    """Put parked outputs back in the queue (attempts start again) and their jobs back to sending.
+    Returns the number of outputs requeued."""
+    query = select(OutboxItem).where(OutboxItem.state == OutboxState.FAILED)
+    if job_id is not None:
+        query = query.where(OutboxItem.job_id == job_id)
+    items = list(session.exec(query))
+    for item in items:
+        item.state, item.attempts, item.next_attempt_at = OutboxState.PENDING, 0, now
+        session.add(item)
+    for jid in {i.job_id for i in items}:
+        job = session.get(Job, jid)
+        if job is not None and job.state == JobState.FAILED:
+            job.state, job.finished_at, job.updated_at = JobState.SENDING, None, now
+            session.add(job)
+    if items:
+        _log.info("requeued %d parked outputs", len(items))
+    return len(items)

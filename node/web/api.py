@@ -29,9 +29,8 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from node.runner.jobs import requeue_failed_jobs
-from node.runner.outbox import requeue_failed_outputs
 from node.store import repo
+from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
 from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study, utcnow
 from node.web import auth
 from node.web.infer import InferRefused, PngStore, dicom_to_png, infer

@@ -14,10 +14,10 @@ from pydicom.uid import generate_uid
 from sqlmodel import Session, select
 
 from node.runner import outbox
-from node.runner.jobs import requeue_failed_jobs
 from node.send.cstore import CStoreDestination
 from node.settings import DestinationSettings
 from node.store.db import make_engine
+from node.store.repo import requeue_failed_jobs
 from node.store.tables import Job, JobState, OutboxItem, OutboxState, utcnow
 from tests import helpers
 from tests.helpers import StoreSCP, free_port, need, sample_file, wait_port, write_config
