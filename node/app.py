@@ -21,6 +21,7 @@ from node.inference.runtime import RuntimeConfig, create_session
 from node.metrics import NodeMetrics
 from node.pipeline.route import RuleSet, check_models, load_rules
 from node.runner import Models, Runner
+from node.runner.one_file import Outcome, analyse_upload
 from node.send.cstore import CStoreDestination
 from node.settings import Settings
 from node.store.db import make_engine, ping
@@ -56,6 +57,10 @@ class Node:
         if self.notifier is not None:
             self.notifier.start()
         self.started_at = time.time()
+
+    def analyse_upload(self, data: bytes, deadline: float) -> tuple[str, list[Outcome]]:
+        """One uploaded file through routing, the models and heatmap rendering (the inference API)."""
+        return analyse_upload(self.rules, self.models, data, deadline)
 
     def stop(self) -> None:
         """Stop listening first, so that every accepted instance is committed before the end."""

@@ -35,3 +35,14 @@ class PreprocessError(NodeError):
 
 class InferenceError(NodeError):
     """ONNX Runtime failed to run a model."""
+
+
+class UploadRefused(NodeError):
+    """A file handed in for one-off analysis cannot be analysed. ``reason`` says which check failed:
+    not_dicom, no_pixels, unsupported_syntax, no_rules, no_route, not_loaded, undecodable,
+    unprocessable, timeout or failed."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

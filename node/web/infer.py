@@ -1,40 +1,27 @@
-"""The inference API's work: one uploaded DICOM file through the pipeline's own routing rules,
-decoding, preprocessing and model (``node.runner.analyse``), and heatmap PNGs kept for a short
-while in memory.
-
-Every refusal is an :class:`InferRefused` with the HTTP status and a message that says which
-check failed: 400 not DICOM, 422 no pixel data / image that cannot be analysed / no route,
-415 unsupported transfer syntax, 504 over time.
+"""The inference API's HTTP side: the node analyses the upload (``Node.analyse_upload``, wired by
+the app factory to the runner), this module keeps its heatmaps as PNGs for a short while in memory
+and turns refusals into HTTP statuses: 400 not DICOM, 422 no pixel data / image that cannot be
+analysed / no route, 415 unsupported transfer syntax, 504 over time.
 """
 
 from __future__ import annotations
 
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from node.errors import DecodeError, NodeError, PreprocessError
-from node.inference.decode import supported_transfer_syntaxes
-from node.outputs.sc import heatmaps_to_show, render_overlay
-from node.pipeline.route import route, route_header_from_dataset
-from node.runner.analyse import JobTimeout, Stopwatch, analyse
+from node.errors import UploadRefused
 from node.types import AnalysisResult
 
 if TYPE_CHECKING:
     from node.app import Node
-
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 class InferRefused(Exception):
@@ -98,22 +85,19 @@ def dicom_to_png(path: Path) -> bytes:
     return png_bytes(grey)
 
 
-def parse_upload(data: bytes) -> Dataset:
-    """The uploaded bytes as a DICOM data set with pixel data in a decodable transfer syntax."""
-    try:
-        ds = pydicom.dcmread(BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
-        raise InferRefused(400, f"not a DICOM file (Part 10, with the DICM preamble): {exc}") from exc
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
-        raise InferRefused(422, "the DICOM file has no pixel data (not an image)")
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if ts is None:
-        raise InferRefused(400, "the DICOM file has no Transfer Syntax UID in its file meta information")
-    if ts not in supported_transfer_syntaxes():
-        raise InferRefused(
-            415, f"unsupported transfer syntax {ts} ({getattr(ts, 'name', ts)}): no decoder is installed"
-        )
-    return ds
+#: HTTP status for each reason an upload is refused.
+_STATUS = {
+    "not_dicom": 400,
+    "no_pixels": 422,
+    "unsupported_syntax": 415,
+    "no_rules": 503,
+    "no_route": 422,
+    "not_loaded": 422,
+    "undecodable": 422,
+    "unprocessable": 422,
+    "timeout": 504,
+    "failed": 500,
+}
 
 
 @dataclass(frozen=True)
@@ -125,53 +109,12 @@ class ModelOutcome:
 
 
 def infer(node: Node, data: bytes, store: PngStore, deadline: float) -> tuple[str, list[ModelOutcome]]:
-    """Route, analyse and render heatmaps for one uploaded file; return the rule and outcomes."""
-    ds = parse_upload(data)
-    if node.rules is None:
-        raise InferRefused(503, "the node has no routing rules loaded")
-    decision = route(node.rules, route_header_from_dataset(ds))
-    if not decision.routed:
-        modality = ds.get("Modality", "") or "(none)"
-        raise InferRefused(422, f"no route for this image (modality {modality}): {decision.reason}")
-    models = [m for m in decision.models if node.models.available(m)]
-    if not models:
-        raise InferRefused(
-            422, f"rule '{decision.rule}' routes to {', '.join(decision.models)}, which is not loaded"
-        )
-    outcomes = []
-    with tempfile.TemporaryDirectory(prefix="pacs-node-infer-") as tmp:
-        path = Path(tmp) / "upload.dcm"
-        path.write_bytes(data)
-        for model_id in models:
-            watch = Stopwatch(deadline=deadline)
-            try:
-                result, _ = analyse(
-                    node.models.registry.get(model_id),
-                    node.models.sessions[model_id],
-                    [path],
-                    level="image",
-                    uid_seed=f"infer|{model_id}|{ds.get('SOPInstanceUID', '')}",
-                    watch=watch,
-                )
-            except JobTimeout as exc:
-                raise InferRefused(504, f"inference took too long: {exc}") from exc
-            except DecodeError as exc:
-                raise InferRefused(422, f"the pixel data cannot be decoded: {exc}") from exc
-            except PreprocessError as exc:
-                raise InferRefused(422, f"the image cannot be preprocessed for {model_id}: {exc}") from exc
-            except NodeError as exc:
-                raise InferRefused(500, f"{type(exc).__name__}: {exc}") from exc
-            outcomes.append(ModelOutcome(result, _render(result, store)))
-    return decision.rule or "", outcomes
-
-
-def _render(result: AnalysisResult, store: PngStore) -> list[tuple[str, str]]:
-    out = []
-    for image in result.images:
-        if image.display is None:
-            continue
-        for heatmap in heatmaps_to_show(image, result):
-            score = next((s for s in (*image.scores, *result.findings) if s.label == heatmap.label), None)
-            picture, _ = render_overlay(image.display, heatmap, score, result.algorithm)
-            out.append((heatmap.label, store.put(png_bytes(picture))))
-    return out
+    """Have the node analyse one uploaded file; keep its heatmaps as PNGs; map refusals to HTTP."""
+    try:
+        rule, outcomes = node.analyse_upload(data, deadline)
+    except UploadRefused as exc:
+        raise InferRefused(_STATUS.get(exc.reason, 500), exc.message) from exc
+    return rule, [
+        ModelOutcome(result, [(label, store.put(png_bytes(rgb))) for label, rgb in overlays])
+        for result, overlays in outcomes
+    ]

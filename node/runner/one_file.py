@@ -1,0 +1,106 @@
+"""One uploaded file through the pipeline's own routing rules, decoding, preprocessing, model and
+heatmap rendering (the inference API's work; the runner is the place that chains stages)."""
+
+from __future__ import annotations
+
+import tempfile
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from node.errors import DecodeError, NodeError, PreprocessError, UploadRefused
+from node.inference.decode import supported_transfer_syntaxes
+from node.outputs.sc import heatmaps_to_show, render_overlay
+from node.pipeline.route import RuleSet, route, route_header_from_dataset
+from node.runner.analyse import JobTimeout, Stopwatch, analyse
+from node.types import AnalysisResult
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+#: One model's result and its rendered heatmap overlays as (label, RGB uint8 image).
+Outcome = tuple[AnalysisResult, list[tuple[str, np.ndarray]]]
+
+
+def parse_upload(data: bytes) -> Dataset:
+    """The uploaded bytes as a DICOM data set with pixel data in a decodable transfer syntax."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data))
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
+        raise UploadRefused(
+            "not_dicom", f"not a DICOM file (Part 10, with the DICM preamble): {exc}"
+        ) from exc
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise UploadRefused("no_pixels", "the DICOM file has no pixel data (not an image)")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is None:
+        raise UploadRefused(
+            "not_dicom", "the DICOM file has no Transfer Syntax UID in its file meta information"
+        )
+    if ts not in supported_transfer_syntaxes():
+        raise UploadRefused(
+            "unsupported_syntax",
+            f"unsupported transfer syntax {ts} ({getattr(ts, 'name', ts)}): no decoder is installed",
+        )
+    return ds
+
+
+def analyse_upload(
+    rules: RuleSet | None, models: object, data: bytes, deadline: float
+) -> tuple[str, list[Outcome]]:
+    """Route and analyse one uploaded file with every model its rule names; render its heatmaps.
+    ``models`` is the runner's :class:`~node.runner.Models`. Raises :class:`UploadRefused`."""
+    ds = parse_upload(data)
+    if rules is None:
+        raise UploadRefused("no_rules", "the node has no routing rules loaded")
+    decision = route(rules, route_header_from_dataset(ds))
+    if not decision.routed:
+        modality = ds.get("Modality", "") or "(none)"
+        raise UploadRefused("no_route", f"no route for this image (modality {modality}): {decision.reason}")
+    loaded = [m for m in decision.models if models.available(m)]  # type: ignore[attr-defined]
+    if not loaded:
+        raise UploadRefused(
+            "not_loaded",
+            f"rule '{decision.rule}' routes to {', '.join(decision.models)}, which is not loaded",
+        )
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="pacs-node-infer-") as tmp:
+        path = Path(tmp) / "upload.dcm"
+        path.write_bytes(data)
+        for model_id in loaded:
+            try:
+                result, _ = analyse(
+                    models.registry.get(model_id),  # type: ignore[attr-defined]
+                    models.sessions[model_id],  # type: ignore[attr-defined]
+                    [path],
+                    level="image",
+                    uid_seed=f"infer|{model_id}|{ds.get('SOPInstanceUID', '')}",
+                    watch=Stopwatch(deadline=deadline),
+                )
+            except JobTimeout as exc:
+                raise UploadRefused("timeout", f"inference took too long: {exc}") from exc
+            except DecodeError as exc:
+                raise UploadRefused("undecodable", f"the pixel data cannot be decoded: {exc}") from exc
+            except PreprocessError as exc:
+                raise UploadRefused(
+                    "unprocessable", f"the image cannot be preprocessed for {model_id}: {exc}"
+                ) from exc
+            except NodeError as exc:
+                raise UploadRefused("failed", f"{type(exc).__name__}: {exc}") from exc
+            outcomes.append((result, _overlays(result)))
+    return decision.rule or "", outcomes
+
+
+def _overlays(result: AnalysisResult) -> list[tuple[str, np.ndarray]]:
+    out = []
+    for image in result.images:
+        if image.display is None:
+            continue
+        for heatmap in heatmaps_to_show(image, result):
+            score = next((s for s in (*image.scores, *result.findings) if s.label == heatmap.label), None)
+            picture, _ = render_overlay(image.display, heatmap, score, result.algorithm)
+            out.append((heatmap.label, picture))
+    return out
