@@ -15,7 +15,7 @@ from sqlmodel import Session
 
 from node.dicom.spool import Spool
 from node.errors import StoreError
-from node.store.repo import ReceivedInstance, record_instances
+from node.store.received import ReceivedInstance, record_instances
 
 log = logging.getLogger(__name__)
 

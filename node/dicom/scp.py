@@ -43,7 +43,7 @@ from node.dicom.tls import server_context
 from node.errors import IngestError, StoreError
 from node.metrics import NodeMetrics
 from node.settings import DicomSettings
-from node.store.repo import ReceivedInstance
+from node.store.received import ReceivedInstance
 from node.store.tables import utcnow
 
 log = logging.getLogger(__name__)

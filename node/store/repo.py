@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,100 +25,6 @@ from node.store.tables import (
 )
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedInstance:
-    """What the SCP hands the store for one instance already durable on disk."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_uid: str
-    study_uid: str
-    transfer_syntax_uid: str
-    modality: str
-    body_part: str
-    series_number: int | None
-    series_description: str
-    instance_number: int | None
-    byte_size: int
-    path: str
-    calling_aet: str
-    received_at: datetime
-
-
-def known_instances(session: Session, uids: Iterable[str]) -> set[str]:
-    """The SOP Instance UIDs among ``uids`` already recorded."""
-    wanted = list(set(uids))
-    if not wanted:
-        return set()
-    rows = session.exec(select(Instance.sop_instance_uid).where(col(Instance.sop_instance_uid).in_(wanted)))
-    return set(rows)
-
-
-def record_instances(session: Session, received: Sequence[ReceivedInstance]) -> set[str]:
-    """Add the instances not yet known, updating their series and study; return the new UIDs.
-
-    A series or study that was already complete is reopened by a late instance, so that it
-    completes again after a new quiet period.
-    """
-    known = known_instances(session, (r.sop_instance_uid for r in received))
-    new: dict[str, ReceivedInstance] = {}
-    for r in received:
-        if r.sop_instance_uid not in known and r.sop_instance_uid not in new:
-            new[r.sop_instance_uid] = r
-    for r in new.values():
-        study = session.get(Study, r.study_uid)
-        if study is None:
-            study = Study(
-                study_uid=r.study_uid, first_received_at=r.received_at, last_received_at=r.received_at
-            )
-            session.add(study)
-        series = session.get(Series, r.series_uid)
-        if series is None:
-            series = Series(
-                series_uid=r.series_uid,
-                study_uid=r.study_uid,
-                modality=r.modality[:16],
-                body_part=r.body_part[:64],
-                series_number=r.series_number,
-                series_description=r.series_description[:64],
-                calling_aet=r.calling_aet,
-                first_received_at=r.received_at,
-                last_received_at=r.received_at,
-            )
-            session.add(series)
-            study.series_count += 1
-            if r.modality and r.modality not in study.modalities.split("\\"):
-                study.modalities = "\\".join(m for m in (*study.modalities.split("\\"), r.modality) if m)[:64]
-        series.instance_count += 1
-        series.byte_size += r.byte_size
-        series.last_received_at = max(series.last_received_at, r.received_at)
-        series.state = SeriesState.RECEIVING
-        series.completed_at = None
-        study.instance_count += 1
-        study.byte_size += r.byte_size
-        study.last_received_at = max(study.last_received_at, r.received_at)
-        study.state = StudyState.RECEIVING
-        study.completed_at = None
-    session.flush()  # parents first: the tables have foreign keys but no ORM relationships
-    session.add_all(
-        Instance(
-            sop_instance_uid=r.sop_instance_uid,
-            series_uid=r.series_uid,
-            study_uid=r.study_uid,
-            sop_class_uid=r.sop_class_uid,
-            transfer_syntax_uid=r.transfer_syntax_uid,
-            instance_number=r.instance_number,
-            byte_size=r.byte_size,
-            path=r.path,
-            calling_aet=r.calling_aet,
-            received_at=r.received_at,
-        )
-        for r in new.values()
-    )
-    session.flush()
-    return set(new)
 
 
 def complete_quiet_series(session: Session, now: datetime, quiet: timedelta) -> list[str]:

@@ -1,0 +1,120 @@
+"""Recording received instances: counts, duplicates, late instances, and writers racing on one
+database (as several receiving processes do), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import timedelta
+
+from sqlmodel import Session, select
+
+from node.store.db import make_engine
+from node.store.received import ReceivedInstance, record_instances
+from node.store.tables import Instance, Series, SeriesState, Study, StudyState, utcnow
+
+T0 = utcnow()
+
+
+def received(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", modality: str = "CT", second: int = 0):
+    return ReceivedInstance(
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        series_uid=series,
+        study_uid=study,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality=modality,
+        body_part="ABDOMEN",
+        series_number=1,
+        series_description="desc",
+        instance_number=1,
+        byte_size=100,
+        path=f"{study}/{series}/{sop}.dcm",
+        calling_aet="SCU",
+        received_at=T0 + timedelta(seconds=second),
+    )
+
+
+def test_counts_duplicates_and_modalities(database_url):
+    engine = make_engine(database_url)
+    with Session(engine) as s:
+        new = record_instances(
+            s, [received("1"), received("2"), received("1"), received("3", "1.2.3.2", modality="MR")]
+        )
+        s.commit()
+    assert new == {"1", "2", "3"}
+    with Session(engine) as s:
+        new = record_instances(
+            s, [received("2"), received("4", second=5), received("5", "1.2.3.3", modality="CT")]
+        )
+        s.commit()
+    assert new == {"4", "5"}
+    with Session(engine) as s:
+        study = s.get(Study, "1.2.3")
+        ct = s.get(Series, "1.2.3.1")
+        mr = s.get(Series, "1.2.3.2")
+        assert (study.instance_count, study.series_count, study.byte_size) == (5, 3, 500)
+        assert study.modalities == "CT\\MR"
+        assert (ct.instance_count, ct.byte_size, mr.instance_count) == (3, 300, 1)
+        assert ct.last_received_at == T0 + timedelta(seconds=5)
+        assert study.first_received_at == T0 and study.last_received_at == T0 + timedelta(seconds=5)
+        assert len(s.exec(select(Instance)).all()) == 5
+    with Session(engine) as s:  # only duplicates: nothing changes
+        assert record_instances(s, [received("1"), received("5", "1.2.3.3")]) == set()
+        s.commit()
+        assert s.get(Study, "1.2.3").instance_count == 5
+
+
+def test_late_instance_reopens_complete_series_and_study(database_url):
+    engine = make_engine(database_url)
+    with Session(engine) as s:
+        record_instances(s, [received("1", second=10)])
+        s.commit()
+        series, study = s.get(Series, "1.2.3.1"), s.get(Study, "1.2.3")
+        series.state, series.completed_at = SeriesState.ROUTED, T0 + timedelta(seconds=20)
+        study.state, study.completed_at = StudyState.COMPLETE, T0 + timedelta(seconds=20)
+        s.commit()
+    with Session(engine) as s:  # an instance stamped earlier than the last one keeps the later time
+        assert record_instances(s, [received("2", second=3)]) == {"2"}
+        s.commit()
+    with Session(engine) as s:
+        series, study = s.get(Series, "1.2.3.1"), s.get(Study, "1.2.3")
+        assert (series.state, series.completed_at) == (SeriesState.RECEIVING, None)
+        assert (study.state, study.completed_at) == (StudyState.RECEIVING, None)
+        assert series.last_received_at == T0 + timedelta(seconds=10)
+        assert (series.instance_count, study.instance_count, study.series_count) == (2, 2, 1)
+
+
+def test_racing_writers_count_each_instance_once(database_url):
+    """Six writers record overlapping shuffled batches of the same 240 instances in 4 series."""
+    engine = make_engine(database_url)
+    items = [received(str(i), f"1.2.3.{i % 4}", modality="MR" if i % 4 == 3 else "CT") for i in range(240)]
+    got: list[set[str]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def writer(seed: int) -> None:
+        mine = items[:]
+        random.Random(seed).shuffle(mine)
+        start.wait()
+        try:
+            for k in range(0, len(mine), 20):
+                with Session(engine) as s:
+                    got.append(record_instances(s, mine[k : k + 20]))
+                    s.commit()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    claimed = [uid for batch in got for uid in batch]
+    assert sorted(claimed, key=int) == [str(i) for i in range(240)]  # each new exactly once
+    with Session(engine) as s:
+        study = s.get(Study, "1.2.3")
+        assert (study.instance_count, study.series_count, study.byte_size) == (240, 4, 24000)
+        assert sorted(study.modalities.split("\\")) == ["CT", "MR"]
+        assert [s.get(Series, f"1.2.3.{k}").instance_count for k in range(4)] == [60] * 4
