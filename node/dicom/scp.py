@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import time
@@ -30,7 +31,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -67,6 +68,29 @@ TRANSFER_SYNTAXES: list[str] = [
     RLELossless,
 ]
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+class _SharedContext(PresentationContext):
+    """A supported presentation context that copies cheaply.
+
+    pynetdicom deep-copies the server's supported contexts for every association; with ~170
+    storage contexts of 16 transfer syntaxes each, re-validating every UID made that ~20 ms of CPU
+    per association. The UIDs are immutable strings, so a copy can share them: only the list that
+    holds them is copied.
+    """
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _SharedContext:
+        clone = copy.copy(self)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+    @classmethod
+    def of(cls, context: PresentationContext) -> _SharedContext:
+        """The same context as a cheaply copied one."""
+        shared = cls()
+        shared.__dict__.update(context.__dict__)
+        shared._transfer_syntax = list(context._transfer_syntax)
+        return shared
 
 
 def _failure(code: int, comment: str) -> Dataset:
@@ -121,14 +145,19 @@ class StorageSCP:
         ]
         tls_only = self._tls is not None and s.tls.port is None
         main_context = self._tls if tls_only else None
+        contexts = [_SharedContext.of(cx) for cx in ae.supported_contexts]
         self._server = ae.start_server(
-            (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=main_context
+            (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=main_context, contexts=contexts
         )
         kind = "TLS" if tls_only else "plain TCP"
         log.info("DICOM SCP %s listening on %s:%d (%s)", s.ae_title, s.host, self.port, kind)
         if self._tls is not None and s.tls.port is not None:
             self._tls_server = ae.start_server(
-                (s.host, s.tls.port), block=False, evt_handlers=handlers, ssl_context=self._tls
+                (s.host, s.tls.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=self._tls,
+                contexts=contexts,
             )
             log.info("DICOM SCP %s listening on %s:%d (TLS)", s.ae_title, s.host, s.tls.port)
 
