@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from pydicom.dataset import Dataset
 from sqlalchemy.engine import Engine
@@ -95,10 +96,12 @@ class Runner:
         self._threads: list[threading.Thread] = []
         self._claim_lock = threading.Lock()
         self._wake_workers = threading.Event()
+        self._started_at: datetime | None = None
 
     def start(self) -> None:
         """Resume interrupted jobs, then start the scheduler, workers and sender."""
         self._stop.clear()
+        self._started_at = utcnow()
         with Session(self._engine) as session:
             jobs.requeue_interrupted(session, utcnow())
             session.commit()
@@ -122,7 +125,7 @@ class Runner:
         """One scheduling pass."""
         now = utcnow()
         with Session(self._engine) as session:
-            done = assemble(session, now, self._settings.assembly)
+            done = assemble(session, now, self._settings.assembly, self._started_at)
             session.commit()
             routed = jobs.route_complete_series(
                 session, self._rules, self._models.available, self._spool, now
@@ -217,6 +220,7 @@ class Runner:
         summary = {
             "model": result.algorithm.model_id,
             "version": result.algorithm.version,
+            "images": len(files),
             "findings": [
                 {
                     "label": f.label,

@@ -5,10 +5,10 @@ Every C-STORE waits for this write, so it is kept to five statements whatever th
 study and series rows are created with ``INSERT .. ON CONFLICT DO NOTHING``, the instances are
 inserted the same way with ``RETURNING`` (so that an instance two processes received at the same
 moment counts once), then the counters of the touched series and studies are raised relative to
-their stored values. Rows are written in key order, so that writers on PostgreSQL take their row
-locks in one order and cannot deadlock. No row is read and written back, except a study's modality
-list when one of its series is new (read under ``FOR UPDATE`` on PostgreSQL; SQLite holds the
-write lock by then).
+their stored values; a duplicate only moves its still-receiving series' last receive time. Rows are
+written in key order, so that writers on PostgreSQL take their row locks in one order and cannot
+deadlock. No row is read and written back, except a study's modality list when one of its series
+is new (read under ``FOR UPDATE`` on PostgreSQL; SQLite holds the write lock by then).
 """
 
 from __future__ import annotations
@@ -87,6 +87,20 @@ def _raise_statement(table: Any, **extra: Any) -> Any:
     )
 
 
+def _touch_statement(table: Any, receiving: str) -> Any:
+    """``UPDATE`` moving a still-receiving row's last receive time forward (for duplicates)."""
+    c = table.c
+    last = bindparam("b_last", type_=UTCDateTime())
+    key = c.series_uid if table is _SERIES else c.study_uid
+    return (
+        update(table)
+        .where(key == bindparam("b_uid"), c.state == receiving, c.last_received_at < last)
+        .values(last_received_at=last)
+    )
+
+
+_TOUCH_SERIES = _touch_statement(_SERIES, SeriesState.RECEIVING.value)
+_TOUCH_STUDY = _touch_statement(_STUDY, StudyState.RECEIVING.value)
 _MERGED = bindparam("b_modalities")
 _RAISE_SERIES = _raise_statement(_SERIES, state=SeriesState.RECEIVING.value)
 _RAISE_STUDY = _raise_statement(
@@ -174,7 +188,23 @@ def record_instances(session: Session, received: Sequence[ReceivedInstance]) -> 
         _raise_counters(
             session, [first[uid] for uid in sorted(new)], {uid: series[uid] for uid in sorted(new_series)}
         )
+    if len(new) < len(first):
+        _touch(session, [r for uid, r in first.items() if uid not in new])
     return new
+
+
+def _touch(session: Session, duplicates: list[ReceivedInstance]) -> None:
+    """A duplicate is still an instance arriving: a sender resending a series it was cut off in
+    (after a restart of the node, say) keeps that series open while it resends. Series and studies
+    already complete stay as they are; counters do not change."""
+    by_series: dict[str, _Totals] = defaultdict(_Totals)
+    by_study: dict[str, _Totals] = defaultdict(_Totals)
+    for r in duplicates:
+        by_series[r.series_uid].add(r)
+        by_study[r.study_uid].add(r)
+    db = session.connection()
+    for statement, totals in ((_TOUCH_SERIES, by_series), (_TOUCH_STUDY, by_study)):
+        db.execute(statement, [{"b_uid": uid, "b_last": t.last} for uid, t in sorted(totals.items())])
 
 
 def _raise_counters(

@@ -69,7 +69,9 @@ def test_late_instance_reopens_series(make_node, tmp_path):
 
 
 def test_half_received_series_completes_after_restart(tmp_path):
-    config = write_config(tmp_path, assembly={"series_quiet_s": 1.0})
+    """The series was quiet for longer than its quiet period while the node was down; it completes
+    one quiet period after the restart, not at once (the sender may be about to resend)."""
+    config = write_config(tmp_path, assembly={"series_quiet_s": 3.0, "poll_interval_s": 0.1})
     settings = load_settings(config)
     node = build_node(settings)
     node.start()
@@ -77,13 +79,17 @@ def test_half_received_series_completes_after_restart(tmp_path):
     files = make_series(tmp_path / "in", 2)
     _send(node, files)
     node.stop()
-    time.sleep(1.2)
+    time.sleep(3.2)
     assert set(_series_states(node).values()) == {SeriesState.RECEIVING}  # (engine reopens lazily)
 
     restarted = build_node(load_settings(config))
     restarted.start()
+    started = time.monotonic()
     try:
-        assert _wait(lambda: _completed(restarted), 5)
+        time.sleep(1.0)  # ten scheduler passes: the downtime must not count as quiet
+        assert set(_series_states(restarted).values()) == {SeriesState.RECEIVING}
+        assert _wait(lambda: _completed(restarted), 10)
+        assert time.monotonic() - started >= 2.9
     finally:
         restarted.stop()
 

@@ -118,3 +118,22 @@ def test_racing_writers_count_each_instance_once(database_url):
         assert (study.instance_count, study.series_count, study.byte_size) == (240, 4, 24000)
         assert sorted(study.modalities.split("\\")) == ["CT", "MR"]
         assert [s.get(Series, f"1.2.3.{k}").instance_count for k in range(4)] == [60] * 4
+
+
+def test_duplicate_keeps_a_receiving_series_open_but_leaves_a_complete_one(database_url):
+    engine = make_engine(database_url)
+    with Session(engine) as s:
+        record_instances(s, [received("1"), received("2", "1.2.3.2")])
+        s.commit()
+        done = s.get(Series, "1.2.3.2")
+        done.state, done.completed_at = SeriesState.ROUTED, T0 + timedelta(seconds=1)
+        s.commit()
+    with Session(engine) as s:  # both resent 30 s later: duplicates, nothing new
+        assert record_instances(s, [received("1", second=30), received("2", "1.2.3.2", second=30)]) == set()
+        s.commit()
+    with Session(engine) as s:
+        open_, done = s.get(Series, "1.2.3.1"), s.get(Series, "1.2.3.2")
+        assert open_.last_received_at == T0 + timedelta(seconds=30)
+        assert (open_.state, open_.instance_count) == (SeriesState.RECEIVING, 1)
+        assert (done.state, done.last_received_at) == (SeriesState.ROUTED, T0)
+        assert s.get(Study, "1.2.3").last_received_at == T0 + timedelta(seconds=30)
