@@ -230,13 +230,52 @@ def raw_store_file(port: int, path: Path, data: bytes | None = None, **request: 
     )
 
 
+def node_db_url(config: Path) -> str:
+    """The database the node of ``config`` writes (SQLite in its data folder, or PostgreSQL)."""
+    import yaml
+
+    storage = yaml.safe_load(config.read_text())["storage"]
+    return storage.get("database_url") or f"sqlite:///{Path(storage['data_dir']) / 'node.db'}"
+
+
+def query_db(db: str, sql: str) -> list[tuple]:
+    """Rows of ``sql`` from outside the node process; [] while the schema does not exist yet."""
+    if db.startswith("sqlite:///") and not Path(db.removeprefix("sqlite:///")).exists():
+        return []
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    engine = create_engine(db)
+    try:
+        with engine.connect() as con:
+            return [tuple(row) for row in con.execute(text(sql))]
+    except OperationalError:
+        return []
+    except ProgrammingError:  # PostgreSQL: tables not created yet
+        return []
+    finally:
+        engine.dispose()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    """Poll ``predicate`` until it returns something true (returned); TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
 class StoreSCP:
-    """DCMTK storescp writing what it receives into a folder."""
+    """DCMTK storescp writing what it receives into a folder, one file per C-STORE (``+uf``: a
+    second copy of an instance is a second file, so duplicates can be counted)."""
 
     def __init__(self, folder: Path, port: int, aet: str = "DEST") -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-        cmd = [need("storescp"), "--aetitle", aet, "--output-directory", str(folder), str(port)]
+        cmd = [need("storescp"), "+uf", "--aetitle", aet, "--output-directory", str(folder), str(port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port, 20)
 

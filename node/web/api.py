@@ -117,6 +117,7 @@ def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
         state=job.state,
         attempts=job.attempts,
         error=job.error,
+        images=result.get("images"),
         timings=json.loads(job.timings or "{}"),
         findings=[FindingOut.model_validate(f) for f in result.get("findings", [])],
         outputs=[OutputOut.model_validate(o, from_attributes=True) for o in outputs],

@@ -77,6 +77,7 @@ class JobOut(BaseModel):
     state: str
     attempts: int
     error: str
+    images: int | None = Field(None, description="images the model analysed (None until it has run)")
     timings: dict[str, float]
     findings: list[FindingOut]
     outputs: list[OutputOut]

@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from node.synth import generate_study
-from tests.helpers import StoreSCP, free_port, need, raw_store_file, start_node_process, write_config
+from tests.helpers import (
+    StoreSCP,
+    free_port,
+    need,
+    node_db_url,
+    query_db,
+    raw_store_file,
+    start_node_process,
+    wait_for,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -42,40 +49,6 @@ def _config(tmp_path: Path, dest_port: int) -> Path:
     )
 
 
-def _db_url(config: Path) -> str:
-    """The database the node of ``config`` writes (SQLite in its data folder, or PostgreSQL)."""
-    import yaml
-
-    storage = yaml.safe_load(config.read_text())["storage"]
-    return storage.get("database_url") or f"sqlite:///{Path(storage['data_dir']) / 'node.db'}"
-
-
-def _query(db: str, sql: str) -> list[tuple]:
-    """Rows of ``sql`` from outside the node process; [] while the schema does not exist yet."""
-    if db.startswith("sqlite:///") and not Path(db.removeprefix("sqlite:///")).exists():
-        return []
-    engine = create_engine(db)
-    try:
-        with engine.connect() as con:
-            return [tuple(row) for row in con.execute(text(sql))]
-    except OperationalError:
-        return []
-    except ProgrammingError:  # PostgreSQL: tables not created yet
-        return []
-    finally:
-        engine.dispose()
-
-
-def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError(what)
-
-
 def _kill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -95,7 +68,7 @@ def test_sigkill_during_sending_then_restart_delivers_once(tmp_path):
     need("storescp")
     dest_port = free_port()  # nothing listens yet: the destination is down
     config = _config(tmp_path, dest_port)
-    db = _db_url(config)
+    db = node_db_url(config)
     log = tmp_path / "node.log"
     node = start_node_process(config, log)
     scp = None
@@ -105,25 +78,22 @@ def test_sigkill_during_sending_then_restart_delivers_once(tmp_path):
         port = yaml.safe_load(config.read_text())["dicom"]["port"]
         _send_cxr(tmp_path, port)
         # outputs queued and already tried at least once against the dead destination
-        _wait(
-            lambda: _query(db, "select count(*) from outboxitem where state='pending' and attempts>0")[0][0],
-            90,
-            "no pending outbox rows",
-        )
-        queued = {r[0] for r in _query(db, "select sop_instance_uid from outboxitem")}
+        tried = "select count(*) from outboxitem where state='pending' and attempts>0"
+        wait_for(lambda: query_db(db, tried)[0][0], 90, "no pending outbox rows")
+        queued = {r[0] for r in query_db(db, "select sop_instance_uid from outboxitem")}
         assert len(queued) >= 2  # SR + secondary capture
         _kill(node)
         scp = StoreSCP(tmp_path / "received", dest_port)
         node = start_node_process(config, log)
-        _wait(
-            lambda: _query(db, "select count(*) from outboxitem where state!='sent'")[0][0] == 0,
+        wait_for(
+            lambda: query_db(db, "select count(*) from outboxitem where state!='sent'")[0][0] == 0,
             60,
             "outbox not drained after restart",
         )
         received = _received_uids(scp)
         assert sorted(received) == sorted(queued)  # each output once, under the UIDs chosen before the kill
-        assert {r[0] for r in _query(db, "select sop_instance_uid from outboxitem")} == queued
-        assert _query(db, "select state from job") == [("done",)]
+        assert {r[0] for r in query_db(db, "select sop_instance_uid from outboxitem")} == queued
+        assert query_db(db, "select state from job") == [("done",)]
     finally:
         node.kill()
         node.wait(10)
@@ -135,7 +105,7 @@ def test_sigkill_during_inference_then_restart_resumes(tmp_path):
     need("storescp")
     dest_port = free_port()
     config = _config(tmp_path, dest_port)
-    db = _db_url(config)
+    db = node_db_url(config)
     log = tmp_path / "node.log"
     scp = StoreSCP(tmp_path / "received", dest_port)
     node = start_node_process(config, log)
@@ -144,28 +114,28 @@ def test_sigkill_during_inference_then_restart_resumes(tmp_path):
 
         port = yaml.safe_load(config.read_text())["dicom"]["port"]
         _send_cxr(tmp_path, port)
-        _wait(
-            lambda: _query(db, "select 1 from job where state in ('preprocessing', 'inferring')"),
+        wait_for(
+            lambda: query_db(db, "select 1 from job where state in ('preprocessing', 'inferring')"),
             90,
             "job never reached inference",
         )
         _kill(node)
-        assert _query(db, "select count(*) from outboxitem")[0][0] == 0  # killed before any output
+        assert query_db(db, "select count(*) from outboxitem")[0][0] == 0  # killed before any output
         assert _received_uids(scp) == []
         node = start_node_process(config, log)
-        _wait(
+        wait_for(
             lambda: (
-                _query(db, "select state from job") == [("done",)]
-                and _query(db, "select count(*) from outboxitem where state!='sent'")[0][0] == 0
+                query_db(db, "select state from job") == [("done",)]
+                and query_db(db, "select count(*) from outboxitem where state!='sent'")[0][0] == 0
             ),
             90,
             "interrupted job not resumed to done",
         )
-        queued = {r[0] for r in _query(db, "select sop_instance_uid from outboxitem")}
+        queued = {r[0] for r in query_db(db, "select sop_instance_uid from outboxitem")}
         received = _received_uids(scp)
         assert len(queued) >= 2
         assert sorted(received) == sorted(queued)  # one copy each
-        assert _query(db, "select attempts from job")[0][0] >= 2  # it really ran again
+        assert query_db(db, "select attempts from job")[0][0] >= 2  # it really ran again
     finally:
         node.kill()
         node.wait(10)

@@ -218,3 +218,50 @@ def test_eight_parallel_associations(make_node, tmp_path):
     assert results == [0] * 8
     assert len(rows(node)) == 40
     assert len(list(node.spool.root.rglob("*.dcm"))) == 40
+
+
+def _fail_instance_inserts(engine, on: bool) -> None:
+    """A trigger that makes every insert into the instance table fail, as a broken disk would."""
+    from sqlalchemy import text
+
+    postgres = engine.dialect.name == "postgresql"
+    with engine.begin() as db:
+        if not on:
+            db.execute(
+                text("DROP TRIGGER fail_instance ON instance" if postgres else "DROP TRIGGER fail_instance")
+            )
+        elif postgres:
+            db.execute(
+                text(
+                    "CREATE FUNCTION fail_instance() RETURNS trigger AS $$ BEGIN "
+                    "RAISE EXCEPTION 'simulated write failure'; END $$ LANGUAGE plpgsql"
+                )
+            )
+            db.execute(
+                text(
+                    "CREATE TRIGGER fail_instance BEFORE INSERT ON instance "
+                    "FOR EACH ROW EXECUTE FUNCTION fail_instance()"
+                )
+            )
+        else:
+            db.execute(
+                text(
+                    "CREATE TRIGGER fail_instance BEFORE INSERT ON instance "
+                    "BEGIN SELECT RAISE(ABORT, 'simulated write failure'); END"
+                )
+            )
+
+
+def test_success_only_once_the_row_is_committed(make_node, tmp_path):
+    """The database refuses the row: the sender gets out of resources (not success), the file does
+    not stay in the spool, and once the database is back the same instance is stored."""
+    node = make_node()
+    (src,) = make_series(tmp_path / "in", 1)
+    _fail_instance_inserts(node.engine, on=True)
+    assert pynetdicom_store(node.scp.port, src) == status.OUT_OF_RESOURCES
+    assert list(node.spool.root.rglob("*.dcm")) == []
+    _fail_instance_inserts(node.engine, on=False)
+    assert rows(node) == []
+    assert pynetdicom_store(node.scp.port, src) == status.SUCCESS
+    assert [r.sop_instance_uid for r in rows(node)] == [str(pydicom.dcmread(src).SOPInstanceUID)]
+    assert len(list(node.spool.root.rglob("*.dcm"))) == 1
