@@ -93,6 +93,17 @@ def header_copy(ds: Dataset) -> Dataset:
     return out
 
 
+def evidence_reference(ds: Dataset) -> Dataset:
+    """The four UIDs that list ``ds`` as evidence of an SR (its study, series, instance and class)."""
+    out = Dataset()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = ds.get(keyword)
+        if not value:
+            raise OutputError(f"a source instance has no {keyword}")
+        setattr(out, keyword, value)
+    return out
+
+
 def ascii_text(text: str, limit: int | None = None) -> str:
     """``text`` with non-ASCII characters replaced (safe in the default character repertoire and in
     Hershey fonts), cut to ``limit`` characters."""
