@@ -102,6 +102,11 @@ class Runner:
         """Resume interrupted jobs, then start the scheduler, workers and sender."""
         self._stop.clear()
         self._started_at = utcnow()
+        # import the output writers now (highdicom takes ~0.3 s), not in the first job's time to result
+        import node.outputs.pm
+        import node.outputs.sc
+        import node.outputs.sr  # noqa: F401
+
         with Session(self._engine) as session:
             jobs.requeue_interrupted(session, utcnow())
             session.commit()
