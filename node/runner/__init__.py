@@ -96,6 +96,7 @@ class Runner:
         self._threads: list[threading.Thread] = []
         self._claim_lock = threading.Lock()
         self._wake_workers = threading.Event()
+        self._wake_sender = threading.Event()
         self._started_at: datetime | None = None
 
     def start(self) -> None:
@@ -121,6 +122,7 @@ class Runner:
         """Ask every thread to finish its current step and wait for them."""
         self._stop.set()
         self._wake_workers.set()
+        self._wake_sender.set()
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
@@ -145,13 +147,17 @@ class Runner:
     def _schedule_loop(self) -> None:
         self._loop(self.tick, self._settings.assembly.poll_interval_s)
 
-    def _loop(self, step: object, interval: float) -> None:
+    def _loop(self, step: object, interval: float, wake: threading.Event | None = None) -> None:
         while not self._stop.is_set():
             try:
                 step()  # type: ignore[operator]
             except Exception:  # a transient database error must not end the loop; it is logged
                 log.exception("%s pass failed; retrying", threading.current_thread().name)
-            self._stop.wait(interval)
+            if wake is None:
+                self._stop.wait(interval)
+            else:
+                wake.wait(interval)
+                wake.clear()
 
     # -- workers -----------------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -253,6 +259,8 @@ class Runner:
                 session, fresh.study_uid, now, flagged, notify=bool(settings.webhook.url)
             )
             session.commit()
+        if rows:
+            self._wake_sender.set()
         positives = [f.label for f in result.findings if f.positive]
         log.info(
             "job %d: %s %s on %d images, positive: %s; %d outputs queued",
@@ -297,4 +305,5 @@ class Runner:
         return sent
 
     def _send_loop(self) -> None:
-        self._loop(self.send_once, 1.0)
+        """Deliver what is due; sleep until a job queues outputs, or 1 s for retries coming due."""
+        self._loop(self.send_once, 1.0, self._wake_sender)
