@@ -6,7 +6,9 @@ acknowledgement, and again with fsync off to show what durability costs) and (b)
 writing to a temp folder (`--fork` for parallel associations). Both servers are started here with
 TCP_NODELAY=1 in their environment, and so are the storescu clients: without it, Nagle's algorithm
 on the client adds ~40 ms to every instance, whoever receives. Prints instances/s, MB/s and the
-server's CPU seconds, and the ratio node / storescp.
+server's CPU seconds, and the ratio node / storescp. A third set sends each small instance on its
+own association (one storescu run per file), as modalities send one-image studies: there the cost
+of accepting an association counts, and so does starting storescu, for both servers alike.
 
     .venv/bin/python bench/ingest.py [--small 400] [--large 60]
 """
@@ -86,6 +88,29 @@ def send_parallel(port: int, files: list[Path], parallel: int, called: str) -> f
     return time.perf_counter() - started
 
 
+def send_each(port: int, files: list[Path], parallel: int, called: str) -> float:
+    """One storescu process and association per file (how a modality sends a study of one image),
+    ``parallel`` of them at a time; wall seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {**os.environ, "TCP_NODELAY": "1"}
+
+    def one(path: Path) -> None:
+        done = subprocess.run(
+            ["storescu", "-aec", called, "127.0.0.1", str(port), str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"storescu failed: {done.stderr.decode()[-500:]}")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, files))
+    return time.perf_counter() - started
+
+
 class Server:
     """A receiving server process started for one measurement."""
 
@@ -125,12 +150,13 @@ class Server:
             self.proc.kill()
 
 
-def measure(kind: str, files: list[Path], parallel: int) -> dict[str, float]:
+def measure(kind: str, files: list[Path], parallel: int, each: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
         server = Server(kind, Path(tmp), parallel)
         try:
             cpu0 = cpu_seconds(server.proc.pid)
-            wall = send_parallel(server.port, files, parallel, server.called)
+            send = send_each if each else send_parallel
+            wall = send(server.port, files, parallel, server.called)
             time.sleep(0.5)  # let storescp --fork reap its children
             cpu = cpu_seconds(server.proc.pid) - cpu0
         finally:
@@ -149,6 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", type=int, default=400, help="number of ~40 kB instances")
     parser.add_argument("--large", type=int, default=60, help="number of ~2 MB instances")
+    parser.add_argument("--each", type=int, default=100, help="~40 kB instances sent one per association")
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs per cell")
     args = parser.parse_args()
@@ -159,6 +186,7 @@ def main() -> None:
         sets = {
             "small ~40 kB": make_small(Path(data) / "small", args.small),
             "large ~2 MB": make_large(Path(data) / "large", args.large),
+            "1/assoc 40 kB": make_small(Path(data) / "each", args.each),
         }
         print(
             f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; {time.strftime('%Y-%m-%d')}"
@@ -173,7 +201,8 @@ def main() -> None:
             for parallel in args.parallel:
                 results = {}
                 for kind in ("storescp", "node", "node-nofsync"):
-                    runs = [measure(kind, files, parallel) for _ in range(args.repeat)]
+                    each = label.startswith("1/assoc")
+                    runs = [measure(kind, files, parallel, each) for _ in range(args.repeat)]
                     results[kind] = max(runs, key=lambda r: r["ips"])
                 base = results["storescp"]["ips"]
                 for kind, r in results.items():

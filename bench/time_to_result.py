@@ -7,7 +7,9 @@ plus an A-RELEASE) and stops when the SR file at storescp is complete and readab
 polled every 10 ms). The configured quiet period (series_quiet_s, group_by series) is subtracted.
 The breakdown comes from the node's database: assembly wait beyond the quiet period (including
 the assembler's poll interval), the job's recorded stage timings (queued, preprocessing, inferring,
-writing), and sending (job finished → the SR's outbox row marked sent).
+writing), and sending (job finished → the SR's outbox row marked sent). Unless --cold, another
+study of the same modality goes first and is waited for, so that the figure is the node's steady
+state, not its first study after a start (one-time costs: imports, first-use caches, ORT warm-up).
 
     .venv/bin/python bench/time_to_result.py [--ct-slices 300] [--quiet 1.0]
 """
@@ -95,7 +97,26 @@ def breakdown(db: Path, study_uid: str, sr_uid: str, deadline: float) -> dict[st
     return out
 
 
-def run_one(kind: str, study: Path, quiet: float, tmp: Path) -> dict:
+def send_and_wait(
+    port: int, study: Path, received: Path, seen: set[str]
+) -> tuple[str, float, float, float, str]:
+    """storescu the study; (study UID, send start, last response, SR at destination, SR UID)."""
+    files = sorted(study.glob("*.dcm"))
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    t_send = time.time()
+    proc = subprocess.run(
+        ["storescu", "-aec", "PACSNODE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    t_last = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.decode()[-500:])
+    t_sr, sr_uid = wait_sr(received, seen, 600)
+    return study_uid, t_send, t_last, t_sr, sr_uid
+
+
+def run_one(kind: str, study: Path, quiet: float, tmp: Path, warmup: Path | None = None) -> dict:
     dest_port = free_port()
     received = tmp / f"rx-{kind}"
     received.mkdir()
@@ -134,18 +155,11 @@ def run_one(kind: str, study: Path, quiet: float, tmp: Path) -> dict:
     )
     try:
         wait_port(port, 120)
-        files = sorted(study.glob("*.dcm"))
-        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        t_send = time.time()
-        proc = subprocess.run(
-            ["storescu", "-aec", "PACSNODE", "127.0.0.1", str(port), *map(str, files)],
-            capture_output=True,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
-        t_last = time.time()
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.decode()[-500:])
-        t_sr, sr_uid = wait_sr(received, set(), 600)
+        seen: set[str] = set()
+        if warmup is not None:  # one study first, so that the measured one finds the node warm
+            warm_uid, *_, warm_sr = send_and_wait(port, warmup, received, seen)
+            breakdown(folder / "data" / "node.db", warm_uid, warm_sr, time.monotonic() + 60)
+        study_uid, t_send, t_last, t_sr, sr_uid = send_and_wait(port, study, received, seen)
         stages = breakdown(folder / "data" / "node.db", study_uid, sr_uid, time.monotonic() + 60)
     finally:
         node.terminate()
@@ -157,8 +171,8 @@ def run_one(kind: str, study: Path, quiet: float, tmp: Path) -> dict:
         storescp.wait(10)
     return {
         "kind": kind,
-        "images": len(files),
-        "mb": sum(f.stat().st_size for f in files) / 1e6,
+        "images": len(list(study.glob("*.dcm"))),
+        "mb": sum(f.stat().st_size for f in study.glob("*.dcm")) / 1e6,
         "send": t_last - t_send,
         "ttr": t_sr - t_last - quiet,
         **stages,
@@ -177,6 +191,9 @@ def main() -> None:
     parser.add_argument("--ct-slices", type=int, default=300)
     parser.add_argument("--quiet", type=float, default=1.0, help="series_quiet_s (subtracted)")
     parser.add_argument("--kinds", nargs="*", default=["cxr", "mammo", "mr", "ct"])
+    parser.add_argument(
+        "--cold", action="store_true", help="measure the first study after the node starts (no warm-up study)"
+    )
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -190,7 +207,11 @@ def main() -> None:
             t0 = time.perf_counter()
             generate_study(kind, tmp / f"study-{kind}", 7, None, write_masks=False, **options)
             gen = time.perf_counter() - t0
-            row = run_one(kind, tmp / f"study-{kind}", args.quiet, tmp)
+            warmup = None
+            if not args.cold:
+                warmup = tmp / f"warmup-{kind}"
+                generate_study(kind, warmup, 8, None, write_masks=False, **options)
+            row = run_one(kind, tmp / f"study-{kind}", args.quiet, tmp, warmup)
             row["gen"] = gen
             fill_sending(row, args.quiet)
             rows.append(row)
