@@ -2,13 +2,19 @@
 
 N one-instance studies (pydicom's CT_small.dcm, ~40 kB, each with fresh study/series/SOP UIDs) are
 split over 4 storescu processes (one association each, as fast as they go) sending to the node run
-as a subprocess (fsync on, no models loaded: this measures ingest, assembly and routing, which
-records each series as "not routed"). The node's RSS is sampled from /proc every 50 ms. Reported:
+as a subprocess (fsync on; without --models no model is loaded: this measures ingest, assembly and
+routing, which records each series as "not routed"). The node's RSS is sampled from /proc every
+50 ms. Reported:
 send time, time until every series has been assembled and routed, instances/s, the node's RSS at
 start, at each quarter of the burst and at the end, and its peak; nothing may fail (every storescu
 exits 0, every instance is in the database, every series reaches its final state).
 
-    .venv/bin/python bench/burst.py [--studies 1000] [--clients 4]
+With --models the reference models are loaded (CPU) and every study is analysed: CT_small routes
+to ct-liver, each study gets a job, an SR and a heatmap capture, delivered to a DCMTK storescp
+(+uf: every copy it is sent is kept, so duplicates would show); the clock then runs until every
+job is done and every output delivered, and nothing may fail or arrive twice.
+
+    .venv/bin/python bench/burst.py [--studies 1000] [--clients 4] [--models]
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import fresh_copy, sample_file, wait_port, write_config  # noqa: E402
+from tests.helpers import free_port, fresh_copy, sample_file, wait_port, write_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -52,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--models", action="store_true", help="load the models; analyse and deliver")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
         sys.exit("storescu not found: apt-get install dcmtk")
@@ -62,12 +71,30 @@ def main() -> None:
             fresh_copy(src, tmp / "in" / f"{i:05d}.dcm", generate_uid(), generate_uid())
             for i in range(args.studies)
         ]
+        analysed: dict = {}
+        if args.models:
+            dest_port = free_port()
+            (tmp / "received").mkdir()
+            receiver = subprocess.Popen(
+                ["storescp", "+uf", "--aetitle", "DEST", "-od", str(tmp / "received"), str(dest_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            wait_port(dest_port)
+            analysed = {
+                "models": {"directory": str(REPO / "models" / "onnx"), "providers": ["CPUExecutionProvider"]},
+                "destinations": [
+                    {"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}
+                ],
+                "outputs": {"send_to": "all"},
+            }
         config = write_config(
             tmp,
             dicom={"max_associations": 16},
             assembly={"series_quiet_s": 1.0, "poll_interval_s": 0.2},
             web={"enabled": False},
             logging={"level": "WARNING"},
+            **analysed,
         )
         import yaml
 
@@ -126,6 +153,15 @@ def main() -> None:
                     break
                 time.sleep(0.1)
             all_s = time.perf_counter() - t0
+            if args.models:
+                deadline = time.monotonic() + 3600
+                while time.monotonic() < deadline:
+                    jobs_done = count(db, "select count(*) from job where state in ('done', 'failed')")
+                    unsent = count(db, "select count(*) from outboxitem where state != 'sent'")
+                    if jobs_done >= args.studies and unsent == 0:
+                        break
+                    time.sleep(0.2)
+                analysed_s = time.perf_counter() - t0
             time.sleep(1.0)
             rss_end = rss_mb(node.pid)
         finally:
@@ -135,6 +171,9 @@ def main() -> None:
                 node.wait(30)
             except subprocess.TimeoutExpired:
                 node.kill()
+            if args.models:
+                receiver.terminate()
+                receiver.wait(10)
         peak = max(r for _, r in samples) if samples else 0.0
         print(
             f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; {time.strftime('%Y-%m-%d')}"
@@ -145,6 +184,16 @@ def main() -> None:
         print(
             f"send time: {send_s:.1f} s ({args.studies / send_s:.1f} inst/s); until all routed: {all_s:.1f} s"
         )
+        if args.models:
+            jobs = count(db, "select count(*) from job where state = 'done'")
+            failed_jobs = count(db, "select count(*) from job where state = 'failed'")
+            outputs = count(db, "select count(*) from outboxitem where state = 'sent'")
+            delivered = len(list((tmp / "received").iterdir()))
+            print(
+                f"jobs done: {jobs}/{args.studies}, failed: {failed_jobs}; outputs sent {outputs}, "
+                f"files at the destination {delivered} (equal: nothing twice)"
+            )
+            print(f"until every study analysed and its outputs delivered: {analysed_s:.1f} s")
         marks_txt = ", ".join(f"after {n}: {r:.0f}" for n, r in quarters)
         print(f"node RSS MB: start {rss_start:.0f}; {marks_txt}; end {rss_end:.0f}; peak {peak:.0f}")
 
