@@ -47,6 +47,26 @@ def test_window_dicom_linear_formula():
     np.testing.assert_allclose(pp.window(x, 40, 80, out_min=-1, out_max=1)[[0, 4, 6]], [-1, 0, 1])
 
 
+def test_window_equals_the_piecewise_definition_bit_for_bit():
+    """The in-place clipped ramp gives exactly what PS3.3's three cases give (the models were
+    trained on that), for stored integers, HU floats and values on the boundaries."""
+
+    def piecewise(x, c, w, lo=0.0, hi=255.0):
+        x = x.astype(np.float64)
+        c, w = c - 0.5, w - 1.0
+        y = ((x - c) / w + 0.5) * (hi - lo) + lo
+        return np.where(x <= c - w / 2, lo, np.where(x > c + w / 2, hi, y)).astype(np.float32)
+
+    rng = np.random.default_rng(7)
+    stored = rng.integers(0, 4096, size=20000).astype(np.uint16)
+    hu = rng.uniform(-1200, 3000, size=20000)
+    for c, w in ((2048, 4096), (40, 400), (1000.5, 2.0), (80, 200), (-600, 1500)):
+        edges = np.array([c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2, c - 0.5, c - 1, c + 1])
+        for x in (stored, hu, edges):
+            np.testing.assert_array_equal(pp.window(x, c, w), piecewise(x, c, w))
+        np.testing.assert_array_equal(pp.window(hu, c, w, -1.0, 1.0), piecewise(hu, c, w, -1.0, 1.0))
+
+
 def test_window_width_one_is_a_threshold():
     np.testing.assert_array_equal(pp.window(np.array([9, 9.5, 9.6, 10]), 10, 1), [0, 0, 255, 255])
     with pytest.raises(PreprocessError, match="width must be >= 1"):
