@@ -208,6 +208,15 @@ def test_outputs_wait_while_destination_is_down_then_arrive_once(tmp_path):
         assert all(i.state == OutboxState.PENDING for i in items)
         assert job is not None and job.state == JobState.SENDING
         assert "association" in items[0].last_error
+        # IT sees the backlog meanwhile: on the status page and in the JSON API
+        from fastapi.testclient import TestClient
+
+        with TestClient(node.web_app()) as web:
+            page = web.get("/").text
+            assert f"Outbox pending / failed<b>{len(items)} / " in page.replace("\n", "")
+            outbox = web.get("/api/v1/outbox?state=pending").json()
+            assert outbox["counts"].get("pending") == len(items)
+            assert {i["sop_instance_uid"] for i in outbox["items"]} == {i.sop_instance_uid for i in items}
 
         orthanc = Orthanc(tmp_path / "orthanc", node.scp.port, dicom_port=orthanc_port)
         (done,) = wait_jobs(node, {truth.study_instance_uid}, timeout=120)
