@@ -28,8 +28,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
+import pydicom
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +45,14 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rows(db: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        return list(con.execute(sql))
+    finally:
+        con.close()
 
 
 def count(db: Path, sql: str) -> int:
@@ -188,11 +198,21 @@ def main() -> None:
             jobs = count(db, "select count(*) from job where state = 'done'")
             failed_jobs = count(db, "select count(*) from job where state = 'failed'")
             outputs = count(db, "select count(*) from outboxitem where state = 'sent'")
-            delivered = len(list((tmp / "received").iterdir()))
+            arrived = Counter(
+                str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                for f in (tmp / "received").iterdir()
+            )
+            delivered = sum(arrived.values())
             print(
                 f"jobs done: {jobs}/{args.studies}, failed: {failed_jobs}; outputs sent {outputs}, "
                 f"files at the destination {delivered} (equal: nothing twice)"
             )
+            retried = rows(
+                db, "select sop_instance_uid, attempts, last_error from outboxitem where attempts > 1"
+            )
+            twice = {uid: n for uid, n in arrived.items() if n > 1}
+            if twice or retried:
+                print(f"arrived more than once: {twice}; sent more than once: {retried}")
             print(f"until every study analysed and its outputs delivered: {analysed_s:.1f} s")
         marks_txt = ", ".join(f"after {n}: {r:.0f}" for n, r in quarters)
         print(f"node RSS MB: start {rss_start:.0f}; {marks_txt}; end {rss_end:.0f}; peak {peak:.0f}")
