@@ -57,6 +57,8 @@ def test_studies_series_jobs(processed):
     (job,) = detail["jobs"]
     assert job["model_id"] == "cxr" and job["model_version"] == "1.0.0" and job["state"] == "done"
     assert {"preprocessing", "inferring", "writing"} <= set(job["timings"])
+    assert job["images"] == 1  # the one radiograph of the study
+    assert "1 image analysed" in c.get(f"/studies/{processed.urgent}").text
     (series,) = c.get(f"/api/v1/studies/{processed.urgent}/series").json()
     assert series["route_models"] == ["cxr"]
     assert c.get(f"/api/v1/series/{series['series_uid']}").json()["modality"] == "DX"
