@@ -10,13 +10,14 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import update
+from sqlalchemy import func, or_, update
 from sqlmodel import Session, col, select
 
 from node.pipeline.route import ROUTE_KEYWORDS, RouteDecision, RuleSet, route, route_header_from_dataset
 from node.store import repo
 from node.store.tables import (
     ACTIVE_JOB_STATES,
+    Instance,
     Job,
     JobState,
     Series,
@@ -33,13 +34,45 @@ def job_key(model_id: str, level: str, uid: str) -> str:
     return f"{model_id}|{level}|{uid}"
 
 
+def _more_instances_than(session: Session, job: Job, series_uids: list[str]) -> bool:
+    """True when the series hold instances ``job`` did not analyse: more than the images it
+    recorded, or (a job that failed before recording them) any received after it started."""
+    in_series = col(Instance.series_uid).in_(series_uids)
+    analysed = json.loads(job.result).get("images") if job.result else None
+    if analysed is not None:
+        return int(session.exec(select(func.count()).select_from(Instance).where(in_series)).one()) > analysed
+    since = job.started_at or job.created_at
+    later = select(Instance.sop_instance_uid).where(in_series, col(Instance.received_at) > since).limit(1)
+    return session.exec(later).first() is not None
+
+
 def _new_job(
     session: Session, model_id: str, rule: str, level: str, study_uid: str, series: list[str], now: datetime
-) -> bool:
+) -> bool | None:
+    """Create the job for (model, level, uid) unless one covers the current instances already.
+
+    Instances that arrive after a series was analysed reopen it; when it completes again, a
+    revision job (key ``<key>#<n>``, so new output UIDs) analyses the whole series, unless the last
+    job is still queued (it will read the new files when it runs). True: created; False: nothing
+    to do; None: the last job is running, decide again once it has finished.
+    """
     uid = study_uid if level == "study" else series[0]
     key = job_key(model_id, level, uid)
-    if session.exec(select(Job.id).where(Job.key == key)).first() is not None:
-        return False
+    jobs = list(
+        session.exec(
+            select(Job).where(or_(Job.key == key, col(Job.key).startswith(key + "#"))).order_by(col(Job.id))
+        )
+    )
+    if jobs:
+        last = jobs[-1]
+        if last.state == JobState.QUEUED:
+            return False
+        if last.state in ACTIVE_JOB_STATES:
+            return None
+        if not _more_instances_than(session, last, series):
+            return False
+        key = f"{key}#{len(jobs) + 1}"
+        log.info("job %d (%s): more instances arrived after it ran; revision %s", last.id, model_id, key)
     session.add(
         Job(
             key=key,
@@ -97,7 +130,7 @@ def route_complete_series(
         series.route_grouping = str(decision.grouping)
         series.route_note = decision.reason[:512]
         if decision.grouping != "study":
-            for model_id in models:
+            outcomes = [
                 _new_job(
                     session,
                     model_id,
@@ -107,6 +140,10 @@ def route_complete_series(
                     [series.series_uid],
                     now,
                 )
+                for model_id in models
+            ]
+            if None in outcomes:  # a job of this series is running: route it again next pass
+                series.state = SeriesState.COMPLETE
     if pending:
         log.info("routing: %d series decided", len(pending))
     return len(pending)
@@ -135,7 +172,7 @@ def create_study_jobs(session: Session, now: datetime) -> int:
                 for model_id in s.route_models.split("\\"):
                     by_model.setdefault(model_id, (s.route_rule, []))[1].append(s.series_uid)
         for model_id, (rule, uids) in by_model.items():
-            created += _new_job(session, model_id, rule, "study", study_uid, uids, now)
+            created += bool(_new_job(session, model_id, rule, "study", study_uid, uids, now))
     return created
 
 
