@@ -125,6 +125,16 @@ class _Totals:
         self.last = r.received_at if self.last is None else max(self.last, r.received_at)
 
 
+def _totals(received: list[ReceivedInstance]) -> tuple[dict[str, _Totals], dict[str, _Totals]]:
+    """What ``received`` adds to each series and to each study, by UID."""
+    by_series: dict[str, _Totals] = defaultdict(_Totals)
+    by_study: dict[str, _Totals] = defaultdict(_Totals)
+    for r in received:
+        by_series[r.series_uid].add(r)
+        by_study[r.study_uid].add(r)
+    return by_series, by_study
+
+
 def record_instances(session: Session, received: Sequence[ReceivedInstance]) -> set[str]:
     """Add the instances not yet known, updating their series and study; return the new UIDs.
 
@@ -197,11 +207,7 @@ def _touch(session: Session, duplicates: list[ReceivedInstance]) -> None:
     """A duplicate is still an instance arriving: a sender resending a series it was cut off in
     (after a restart of the node, say) keeps that series open while it resends. Series and studies
     already complete stay as they are; counters do not change."""
-    by_series: dict[str, _Totals] = defaultdict(_Totals)
-    by_study: dict[str, _Totals] = defaultdict(_Totals)
-    for r in duplicates:
-        by_series[r.series_uid].add(r)
-        by_study[r.study_uid].add(r)
+    by_series, by_study = _totals(duplicates)
     db = session.connection()
     for statement, totals in ((_TOUCH_SERIES, by_series), (_TOUCH_STUDY, by_study)):
         db.execute(statement, [{"b_uid": uid, "b_last": t.last} for uid, t in sorted(totals.items())])
@@ -211,11 +217,7 @@ def _raise_counters(
     session: Session, new: list[ReceivedInstance], new_series: dict[str, ReceivedInstance]
 ) -> None:
     """Add the new instances to their series and studies, and reopen those that were complete."""
-    by_series: dict[str, _Totals] = defaultdict(_Totals)
-    by_study: dict[str, _Totals] = defaultdict(_Totals)
-    for r in new:
-        by_series[r.series_uid].add(r)
-        by_study[r.study_uid].add(r)
+    by_series, by_study = _totals(new)
     db = session.connection()
     db.execute(
         _RAISE_SERIES,
