@@ -32,9 +32,8 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.synth import generate_study  # noqa: E402
-from tests.helpers import free_port, wait_port, write_config  # noqa: E402
+from tests.helpers import analysing_config, free_port, wait_port  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SR_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.34",
     "1.2.840.10008.5.1.4.1.1.88.33",
@@ -129,21 +128,10 @@ def run_one(kind: str, study: Path, quiet: float, tmp: Path, warmup: Path | None
     wait_port(dest_port)
     folder = tmp / f"node-{kind}"
     folder.mkdir()
-    config = write_config(
+    config = analysing_config(
         folder,
-        models={"directory": str(REPO / "models" / "onnx"), "providers": ["CPUExecutionProvider"]},
+        dest_port,
         assembly={"series_quiet_s": quiet, "study_quiet_s": quiet, "poll_interval_s": 0.1},
-        destinations=[
-            {
-                "name": "pacs",
-                "ae_title": "DEST",
-                "host": "127.0.0.1",
-                "port": dest_port,
-                "parametric_map": False,
-            }
-        ],
-        outputs={"send_to": "all"},
-        web={"enabled": False},
         logging={"level": "WARNING"},
     )
     import yaml

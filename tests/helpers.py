@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -153,6 +154,57 @@ def write_config(folder: Path, **sections: dict) -> Path:
     path = folder / "node.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def analysing_config(folder: Path, dest_port: int, destination: dict | None = None, **sections: dict) -> Path:
+    """write_config for a node with the reference models on CPU that sends every output (no
+    parametric maps) to a DCMTK storescp (AE DEST) on loopback ``dest_port``; web server off.
+    ``destination`` adds to the destination's settings; other sections as in write_config."""
+    return write_config(
+        folder,
+        **{
+            "models": {"directory": str(REPO / "models" / "onnx"), "providers": ["CPUExecutionProvider"]},
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "ae_title": "DEST",
+                    "host": "127.0.0.1",
+                    "port": dest_port,
+                    "parametric_map": False,
+                    **(destination or {}),
+                }
+            ],
+            "outputs": {"send_to": "all"},
+            "web": {"enabled": False},
+            **sections,
+        },
+    )
+
+
+def send_until_failure(
+    port: int, files: list[Path], acked: list[Path], lock: threading.Lock, aet: str
+) -> None:
+    """Send ``files`` in order over one association (CT Image Storage, explicit VR little endian),
+    appending each acknowledged with success to ``acked``; stop at the first failure (the node
+    died under us, say)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=aet)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 20
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+    if not assoc.is_established:
+        return
+    for path in files:
+        try:
+            rsp = assoc.send_c_store(path)
+        except Exception:  # the node died under us
+            return
+        if "Status" not in rsp or int(rsp.Status) != 0:
+            return
+        with lock:
+            acked.append(path)
+    assoc.release()
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

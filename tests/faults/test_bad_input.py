@@ -25,9 +25,8 @@ from node.app import build_node
 from node.settings import load_settings
 from node.store.tables import Instance, Job, Series
 from node.synth import generate_study
-from tests.helpers import StoreSCP, free_port, make_series, need, raw_store, raw_store_file, write_config
+from tests.helpers import StoreSCP, analysing_config, free_port, make_series, need, raw_store, raw_store_file
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 SR = "1.2.840.10008.5.1.4.1.1.88.22"
 PDF = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -169,22 +168,11 @@ def env(tmp_path_factory):  # noqa: ANN001, ANN201
     need("storescp")
     tmp = tmp_path_factory.mktemp("bad")
     dest_port = free_port()
-    config = write_config(
+    config = analysing_config(
         tmp,
-        models={"directory": str(ROOT / "models" / "onnx"), "providers": ["CPUExecutionProvider"]},
+        dest_port,
         assembly={"series_quiet_s": 0.3, "poll_interval_s": 0.1},
-        destinations=[
-            {
-                "name": "pacs",
-                "ae_title": "DEST",
-                "host": "127.0.0.1",
-                "port": dest_port,
-                "parametric_map": False,
-            }
-        ],
-        outputs={"send_to": "all"},
         runner={"max_attempts": 1, "retry_backoff_s": 0},
-        web={"enabled": False},
     )
     scp = StoreSCP(tmp / "received", dest_port)
     node = build_node(load_settings(config))

@@ -22,22 +22,21 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
-from pynetdicom import AE
 
 from tests.helpers import (
     StoreSCP,
+    analysing_config,
     dataset_bytes,
     free_port,
     make_series,
     need,
     node_db_url,
     query_db,
+    send_until_failure,
     start_node_process,
     wait_for,
-    write_config,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 SERIES = 10
 SLICES = 100
 SENDERS = 4
@@ -46,30 +45,14 @@ QUIET_S = 3.0
 pytestmark = pytest.mark.slow
 
 
-def _send(port: int, series: list[list[Path]], acked: list[Path], lock: threading.Lock) -> None:
-    """One association sending whole series in turn; stops at the first failure (the node died)."""
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
-    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 20
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
-    if not assoc.is_established:
-        return
-    for path in (p for files in series for p in files):
-        try:
-            rsp = assoc.send_c_store(path)
-        except Exception:  # the node died under us
-            return
-        if "Status" not in rsp or int(rsp.Status) != 0:
-            return
-        with lock:
-            acked.append(path)
-    assoc.release()
-
-
 def _send_all(port: int, series: list[list[Path]], acked: list[Path]) -> list[threading.Thread]:
     lock = threading.Lock()
     threads = [
-        threading.Thread(target=_send, args=(port, series[k::SENDERS], acked, lock), daemon=True)
+        threading.Thread(
+            target=send_until_failure,
+            args=(port, [p for files in series[k::SENDERS] for p in files], acked, lock, "MODALITY"),
+            daemon=True,
+        )
         for k in range(SENDERS)
     ]
     for t in threads:
@@ -85,22 +68,9 @@ def test_sigkill_during_ingest_then_resend_processes_each_instance_once(tmp_path
     need("storescp")
     dest_port = free_port()
     scp = StoreSCP(tmp_path / "received", dest_port)
-    config = write_config(
-        tmp_path,
-        models={"directory": str(ROOT / "models" / "onnx"), "providers": ["CPUExecutionProvider"]},
-        # long enough that no series of the interrupted transfer completes before the resend
-        assembly={"series_quiet_s": QUIET_S, "poll_interval_s": 0.1},
-        destinations=[
-            {
-                "name": "pacs",
-                "ae_title": "DEST",
-                "host": "127.0.0.1",
-                "port": dest_port,
-                "parametric_map": False,
-            }
-        ],
-        outputs={"send_to": "all"},
-        web={"enabled": False},
+    # quiet long enough that no series of the interrupted transfer completes before the resend
+    config = analysing_config(
+        tmp_path, dest_port, assembly={"series_quiet_s": QUIET_S, "poll_interval_s": 0.1}
     )
     port = yaml.safe_load(config.read_text())["dicom"]["port"]
     data_dir = Path(yaml.safe_load(config.read_text())["storage"]["data_dir"])

@@ -13,6 +13,7 @@ import pytest
 from node.synth import generate_study
 from tests.helpers import (
     StoreSCP,
+    analysing_config,
     free_port,
     need,
     node_db_url,
@@ -20,32 +21,17 @@ from tests.helpers import (
     raw_store_file,
     start_node_process,
     wait_for,
-    write_config,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path: Path, dest_port: int) -> Path:
-    return write_config(
+    return analysing_config(
         tmp_path,
-        models={"directory": str(ROOT / "models" / "onnx"), "providers": ["CPUExecutionProvider"]},
+        dest_port,
+        {"max_attempts": 100, "backoff_initial_s": 0.2, "backoff_max_s": 0.5},
         assembly={"series_quiet_s": 0.5, "poll_interval_s": 0.1},
-        destinations=[
-            {
-                "name": "pacs",
-                "ae_title": "DEST",
-                "host": "127.0.0.1",
-                "port": dest_port,
-                "parametric_map": False,
-                "max_attempts": 100,
-                "backoff_initial_s": 0.2,
-                "backoff_max_s": 0.5,
-            }
-        ],
-        outputs={"send_to": "all"},
-        web={"enabled": False},
     )
 
 

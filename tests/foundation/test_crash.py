@@ -11,34 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pynetdicom import AE
 from sqlmodel import Session, create_engine, select
 
 from node.store.tables import Instance
-from tests.helpers import dataset_bytes, make_series, start_node_process, write_config
+from tests.helpers import dataset_bytes, make_series, send_until_failure, start_node_process, write_config
 
 SENDERS = 4
 PER_SENDER = 120
 KILL_AFTER = 150
-
-
-def _sender(port: int, files: list[Path], acked: list[Path], lock: threading.Lock) -> None:
-    ae = AE(ae_title=f"CRASH{threading.get_ident() % 1000}")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
-    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 10
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
-    if not assoc.is_established:
-        return
-    for path in files:
-        try:
-            rsp = assoc.send_c_store(path)
-        except Exception:  # the node died under us
-            return
-        if "Status" not in rsp or int(rsp.Status) != 0:
-            return
-        with lock:
-            acked.append(path)
-    assoc.release()
 
 
 @pytest.mark.slow
@@ -49,7 +29,10 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(tmp_path):
     proc = start_node_process(config, tmp_path / "node.log")
     acked: list[Path] = []
     lock = threading.Lock()
-    threads = [threading.Thread(target=_sender, args=(port, b, acked, lock)) for b in batches]
+    threads = [
+        threading.Thread(target=send_until_failure, args=(port, b, acked, lock, f"CRASH{i}"))
+        for i, b in enumerate(batches)
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 120
