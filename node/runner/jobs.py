@@ -106,8 +106,10 @@ def route_complete_series(
     session: Session, rules: RuleSet, available: Callable[[str], bool], spool_root: Path, now: datetime
 ) -> int:
     """Route every complete, not yet routed series; create its jobs (series/image level).
-    Returns the number of series routed or recorded as not routed."""
+    Returns the number of series routed or recorded as not routed (not those left complete
+    until a running job of theirs has finished)."""
     pending = list(session.exec(select(Series).where(Series.state == SeriesState.COMPLETE)))
+    waiting = 0
     for series in pending:
         decision = _decide(rules, spool_root, series, session)
         if isinstance(decision, str):
@@ -144,9 +146,11 @@ def route_complete_series(
             ]
             if None in outcomes:  # a job of this series is running: route it again next pass
                 series.state = SeriesState.COMPLETE
-    if pending:
-        log.info("routing: %d series decided", len(pending))
-    return len(pending)
+                waiting += 1
+    decided = len(pending) - waiting
+    if decided:
+        log.info("routing: %d series decided", decided)
+    return decided
 
 
 def create_study_jobs(session: Session, now: datetime) -> int:
