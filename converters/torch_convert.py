@@ -223,13 +223,15 @@ def export_torch(
             raise ConversionError(
                 "--cam is not supported for TorchScript input; give module:factory + weights"
             )
-        module = WithCam(net, find_cam_head(net, cam_pool, cam_linear))
+        # a new wrapper module is in training mode, and eval() is recursive: without it BatchNorm
+        # uses batch statistics and Dropout drops, in the parity reference and in the identity check
+        module = WithCam(net, find_cam_head(net, cam_pool, cam_linear)).eval()
         verify_cam_identity(module, dummy)
         names.append("cam")
     elif isinstance(net, torch.jit.ScriptModule):
         module = net  # a traced/scripted module is exported as is (it must return one tensor)
     else:
-        module = _Single(net)
+        module = _Single(net).eval()  # see WithCam above: the wrapper would put BatchNorm in training
     try:
         with torch.no_grad():
             out = module(dummy)
@@ -257,6 +259,7 @@ def export_torch(
                 opset_version=opset,
                 dynamo=False,
             )
+        module.eval()  # torch.onnx.export restores the mode it found; the reference must stay in eval
     except Exception as exc:
         raise ConversionError(
             f"ONNX export failed (an operator or layer ONNX opset {opset} does not support?): "

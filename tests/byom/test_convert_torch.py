@@ -57,6 +57,37 @@ class Weird(nn.Module):
         return self.fc(s[:, :4])
 
 
+class BnNet(nn.Module):
+    # what real CNNs have and the first networks here did not: BatchNorm (with running statistics
+    # far from a batch's own) and Dropout, ResNet-style residual blocks, GAP + linear head
+
+    def __init__(self, n: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, n)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        return self.fc(self.drop(torch.flatten(self.pool(h), 1)))
+
+
+def bn_net() -> BnNet:
+    torch.manual_seed(1)
+    net = BnNet()
+    for m in net.modules():  # trained-looking running statistics, far from any batch's own
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
 def build(n: int = 2) -> Net:
     torch.manual_seed(0)
     return Net(n)
@@ -236,3 +267,28 @@ def test_cli_exit_codes(tnet: Path) -> None:
     data = yaml.safe_load((tnet / "cli" / "manifest.yaml").read_text())
     assert data["input"]["shape"] == [None, 1, 32, 32]
     assert np.isfinite(data["provenance"]["metrics"]["parity_max_abs"])
+
+
+@pytest.mark.parametrize("cam", [False, True], ids=["plain", "cam"])
+def test_batchnorm_dropout_network_passes_parity(tnet: Path, cam: bool) -> None:
+    """The parity reference runs the network in eval mode, as ONNX Runtime does. (The export
+    wrappers are new modules, created in training mode, and torch.onnx.export restores that mode
+    recursively: without ``.eval()`` on the wrapper, BatchNorm used batch statistics and Dropout
+    dropped, and every real CNN was refused with a parity failure of ~0.8.)"""
+    import byom_tnet  # type: ignore[import-not-found]
+
+    torch.save(byom_tnet.bn_net().state_dict(), tnet / "bn.pt")
+    result = convert_torch(
+        out_dir=tnet / f"bn-{cam}",
+        model="byom_tnet:BnNet",
+        weights=tnet / "bn.pt",
+        input_shape=(1, 64, 64),
+        cam=cam,
+        echo=lambda s: None,
+    )
+    assert result.ok, result.parity
+    assert result.parity[0].max_abs < 1e-4
+    with torch.no_grad():  # the reference really is the eval-mode network (not batch statistics)
+        net = byom_tnet.bn_net().eval()
+        x = torch.randn(3, 1, 64, 64)
+        assert torch.allclose(net(x), net(x)), "Dropout active: the test network is not in eval mode"
