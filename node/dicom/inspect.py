@@ -8,6 +8,7 @@ import io
 import zlib
 from dataclasses import dataclass
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
@@ -62,11 +63,21 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value or "").strip()
 
 
+def _known_vr(element: object) -> object:
+    """A filing element as its dictionary VR when the sender wrote it as UN (explicit VR files
+    converted by some tools carry every standard attribute as UN; DCMTK stores them as they are).
+    The value bytes are the same: UN only hides the VR, in the transfer syntax's byte order."""
+    if isinstance(element, RawDataElement) and element.VR == "UN":
+        return element._replace(VR=dictionary_VR(element.tag))
+    return element
+
+
 def inspect_dataset(stream: io.BytesIO, transfer_syntax: UID) -> Header:
     """Walk every top-level element of ``stream`` and return the filing header.
 
-    Raises IngestError(CANNOT_UNDERSTAND) when the data set is truncated, overruns its lengths,
-    is not parseable, or lacks a UID the node needs.
+    Attributes written with VR UN are read with their dictionary VR. Raises
+    IngestError(CANNOT_UNDERSTAND) when the data set is truncated, overruns its lengths, is not
+    parseable, or lacks a UID the node needs.
     """
     stream.seek(0)
     buffer = stream
@@ -99,7 +110,7 @@ def inspect_dataset(stream: io.BytesIO, transfer_syntax: UID) -> Header:
                         f"data set truncated: element {element.tag} declares {element.length} bytes",
                     )
             if int(element.tag) in _WANTED:
-                kept[int(element.tag)] = element
+                kept[int(element.tag)] = _known_vr(element)
     except IngestError:
         raise
     except Exception as exc:  # pydicom raises several types on malformed input

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import socket
+import threading
 import time
+import weakref
+from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -30,15 +35,22 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.events import Event
-from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import (
+    Verification,  # type: ignore[attr-defined]
+    uid_to_service_class,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.dicom import status
 from node.dicom.access import AllowList
 from node.dicom.committer import IngestCommitter
-from node.dicom.inspect import inspect_dataset
+from node.dicom.inspect import Header, inspect_dataset
+from node.dicom.sop_classes import storage_sop_classes
 from node.dicom.spool import Spool, SpoolFullError
 from node.dicom.tls import server_context
 from node.errors import IngestError, StoreError
@@ -94,11 +106,53 @@ class _SharedContext(PresentationContext):
 
 
 def _failure(code: int, comment: str) -> Dataset:
-    """A C-STORE response status with an error comment (LO: at most 64 characters)."""
+    """A C-STORE response status with an error comment (LO: at most 64 characters, no backslash)."""
     ds = Dataset()
     ds.Status = code
-    ds.ErrorComment = comment[:64]
+    ds.ErrorComment = re.sub(r"[^ -\[\]-~]", "?", comment)[:64]
     return ds
+
+
+# A placeholder for a request SOP Instance UID pynetdicom cannot carry (empty, over 64 characters):
+# the response echoes it, and the request is answered with a failure.
+_PLACEHOLDER_UID = "0"
+
+
+@dataclass(frozen=True, slots=True)
+class _GarbledRequest:
+    """What a C-STORE request's command set said where pynetdicom could not use it (shown safely)."""
+
+    sop_class: str | None = None
+    sop_instance: str | None = None
+
+
+def _shown(value: object) -> str:
+    """A request UID as it may appear in logs and error comments: digits and dots only (anything
+    else becomes '?': a garbled UID field could hold any bytes), at most 24 characters."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    text = re.sub(r"[^0-9.]", "?", str(value if value is not None else ""))
+    return (text[:23] + "~") if len(text) > 24 else text
+
+
+def _uid_name(uid: str) -> str:
+    """A short name for a SOP class UID: its keyword (CTImageStorage) when pydicom knows it."""
+    keyword = UID(uid).keyword if uid else ""
+    return keyword or _shown(uid)
+
+
+def _storage_dispatchable(value: object) -> bool:
+    """True when pynetdicom would run the storage service for this request SOP Class UID (one
+    value, 1 to 64 characters, a storage class it knows); otherwise it aborts the association or
+    drops the request unanswered."""
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        return False
+    return uid_to_service_class(value) is StorageServiceClass
+
+
+def _uid_carriable(value: object) -> bool:
+    """True when pynetdicom accepts this request SOP Instance UID (one value, 1 to 64 characters)."""
+    return isinstance(value, str) and 0 < len(value) <= 64
 
 
 class StorageSCP:
@@ -119,6 +173,11 @@ class StorageSCP:
         self._tls = server_context(settings.tls, settings.network_timeout_s) if settings.tls.enabled else None
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
+        # per association: message id -> what its garbled request said (see _on_dimse_received)
+        self._garbled: weakref.WeakKeyDictionary[Association, dict[int, _GarbledRequest]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._garbled_lock = threading.Lock()
 
     def start(self) -> None:
         """Bind and serve in background threads."""
@@ -132,10 +191,12 @@ class StorageSCP:
         ae.require_called_aet = False
         if not self.allowed:  # the allow-list (AE titles and addresses) is checked in _on_requested
             log.warning("dicom.allowed_calling_aets is empty: every calling AE title is accepted")
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        # the acceptor may support any number of contexts (the 128 limit is on what a requestor proposes)
+        for sop_class in storage_sop_classes():
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         handlers = [
+            (evt.EVT_DIMSE_RECV, self._on_dimse_received),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, self._on_connect),
@@ -227,35 +288,109 @@ class StorageSCP:
     def _on_echo(event: Event) -> int:
         return status.SUCCESS
 
+    def _on_dimse_received(self, event: Event) -> None:
+        """Keep one garbled C-STORE request from aborting the association.
+
+        pynetdicom picks the service by the request's Affected SOP Class UID, not by the
+        presentation context: a UID it does not know as storage (DCMTK 3.6.7 dcmsend sends '31'
+        for a data set whose SOP Class UID has VR UN) aborts the association, and an empty or
+        over-long UID drops the request unanswered. Such a command is pointed at the context's
+        abstract syntax (and a placeholder instance UID) so that the storage service runs, and
+        what it really said is kept for :meth:`store`, which answers it with a failure status.
+        """
+        message = event.message
+        if not isinstance(message, C_STORE_RQ) or message.command_set is None:
+            return
+        command = message.command_set
+        sop_class = command.get("AffectedSOPClassUID")
+        sop_instance = command.get("AffectedSOPInstanceUID")
+        class_ok = _storage_dispatchable(sop_class)
+        instance_ok = _uid_carriable(sop_instance)
+        if class_ok and instance_ok:
+            return
+        context = next(
+            (cx for cx in event.assoc.accepted_contexts if cx.context_id == message.context_id), None
+        )
+        if context is None:  # pynetdicom aborts: a message on a context that was not accepted
+            return
+        if not class_ok:
+            command.AffectedSOPClassUID = context.abstract_syntax
+        if not instance_ok:
+            command.AffectedSOPInstanceUID = _PLACEHOLDER_UID
+        note = _GarbledRequest(
+            sop_class=None if class_ok else _shown(sop_class),
+            sop_instance=None if instance_ok else _shown(sop_instance),
+        )
+        with self._garbled_lock:
+            self._garbled.setdefault(event.assoc, {})[int(command.get("MessageID", 0))] = note
+
+    def _garbled_note(self, event: Event) -> _GarbledRequest | None:
+        """Take what _on_dimse_received kept for this request, if anything."""
+        with self._garbled_lock:
+            notes = self._garbled.get(event.assoc)
+            if not notes:
+                return None
+            return notes.pop(int(event.request.MessageID or 0), None)
+
     def _on_store(self, event: Event) -> int | Dataset:
+        """Answer one C-STORE: success once it is durable, otherwise a failure status with an error
+        comment. Nothing raised while handling one data set may abort the association."""
         started = time.perf_counter()
         calling = event.assoc.requestor.ae_title
         try:
-            stored = self.store(event)
+            stored = self.store(event, self._garbled_note(event))
         except IngestError as exc:
             log.warning("C-STORE from %s refused with %s: %s", calling, status.name(exc.status), exc)
             self.metrics.refused(calling, exc.status)
             return _failure(exc.status, str(exc))
+        except Exception as exc:  # a bug of ours must cost one data set, not the association
+            log.exception("C-STORE from %s: unexpected %s while filing", calling, type(exc).__name__)
+            self.metrics.refused(calling, status.PROCESSING_FAILURE)
+            return _failure(status.PROCESSING_FAILURE, f"node error ({type(exc).__name__}); see its log")
         log.debug("C-STORE from %s stored in %.1f ms", calling, (time.perf_counter() - started) * 1e3)
         return stored
 
-    def store(self, event: Event) -> int:
-        """File one C-STORE request durably; raise IngestError with the status to answer."""
+    @staticmethod
+    def _check_request(header: Header, event: Event, garbled: _GarbledRequest | None) -> None:
+        """Raise IngestError unless the request, its presentation context and the data set agree."""
         request = event.request
-        stream: BytesIO = request.DataSet  # type: ignore[assignment]
-        context = event.context
-        transfer_syntax = UID(context.transfer_syntax)
-        header = inspect_dataset(stream, transfer_syntax)
-        requested_class = str(request.AffectedSOPClassUID)
-        if header.sop_class_uid != requested_class or header.sop_class_uid != context.abstract_syntax:
+        negotiated = str(event.context.abstract_syntax)
+        if garbled is not None and garbled.sop_class is not None:
             raise IngestError(
                 status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"data set SOP class {header.sop_class_uid} differs from the request's {requested_class}",
+                f"request SOP class '{garbled.sop_class}' is not storage "
+                f"(data set: {_uid_name(header.sop_class_uid)})",
+            )
+        if garbled is not None and garbled.sop_instance is not None:
+            raise IngestError(
+                status.CANNOT_UNDERSTAND,
+                f"request SOP Instance UID empty or over 64 chars: '{garbled.sop_instance}'",
+            )
+        requested = str(request.AffectedSOPClassUID)
+        if header.sop_class_uid != requested:
+            raise IngestError(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"data set is {_uid_name(header.sop_class_uid)}, request says {_uid_name(requested)}",
+            )
+        if header.sop_class_uid != negotiated:
+            raise IngestError(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"data set is {_uid_name(header.sop_class_uid)}, context is {_uid_name(negotiated)}",
             )
         if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
             raise IngestError(
                 status.CANNOT_UNDERSTAND, "data set SOP Instance UID differs from the request's"
             )
+
+    def store(self, event: Event, garbled: _GarbledRequest | None = None) -> int:
+        """File one C-STORE request durably; raise IngestError with the status to answer.
+        ``garbled``: what the request's command said where pynetdicom could not use it."""
+        request = event.request
+        stream: BytesIO = request.DataSet  # type: ignore[assignment]
+        context = event.context
+        transfer_syntax = UID(context.transfer_syntax)
+        header = inspect_dataset(stream, transfer_syntax)
+        self._check_request(header, event, garbled)
         relative = self.spool.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         body = stream.getbuffer()
         meta = BytesIO()
