@@ -16,10 +16,13 @@ database, no network.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import pydicom
@@ -29,6 +32,14 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from node.errors import ConfigError
+from node.pipeline.region import (
+    REGION_KEYWORDS,
+    UNKNOWN_HEADER,
+    RegionEvidence,
+    header_region,
+    needs_pixels,
+    region_from_files,
+)
 from node.pipeline.route_rules import (
     HEADER_FIELDS,
     REGEX_FIELDS,
@@ -56,6 +67,7 @@ __all__ = [
     "parse_rules",
     "route",
     "route_header_from_dataset",
+    "with_pixel_region",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +84,11 @@ ROUTE_KEYWORDS: tuple[str, ...] = (
     "SeriesDescription",
     "ProtocolName",
     "StudyDescription",
+    *(
+        k
+        for k in REGION_KEYWORDS
+        if k not in ("Modality", "BodyPartExamined", "SeriesDescription", "ProtocolName", "StudyDescription")
+    ),
 )
 
 _LABELS: dict[str, str] = {**HEADER_FIELDS, "laterality": "Laterality"}
@@ -102,6 +119,17 @@ class RouteHeader:
     series_description: str | None = None
     protocol_name: str | None = None
     study_description: str | None = None
+    #: The body region the header names (BodyPartExamined, anatomy codes, descriptions).
+    region: RegionEvidence = UNKNOWN_HEADER
+    #: Looks at the pixels when the header names no region (set by :func:`with_pixel_region`);
+    #: called at most once, and only when a rule's ``body_region`` condition is reached.
+    pixel_region: Callable[[], RegionEvidence] | None = dc_field(default=None, compare=False, repr=False)
+
+    def body_region(self) -> RegionEvidence:
+        """The region evidence: the header's, else (CT/MR) the pixels', else unknown."""
+        if self.region.known or self.pixel_region is None or not needs_pixels(self.modality, self.region):
+            return self.region
+        return self.pixel_region()
 
     def value(self, field: str) -> str | None:
         """A field as text (ImageType joined with backslashes); None when absent."""
@@ -176,7 +204,13 @@ def route_header_from_dataset(ds: Dataset) -> RouteHeader:
         series_description=_text(ds, "SeriesDescription"),
         protocol_name=_text(ds, "ProtocolName"),
         study_description=_text(ds, "StudyDescription"),
+        region=header_region(ds),
     )
+
+
+def with_pixel_region(header: RouteHeader, look: Callable[[], RegionEvidence]) -> RouteHeader:
+    """``header`` with a pixel look-up for its body region, called at most once and only if needed."""
+    return dataclasses.replace(header, pixel_region=functools.cache(look))
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -234,6 +268,32 @@ def _check_image_type(required: Sequence[str], header: RouteHeader) -> _Outcome:
         lacking = "\\".join(absent)
         return _Outcome(False, f"ImageType {shown} does not contain {lacking}", "image_type")
     return _Outcome(True, f"ImageType {shown} contains {needed}", "image_type")
+
+
+def _check_image_type_any(wanted: Sequence[str], header: RouteHeader) -> _Outcome:
+    shown_wanted = _list_text([v.strip().upper() for v in wanted], "image_type")
+    if not header.image_type:
+        return _Outcome(False, f"ImageType missing (needs one of {shown_wanted})", "image_type")
+    have = {_norm(v) for v in header.image_type}
+    shown = "\\".join(header.image_type)
+    found = [v.strip().upper() for v in wanted if _norm(v) in have]
+    if found:
+        return _Outcome(True, f"ImageType {shown} contains {found[0]}", "image_type")
+    return _Outcome(False, f"ImageType {shown} contains none of {shown_wanted}", "image_type")
+
+
+def _check_body_region(expected: Sequence[str], header: RouteHeader) -> _Outcome:
+    evidence = header.body_region()
+    if not evidence.known:
+        return _Outcome(False, f"body region unknown ({evidence.text})", "body_region")
+    regions = "+".join(evidence.regions)
+    if any(r in expected for r in evidence.regions):
+        return _Outcome(True, f"body region {regions} ({evidence.text})", "body_region")
+    return _Outcome(
+        False,
+        f"body region {regions} ({evidence.text}) not in {_list_text(expected, 'body_region')}",
+        "body_region",
+    )
 
 
 def _patterns_text(condition: Condition, field: str) -> str:
@@ -296,6 +356,8 @@ def _checks(condition: Condition, header: RouteHeader) -> Iterator[_Outcome]:
             yield _check_values(field, expected, header)
     if condition.image_type is not None:
         yield _check_image_type(condition.image_type, header)
+    if condition.image_type_any is not None:
+        yield _check_image_type_any(condition.image_type_any, header)
     for field in REGEX_FIELDS:
         if getattr(condition, field) is not None:
             yield _search(condition, field, field, header)
@@ -311,6 +373,8 @@ def _checks(condition: Condition, header: RouteHeader) -> Iterator[_Outcome]:
             yield _Outcome(False, f"{inner.text}, which rules it out", inner.field)
         else:
             yield _Outcome(True, inner.text, inner.field)
+    if condition.body_region is not None:  # last: it may read the pixels
+        yield _check_body_region(condition.body_region, header)
 
 
 def _all(conditions: Iterable[Condition], header: RouteHeader) -> _Outcome:
@@ -349,6 +413,11 @@ def _not_routed(header: RouteHeader, failures: list[tuple[str, _Outcome]], enabl
     if enabled == 0:
         return "not routed: no routing rule is enabled"
     nearby = [(name, o) for name, o in failures if o.field != "modality"]
+    unknown = [o for _, o in nearby if o.field == "body_region" and o.text.startswith("body region unknown")]
+    if unknown:
+        others = [(n, o) for n, o in nearby if o.field != "body_region"]
+        rest = "; " + _not_routed(header, others, enabled).removeprefix("not routed: ") if others else ""
+        return "not routed: " + unknown[0].text + rest
     if not nearby:
         if header.modality is None:
             return "not routed: no rule for objects without a Modality"
@@ -447,7 +516,8 @@ def _decide_file(rules: RuleSet, path: Path) -> tuple[RouteDecision, bool]:
         return _unreadable(f"the file cannot be read ({exc.strerror})"), False
     except (EOFError, *_VALUE_ERRORS) as exc:
         return _unreadable(f"not a readable DICOM file ({type(exc).__name__}: {exc})"[:300]), False
-    return route(rules, route_header_from_dataset(ds)), True
+    header = with_pixel_region(route_header_from_dataset(ds), lambda: region_from_files([path]))
+    return route(rules, header), True
 
 
 def explain_files(rules: RuleSet, paths: Iterable[Path | str]) -> list[tuple[Path, RouteDecision]]:

@@ -16,6 +16,11 @@ A condition is a mapping whose fields are all required to hold (AND):
   ``laterality`` (ImageLaterality, else Laterality): one value or a list meaning "any of";
   compared stripped and case-insensitively.
 - ``image_type``: one value or a list; **every** value must be present in ImageType.
+  ``image_type_any``: one value or a list; **at least one** must be present in ImageType.
+- ``body_region``: one region or a list ("any of"): HEAD, NECK, CHEST, ABDOMEN, PELVIS, TRUNK or
+  OTHER, derived by :mod:`node.pipeline.region` from BodyPartExamined, AnatomicRegionSequence /
+  FrameAnatomySequence codes, the descriptions and, for CT and MR naming none, the pixels. An
+  unknown region never holds. Checked last, so the pixels are read only when all else holds.
 - ``series_description``, ``protocol_name``, ``study_description``: a regular expression (or a
   list: any of them), searched anywhere in the text, case-insensitive unless ``case_sensitive:
   true``. ``any_description``: the same, holding when any of the three descriptions matches.
@@ -72,6 +77,8 @@ HeaderField = Literal[
     "study_description",
 ]
 Grouping = Literal["image", "series", "study"]
+#: The regions :mod:`node.pipeline.region` derives (upper case, as written in the rules).
+BodyRegion = Literal["HEAD", "NECK", "CHEST", "ABDOMEN", "PELVIS", "TRUNK", "OTHER"]
 
 #: Coded-string fields matched against value lists ("any of").
 VALUE_FIELDS: tuple[str, ...] = ("modality", "sop_class_uid", "body_part", "view_position", "laterality")
@@ -85,6 +92,14 @@ _MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"  # as a model manifest's id
 def _as_list(value: Any) -> Any:
     """A single string stands for a one-item list."""
     return [value] if isinstance(value, str) else value
+
+
+def _upper_list(value: Any) -> Any:
+    """A single string stands for a one-item list; region names are compared in upper case."""
+    value = _as_list(value)
+    return (
+        [v.strip().upper() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+    )
 
 
 Value = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
@@ -106,6 +121,8 @@ class Condition(_Strict):
     view_position: ValueList | None = None
     laterality: ValueList | None = None
     image_type: ValueList | None = None
+    image_type_any: ValueList | None = None
+    body_region: Annotated[list[BodyRegion], BeforeValidator(_upper_list), Field(min_length=1)] | None = None
     series_description: PatternList | None = None
     protocol_name: PatternList | None = None
     study_description: PatternList | None = None

@@ -24,6 +24,7 @@ from pydicom.uid import (
 )
 
 from node.errors import ConfigError
+from node.pipeline.region import RegionEvidence
 from node.pipeline.route import (
     ROUTE_KEYWORDS,
     RouteDecision,
@@ -173,13 +174,31 @@ def test_for_processing_radiograph_is_excluded(rules):
         ({"SeriesDescription": "Portal venous 1.0 B30f"}, "ct-liver-by-description"),
         ({"StudyDescription": "CT ABD/PELVIS W CONTRAST"}, "ct-liver-by-description"),
         ({"ProtocolName": "Liver 3 phase"}, "ct-liver-by-description"),
-        ({}, "ct-liver-by-modality"),
-        ({"SeriesDescription": "5mm STND"}, "ct-liver-by-modality"),
     ],
 )
 def test_ct_abdomen_and_liver_go_to_ct_liver_by_series(rules, attrs, rule):
     d = decide(rules, "CT", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], **attrs)
     assert routed_to(d) == (rule, ("ct-liver",), "series"), d.reason
+
+
+@pytest.mark.parametrize(
+    ("modality", "attrs"),
+    [
+        ("CT", {}),
+        ("CT", {"SeriesDescription": "5mm STND"}),
+        ("MR", {}),
+        ("MR", {"SeriesDescription": "ax t1 se +c"}),
+    ],
+)
+def test_ct_or_mr_naming_no_region_is_not_routed_by_modality_alone(rules, modality, attrs):
+    """Changed with issue 13: these went to ct-liver / mr-brain by the modality fallbacks
+    (ct-liver-by-modality, mr-brain-by-modality); a header naming no region, without pixels to
+    look at, now leaves the body region unknown."""
+    d = decide(rules, modality, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], **attrs)
+    assert not d.routed
+    assert d.reason.startswith(
+        "not routed: body region unknown (no BodyPartExamined, anatomy code or description naming a region)"
+    ), d.reason
 
 
 @pytest.mark.parametrize(
@@ -196,7 +215,7 @@ def test_ct_head_reason_names_the_body_part_and_the_rules(rules):
     assert d.reason == (
         "not routed: rule 'ct-liver': BodyPartExamined HEAD not in "
         "[ABDOMEN, LIVER, ABDOMENPELVIS, CHESTABDOMEN, CHESTABDPELVIS]; "
-        "rules 'ct-liver-by-description', 'ct-liver-by-modality': BodyPartExamined is HEAD "
+        "rules 'ct-liver-by-description', 'ct-liver-by-region': BodyPartExamined is HEAD "
         "(used only when it is missing)"
     )
 
@@ -211,8 +230,6 @@ def test_ct_head_reason_names_the_body_part_and_the_rules(rules):
             "mr-brain-by-description",
         ),
         ({"ProtocolName": "NEURO_ROUTINE"}, "mr-brain-by-description"),
-        ({}, "mr-brain-by-modality"),
-        ({"SeriesDescription": "ax t1 se +c"}, "mr-brain-by-modality"),
     ],
 )
 def test_mr_head_and_brain_go_to_mr_brain_by_series(rules, attrs, rule):
@@ -301,9 +318,9 @@ def test_synthetic_phantoms_route_to_their_models(rules, tmp_path):
 # decision a user would accept:
 REAL = {
     # CT, ORIGINAL\PRIMARY\AXIAL, no BodyPartExamined, no Series/Protocol description, Study
-    # "e+1": nothing names a region, so the CT modality fallback sends it to ct-liver. (Its other
-    # attributes agree with a body scan: IV contrast, helical, feet first, large bowtie filter.)
-    "CT_small.dcm": ("ct-liver-by-modality", ("ct-liver",), "series"),
+    # "e+1": nothing in the header names a region. Its pixels show a thoracic vertebra between the
+    # lungs: a chest slice, so not the liver model (it went there by the old CT fallback).
+    "CT_small.dcm": (None, (), None),
     # MR Image Storage but ImageType DERIVED\SECONDARY\OTHER: a derived (post-processed) image,
     # which the derived-secondary exclusion keeps away from the models.
     "MR_small.dcm": (None, (), None),
@@ -324,6 +341,7 @@ REAL = {
     "examples_palette.dcm": (None, (), None),
 }
 REAL_REASONS = {
+    "CT_small.dcm": "not routed: rule 'ct-liver': BodyPartExamined missing",
     "MR_small.dcm": "not routed: excluded by 'derived-secondary'",
     "MR_small_RLE.dcm": "not routed: excluded by 'derived-secondary'",
     "JPEG2000.dcm": "not routed: excluded by 'not-an-acquired-image'",
@@ -352,14 +370,12 @@ def test_pydicom_files_get_the_decision_a_user_accepts(rules, name):
         assert decision.reason.startswith(REAL_REASONS[name]), decision.reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a head CT (FilterType HEAD FILTER, PositionReferenceIndicator OM) whose routed-on attributes "
-    "name no region: the CT modality fallback sends it to ct-liver",
-)
 def test_head_ct_without_body_part_or_description_is_not_routed(rules):
+    """A head CT whose routed-on attributes name no region (it went to ct-liver by the old CT
+    fallback): its pixels show a skull, so it is not routed, and the reason says so."""
     [(_, decision)] = explain_files(rules, [bundled("693_J2KI.dcm")])
     assert not decision.routed
+    assert "body region HEAD (body region from pixels: head (closed bone ring" in decision.reason
 
 
 # ------------------------------------------------------------------------------------ the header
@@ -387,6 +403,7 @@ def test_header_reads_only_routing_attributes():
         view_position="PA",
         image_type=("ORIGINAL", "PRIMARY"),
         laterality="L",
+        region=RegionEvidence(("CHEST",), "BodyPartExamined", "BodyPartExamined CHEST"),
     )
 
 
@@ -676,7 +693,7 @@ def test_rule_tester_walks_folders_and_shows_the_trace(rules, tmp_path):
         "    exclude 'derived-secondary': no "
         "(ImageType ORIGINAL\\PRIMARY does not contain DERIVED\\SECONDARY)"
     )
-    assert trace[-1] == "    rule 'mr-brain-by-modality': no (Modality CT not in [MR])"
+    assert trace[-1] == "    rule 'mr-brain-by-region': no (Modality CT not in [MR])"
     assert len(trace) == len(rules.exclusions) + len(rules.rules)
 
 
@@ -704,7 +721,11 @@ def test_route_command_explains_each_file(tmp_path):
     ok = cli(ct, mr)
     assert ok.returncode == 0, ok.stderr
     ct_line, mr_line = ok.stdout.strip().splitlines()
-    assert "routed to ct-liver" in ct_line and "ct-liver-by-modality" in ct_line
+    # CT_small (no body part) is a chest slice by its pixels: not the liver model (issue 13)
+    assert ct_line.endswith(
+        "rule 'ct-liver-by-region': body region CHEST (body region from pixels: chest "
+        "(lung air 20 % of body area)) not in [ABDOMEN]"
+    ), ct_line
     assert "not routed" in mr_line and "DERIVED" in mr_line
 
     bad = cli(ct, str(junk))
