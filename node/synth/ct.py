@@ -36,6 +36,8 @@ def render_ct(
     slices: int = 40,
     size: int = 512,
     slice_thickness: float | None = None,
+    region: str = "abdomen",
+    body_part: bool = True,
 ) -> RenderedStudy:
     """Render an abdominal CT series in memory.
 
@@ -44,7 +46,21 @@ def render_ct(
     the volume; pixel spacing scales with ``size`` so the field of view stays ~350-420 mm. Lesions
     are at least 1.5 slice thicknesses in radius, so each spans several slices. Returns a
     :class:`RenderedStudy` with one int16 image per slice (stored = HU + 1024), cranial first.
+
+    ``region`` ``head``, ``chest`` or ``pelvis`` renders that region instead (no lesions; see
+    :mod:`node.synth.regions`). ``body_part=False`` makes the files carry no BodyPartExamined and
+    no description naming the region (as many real files): ``geometry["region_header"]`` is False.
+    The default abdomen with ``body_part`` is exactly the phantom the bundled model was trained on.
     """
+    if region.lower() != "abdomen":
+        from .regions import render_ct_region
+
+        study = render_ct_region(
+            seed, region, label, slices=slices, size=size, slice_thickness=slice_thickness
+        )
+        if not body_part:
+            study.geometry["region_header"] = False
+        return study
     labels = normalise_labels("ct", label)
     if slices < 1 or size < 32:
         raise ValueError(f"need slices >= 1 and size >= 32, got {slices}, {size}")
@@ -130,6 +146,8 @@ def render_ct(
         "first_slice_z_mm": z_dome - float(depths[0]),
         "body_half_axes_mm": body_info,
     }
+    if not body_part:
+        geometry["region_header"] = False
     return RenderedStudy("ct", seed, labels, images, tuple(lesions), geometry)
 
 
@@ -418,12 +436,22 @@ def _liver_lesions(
 def ct_datasets(study: RenderedStudy, ctx: StudyContext) -> list[Dataset]:
     """DICOM datasets (CT Image IOD) of the slices, most cranial first."""
     geo = study.geometry
+    region = geo.get("region", "abdomen")
+    named = geo.get("region_header", True)
+    description = {
+        "abdomen": "Abdomen portal venous",
+        "head": "Head without contrast",
+        "chest": "Chest with contrast",
+        "pelvis": "Pelvis with contrast",
+    }[region]
+    if not named:
+        description = "Axial"
     series = series_info(
         ctx,
         2,
         "CT",
-        "Abdomen portal venous 5mm" if geo["slice_thickness_mm"] == 5.0 else "Abdomen portal venous",
-        "ABDOMEN",
+        f"{description} 5mm" if geo["slice_thickness_mm"] == 5.0 else description,
+        region.upper(),
     )
     out = []
     fov = geo["pixel_spacing_mm"] * geo["columns"]
@@ -464,6 +492,11 @@ def ct_datasets(study: RenderedStudy, ctx: StudyContext) -> list[Dataset]:
         ds.RescaleSlope = f"{image.rescale_slope:g}"
         ds.RescaleType = "HU"
         add_image_pixel(ds, image)
-        ds.WindowCenterWidthExplanation = "ABDOMEN"
+        ds.WindowCenterWidthExplanation = region.upper() if named else "WINDOW"
+        if not named:
+            del ds.BodyPartExamined
+        if region == "head":
+            del ds.ContrastBolusAgent, ds.ContrastBolusRoute, ds.ContrastBolusVolume
+            ds.FilterType, ds.ConvolutionKernel = "HEAD FILTER", "SOFT"
         out.append(ds)
     return out

@@ -88,6 +88,8 @@ def render_mr(
     slices: int = 24,
     size: int = 256,
     sequence: str | None = None,
+    region: str = "head",
+    body_part: bool = True,
 ) -> RenderedStudy:
     """Render an axial brain MR series in memory.
 
@@ -96,7 +98,18 @@ def render_mr(
     are in the lesion shape). ``slices`` (5 mm thick, 6 mm apart) and ``size`` (rows = cols, ~230 mm field
     of view); ``sequence`` T2, FLAIR or T1C (post-contrast T1, rim-enhancing tumour), random when
     None. Returns a :class:`RenderedStudy` with one uint16 image per slice, inferior first.
+
+    ``region`` ``abdomen`` or ``pelvis`` renders a body MR instead (no lesions; see
+    :mod:`node.synth.regions`). ``body_part=False``: no BodyPartExamined and no description naming
+    the region in the files (``geometry["region_header"]`` False). The default is unchanged.
     """
+    if region.lower() != "head":
+        from .regions import render_mr_body
+
+        study = render_mr_body(seed, region, label, slices=slices, size=size, sequence=sequence)
+        if not body_part:
+            study.geometry["region_header"] = False
+        return study
     labels = normalise_labels("mr", label)
     if slices < 1 or size < 32:
         raise ValueError(f"need slices >= 1 and size >= 32, got {slices}, {size}")
@@ -182,6 +195,8 @@ def render_mr(
         "scanning_sequence": scanning,
         "sequence_variant": variant,
     }
+    if not body_part:
+        geometry["region_header"] = False
     return RenderedStudy("mr", seed, labels, images, tuple(lesions), geometry)
 
 
@@ -361,7 +376,9 @@ def mr_datasets(study: RenderedStudy, ctx: StudyContext) -> list[Dataset]:
     geo = study.geometry
     seq = geo["sequence"]
     description = {"T2": "AX T2 FSE", "FLAIR": "AX T2 FLAIR", "T1C": "AX T1 SE +C"}[seq]
-    series = series_info(ctx, 3, "MR", description, "HEAD")
+    region = geo.get("region", "head")
+    named = geo.get("region_header", True)
+    series = series_info(ctx, 3, "MR", description, region.upper())
     out = []
     for k, image in enumerate(study.images):
         ds = base_dataset(ctx, series, MRImageStorage, k + 1, dt.timedelta(seconds=40 + k))
@@ -384,7 +401,7 @@ def mr_datasets(study: RenderedStudy, ctx: StudyContext) -> list[Dataset]:
         ds.MagneticFieldStrength = "1.5"
         ds.SpacingBetweenSlices = f"{geo['spacing_between_slices_mm']:g}"
         ds.FlipAngle = "90"
-        ds.ReceiveCoilName = "HEAD"
+        ds.ReceiveCoilName = "HEAD" if region == "head" else "BODY"
         ds.TransmitCoilName = "BODY"
         ds.AcquisitionMatrix = [0, geo["columns"], geo["rows"], 0]
         ds.InPlanePhaseEncodingDirection = "ROW"
@@ -399,5 +416,7 @@ def mr_datasets(study: RenderedStudy, ctx: StudyContext) -> list[Dataset]:
         ds.ImagePositionPatient = [f"{v:.4f}" for v in image.attributes["image_position"]]
         ds.SliceLocation = f"{image.attributes['slice_location']:.3f}"
         add_image_pixel(ds, image)
+        if not named:
+            del ds.BodyPartExamined
         out.append(ds)
     return out

@@ -45,6 +45,24 @@ _KINDS: dict[str, _Kind] = {
 }
 
 
+_REGION_STUDY_DESCRIPTIONS: dict[tuple[str, str], str] = {
+    ("ct", "head"): "CT HEAD WITHOUT CONTRAST",
+    ("ct", "chest"): "CT CHEST WITH CONTRAST",
+    ("ct", "pelvis"): "CT PELVIS WITH CONTRAST",
+    ("mr", "abdomen"): "MR ABDOMEN",
+    ("mr", "pelvis"): "MR PELVIS",
+}
+
+
+def _study_description(kind: str, options: dict[str, Any]) -> str:
+    """The kind's study description, or the region's (``region`` option), or one naming no region
+    (``body_part=False``)."""
+    if options.get("body_part", True) is False:
+        return f"{kind.upper()} EXAMINATION"
+    region = str(options.get("region") or "").lower()
+    return _REGION_STUDY_DESCRIPTIONS.get((kind, region), _KINDS[kind].description)
+
+
 def study_labels(kind: str, seed: int, label: LabelRequest = None) -> tuple[str, ...]:
     """The label set a study gets: ``label`` normalised, or drawn uniformly from the seed when None."""
     kind = check_kind(kind)
@@ -91,7 +109,7 @@ def generate_study(
         seeded_uids=seeded_uids,
         patient_number=patient_number,
         sex=spec.sex,
-        description=spec.description,
+        description=_study_description(kind, options),
         model=spec.model,
     )
     datasets = spec.datasets(study, ctx)
