@@ -6,6 +6,7 @@ import copy
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -292,3 +293,221 @@ def set_series_laterality(out: Dataset, sources: Sequence[Dataset]) -> None:
 def sources_by_uid(sources: Sequence[Dataset]) -> dict[str, Dataset]:
     """Source data sets by SOP Instance UID."""
     return {str(ds.SOPInstanceUID): ds for ds in sources}
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry and other optional attributes of real sources: validated before any builder uses or
+# copies them (a builder never fails on, and never copies, an invalid optional value).
+
+#: Attributes a header copy never carries as they came: they are validated and set again by
+#: :func:`clean_header` (or left out).
+_GEOMETRY_KEYWORDS = (
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PatientOrientation",
+    "SliceThickness",
+    "FrameOfReferenceUID",
+)
+_ORIENTATION_LETTERS = re.compile(r"^[LRAPHF]{1,3}$")
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+def safe_get(ds: Dataset, keyword: str) -> object:
+    """``ds.get(keyword)``, or None when the stored value cannot even be decoded."""
+    try:
+        return ds.get(keyword)
+    except (ValueError, TypeError, OverflowError, AttributeError, KeyError, LookupError):
+        return None
+
+
+def _floats(value: object, count: int) -> tuple[float, ...] | None:
+    """Exactly ``count`` finite numbers from a DICOM multi-value (DS/FD/str), else None."""
+    if value is None or isinstance(value, bytes):
+        return None
+    items = [value] if isinstance(value, str | int | float) else list(value)  # type: ignore[call-overload]
+    if len(items) != count:
+        return None
+    try:
+        numbers = tuple(float(v) for v in items)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not all(n == n and abs(n) != float("inf") for n in numbers):
+        return None
+    return numbers
+
+
+def valid_spacing(value: object) -> tuple[float, float] | None:
+    """(row, column) spacing in mm when ``value`` holds exactly two positive finite numbers."""
+    numbers = _floats(value, 2)
+    if numbers is None or min(numbers) <= 0:
+        return None
+    return numbers[0], numbers[1]
+
+
+def valid_orientation(value: object) -> tuple[float, float, float, float, float, float] | None:
+    """Image Orientation (Patient) when it holds two orthogonal unit vectors (within 1 %)."""
+    numbers = _floats(value, 6)
+    if numbers is None:
+        return None
+    row, col = numbers[:3], numbers[3:]
+    norm_r = sum(v * v for v in row) ** 0.5
+    norm_c = sum(v * v for v in col) ** 0.5
+    dot = sum(a * b for a, b in zip(row, col, strict=True))
+    if abs(norm_r - 1.0) > 0.01 or abs(norm_c - 1.0) > 0.01 or abs(dot) > 0.01:
+        return None
+    return numbers  # type: ignore[return-value]
+
+
+def valid_position(value: object) -> tuple[float, float, float] | None:
+    """Image Position (Patient) when it holds exactly three finite numbers."""
+    numbers = _floats(value, 3)
+    return None if numbers is None else (numbers[0], numbers[1], numbers[2])
+
+
+def valid_patient_orientation(value: object) -> tuple[str, str] | None:
+    """Patient Orientation (row direction, column direction) when both are anatomical letters."""
+    if value is None or isinstance(value, str | bytes):
+        return None
+    try:
+        items = [str(v).strip().upper() for v in value]  # type: ignore[attr-defined]
+    except TypeError:
+        return None
+    if len(items) != 2 or not all(_ORIENTATION_LETTERS.match(v) for v in items):
+        return None
+    return items[0], items[1]
+
+
+def valid_uid(value: object) -> str | None:
+    """``value`` when it is a syntactically valid UID."""
+    text = str(value or "").strip()
+    return text if len(text) <= 64 and _UID.match(text) else None
+
+
+def _frame_items(ds: Dataset, frame: int | None) -> list[Dataset]:
+    """The per-frame functional group item of ``frame`` (1-based; else the first) and the shared
+    item of an enhanced multi-frame object, in that order of precedence; [] for classic objects."""
+    items: list[Dataset] = []
+    per_frame = safe_get(ds, "PerFrameFunctionalGroupsSequence")
+    if per_frame:
+        index = (frame or 1) - 1
+        if 0 <= index < len(per_frame):  # type: ignore[arg-type]
+            items.append(per_frame[index])  # type: ignore[index]
+    shared = safe_get(ds, "SharedFunctionalGroupsSequence")
+    if shared:
+        items.append(shared[0])  # type: ignore[index]
+    return items
+
+
+def _macro_value(ds: Dataset, frame: int | None, macro: str, keyword: str) -> object:
+    """``keyword`` from functional group ``macro`` of ``frame`` (per-frame first), else from the
+    top level of ``ds``."""
+    for item in _frame_items(ds, frame):
+        seq = safe_get(item, macro)
+        if seq:
+            value = safe_get(seq[0], keyword)  # type: ignore[index]
+            if value not in (None, ""):
+                return value
+    return safe_get(ds, keyword)
+
+
+@dataclass(frozen=True)
+class PlaneGeometry:
+    """The valid geometry of one source frame; None where the source has no valid value."""
+
+    pixel_spacing: tuple[float, float] | None
+    #: "PixelSpacing" or "ImagerPixelSpacing": where ``pixel_spacing`` came from
+    spacing_source: str | None
+    imager_pixel_spacing: tuple[float, float] | None
+    orientation: tuple[float, float, float, float, float, float] | None
+    position: tuple[float, float, float] | None
+    slice_thickness: float | None
+    frame_of_reference_uid: str | None
+    patient_orientation: tuple[str, str] | None
+    notes: tuple[str, ...] = ()
+
+
+def plane_geometry(ds: Dataset, frame: int | None = None) -> PlaneGeometry:
+    """The geometry of ``frame`` (1-based) of ``ds``, from its functional groups (enhanced objects)
+    or its top-level attributes, each value validated (see ``valid_*``): invalid or missing values
+    are None and named in ``notes``."""
+    notes = []
+    spacing = valid_spacing(_macro_value(ds, frame, "PixelMeasuresSequence", "PixelSpacing"))
+    imager = valid_spacing(safe_get(ds, "ImagerPixelSpacing"))
+    source = "PixelSpacing" if spacing else None
+    if spacing is None:
+        raw = safe_get(ds, "PixelSpacing")
+        if raw not in (None, ""):
+            notes.append("Pixel Spacing of the source is invalid and left out")
+        if imager is not None:
+            spacing, source = imager, "ImagerPixelSpacing"
+    orientation = valid_orientation(
+        _macro_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+    )
+    position = valid_position(_macro_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient"))
+    thickness_value = _floats(_macro_value(ds, frame, "PixelMeasuresSequence", "SliceThickness"), 1)
+    thickness = thickness_value[0] if thickness_value and thickness_value[0] > 0 else None
+    return PlaneGeometry(
+        pixel_spacing=spacing,
+        spacing_source=source,
+        imager_pixel_spacing=imager,
+        orientation=orientation,
+        position=position,
+        slice_thickness=thickness,
+        frame_of_reference_uid=valid_uid(safe_get(ds, "FrameOfReferenceUID")),
+        patient_orientation=valid_patient_orientation(safe_get(ds, "PatientOrientation")),
+        notes=tuple(notes),
+    )
+
+
+def clean_header(ds: Dataset, frame: int | None = None, flatten: bool = False) -> Dataset:
+    """A header copy (see :func:`header_copy`) whose optional attributes are safe to hand to
+    highdicom: the geometry of ``frame`` validated (see :func:`plane_geometry`) and set as classic
+    top-level attributes where valid, left out where not; with ``flatten`` the functional groups
+    and the frame count are left out too (the copy then describes that one frame); Laterality
+    and Image Laterality kept only when R, L, B or U; an unknown Specific Character Set replaced
+    by ISO_IR 192 (the values are already decoded, so UTF-8 carries them)."""
+    geometry = plane_geometry(ds, frame)
+    out = header_copy(ds)
+    flat = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "NumberOfFrames")
+    for keyword in (*_GEOMETRY_KEYWORDS, *(flat if flatten else ()), "FrameIncrementPointer"):
+        if keyword in out:
+            delattr(out, keyword)
+    if geometry.spacing_source == "PixelSpacing" and geometry.pixel_spacing:
+        out.PixelSpacing = list(geometry.pixel_spacing)
+    if geometry.imager_pixel_spacing:
+        out.ImagerPixelSpacing = list(geometry.imager_pixel_spacing)
+    if geometry.orientation:
+        out.ImageOrientationPatient = list(geometry.orientation)
+    if geometry.position:
+        out.ImagePositionPatient = list(geometry.position)
+    if geometry.slice_thickness:
+        out.SliceThickness = geometry.slice_thickness
+    if geometry.frame_of_reference_uid:
+        out.FrameOfReferenceUID = geometry.frame_of_reference_uid
+    if geometry.patient_orientation:
+        out.PatientOrientation = list(geometry.patient_orientation)
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(safe_get(out, keyword) or "").strip().upper()
+        if keyword in out and value not in {"R", "L", "B", "U"}:
+            delattr(out, keyword)
+    fix_character_set(out)
+    return out
+
+
+def fix_character_set(ds: Dataset) -> None:
+    """Replace a Specific Character Set that pydicom does not know by ISO_IR 192 (UTF-8), in place.
+
+    pydicom has already decoded the values (falling back to the default repertoire), so writing
+    them as UTF-8 keeps what was read; copying the unknown term would make the output invalid."""
+    from pydicom.charset import python_encoding
+
+    value = safe_get(ds, "SpecificCharacterSet")
+    if value in (None, ""):
+        return
+    terms = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    known = all((not t) or str(t).strip() in python_encoding for t in terms)
+    if not known:
+        log.info("unknown Specific Character Set in a source: outputs are written as ISO_IR 192")
+        ds.SpecificCharacterSet = "ISO_IR 192"

@@ -68,7 +68,7 @@ def build_parametric_maps(
     the map.
     """
     by_uid = sources_by_uid(sources)
-    series_uid = output_uid(identity, result.uid_seed, "pm", "series")
+    series_uid = output_uid(identity, result, "pm", "series")
     description = series_description("AI map", result.algorithm)
     shown = [im for im in result.images if im.heatmaps]
     missing = [im for im in shown if im.sop_instance_uid not in by_uid]
@@ -194,7 +194,7 @@ def _parametric_map(
         ref.get(k) for k in ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient")
     ):
         ref, geometry_note = _nominal_geometry(
-            ref, output_uid(identity, result.uid_seed, "pm", "for", image.sop_instance_uid)
+            ref, output_uid(identity, result, "pm", "for", image.sop_instance_uid)
         )
     thickness = ref.get("SliceThickness")
     pixel_measures = hd.PixelMeasuresSequence(
@@ -208,7 +208,7 @@ def _parametric_map(
             pixel_array=pixels,
             series_instance_uid=series_uid,
             series_number=PM_SERIES_NUMBER,
-            sop_instance_uid=output_uid(identity, result.uid_seed, "pm", image.sop_instance_uid, image.frame),
+            sop_instance_uid=output_uid(identity, result, "pm", image.sop_instance_uid, image.frame),
             instance_number=number,
             manufacturer=ascii_text(identity.manufacturer, 64) or "pacs-node",
             manufacturer_model_name=NODE_MODEL_NAME,

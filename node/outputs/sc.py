@@ -74,7 +74,7 @@ def build_heatmap_scs(
     """
     sources = sources_by_uid
     algorithm = result.algorithm
-    series_uid = output_uid(identity, result.uid_seed, "sc", "series")
+    series_uid = output_uid(identity, result, "sc", "series")
     description = series_description("AI heatmap", algorithm)
     shown = [im for im in result.images if im.display is not None and im.heatmaps]
     if len(shown) < len(result.images):
@@ -278,7 +278,7 @@ def _sc_dataset(
             series_instance_uid=series_uid,
             series_number=SC_SERIES_NUMBER,
             sop_instance_uid=output_uid(
-                identity, result.uid_seed, "sc", image.sop_instance_uid, image.frame, heatmap.label
+                identity, result, "sc", image.sop_instance_uid, image.frame, heatmap.label
             ),
             instance_number=number,
             manufacturer=ascii_text(identity.manufacturer, 64) or "pacs-node",

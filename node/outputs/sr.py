@@ -37,7 +37,7 @@ Codes (all checked against pydicom's PS3.16 dictionary):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, MutableSequence, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -49,12 +49,14 @@ from node.outputs.common import (
     NODE_MODEL_NAME,
     NOT_FOR_DIAGNOSIS,
     SR_SERIES_NUMBER,
+    PlaneGeometry,
     algorithm_equipment,
     ascii_text,
+    clean_header,
     coded,
     coding_schemes,
     evidence_reference,
-    header_copy,
+    plane_geometry,
     series_description,
 )
 from node.outputs.identity import output_uid
@@ -69,8 +71,9 @@ PROBABILITY_OF_CANCER = hd.sr.CodedConcept("111047", "DCM", "Probability of canc
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
-OUTLINE = hd.sr.CodedConcept("111041", "DCM", "Outline")
-CENTER = hd.sr.CodedConcept("111010", "DCM", "Center")
+#: The prefix of the Tracking Identifiers that ``@cornerstonejs/adapters`` maps to its tools
+#: ("Cornerstone3DTools@^0.1.0:<tool>", MeasurementReport.getAdapterForTrackingIdentifier).
+CORNERSTONE_TAG = "Cornerstone3DTools@^0.1.0"
 
 # Procedure reported when the source has no Procedure Code Sequence (TID 1500 row 4, DCID 100
 # "Quantitative Diagnostic Imaging Procedure"). Only members of CID 100 are used: PixelMed's
@@ -111,7 +114,6 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
     if str(first.StudyInstanceUID) != result.study_uid:
         raise OutputError("the first source instance is not in the result's study")
     algorithm = result.algorithm
-    seed = result.uid_seed
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -127,39 +129,46 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
         version=ascii_text(algorithm.version, 64) or "0",
         parameters=[ascii_text(algorithm.parameters, 64)] if algorithm.parameters.strip() else None,
     )
-    groups = [
-        _measurement_group(result, finding, index, by_uid, identity, algorithm_id)
-        for index, finding in enumerate(result.findings)
-    ]
-    shown = [by_uid[im.sop_instance_uid] for im in result.images if im.sop_instance_uid in by_uid]
-    library = list({str(ds.SOPInstanceUID): ds for ds in shown}.values())
+    for finding in result.findings:
+        if not 0.0 <= finding.probability <= 1.0 or not np.isfinite(finding.probability):
+            raise OutputError(f"probability of {finding.label!r} is not in [0, 1]: {finding.probability!r}")
+    groups = []
+    unlocated = []
+    for index, finding in enumerate(result.findings):
+        located = _best_hotspot(result, finding.label, by_uid) if finding.positive else None
+        if located is None:
+            unlocated.append(finding)
+        else:
+            groups.append(_measurement_group(result, finding, index, located, by_uid, identity, algorithm_id))
     procedure = procedure_reported(first)
     try:
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=procedure,
             imaging_measurements=groups or None,
-            referenced_images=library or None,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"measurement report content could not be built: {exc}") from exc
-    for item in report[0].ContentSequence:
-        if item.ConceptNameCodeSequence[0].CodeValue == "111028" and "ContentSequence" in item:
-            _acquisition_modalities(item.ContentSequence, by_uid)  # Image Library
-            if not item.ContentSequence:
-                del item.ContentSequence  # an empty container has no Content Sequence
-    if algorithm.research_use_only:
-        report[0].ContentSequence.append(_research_notice(result))
+    content = report[0].ContentSequence
+    library = image_library(result.images, by_uid)
+    if library is not None:
+        # TID 1500 row 5, after the procedure reported (row 4) and before the measurements
+        at = next((i for i, item in enumerate(content) if _concept(item) == "126010"), len(content))
+        content.insert(at, library)
+    evaluations = _qualitative_evaluations(result, unlocated)
+    if evaluations is not None:
+        content.append(evaluations)
 
     schemes = {procedure.scheme_designator}
     schemes.update(f.code.scheme_designator for f in result.findings)
+    schemes.update(_used_designators(report[0]))
     try:
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report[0],
-            series_instance_uid=output_uid(identity, seed, "sr", "series"),
+            series_instance_uid=output_uid(identity, result, "sr", "series"),
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=output_uid(identity, seed, "sr", "instance"),
+            sop_instance_uid=output_uid(identity, result, "sr", "instance"),
             instance_number=1,
             manufacturer=ascii_text(identity.manufacturer, 64) or "pacs-node",
             is_complete=True,
@@ -177,8 +186,9 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
     # General Equipment: the node, with the UID its device observer context names (TID 1004)
     sr.DeviceUID = identity.device_uid
     log.debug(
-        "SR built: %d measurement groups, %d evidence instances, model %s",
+        "SR built: %d measurement groups, %d qualitative evaluations, %d evidence instances, model %s",
         len(groups),
+        len(unlocated),
         len(evidence),
         algorithm.model_id,
     )
@@ -195,7 +205,7 @@ class _Headers(Mapping[str, Dataset]):
 
     def __getitem__(self, uid: str) -> Dataset:
         if uid not in self._copies:
-            self._copies[uid] = header_copy(self._sources[uid])
+            self._copies[uid] = clean_header(self._sources[uid])
         return self._copies[uid]
 
     def __iter__(self) -> Iterator[str]:
@@ -203,34 +213,6 @@ class _Headers(Mapping[str, Dataset]):
 
     def __len__(self) -> int:
         return len(self._sources)
-
-
-def _acquisition_modalities(items: MutableSequence[Dataset], sources: Mapping[str, Dataset]) -> None:
-    """Image Library entries name the acquisition modality (TID 1602 row 1, mandatory, DCID 29).
-    highdicom derives it from the SOP class, which gives (OT, DCM, "Other") for secondary
-    captures, a value CID 29 does not have: use the source's own Modality when CID 29 has it (an
-    ultrasound or endoscopy capture), else leave that image out of the library (it stays in the
-    evidence and in its measurement groups)."""
-    for item in list(items):
-        if item.get("ValueType") == "IMAGE" and "ReferencedSOPSequence" in item:
-            uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-            for child in item.get("ContentSequence") or []:
-                name, value = child.get("ConceptNameCodeSequence"), child.get("ConceptCodeSequence")
-                if not (name and value and name[0].CodeValue == "121139") or value[0].CodeValue in _CID29:
-                    continue
-                source = sources.get(uid)
-                code = _CID29.get(str(source.get("Modality") or "")) if source is not None else None
-                if code is None:
-                    log.debug("an image with no acquisition modality is left out of the image library")
-                    items.remove(item)
-                    break
-                value[0].CodeValue = code.value
-                value[0].CodingSchemeDesignator = code.scheme_designator
-                value[0].CodeMeaning = code.meaning
-        elif "ContentSequence" in item:
-            _acquisition_modalities(item.ContentSequence, sources)
-            if not item.ContentSequence and item.ConceptNameCodeSequence[0].CodeValue == "126200":
-                items.remove(item)  # an Image Library Group left empty
 
 
 def procedure_reported(source: Dataset) -> hd.sr.CodedConcept:
@@ -258,46 +240,41 @@ def _measurement_group(
     result: AnalysisResult,
     finding: LabelScore,
     index: int,
+    located: tuple[ImageResult, Heatmap],
     sources: Mapping[str, Dataset],
     identity: OutputIdentity,
     algorithm_id: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """One TID 1501 group for ``finding``; a positive finding with a hotspot also carries its
-    region (row 10c SCOORD + row 10d IMAGE), the others reference the images they were scored on."""
-    if not 0.0 <= finding.probability <= 1.0 or not np.isfinite(finding.probability):
-        raise OutputError(f"probability of {finding.label!r} is not in [0, 1]: {finding.probability!r}")
+    """One TID 1501 group for a positive ``finding`` with a hotspot: its probability (TID 300)
+    INFERRED FROM the hotspot's outline or centre on the source image (and frame), and its
+    qualitative evaluation. The Tracking Identifier names the Cornerstone tool that draws the
+    region, so that viewers built on ``@cornerstonejs/adapters`` (OHIF) rehydrate it (see the
+    module doc)."""
+    image, heatmap = located
+    source = sources[image.sop_instance_uid]
+    region, tool = _hotspot_coordinates(image, heatmap, source)
     tracking = hd.sr.TrackingIdentifier(
-        uid=output_uid(identity, result.uid_seed, "sr", "tracking", finding.label),
-        identifier=ascii_text(f"{result.algorithm.model_id} {finding.label} #{index + 1}", 64),
+        uid=output_uid(identity, result, "sr", "tracking", finding.label),
+        identifier=f"{CORNERSTONE_TAG}:{tool}:"
+        + ascii_text(
+            f"{result.algorithm.model_id} {finding.label} #{index + 1}",
+            64 - len(CORNERSTONE_TAG) - len(tool) - 2,
+        ),
     )
     finding_code = coded(finding.code)
-    evaluation = hd.sr.QualitativeEvaluation(name=finding_code, value=PRESENT if finding.positive else ABSENT)
     measurement = hd.sr.Measurement(
-        name=probability_concept(finding), value=float(finding.probability), unit=NO_UNITS
+        name=probability_concept(finding),
+        value=float(finding.probability),
+        unit=NO_UNITS,
+        referenced_coordinates=[region],
     )
-    located = _best_hotspot(result, finding.label, sources) if finding.positive else None
-    referenced = None
-    if located is None:
-        referenced = [
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=str(sources[im.sop_instance_uid].SOPClassUID),
-                referenced_sop_instance_uid=im.sop_instance_uid,
-                referenced_frame_numbers=_frames(im, sources[im.sop_instance_uid]),
-            )
-            for im in result.images
-            if im.sop_instance_uid in sources and any(s.label == finding.label for s in im.scores)
-        ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=finding_code,
         algorithm_id=algorithm_id,
         measurements=[measurement],
-        qualitative_evaluations=[evaluation],
-        source_images=referenced or None,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding_code, value=PRESENT)],
     )
-    if located is not None:
-        image, heatmap = located
-        group[0].ContentSequence.append(_hotspot_region(image, heatmap, sources[image.sop_instance_uid]))
     return group
 
 
@@ -326,38 +303,44 @@ def _frames(image: ImageResult, source: Dataset) -> list[int] | None:
     return [int(image.frame)]
 
 
-def _hotspot_region(image: ImageResult, heatmap: Heatmap, source: Dataset) -> hd.sr.ScoordContentItem:
-    """The hotspot as SCOORD on the source image: (111041, DCM, "Outline") closed POLYLINE around
-    it, or (111010, DCM, "Center") POINT at its peak when the polygon is degenerate; with the
-    source image (and frame) as its SELECTED FROM child."""
+def _hotspot_coordinates(
+    image: ImageResult, heatmap: Heatmap, source: Dataset
+) -> tuple[hd.sr.CoordinatesForMeasurement, str]:
+    """The hotspot as SCOORD (111030, DCM, "Image Region") on the source image (and frame): a
+    closed POLYLINE around it (Cornerstone tool PlanarFreehandROI), or a POINT at its peak when
+    the polygon is degenerate (tool Probe)."""
     hotspot = heatmap.hotspot
     if hotspot is None:
         raise OutputError(f"heatmap {heatmap.label!r} has no hotspot")
-    rows, cols = int(source.get("Rows") or 0), int(source.get("Columns") or 0)
+    rows, cols = _int(source.get("Rows")), _int(source.get("Columns"))
     frames = _frames(image, source)
     polygon = _polygon_points(hotspot.polygon, rows, cols)
     if polygon is not None:
-        name, graphic_type, data = OUTLINE, hd.sr.GraphicTypeValues.POLYLINE, polygon
+        graphic_type, data, tool = hd.sr.GraphicTypeValues.POLYLINE, polygon, "PlanarFreehandROI"
     else:
         point = np.array([[hotspot.peak_col + 0.5, hotspot.peak_row + 0.5]], dtype=np.float64)
         if rows and cols:
             point = np.clip(point, 0.0, [cols, rows])
-        name, graphic_type, data = CENTER, hd.sr.GraphicTypeValues.POINT, point
-    item = hd.sr.ScoordContentItem(
-        name=name,
+        graphic_type, data, tool = hd.sr.GraphicTypeValues.POINT, point, "Probe"
+    item = hd.sr.CoordinatesForMeasurement(
         graphic_type=graphic_type,
         graphic_data=data,
-        pixel_origin_interpretation=hd.sr.PixelOriginInterpretationValues.FRAME if frames else None,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-    item.ContentSequence = [
-        hd.sr.SourceImageForRegion(
+        source_image=hd.sr.SourceImageForRegion(
             referenced_sop_class_uid=str(source.SOPClassUID),
             referenced_sop_instance_uid=image.sop_instance_uid,
             referenced_frame_numbers=frames,
-        )
-    ]
-    return item
+        ),
+    )
+    if frames:
+        item.PixelOriginInterpretation = "FRAME"
+    return item, tool
+
+
+def _int(value: object) -> int:
+    try:
+        return max(int(value), 0)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
 
 
 def _polygon_points(polygon: Sequence[tuple[float, float]], rows: int, cols: int) -> np.ndarray | None:
@@ -381,20 +364,236 @@ def _polygon_points(polygon: Sequence[tuple[float, float]], rows: int, cols: int
     return np.vstack([points, points[:1]])
 
 
-def _research_notice(result: AnalysisResult) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 Qualitative Evaluations container with the research-use comment."""
+def _qualitative_evaluations(
+    result: AnalysisResult, findings: Sequence[LabelScore]
+) -> hd.sr.ContainerContentItem | None:
+    """TID 1500 row 12 "Qualitative Evaluations": for each finding without an image region
+    (negative, normal, or positive without a hotspot) a CODE <finding> = Present | Absent (row 13)
+    and a TEXT <finding> with its probability and operating threshold (row 14); then the
+    research-use comment for research models. None when there is nothing to say.
+
+    These findings are not measurement groups: a TID 1501 group without an image region makes
+    OHIF 3.13 fail on the whole report (it reads the first region of every group)."""
+    items: list[hd.sr.ContentItem] = []
+    model = ascii_text(result.algorithm.model_id, 64)
+    version = ascii_text(result.algorithm.version, 16)
+    for finding in findings:
+        name = coded(finding.code)
+        items.append(
+            hd.sr.CodeContentItem(
+                name=name,
+                value=PRESENT if finding.positive else ABSENT,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+        verdict = "at or above" if finding.probability >= finding.threshold else "below"
+        items.append(
+            hd.sr.TextContentItem(
+                name=name,
+                value=(
+                    f"{'Present' if finding.positive else 'Absent'}: probability {finding.probability:.4g}, "
+                    f"{verdict} the operating threshold {finding.threshold:.4g} "
+                    f"({model} {version})"
+                ),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    if result.algorithm.research_use_only:
+        items.append(_research_notice(result))
+    if not items:
+        return None
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = items
+    return container
+
+
+def _research_notice(result: AnalysisResult) -> hd.sr.TextContentItem:
+    """The research-use comment (TID 1500 row 14 TEXT)."""
     algorithm = result.algorithm
     text = (
         f"{NOT_FOR_DIAGNOSIS}. Produced by the research model {ascii_text(algorithm.name, 64)} "
         f"{ascii_text(algorithm.version, 16)} ({ascii_text(algorithm.model_id, 64)}); "
         "not validated for clinical use."
     )
-    container = hd.sr.ContainerContentItem(
-        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    return hd.sr.TextContentItem(
+        name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    container.ContentSequence = [
-        hd.sr.TextContentItem(
-            name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+
+
+def _concept(item: Dataset) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def _used_designators(item: Dataset) -> set[str]:
+    """Coding scheme designators used in a content tree."""
+    found: set[str] = set()
+    for elem in item:
+        if elem.keyword == "CodingSchemeDesignator" and elem.value:
+            found.add(str(elem.value))
+        elif elem.VR == "SQ":
+            for sub in elem.value:
+                found |= _used_designators(sub)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Image library (TID 1600), built here rather than by highdicom: highdicom's entry descriptors
+# require Pixel Spacing / Imager Pixel Spacing, Patient Orientation, position and orientation,
+# which real images lack or state invalidly (a CR with 0\0 spacing, enhanced objects that keep
+# them in functional groups). Every descriptor of TID 1602-1604 except the modality is optional:
+# an invalid or missing value is left out.
+
+_CROSS_SECTIONAL = {"CT", "MR", "PT", "NM"}
+_PROJECTION = {"CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG"}
+_PIXELS = hd.sr.CodedConcept("{pixels}", "UCUM", "Pixels")
+_MM = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
+_DIRECTION = hd.sr.CodedConcept("{-1:1}", "UCUM", "{-1:1}")
+SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
+
+
+def acquisition_modality(ds: Dataset) -> hd.sr.CodedConcept | None:
+    """The CID 29 code of the source's Modality, else of its SOP class (highdicom's mapping), or
+    None (a secondary capture of no stated modality: CID 29 has no code for it)."""
+    code = _CID29.get(str(ds.get("Modality") or "").strip().upper())
+    if code is None:
+        try:
+            from highdicom.sr.templates import _get_coded_modality
+
+            guess = _get_coded_modality(str(ds.SOPClassUID))
+            code = _CID29.get(guess.value)
+        except (ValueError, KeyError, AttributeError):
+            code = None
+    return None if code is None else hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def image_library(
+    images: Sequence[ImageResult], sources: Mapping[str, Dataset]
+) -> hd.sr.ContainerContentItem | None:
+    """The Image Library of the shown images: one entry per instance (its shown frames referenced),
+    grouped by modality and Frame of Reference; images with no CID 29 modality are left out (they
+    stay in the evidence). None when no image is left."""
+    frames: dict[str, list[int]] = {}
+    for image in images:
+        if image.sop_instance_uid in sources:
+            listed = frames.setdefault(image.sop_instance_uid, [])
+            frame = _frames(image, sources[image.sop_instance_uid])
+            if frame and frame[0] not in listed:
+                listed.append(frame[0])
+    groups: dict[tuple[str, str], list[hd.sr.ImageContentItem]] = {}
+    for uid, shown in frames.items():
+        ds = sources[uid]
+        modality = acquisition_modality(ds)
+        if modality is None:
+            log.debug("an image with no acquisition modality is left out of the image library")
+            continue
+        entry = hd.sr.ImageContentItem(
+            name=SOURCE,
+            referenced_sop_class_uid=str(ds.SOPClassUID),
+            referenced_sop_instance_uid=uid,
+            referenced_frame_numbers=sorted(shown) or None,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
+        geometry = plane_geometry(ds, shown[0] if len(shown) == 1 else None)
+        entry.ContentSequence = _library_descriptors(ds, modality, geometry, several_frames=len(shown) > 1)
+        groups.setdefault((modality.value, geometry.frame_of_reference_uid or ""), []).append(entry)
+    if not groups:
+        return None
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = []
+    for (_, frame_of_reference), entries in groups.items():
+        group = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        group.ContentSequence = []
+        if frame_of_reference:  # the descriptor the group's entries share (as highdicom does)
+            group.ContentSequence.append(
+                hd.sr.UIDRefContentItem(
+                    name=codes.DCM.FrameOfReferenceUID,
+                    value=frame_of_reference,
+                    relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT,
+                )
+            )
+        group.ContentSequence.extend(entries)
+        library.ContentSequence.append(group)
+    return library
+
+
+def _library_descriptors(
+    ds: Dataset, modality: hd.sr.CodedConcept, geometry: PlaneGeometry, several_frames: bool
+) -> list[hd.sr.ContentItem]:
+    """TID 1602 (modality, Frame of Reference, rows, columns) and TID 1603/1604 descriptors, each
+    only when the source states a valid value (position only for one frame)."""
+    ctx = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    out: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=ctx)
     ]
-    return container
+    if geometry.frame_of_reference_uid:
+        out.append(
+            hd.sr.UIDRefContentItem(
+                name=codes.DCM.FrameOfReferenceUID,
+                value=geometry.frame_of_reference_uid,
+                relationship_type=ctx,
+            )
+        )
+    for name, keyword in ((codes.DCM.PixelDataRows, "Rows"), (codes.DCM.PixelDataColumns, "Columns")):
+        value = _int(ds.get(keyword))
+        if value:
+            out.append(hd.sr.NumContentItem(name=name, value=value, unit=_PIXELS, relationship_type=ctx))
+    kind = modality.value
+    spacing = None
+    if kind in _PROJECTION:
+        if geometry.patient_orientation:
+            row, col = geometry.patient_orientation
+            out.append(
+                hd.sr.TextContentItem(name=codes.DCM.PatientOrientationRow, value=row, relationship_type=ctx)
+            )
+            out.append(
+                hd.sr.TextContentItem(
+                    name=codes.DCM.PatientOrientationColumn, value=col, relationship_type=ctx
+                )
+            )
+        spacing = geometry.imager_pixel_spacing or geometry.pixel_spacing
+    elif kind in _CROSS_SECTIONAL:
+        spacing = geometry.pixel_spacing if geometry.spacing_source == "PixelSpacing" else None
+    if spacing:
+        out.append(
+            hd.sr.NumContentItem(
+                name=codes.DCM.HorizontalPixelSpacing, value=spacing[1], unit=_MM, relationship_type=ctx
+            )
+        )
+        out.append(
+            hd.sr.NumContentItem(
+                name=codes.DCM.VerticalPixelSpacing, value=spacing[0], unit=_MM, relationship_type=ctx
+            )
+        )
+    if kind in _CROSS_SECTIONAL:
+        if geometry.position and not several_frames:
+            for name, value in zip(
+                (
+                    codes.DCM.ImagePositionPatientX,
+                    codes.DCM.ImagePositionPatientY,
+                    codes.DCM.ImagePositionPatientZ,
+                ),
+                geometry.position,
+                strict=True,
+            ):
+                out.append(hd.sr.NumContentItem(name=name, value=value, unit=_MM, relationship_type=ctx))
+        if geometry.orientation:
+            names = (
+                codes.DCM.ImageOrientationPatientRowX,
+                codes.DCM.ImageOrientationPatientRowY,
+                codes.DCM.ImageOrientationPatientRowZ,
+                codes.DCM.ImageOrientationPatientColumnX,
+                codes.DCM.ImageOrientationPatientColumnY,
+                codes.DCM.ImageOrientationPatientColumnZ,
+            )
+            for name, value in zip(names, geometry.orientation, strict=True):
+                out.append(
+                    hd.sr.NumContentItem(name=name, value=value, unit=_DIRECTION, relationship_type=ctx)
+                )
+    return out

@@ -91,17 +91,20 @@ def test_dsrdump_prints_findings_probabilities_and_region(cases: dict[str, Case]
     assert "Comprehensive 3D SR Document" in text
     assert '"Imaging Measurement Report"' in text
     assert "Verification Flag   : UNVERIFIED" in text
+    located = located_findings(case.result)
     for finding in case.result.findings:
-        assert f'"Finding")=({finding.code.value},{finding.code.scheme_designator},' in text
-        assert f'="{finding.probability:g}" (1,UCUM,"no units")' in text
         verdict = '52101004,SCT,"Present"' if finding.positive else '272519000,SCT,"Absent"'
         assert f'<contains CODE:(,,"{finding.code.meaning}")=({verdict})>' in text
-    located = located_findings(case.result)
-    assert text.count("<contains SCOORD:") == len(located)
+        if finding.label in located:
+            assert f'"Finding")=({finding.code.value},{finding.code.scheme_designator},' in text
+            assert f'="{finding.probability:g}" (1,UCUM,"no units")' in text
+        else:  # in the Qualitative Evaluations, with its probability as text
+            assert f'<contains TEXT:(,,"{finding.code.meaning}")=' in text
+    assert text.count("<inferred from SCOORD:") == len(located)
     if located:
         assert "(POLYLINE," in text or "(POINT," in text
         assert "<selected from IMAGE:" in text
-    assert '"Algorithm Name")="Demo Model"' in text
+        assert '"Algorithm Name")="Demo Model"' in text
     assert "Research use only" in text
 
 
@@ -148,8 +151,13 @@ def test_evidence_and_image_library_reference_the_sources(cases: dict[str, Case]
     assert referenced == {
         (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID)) for ds in case.sources
     }
-    library = child(sr, "111028")
-    in_library = {uid for item in walk(library) if item.ValueType == "IMAGE" for uid, _ in image_refs(item)}
+    in_library = {
+        uid
+        for library in children(sr, "111028")
+        for item in walk(library)
+        if item.ValueType == "IMAGE"
+        for uid, _ in image_refs(item)
+    }
     expected = {im.sop_instance_uid for im in case.result.images}
     if name == "mf":  # a secondary capture has no acquisition modality (CID 29): left out of the library
         expected = set()
@@ -167,17 +175,21 @@ def test_device_observer_and_procedure_reported(cases: dict[str, Case], name: st
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_one_measurement_group_per_finding(cases: dict[str, Case], name: str) -> None:
+def test_one_measurement_group_per_located_finding(cases: dict[str, Case], name: str) -> None:
     case = cases[name]
     sr = case.sr
     assert sr is not None
-    groups = measurement_groups(sr)
-    assert len(groups) == len(case.result.findings)
+    located = located_findings(case.result)
+    groups = measurement_groups(sr) if located else []
+    assert len(groups) == len(located)
     tracking_uids = set()
     for finding in case.result.findings:
+        if finding.label not in located:
+            continue
         group = group_of(sr, finding.code.value)
         assert group.ContentTemplateSequence[0].TemplateIdentifier == "1501"
-        assert child(group, "112039").TextValue.startswith("demo-model ")
+        identifier = child(group, "112039").TextValue
+        assert identifier.startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:demo-model ")
         tracking_uids.add(child(group, "112040").UID)
         assert child(group, "111001").TextValue == "Demo Model"  # Algorithm Name (TID 4019)
         assert child(group, "111003").TextValue == "1.2.0"  # Algorithm Version
@@ -188,9 +200,7 @@ def test_one_measurement_group_per_finding(cases: dict[str, Case], name: str) ->
         assert value.MeasurementUnitsCodeSequence[0].CodeValue == "1"
         assert value.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
         evaluation = child(group, finding.code.value, finding.code.scheme_designator)
-        assert evaluation.ConceptCodeSequence[0].CodeValue == (
-            "52101004" if finding.positive else "272519000"
-        )
+        assert evaluation.ConceptCodeSequence[0].CodeValue == "52101004"
         if finding.label == "malignant":
             assert name_of(num) == ("111047", "DCM")  # Probability of cancer
         else:
@@ -199,18 +209,42 @@ def test_one_measurement_group_per_finding(cases: dict[str, Case], name: str) ->
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_findings_without_region_are_qualitative_evaluations(cases: dict[str, Case], name: str) -> None:
+    """Negative findings (and positive ones without a hotspot) are not measurement groups (OHIF
+    3.13 fails on a group without a region) but Present/Absent evaluations with their probability."""
+    case = cases[name]
+    sr = case.sr
+    assert sr is not None
+    located = located_findings(case.result)
+    (container,) = children(sr, "C0034375", "UMLS")
+    for finding in case.result.findings:
+        code = (finding.code.value, finding.code.scheme_designator)
+        named = [item for item in container.ContentSequence if name_of(item) == code]
+        if finding.label in located:
+            assert not named
+            continue
+        (evaluation,) = [item for item in named if item.ValueType == "CODE"]
+        assert evaluation.ConceptCodeSequence[0].CodeValue == (
+            "52101004" if finding.positive else "272519000"
+        )
+        (text,) = [item for item in named if item.ValueType == "TEXT"]
+        assert f"probability {finding.probability:.4g}" in text.TextValue
+        assert text.TextValue.startswith("Present" if finding.positive else "Absent")
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_image_region_on_the_hottest_source_image(cases: dict[str, Case], name: str) -> None:
     case = cases[name]
     sr = case.sr
     assert sr is not None
     for finding in case.result.findings:
-        group = group_of(sr, finding.code.value)
-        scoords = [item for item in group.ContentSequence if item.ValueType == "SCOORD"]
         if finding.label not in located_findings(case.result):
-            assert not scoords
-            assert all(im.ValueType == "IMAGE" for im in children(group, "121112"))  # Source of Measurement
             continue
-        (scoord,) = scoords
+        group = group_of(sr, finding.code.value)
+        assert not [item for item in group.ContentSequence if item.ValueType == "SCOORD"]
+        (num,) = [item for item in group.ContentSequence if item.ValueType == "NUM"]
+        (scoord,) = num.ContentSequence  # the probability INFERRED FROM the region
+        assert scoord.ValueType == "SCOORD" and scoord.RelationshipType == "INFERRED FROM"
         image, heatmap = max(
             (
                 (im, h)
@@ -293,7 +327,7 @@ def test_research_notice_only_for_research_models(cases: dict[str, Case]) -> Non
     clinical = build_sr(
         dataclasses.replace(case.result, algorithm=algorithm(research=False)), case.sources, IDENTITY
     )
-    assert not children(clinical, "C0034375", "UMLS")
+    assert not [c for e in children(clinical, "C0034375", "UMLS") for c in children(e, "121106")]
     assert clinical.SeriesDescription == "AI findings - Demo Model 1.2.0"
 
 
