@@ -428,7 +428,9 @@ def _ct_region(s: _Slice) -> RegionEvidence:
     hu, mm = s.values, s.mm
     px_cm2 = (mm / 10.0) ** 2
     tissue = hu > -500
-    tissue = cv2.morphologyEx(tissue.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)).astype(bool)
+    # an opening over 1 cm drops the couch and the head holder, which would otherwise close air
+    # under the patient into a "hole" of the body
+    tissue = cv2.morphologyEx(tissue.astype(np.uint8), cv2.MORPH_OPEN, _disk(2)).astype(bool)
     body = _fill_holes(_largest(tissue))
     cut = _border_fraction(body) > 0.02
     # lungs: air inside the body outline (holes in it), or, where a tight field of view cuts the
@@ -598,6 +600,8 @@ def combine(evidence: Sequence[RegionEvidence]) -> RegionEvidence:
     if regions and count * 2 > len(evidence):
         chosen = next(e for e in evidence if e.regions == regions)
         return RegionEvidence(regions, "pixels", f"{chosen.text}; {count} of {len(evidence)} slices agree")
+    if len(votes) == 1:  # every slice unknown: say why (the middle slice's reason)
+        return RegionEvidence((), "pixels", f"{evidence[0].text}; {len(evidence)} of {len(evidence)} slices")
     seen = ", ".join(f"{'/'.join(r).lower() or 'unknown'} x{n}" for r, n in votes.most_common())
     return _pixels(None, f"the slices disagree: {seen}")
 
@@ -626,5 +630,8 @@ def region_from_files(paths: Iterable[Path], read: Callable[[Path], Dataset] | N
         except (InvalidDicomError, OSError, EOFError, *_VALUE_ERRORS) as exc:
             log.warning("routing: %s cannot be read for its pixels (%s)", path.name, type(exc).__name__)
             continue
-        found.append(region_from_pixels(ds))
+        try:
+            found.append(region_from_pixels(ds))
+        except (cv2.error, MemoryError, *_VALUE_ERRORS) as exc:
+            log.warning("routing: the pixels of %s cannot be analysed (%s)", path.name, type(exc).__name__)
     return combine(found)

@@ -13,7 +13,15 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, or_, update
 from sqlmodel import Session, col, select
 
-from node.pipeline.route import ROUTE_KEYWORDS, RouteDecision, RuleSet, route, route_header_from_dataset
+from node.pipeline.region import middle_paths, region_from_files
+from node.pipeline.route import (
+    ROUTE_KEYWORDS,
+    RouteDecision,
+    RuleSet,
+    route,
+    route_header_from_dataset,
+    with_pixel_region,
+)
 from node.store import repo
 from node.store.tables import (
     ACTIVE_JOB_STATES,
@@ -90,6 +98,9 @@ def _new_job(
 
 
 def _decide(rules: RuleSet, spool_root: Path, series: Series, session: Session) -> RouteDecision | str:
+    """Route on the first instance's header; a rule that needs the body region of a CT or MR whose
+    header names none gets it from the pixels of up to three instances around the series' middle
+    (read only then, once; the evidence is in the reason stored on the series)."""
     instances = repo.series_instances(session, series.series_uid)
     if not instances:
         return "not routed: the series has no instance on record"
@@ -99,7 +110,9 @@ def _decide(rules: RuleSet, spool_root: Path, series: Series, session: Session) 
         )
     except (InvalidDicomError, OSError, ValueError) as exc:
         return f"not routed: its first instance cannot be read ({exc})"
-    return route(rules, route_header_from_dataset(ds))
+    paths = [spool_root / inst.path for inst in instances]
+    header = with_pixel_region(route_header_from_dataset(ds), lambda: region_from_files(middle_paths(paths)))
+    return route(rules, header)
 
 
 def route_complete_series(
@@ -123,8 +136,9 @@ def route_complete_series(
             missing = ", ".join(decision.models)
             series.state = SeriesState.NOT_ROUTED
             series.route_note = (
-                f"not routed: rule '{decision.rule}' names model {missing}, which is not loaded"
-            )
+                f"not routed: rule '{decision.rule}' names model {missing}, which is not loaded "
+                f"({decision.reason})"
+            )[:512]
             continue
         series.state = SeriesState.ROUTED
         series.route_rule = decision.rule[:64]

@@ -42,6 +42,21 @@ def synth(
     size: Annotated[int | None, typer.Option(min=32, help="ct/mr: rows = columns per slice.")] = None,
     modality: Annotated[str | None, typer.Option(help="cxr: CR or DX (default random).")] = None,
     sequence: Annotated[str | None, typer.Option(help="mr: T2, FLAIR or T1C (default random).")] = None,
+    region: Annotated[
+        str | None,
+        typer.Option(
+            help="ct: abdomen (default), head, chest or pelvis; mr: head (default), abdomen or pelvis. "
+            "Regions other than the default carry no lesions (label normal)."
+        ),
+    ] = None,
+    body_part: Annotated[
+        bool | None,
+        typer.Option(
+            "--body-part/--no-body-part",
+            help="ct/mr: write BodyPartExamined and descriptions naming the region (default), or "
+            "neither, as many real files (for routing checks).",
+        ),
+    ] = None,
     uid_root: Annotated[
         str | None, typer.Option(help="UID root for generated UIDs (default: pydicom's root).")
     ] = None,
@@ -62,6 +77,8 @@ def synth(
         "size": (size, {Kind.ct, Kind.mr}),
         "modality": (modality, {Kind.cxr}),
         "sequence": (sequence, {Kind.mr}),
+        "region": (region, {Kind.ct, Kind.mr}),
+        "body_part": (body_part, {Kind.ct, Kind.mr}),
     }
     for name, (value, kinds) in per_kind.items():
         if value is None:
@@ -69,6 +86,9 @@ def synth(
         if kind not in kinds:
             raise typer.BadParameter(f"--{name} applies to {', '.join(sorted(k.value for k in kinds))} only")
         options[name] = value
+    default_region = {Kind.ct: "abdomen", Kind.mr: "head"}.get(kind)
+    if region is not None and region.lower() != default_region and label is None:
+        label = "normal"  # region phantoms carry no lesions
     start = time.perf_counter()
     try:
         truths = generate_studies(

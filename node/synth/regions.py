@@ -50,7 +50,7 @@ def render_ct_region(
 ) -> RenderedStudy:
     """Render a head, chest or pelvis CT series (no lesions) in memory; stored = HU + 1024, int16.
 
-    The field of view is ~240 mm for the head and ~350-420 mm for the trunk; ``slices`` and ``size``
+    The field of view is ~240 mm for the head and ~400-460 mm for the trunk; ``slices`` and ``size``
     as in :func:`node.synth.ct.render_ct`. The region is recorded in ``geometry["region"]``.
     """
     from .ct import _add_noise  # the same reconstruction-like noise as the abdominal phantom
@@ -63,7 +63,7 @@ def render_ct_region(
         raise ValueError(f"need slices >= 1 and size >= 32, got {slices}, {size}")
     acq = rng_stream(seed, f"ct-{region}/acquisition")
     thickness = float(slice_thickness or (5.0 if acq.random() < 0.6 else 2.5))
-    fov = float(acq.uniform(220, 260)) if region == "head" else float(acq.uniform(350, 420))
+    fov = float(acq.uniform(220, 260)) if region == "head" else float(acq.uniform(400, 460))
     spacing = fov / size
     coverage = slices * thickness
     depths = (np.arange(slices, dtype=F32) + F32(0.5)) * F32(thickness) - F32(coverage / 2)
@@ -207,7 +207,7 @@ def _ct_chest(rng: np.random.Generator, p: Painter, g: Grid) -> list[float]:
 
 def _ct_pelvis(rng: np.random.Generator, p: Painter, g: Grid) -> list[float]:
     """Body wall, iliac wings with iliacus and gluteal muscles, sacrum, bladder, rectum, bowel."""
-    a, b = float(rng.uniform(160, 195)), float(rng.uniform(100, 125))
+    a, b = float(rng.uniform(155, 185)), float(rng.uniform(100, 125))
     yc = float(rng.uniform(-5, 8))
     cavity = _body_wall(rng, p, g, a, b, yc)
     for side in (-1, 1):
