@@ -156,6 +156,7 @@ def convert_torch(
     cam: bool = False,
     cam_pool: str | None = None,
     cam_linear: str | None = None,
+    cam_features: str | None = None,
     fp16: bool = False,
     atol: float = 1e-4,
     rtol: float = 1e-3,
@@ -188,7 +189,14 @@ def convert_torch(
         source = f"{model}" + (f" + {weights}" if weights else "")
     onnx_path = out_dir / MODEL_FILE
     module, names = tc.export_torch(
-        net, onnx_path, input_shape, cam=cam, cam_pool=cam_pool, cam_linear=cam_linear, opset=opset
+        net,
+        onnx_path,
+        input_shape,
+        cam=cam,
+        cam_pool=cam_pool,
+        cam_linear=cam_linear,
+        cam_features=cam_features,
+        opset=opset,
     )
     activation, kind = tc.detect_activation(net)
     return finish(
@@ -311,6 +319,10 @@ def torch_cmd(
     cam_linear: Annotated[
         str | None, typer.Option(help="name of the linear head (default: the last)")
     ] = None,
+    cam_features: Annotated[
+        str | None,
+        typer.Option(help="module whose output is the feature map, when the pool is functional"),
+    ] = None,
     fp16: Fp16Opt = False,
     atol: AtolOpt = 1e-4,
     rtol: AtolOpt = 1e-3,
@@ -336,6 +348,7 @@ def torch_cmd(
         cam=cam,
         cam_pool=cam_pool,
         cam_linear=cam_linear,
+        cam_features=cam_features,
         fp16=fp16,
         atol=atol,
         rtol=rtol,

@@ -100,16 +100,98 @@ def load_torchscript(path: Path) -> nn.Module:
 
 @dataclass
 class CamHead:
-    """The modules of a GAP + linear head: the pool (whose input is the feature map) and the linear."""
+    """Where the feature map of a GAP + linear head is taken, and the linear.
 
-    pool: nn.Module
+    ``source`` is ``"pool_input"`` (the input of the pool module ``feature_name``: ResNet's
+    ``avgpool``, MONAI's ``class_layers.pool``, EfficientNet's ``_avg_pooling``) or
+    ``"module_output"`` (the output of ``feature_name``, for networks whose pool is functional:
+    torchvision DenseNet's ``features``, followed by ``F.relu``, hence ``relu``).
+    """
+
     linear: nn.Linear
-    pool_name: str
     linear_name: str
+    feature_module: nn.Module
+    feature_name: str
+    source: str = "pool_input"
+    relu: bool = False
+
+    @property
+    def pool_name(self) -> str:
+        """The module the feature map is taken at (kept for messages)."""
+        return self.feature_name
 
 
-def find_cam_head(net: nn.Module, pool_name: str | None = None, linear_name: str | None = None) -> CamHead:
-    """The last ``AdaptiveAvgPool2d(1)`` and the last ``nn.Linear`` (or the named modules)."""
+def _is_gap(module: nn.Module) -> bool:
+    return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+
+
+def _probe_feature_outputs(net: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(name, output) of every module returning a 4-D tensor, in the order their forward ends."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for name, module in net.named_modules():
+        if not name:
+            continue
+
+        def keep(_m: nn.Module, _a: tuple, out: object, name: str = name) -> None:
+            if isinstance(out, torch.Tensor) and out.ndim == 4:
+                seen.append((name, out.clone()))  # as returned, before any in-place ReLU
+
+        handles.append(module.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _rebuilds_logits(feats: torch.Tensor, linear: nn.Linear, logits: torch.Tensor, tol: float) -> bool:
+    if feats.shape[1] != linear.in_features or logits.ndim != 2 or logits.shape[1] != linear.out_features:
+        return False
+    with torch.no_grad():
+        bias = linear.bias if linear.bias is not None else 0
+        rebuilt = torch.einsum("kc,nc->nk", linear.weight, feats.mean(dim=(2, 3))) + bias
+    return float((rebuilt - logits).abs().max()) <= tol * max(float(logits.abs().max()), 1.0)
+
+
+def _search_feature_module(
+    net: nn.Module, linear: nn.Linear, x: torch.Tensor, only: str | None = None, last: int = 8
+) -> tuple[str, bool] | None:
+    """The last module whose output (or its ReLU) averaged and fed to ``linear`` gives the logits."""
+    with torch.no_grad():
+        logits = net(x)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    candidates = _probe_feature_outputs(net, x)
+    if only is not None:
+        candidates = [(n, o) for n, o in candidates if n == only]
+    for name, out in reversed(candidates[-last:] if only is None else candidates):
+        for relu in (False, True):
+            feats = torch.relu(out) if relu else out
+            if _rebuilds_logits(feats, linear, logits, 1e-3):
+                return name, relu
+    return None
+
+
+def find_cam_head(
+    net: nn.Module,
+    pool_name: str | None = None,
+    linear_name: str | None = None,
+    *,
+    features_name: str | None = None,
+    probe: torch.Tensor | None = None,
+) -> CamHead:
+    """The GAP + linear head of ``net``.
+
+    The feature map is the input of the named pool (``pool_name``), else of the last
+    ``AdaptiveAvgPool2d(1)`` module (ResNet, MONAI DenseNet/EfficientNet, MobileNet); a network
+    without one (a functional pool, e.g. torchvision DenseNet: ``features`` -> ReLU -> pool ->
+    ``classifier``) is probed with ``probe``: the last module (or ``features_name``) whose output,
+    or its ReLU, averaged and fed to the linear gives the logits. The linear is ``linear_name``,
+    else the last ``nn.Linear``.
+    """
     modules = dict(net.named_modules())
 
     def named(name: str) -> nn.Module:
@@ -117,18 +199,6 @@ def find_cam_head(net: nn.Module, pool_name: str | None = None, linear_name: str
             raise ConversionError(f"no submodule {name!r}; modules: {', '.join(list(modules)[1:12])} ...")
         return modules[name]
 
-    if pool_name is None:
-        pools = [
-            n
-            for n, m in modules.items()
-            if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
-        ]
-        if not pools:
-            raise ConversionError(
-                "--cam needs a global-average-pool + linear head: no AdaptiveAvgPool2d(1) module found "
-                "(a functional pool cannot be hooked; name the pool module with --cam-pool)"
-            )
-        pool_name = pools[-1]
     if linear_name is None:
         linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
         if not linears:
@@ -137,7 +207,28 @@ def find_cam_head(net: nn.Module, pool_name: str | None = None, linear_name: str
     linear = named(linear_name)
     if not isinstance(linear, nn.Linear):
         raise ConversionError(f"{linear_name!r} is a {type(linear).__name__}, not nn.Linear")
-    return CamHead(named(pool_name), linear, pool_name, linear_name)
+    if pool_name is not None:
+        return CamHead(linear, linear_name, named(pool_name), pool_name)
+    pools = [n for n, m in modules.items() if _is_gap(m)]
+    if pools and features_name is None:
+        return CamHead(linear, linear_name, modules[pools[-1]], pools[-1])
+    if features_name is not None:
+        named(features_name)
+    if probe is not None:
+        found = _search_feature_module(net, linear, probe, features_name)
+        if found is not None:
+            name, relu = found
+            return CamHead(linear, linear_name, modules[name], name, "module_output", relu)
+    if features_name is not None:
+        raise ConversionError(
+            f"--cam: the output of {features_name!r} (or its ReLU), averaged and fed to "
+            f"{linear_name!r}, does not give the logits: the head is not global-average-pool + linear"
+        )
+    raise ConversionError(
+        "--cam needs a global-average-pool + linear head: no AdaptiveAvgPool2d(1) module found, and no "
+        "module whose output (or its ReLU), averaged and fed to the last nn.Linear, gives the logits "
+        "(name the pool with --cam-pool or the feature module with --cam-features)"
+    )
 
 
 class WithCam(nn.Module):
@@ -148,21 +239,31 @@ class WithCam(nn.Module):
         self.net = net
         self.head = head
         self._features: list[torch.Tensor] = []
-        head.pool.register_forward_pre_hook(self._keep)
+        if head.source == "module_output":
+            head.feature_module.register_forward_hook(self._keep_output)
+        else:
+            head.feature_module.register_forward_pre_hook(self._keep)
 
     def _keep(self, module: nn.Module, args: tuple) -> None:
         self._features.append(args[0])
+
+    def _keep_output(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self._features.append(out.clone())  # before an in-place op (DenseNet's relu) changes it
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, cam)."""
         self._features.clear()
         logits = self.net(x)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
         if not self._features:
             raise ConversionError(
                 f"--cam: the pool {self.head.pool_name!r} is never called in forward(); the head is "
                 "not global-average-pool + linear"
             )
         feats = self._features[-1]
+        if self.head.relu:
+            feats = torch.relu(feats)
         cam = torch.einsum("kc,nchw->nkhw", self.head.linear.weight, feats)
         return logits, cam
 
@@ -177,7 +278,7 @@ def verify_cam_identity(wrapped: WithCam, x: torch.Tensor, tol: float = 1e-3) ->
             f"({wrapped.head.linear.out_features} outputs) do not match"
         )
     bias = wrapped.head.linear.bias
-    rebuilt = cam.mean(dim=(2, 3)) + (bias if bias is not None else 0)
+    rebuilt = cam.mean(dim=(2, 3)) + (bias.detach() if bias is not None else 0)
     err = float((rebuilt - logits).abs().max())
     scale = float(logits.abs().max()) + 1e-6
     if err > tol * max(scale, 1.0):
@@ -185,6 +286,60 @@ def verify_cam_identity(wrapped: WithCam, x: torch.Tensor, tol: float = 1e-3) ->
             f"--cam: the head is not global-average-pool + linear ({wrapped.head.pool_name!r} -> "
             f"{wrapped.head.linear_name!r}): mean(CAM) + bias differs from the logits by {err:.3g}"
         )
+
+
+class SwapXY(nn.Module):
+    """Feeds ``net`` its input with the last two axes swapped, and swaps them back in a CAM output.
+
+    MONAI's image readers (``LoadImage``: PydicomReader, ITKReader, PILReader) return arrays indexed
+    (x, y) = (column, row); the node prepares images (row, column). A network trained on MONAI's
+    arrays gets them in its own order from this wrapper, inside the exported graph.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``net(x)`` with x's last two axes swapped."""
+        return self.net(x.transpose(-1, -2))
+
+
+class _SwapCam(nn.Module):
+    def __init__(self, inner: WithCam) -> None:
+        super().__init__()
+        self.inner = inner
+        self.head = inner.head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cam = self.inner(x.transpose(-1, -2))
+        return logits, cam.transpose(-1, -2)
+
+
+_3D_LAYERS = (
+    nn.Conv3d,
+    nn.ConvTranspose3d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm3d,
+    nn.MaxPool3d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool3d,
+)
+
+
+def refuse_3d(net: nn.Module) -> None:
+    """Refuse a volumetric network: the node's manifest input is one 2-D image (N, C, H, W)."""
+    if isinstance(net, torch.jit.ScriptModule):
+        return
+    for name, module in net.named_modules():
+        if isinstance(module, _3D_LAYERS):
+            raise ConversionError(
+                f"this is a 3-D network ({type(module).__name__} at {name!r}): the node's manifest input "
+                "is one 2-D image (N, C, H, W) and it runs classifiers per image or slice; 3-D "
+                "(volume) classifiers are not supported yet. Convert a 2-D network (e.g. MONAI "
+                "spatial_dims=2) instead"
+            )
 
 
 class _Single(nn.Module):
@@ -211,9 +366,16 @@ def export_torch(
     cam: bool = False,
     cam_pool: str | None = None,
     cam_linear: str | None = None,
+    cam_features: str | None = None,
+    swap_xy: bool = False,
     opset: int = 17,
 ) -> tuple[nn.Module, list[str]]:
-    """Export ``net`` (eval mode) to ``out_path``; return the exported wrapper and its output names."""
+    """Export ``net`` (eval mode) to ``out_path``; return the exported wrapper and its output names.
+
+    ``swap_xy``: the graph swaps the input's last two axes before ``net`` (and back in the CAM),
+    for networks trained on MONAI's (x, y)-indexed arrays (see :class:`SwapXY`).
+    """
+    refuse_3d(net)
     net = net.eval()
     dummy = torch.randn(2, *[int(d) for d in input_shape])
     names = [output_name]
@@ -223,15 +385,26 @@ def export_torch(
             raise ConversionError(
                 "--cam is not supported for TorchScript input; give module:factory + weights"
             )
+        probe = dummy.transpose(-1, -2) if swap_xy else dummy
+        try:
+            head = find_cam_head(net, cam_pool, cam_linear, features_name=cam_features, probe=probe)
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(
+                f"the model fails on an input of shape {tuple(probe.shape)}: {type(exc).__name__}: {exc}"
+            ) from exc
         # a new wrapper module is in training mode, and eval() is recursive: without it BatchNorm
         # uses batch statistics and Dropout drops, in the parity reference and in the identity check
-        module = WithCam(net, find_cam_head(net, cam_pool, cam_linear)).eval()
-        verify_cam_identity(module, dummy)
+        with_cam = WithCam(net, head).eval()
+        verify_cam_identity(with_cam, probe)
+        module = _SwapCam(with_cam).eval() if swap_xy else with_cam
         names.append("cam")
-    elif isinstance(net, torch.jit.ScriptModule):
+    elif isinstance(net, torch.jit.ScriptModule) and not swap_xy:
         module = net  # a traced/scripted module is exported as is (it must return one tensor)
     else:
-        module = _Single(net).eval()  # see WithCam above: the wrapper would put BatchNorm in training
+        # see WithCam above: the wrapper would put BatchNorm in training
+        module = _Single(SwapXY(net) if swap_xy else net).eval()
     try:
         with torch.no_grad():
             out = module(dummy)
@@ -240,6 +413,12 @@ def export_torch(
             f"the model fails on an input of shape {tuple(dummy.shape)}: {type(exc).__name__}: {exc}"
         ) from exc
     first = out[0] if isinstance(out, tuple) else out
+    if isinstance(first, torch.Tensor) and first.ndim >= 4:
+        raise ConversionError(
+            f"the model returns per-pixel scores {tuple(first.shape)} (batch, classes, H, W): a "
+            "segmentation network (UNet, SegResNet, ...). Segmentation conversion is not supported "
+            "yet; the node converts classifiers returning (batch, classes)"
+        )
     if not isinstance(first, torch.Tensor) or first.ndim != 2:
         raise ConversionError(
             f"the model must return (batch, classes) scores; it returned "
