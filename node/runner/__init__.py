@@ -5,20 +5,26 @@ the outbox. All state is in the database, so a restart resumes where the last ru
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
-from node.errors import DecodeError, ManifestError, NodeError, PreprocessError
+from node.errors import ConfigError, DecodeError, ManifestError, NodeError, PreprocessError
 from node.inference.registry import LoadedModel, Registry
 from node.inference.runtime import ModelSession
 from node.metrics import NodeMetrics
+from node.outputs import OutputError
 from node.pipeline.assemble import assemble
 from node.pipeline.route import RuleSet
 from node.runner import jobs, outbox
@@ -26,11 +32,15 @@ from node.runner.analyse import Stopwatch, analyse
 from node.send import Destination
 from node.settings import DestinationSettings, Settings
 from node.store import repo
-from node.store.tables import Job, JobState, Series, utcnow
+from node.store.tables import ACTIVE_JOB_STATES, Job, JobState, Series, utcnow
 from node.types import AnalysisResult, OutputIdentity
 
 log = logging.getLogger(__name__)
-PERMANENT = (DecodeError, PreprocessError, ManifestError)
+# Errors caused by the data (or the model files), which a retry would only repeat: the job fails at
+# once. Output building is pure and deterministic, so an OutputError is one of them. Everything
+# else a stage raises (I/O, the database, ONNX Runtime) is transient: retried with back-off.
+PERMANENT = (DecodeError, PreprocessError, ManifestError, OutputError, ConfigError)
+_NO_ATTRIBUTE = re.compile(r"object has no attribute '(\w+)'")
 _STAGE_STATE = {
     "preprocessing": JobState.PREPROCESSING,
     "inferring": JobState.INFERRING,
@@ -67,6 +77,54 @@ def build_outputs(
     if any(d.parametric_map for d in settings.destinations):
         out.extend(("pm", ds) for ds in build_parametric_maps(result, sources, identity))
     return out
+
+
+def _missing_keyword(exc: BaseException) -> tuple[str, str] | None:
+    """(DICOM keyword, the text naming it) when ``exc`` or its cause is an AttributeError for a
+    DICOM attribute a data set lacks (pydicom: "'Dataset' object has no attribute 'X'")."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, AttributeError):
+            match = _NO_ATTRIBUTE.search(str(current))
+            keyword = getattr(current, "name", None) or (match.group(1) if match else None)
+            if keyword and tag_for_keyword(keyword) is not None:
+                return keyword, str(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _found(keyword: str, sources: Sequence[Dataset]) -> str:
+    """What the source images hold for ``keyword``: how many lack it, and their modality and SOP
+    class (nothing that identifies the patient)."""
+    tag = Tag(tag_for_keyword(keyword))  # type: ignore[arg-type]
+    named = f"{keyword} ({tag.group:04X},{tag.element:04X})"
+    if not sources:
+        return f"{named} is absent"
+    lacking = sum(1 for ds in sources if keyword not in ds)
+    kinds = sorted(
+        {
+            f"{ds.get('Modality', '') or '?'} {UID(str(ds.get('SOPClassUID', ''))).name or '?'}"
+            for ds in sources
+        }
+    )
+    return f"{named} is absent in {lacking} of {len(sources)} source images ({'; '.join(kinds)[:120]})"
+
+
+def describe_error(exc: BaseException, sources: Sequence[Dataset] = ()) -> str:
+    """The error text recorded on a failed job: ``Type: message``. When the cause is a DICOM
+    attribute missing from the data, the attribute is named with its tag and what the source
+    images hold, e.g. ``OutputError: measurement report content could not be built:
+    ImagerPixelSpacing (0018,1164) is absent in 1 of 1 source images (DX Digital X-Ray Image
+    Storage - For Presentation)``."""
+    text = f"{type(exc).__name__}: {exc}"
+    missing = _missing_keyword(exc)
+    if missing is None:
+        return text
+    keyword, raw = missing
+    found = _found(keyword, sources)
+    return text.replace(raw, found) if raw and raw in text else f"{text}: {found}"
 
 
 class Runner:
@@ -109,6 +167,7 @@ class Runner:
         import node.outputs.sr  # noqa: F401
 
         with Session(self._engine) as session:
+            self._fail_exhausted_interrupted(session)
             jobs.requeue_interrupted(session, utcnow())
             session.commit()
         targets = [("scheduler", self._schedule_loop), ("sender", self._send_loop)]
@@ -117,6 +176,25 @@ class Runner:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _fail_exhausted_interrupted(self, session: Session) -> int:
+        """Jobs a stopped process left mid-way that have used every attempt fail instead of going
+        back to the queue: a job that takes the process down each time it runs (memory, a crash
+        in a native library) must not do so for ever. The caller commits."""
+        limit = self._settings.runner.max_attempts
+        now = utcnow()
+        exhausted = select(Job.id).where(col(Job.state).in_(ACTIVE_JOB_STATES), col(Job.attempts) >= limit)
+        ids = list(session.exec(exhausted))
+        if not ids:
+            return 0
+        error = f"interrupted {limit} times: the node stopped while each attempt ran"
+        session.exec(  # type: ignore[call-overload]
+            update(Job)
+            .where(col(Job.id).in_(ids), col(Job.state).in_(ACTIVE_JOB_STATES))
+            .values(state=JobState.FAILED, error=error, updated_at=now, finished_at=now)
+        )
+        log.error("%d interrupted jobs failed: they had used all %d attempts", len(ids), limit)
+        return len(ids)
 
     def stop(self) -> None:
         """Ask every thread to finish its current step and wait for them."""
@@ -209,6 +287,7 @@ class Runner:
             calling = {s.calling_aet for s in series_rows}
             last_received = max((s.last_received_at for s in series_rows), default=None)
         assemble_wait = (job.created_at - last_received).total_seconds() if last_received else None
+        sources: list[Dataset] = []
         try:
             model: LoadedModel = self._models.registry.get(job.model_id)
             session_ = self._models.sessions.get(job.model_id)
@@ -218,15 +297,15 @@ class Runner:
             with watch.stage("writing"):
                 outputs = build_outputs(result, sources, self._identity, settings)
                 written = outbox.write_output_files(self._outbox_dir, job.id, outputs)
-        except PERMANENT as exc:
-            self._fail(job, watch, f"{type(exc).__name__}: {exc}")
+        except PERMANENT as exc:  # caused by the data: a retry would fail the same way
+            self._fail(job, watch, describe_error(exc, sources))
             return
         except (NodeError, OSError) as exc:
-            self._retry_or_fail(job, watch, f"{type(exc).__name__}: {exc}")
+            self._retry_or_fail(job, watch, describe_error(exc, sources))
             return
         except Exception as exc:  # an unexpected bug: recorded on the job, visible, not retried
             log.exception("job %d (%s) failed unexpectedly", job.id, job.model_id)
-            self._fail(job, watch, f"unexpected {type(exc).__name__}: {exc}")
+            self._fail(job, watch, "unexpected " + describe_error(exc, sources))
             return
         summary = {
             "model": result.algorithm.model_id,

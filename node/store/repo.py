@@ -213,27 +213,69 @@ def refresh_study_triage(
     return became_urgent
 
 
+#: Display priority of a study whose analysis failed (shown, never stored: a retry that succeeds
+#: stores urgent or routine). Belongs in tables.Priority once that module is free to change.
+FAILED_PRIORITY = "failed"
+
+
+def failed_studies(session: Session, study_uids: Collection[str]) -> set[str]:
+    """The studies among ``study_uids`` whose analysis failed: the latest job of some model (the
+    last revision of its job key) failed without a result, and none of their latest jobs is
+    queued or running any more. Jobs that failed only in delivery (a result, parked outputs) are
+    the outbox's, and do not count."""
+    failed_analysis = select(Job.study_uid).where(Job.state == JobState.FAILED, Job.result == "").distinct()
+    wanted = set(study_uids)
+    candidates = [uid for uid in session.exec(failed_analysis) if uid in wanted]
+    if not candidates:
+        return set()
+    latest: dict[tuple[str, str], tuple[int, str, str]] = {}
+    query = select(Job.study_uid, Job.key, Job.id, Job.state, Job.result).where(
+        col(Job.study_uid).in_(candidates)
+    )
+    for study_uid, key, job_id, state, result in session.exec(query):
+        base = (study_uid, key.split("#", 1)[0])
+        if base not in latest or job_id > latest[base][0]:
+            latest[base] = (job_id, state, result)
+    failed: set[str] = set()
+    busy: set[str] = set()
+    for (study_uid, _), (_, state, result) in latest.items():
+        if state == JobState.FAILED and not result:
+            failed.add(study_uid)
+        elif state not in (JobState.DONE, JobState.FAILED, JobState.SENDING):
+            busy.add(study_uid)
+    return failed - busy
+
+
 def display_priorities(session: Session, studies: Sequence[Study]) -> dict[str, str]:
-    """Each study's priority for people: the stored one, else pending (routed, or not decided
-    yet) or not analysed (every series complete and none routed)."""
-    uids = [s.study_uid for s in studies if not s.priority]
+    """Each study's priority for people: urgent when stored so; failed when its analysis failed
+    (see failed_studies; a study left "pending" for ever would hide it); else the stored one,
+    else pending (routed, or not decided yet) or not analysed (every series complete and none
+    routed)."""
+    failed = failed_studies(session, [s.study_uid for s in studies if s.priority != Priority.URGENT])
+    uids = [s.study_uid for s in studies if not s.priority and s.study_uid not in failed]
     open_states: dict[str, bool] = {}
     if uids:
         rows = session.exec(select(Series.study_uid, Series.state).where(col(Series.study_uid).in_(uids)))
         for uid, state in rows:
             open_states[uid] = open_states.get(uid, False) or state != SeriesState.NOT_ROUTED
-    return {
-        s.study_uid: s.priority
-        or (Priority.PENDING if open_states.get(s.study_uid, True) else Priority.NOT_ANALYSED)
-        for s in studies
-    }
+    out: dict[str, str] = {}
+    for s in studies:
+        if s.study_uid in failed:
+            out[s.study_uid] = FAILED_PRIORITY
+        elif s.priority:
+            out[s.study_uid] = s.priority
+        elif open_states.get(s.study_uid, True):
+            out[s.study_uid] = Priority.PENDING
+        else:
+            out[s.study_uid] = Priority.NOT_ANALYSED
+    return out
 
 
 def worklist_order(items: Sequence[tuple[str, float | None, datetime]]) -> list[int]:
     """Order (priority, score, arrival) tuples for reading; return indexes into ``items``.
 
     Urgent studies come first, by suspicion score (highest first) then arrival (oldest first).
-    Every other study (routine, pending, not analysed) keeps plain arrival order, oldest first:
+    Every other study (routine, pending, failed, not analysed) keeps plain arrival order, oldest first:
     as cleared triage products do, the AI only ever moves suspected positives *up*; a negative or
     missing result never moves a study below where arrival order puts it. So for a non-urgent
     study, every study above it either arrived earlier or was flagged urgent.

@@ -40,7 +40,10 @@ class StudyOut(BaseModel):
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
-    priority: str = Field(description="urgent, routine, pending (being analysed) or not analysed")
+    priority: str = Field(
+        description="urgent, routine, pending (being analysed), failed (the analysis failed: see the "
+        "study's jobs for the error) or not analysed"
+    )
     suspicion: float | None = Field(description="highest probability of a triage finding")
 
 
