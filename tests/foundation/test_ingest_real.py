@@ -325,3 +325,27 @@ def test_un_vr_element_header_is_explicit_un(tmp_path):
     at = body.index(struct.pack("<HH", 0x0008, 0x0060))
     assert body[at + 4 : at + 8] == b"UN\0\0"
     assert struct.unpack("<I", body[at + 8 : at + 12])[0] == 2 and body[at + 12 : at + 14] == b"CT"
+
+
+def test_unexpected_error_filing_one_data_set_is_a_failure_status(make_node, tmp_path, monkeypatch):
+    """A bug of ours while filing one data set (here the spool path raising) costs that data set
+    a failure status with a comment, not the association; the next one is stored."""
+    node = make_node()
+    broken, fine = fresh_ct(tmp_path, "broken"), fresh_ct(tmp_path, "fine")
+    real = node.scp.spool.relative_path
+
+    def relative_path(study: str, series: str, instance: str):  # noqa: ANN202
+        if instance == _uid(broken):
+            raise RuntimeError("simulated bug")
+        return real(study, series, instance)
+
+    monkeypatch.setattr(node.scp.spool, "relative_path", relative_path)
+    link = OneAssociation(node.scp.port, [CT])
+    try:
+        answer = link.store(CT, CT, _uid(broken), dataset_bytes(broken))
+        assert answer.Status == status.PROCESSING_FAILURE
+        assert answer.ErrorComment == "node error (RuntimeError); see its log"
+        assert link.store(CT, CT, _uid(fine), dataset_bytes(fine)).Status == status.SUCCESS
+    finally:
+        link.release()
+    assert set(rows(node)) == {_uid(fine)}
