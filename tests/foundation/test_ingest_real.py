@@ -349,3 +349,23 @@ def test_unexpected_error_filing_one_data_set_is_a_failure_status(make_node, tmp
     finally:
         link.release()
     assert set(rows(node)) == {_uid(fine)}
+
+
+def test_dcmsend_un_vr_file_after_dcmconv_convert_un_is_stored(make_node, tmp_path):
+    """The sender-side fix for dcmsend's garbled request: ``dcmconv +uc`` gives the UN elements
+    their real VR; the same real CT is then stored and filed by its own UIDs."""
+    node = make_node()
+    converted = tmp_path / "converted.dcm"
+    run = subprocess.run(
+        [need("dcmconv"), "+uc", str(sample_file("explicit_VR-UN.dcm")), str(converted)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    result = _dcmsend(node.scp.port, [converted])
+    assert result.returncode == 0, result.stdout + result.stderr
+    ds = pydicom.dcmread(sample_file("explicit_VR-UN.dcm"), stop_before_pixels=True)
+    row = rows(node)[str(ds.SOPInstanceUID)]
+    assert (row.sop_class_uid, row.study_uid) == (CT, str(ds.StudyInstanceUID))
+    assert series_of(node, row).modality == "CT"
