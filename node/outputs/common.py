@@ -511,3 +511,20 @@ def fix_character_set(ds: Dataset) -> None:
     if not known:
         log.info("unknown Specific Character Set in a source: outputs are written as ISO_IR 192")
         ds.SpecificCharacterSet = "ISO_IR 192"
+
+
+def referenced_frame(ds: Dataset, frame: int | None) -> int | None:
+    """The frame number a reference to ``ds`` names: ``frame`` when ``ds`` has several frames and
+    its SOP class is a multi-frame one; None otherwise (a reference to a single-frame class must
+    not name a frame, even when a non-conformant file holds several)."""
+    from highdicom._standard_utils import is_multiframe_image
+
+    if frame is None:
+        return None
+    try:
+        frames = int(safe_get(ds, "NumberOfFrames") or 1)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    if frames <= 1 or not is_multiframe_image(ds):
+        return None
+    return int(frame)

@@ -7,8 +7,14 @@ Real World Value Mapping). The heatmap values (0..1) are stored as they are, as 
 (1, UCUM, "no units")) and a VOI window over 0..1.
 
 Sources a map cannot represent are skipped with a log line, never failing the job (the SR and the
-secondary captures still go out): multi-frame sources (one map frame per source frame is not
-done yet), and heatmaps whose size is not the source image's.
+secondary captures still go out): heatmaps whose size is not the source image's. A frame of a
+multi-frame source gets a map of its own that references that frame (Derivation Image Sequence,
+Referenced Frame Number), with that frame's geometry from the functional groups.
+
+Geometry is validated first (:func:`node.outputs.common.clean_header`): spacing of 0\\0, negative,
+the wrong count or not numbers, orientation that is not two unit vectors, and the like are never
+copied; a source without a valid Frame of Reference, position, orientation and pixel spacing
+gets the nominal geometry described below, with a note in the Derivation Description.
 
 The quantity is the visual-explanation code of the manifest's heatmap method (see
 :func:`node.outputs.common.explanation_concept`): (130403, DCM, "Gradient-weighted class
@@ -33,6 +39,7 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+from highdicom._standard_utils import is_multiframe_image
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -42,8 +49,9 @@ from node.outputs.common import (
     PM_SERIES_NUMBER,
     algorithm_equipment,
     ascii_text,
+    clean_header,
     explanation_concept,
-    header_copy,
+    referenced_frame,
     series_description,
     set_series_laterality,
     sources_by_uid,
@@ -84,8 +92,12 @@ def build_parametric_maps(
     shown_sources = [by_uid[im.sop_instance_uid] for im in representable]
     out: list[Dataset] = []
     for image in representable:
-        ref = header_copy(by_uid[image.sop_instance_uid])
+        source = by_uid[image.sop_instance_uid]
+        ref = clean_header(source, image.frame, flatten=True)
         pm = _parametric_map(result, image, ref, identity, series_uid, description, len(out) + 1)
+        frame = referenced_frame(source, image.frame)
+        if frame is not None:
+            _reference_frame(pm, frame)
         set_series_laterality(pm, shown_sources)
         out.append(pm)
     log.debug("%d parametric maps built for model %s", len(out), result.algorithm.model_id)
@@ -94,10 +106,10 @@ def build_parametric_maps(
 
 def unrepresentable(image: ImageResult, source: Dataset) -> str | None:
     """Why ``image`` gets no parametric map, or None when it can have one."""
-    frames = int(source.get("NumberOfFrames") or 1)
-    if frames > 1:
-        return f"multi-frame source ({frames} frames) is not supported yet"
-    rows, cols = int(source.get("Rows") or 0), int(source.get("Columns") or 0)
+    try:
+        rows, cols = int(source.get("Rows") or 0), int(source.get("Columns") or 0)
+    except (TypeError, ValueError):
+        rows, cols = 0, 0
     if not rows or not cols:
         return "source has no Rows/Columns"
     for heatmap in image.heatmaps:
@@ -125,6 +137,9 @@ def _nominal_geometry(ref: Dataset, frame_of_reference_uid: str) -> tuple[Datase
     Description."""
     out = Dataset()
     out.update(ref)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if keyword in out:
+            del out[keyword]  # incomplete patient geometry: none of it is claimed
     orientation = ref.get("PatientOrientation")
     row_dir, col_dir = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
     if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2:
@@ -134,7 +149,7 @@ def _nominal_geometry(ref: Dataset, frame_of_reference_uid: str) -> tuple[Datase
             if abs(sum(x * y for x, y in zip(a, b, strict=True))) < 1e-6:
                 row_dir, col_dir = a, b
     spacing = ref.get("PixelSpacing") or ref.get("ImagerPixelSpacing")
-    note = "; projection image: nominal plane geometry in a Frame of Reference of its own"
+    note = "; no complete patient geometry: nominal plane geometry in a Frame of Reference of its own"
     if spacing is None or len(spacing) != 2:
         spacing = NOMINAL_SPACING
         note += ", nominal 1 mm pixel spacing (the source states none)"
@@ -191,7 +206,8 @@ def _parametric_map(
     pixels = np.stack(channels, axis=-1)[None].astype(np.float32)  # (frames=1, rows, cols, channels)
     geometry_note = ""
     if not all(
-        ref.get(k) for k in ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient")
+        ref.get(k)
+        for k in ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
     ):
         ref, geometry_note = _nominal_geometry(
             ref, output_uid(identity, result, "pm", "for", image.sop_instance_uid)
@@ -201,6 +217,27 @@ def _parametric_map(
         pixel_spacing=[float(v) for v in ref.PixelSpacing],
         slice_thickness=float(thickness) if thickness not in (None, "") else None,
     )
+    orientation = hd.PlaneOrientationSequence(
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        image_orientation=[float(v) for v in ref.ImageOrientationPatient],
+    )
+    position = hd.PlanePositionSequence(
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        image_position=[float(v) for v in ref.ImagePositionPatient],
+    )
+    if "SliceThickness" not in ref:
+        ref.SliceThickness = None  # highdicom reads it
+    if is_multiframe_image(ref):
+        # highdicom reads a multi-frame source's geometry from its functional groups: give the
+        # flattened reference (one frame, validated values) exactly those
+        shared = Dataset()
+        shared.PixelMeasuresSequence = pixel_measures
+        shared.PlaneOrientationSequence = orientation
+        frame_item = Dataset()
+        frame_item.PlanePositionSequence = position
+        ref.SharedFunctionalGroupsSequence = [shared]
+        ref.PerFrameFunctionalGroupsSequence = [frame_item]
+        ref.NumberOfFrames = 1
     methods = sorted({h.method for h in image.heatmaps})
     try:
         pm = hd.pm.ParametricMap(
@@ -229,6 +266,10 @@ def _parametric_map(
             derivation=explanation_concept(image.heatmaps[0].method),
             series_description=description,
             pixel_measures=pixel_measures,
+            # explicit geometry (validated above): highdicom would read that of a multi-frame
+            # source from its functional groups, which the flattened reference does not have
+            plane_orientation=orientation,
+            plane_positions=[position],
             institution_name=ascii_text(identity.institution_name, 64) or None,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
@@ -242,3 +283,13 @@ def _parametric_map(
             1024,
         )
     return pm
+
+
+def _reference_frame(pm: Dataset, frame: int) -> None:
+    """Make the map's references to its source name the source ``frame`` (1-based)."""
+    groups = [*pm.SharedFunctionalGroupsSequence, *pm.get("PerFrameFunctionalGroupsSequence", [])]
+    for derivation in (d for group in groups for d in group.get("DerivationImageSequence") or []):
+        for item in derivation.get("SourceImageSequence") or []:
+            item.ReferencedFrameNumber = frame
+    for item in pm.get("SourceImageSequence") or []:
+        item.ReferencedFrameNumber = frame

@@ -38,8 +38,9 @@ from node.outputs.common import (
     SC_SERIES_NUMBER,
     algorithm_equipment,
     ascii_text,
+    clean_header,
     explanation_concept,
-    header_copy,
+    referenced_frame,
     series_description,
     set_series_laterality,
 )
@@ -91,13 +92,17 @@ def build_heatmap_scs(
     out: list[Dataset] = []
     for image in shown:
         assert image.display is not None
-        ref = header_copy(sources[image.sop_instance_uid])
+        source = sources[image.sop_instance_uid]
+        ref = clean_header(source, image.frame, flatten=True)
+        frame = referenced_frame(source, image.frame)
         for heatmap in heatmaps_to_show(image, result):
             score = _score_for(heatmap.label, image, result)
             pixels, scale = render_overlay(image.display, heatmap, score, algorithm)
             sc = _sc_dataset(
                 result, image, heatmap, ref, pixels, scale, identity, series_uid, description, len(out) + 1
             )
+            if frame is not None:  # the source frame the capture shows
+                sc.SourceImageSequence[0].ReferencedFrameNumber = frame
             set_series_laterality(sc, shown_sources)
             out.append(sc)
     log.debug("%d heatmap SCs built for model %s", len(out), algorithm.model_id)
@@ -315,8 +320,6 @@ def _sc_dataset(
     source_item = Dataset()
     source_item.ReferencedSOPClassUID = ref.SOPClassUID
     source_item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
-    if image.frame is not None and int(ref.get("NumberOfFrames") or 1) > 1:
-        source_item.ReferencedFrameNumber = int(image.frame)
     source_item.PurposeOfReferenceCodeSequence = [_code_item(SOURCE_FOR_PROCESSING)]
     sc.SourceImageSequence = [source_item]
     sc.ImageComments = ascii_text(

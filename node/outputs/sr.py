@@ -57,6 +57,7 @@ from node.outputs.common import (
     coding_schemes,
     evidence_reference,
     plane_geometry,
+    referenced_frame,
     series_description,
 )
 from node.outputs.identity import output_uid
@@ -298,9 +299,8 @@ def _best_hotspot(
 
 
 def _frames(image: ImageResult, source: Dataset) -> list[int] | None:
-    if image.frame is None or int(source.get("NumberOfFrames") or 1) <= 1:
-        return None
-    return [int(image.frame)]
+    frame = referenced_frame(source, image.frame)
+    return None if frame is None else [frame]
 
 
 def _hotspot_coordinates(
