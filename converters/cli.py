@@ -1,4 +1,5 @@
-"""``pacs-node convert torch|keras``: export to ONNX, parity checks, fp16 variant, manifest scaffold.
+"""``pacs-node convert torch|keras|monai-bundle``: export to ONNX, parity checks, fp16 variant,
+manifest (a scaffold, or the bundle's).
 
 Exit codes: 0 converted and parity passed; 1 parity above tolerance (files are still written so that
 they can be inspected); 2 the conversion could not be done (the message says why).
@@ -33,7 +34,7 @@ from converters.scaffold import write_manifest_scaffold
 
 app = typer.Typer(
     name="convert",
-    help="Convert a PyTorch or Keras classifier to ONNX for the node, with parity checks.",
+    help="Convert a PyTorch or Keras classifier, or a MONAI bundle, to ONNX for the node (parity checked).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -289,6 +290,109 @@ def convert_keras(
     )
 
 
+def convert_monai_bundle(
+    *,
+    bundle_dir: Path,
+    out_dir: Path,
+    model_id: str | None = None,
+    cam: bool = False,
+    normal: str | None = None,
+    activation: str | None = None,
+    fp16: bool = False,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    fp16_atol: float = 2e-2,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    threads: int = 1,
+    echo: Callable[[str], None] = print,
+) -> Converted:
+    """Convert a MONAI bundle folder (configs/metadata.json, configs/inference.json, models/model.pt)
+    to a model folder whose manifest the node accepts; see :mod:`converters.monai_bundle`."""
+    import yaml
+
+    from converters import monai_bundle as mb
+    from converters import torch_convert as tc
+
+    check_opset(opset)
+    mid = _model_id(out_dir, model_id)
+    bundle = mb.read_bundle(bundle_dir)
+    shape_meta = bundle.input_format.get("spatial_shape") or []
+    if len(shape_meta) == 3:
+        raise ConversionError(
+            f"a 3-D bundle (network_data_format spatial_shape {shape_meta}): the node's manifest input is "
+            "one 2-D image (N, C, H, W); 3-D (volume) models are not supported yet"
+        )
+    mapped = mb.map_transforms(mb.bundle_transforms(bundle), bundle.input_key)
+    mb.describe(mapped, echo)
+    channels = int(bundle.input_format.get("num_channels") or mapped.channels)
+    if channels != mapped.channels:
+        if mapped.channels != 1:
+            raise ConversionError(
+                f"the bundle's preprocessing gives {mapped.channels} channels; its network takes {channels}"
+            )
+        mapped.steps.append({"op": "replicate_channels", "channels": channels})
+        mapped.notes.append(f"(grey DICOM image replicated into the network's {channels} channels)")
+        echo(f"warning: the network takes {channels} channels; grey images are replicated into them")
+    prepare_out_dir(out_dir, force, OUTPUT_FILES)
+    tc.torch.set_num_threads(max(1, threads))
+    net = mb.bundle_network(bundle)
+    if not isinstance(net, tc.nn.Module):
+        raise ConversionError(f"network_def built a {type(net).__name__}, not a torch.nn.Module")
+    weights = bundle_dir / "models" / "model.pt"
+    if not weights.is_file():
+        raise ConversionError(f"the bundle has no weights file models/model.pt ({weights})")
+    tc.load_weights(net, weights)
+    act = activation or mb.bundle_activation(bundle)
+    detected, detected_kind = tc.detect_activation(net)
+    if act is None and detected is None:
+        raise ConversionError(
+            "the bundle's postprocessing has no Activations(d) and the network ends in neither Sigmoid "
+            "nor Softmax: give --activation sigmoid|softmax"
+        )
+    kind = {"sigmoid": "multi_label", "softmax": "multi_class"}.get(act or "", detected_kind)
+    onnx_path = out_dir / MODEL_FILE
+    h, w = mapped.size  # type: ignore[misc]
+    input_shape = (channels, h, w)
+    module, names = tc.export_torch(net, onnx_path, input_shape, cam=cam, swap_xy=mapped.swap_xy, opset=opset)
+    modalities = mb.routing_modalities(bundle.input_format)
+    phantom = "ct" if "CT" in modalities else "mr" if "MR" in modalities else "cxr"
+    result = finish(
+        out_dir=out_dir,
+        model_id=mid,
+        onnx_path=onnx_path,
+        output_names=names,
+        reference=tc.reference_fn(module),
+        shape=(1, *input_shape),
+        layout="NCHW",
+        phantom=phantom,
+        atol=atol,
+        rtol=rtol,
+        fp16=fp16,
+        fp16_atol=fp16_atol,
+        activation=act if act is not None else "none",
+        kind=kind,
+        framework=f"MONAI {mb._monai().__version__}, torch {tc.torch.__version__} -> ONNX opset {opset}",
+        source=f"MONAI bundle {bundle_dir}",
+        echo=echo,
+    )
+    scaffold = yaml.safe_load(result.manifest_path.read_text(encoding="utf-8"))
+    labels = mb.label_names(bundle.output_format, len(scaffold["labels"]))
+    normal_label = mb.pick_normal(labels, normal) if kind == "multi_class" else None
+    data = mb.manifest_from_bundle(
+        scaffold,
+        bundle=bundle,
+        mapped=mapped,
+        activation=act if act is not None else "none",
+        kind=str(kind),
+        labels=labels,
+        normal=normal_label,
+    )
+    mb.write_bundle_manifest(result.manifest_path, data, bundle, mapped)
+    echo(f"wrote {result.manifest_path} from the bundle (labels {[n for n, _ in labels]}; codes are private)")
+    return result
+
+
 def _run(fn: Callable[..., Converted], **kwargs: Any) -> None:
     try:
         result = fn(echo=typer.echo, **kwargs)
@@ -355,6 +459,47 @@ def torch_cmd(
         fp16_atol=fp16_atol,
         opset=opset,
         phantom=None if phantom == "none" else phantom,
+        force=force,
+    )
+
+
+@app.command("monai-bundle")
+def monai_bundle_cmd(
+    bundle_dir: Annotated[Path, typer.Argument(help="MONAI bundle folder (configs/, models/model.pt)")],
+    out: OutOpt,
+    model_id: IdOpt = None,
+    cam: CamOpt = False,
+    normal: Annotated[
+        str | None, typer.Option("--normal", help="the normal label of a softmax model (default: by name)")
+    ] = None,
+    activation: Annotated[
+        str | None,
+        typer.Option("--activation", help="sigmoid|softmax when the bundle's postprocessing does not say"),
+    ] = None,
+    fp16: Fp16Opt = False,
+    atol: AtolOpt = 1e-4,
+    rtol: AtolOpt = 1e-3,
+    fp16_atol: AtolOpt = 2e-2,
+    opset: OpsetOpt = DEFAULT_OPSET,
+    force: ForceOpt = False,
+) -> None:
+    """MONAI bundle -> ONNX + a manifest whose preprocessing is the bundle's mapped transforms."""
+    if activation not in (None, "sigmoid", "softmax"):
+        typer.echo(f"error: --activation must be sigmoid or softmax, got {activation!r}", err=True)
+        raise typer.Exit(2)
+    _run(
+        convert_monai_bundle,
+        bundle_dir=bundle_dir,
+        out_dir=out,
+        model_id=model_id,
+        cam=cam,
+        normal=normal,
+        activation=activation,
+        fp16=fp16,
+        atol=atol,
+        rtol=rtol,
+        fp16_atol=fp16_atol,
+        opset=opset,
         force=force,
     )
 
