@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests use as real peers, when missing: DCMTK (storescu, echoscu,
-# storescp, dsrdump), dicom3tools (dciodvfy), Orthanc (the PACS in end-to-end tests) and PixelMed
+# storescp, dsrdump), dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin (the PACS in end-to-end
+# tests, read by OHIF) and PixelMed
 # (the SR validator, with a JDK), Chromium (headless, for the page tests) and PostgreSQL (a
 # throw-away server on loopback for the database tests). Needs root for apt-get; otherwise says what to run.
 set -euo pipefail
@@ -8,6 +9,7 @@ missing=()
 command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)  # OHIF reads Orthanc over DICOMweb
 [ -f /usr/share/java/pixelmed.jar ] || missing+=(pixelmed-apps)
 command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)  # runs the SR validator launcher from source
 command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)  # renders the status pages in tests

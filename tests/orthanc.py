@@ -13,13 +13,33 @@ import pytest
 
 from tests.helpers import free_port, wait_port
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def _dicomweb_plugin() -> str:
+    if not DICOMWEB_PLUGIN.exists():
+        import os
+
+        message = f"{DICOMWEB_PLUGIN} is missing (apt-get install orthanc-dicomweb)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; scripts/system-deps.sh installs it")
+        pytest.skip(message)
+    return str(DICOMWEB_PLUGIN)
+
 
 class Orthanc:
     """A running Orthanc with its REST client."""
 
     def __init__(
-        self, folder: Path, node_port: int, node_aet: str = "PACSNODE", dicom_port: int | None = None
+        self,
+        folder: Path,
+        node_port: int,
+        node_aet: str = "PACSNODE",
+        dicom_port: int | None = None,
+        dicomweb: bool = False,
     ) -> None:
+        """``dicomweb``: load the DICOMweb plugin (Debian ``orthanc-dicomweb``), served under
+        ``/dicom-web/`` on the HTTP port, as a viewer such as OHIF reads it."""
         binary = shutil.which("Orthanc")
         if binary is None:
             import os
@@ -44,7 +64,8 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomModalities": {"node": [node_aet, "127.0.0.1", node_port]},
-            "Plugins": [],
+            "Plugins": [_dicomweb_plugin()] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "StableAge": 60,
             "SaveJobs": False,
             "LogExportedResources": False,

@@ -1,0 +1,59 @@
+// Opens a study in OHIF (headless Chromium through playwright-core), loads its SR series into the
+// viewport, takes a screenshot and prints what happened as JSON: the page's errors, whether the
+// SR display set loaded, and the measurement texts the viewer shows.
+// Usage: node open_sr.mjs VIEWER_URL STUDY_UID SCREENSHOT.png [EXPECTED_TEXT]
+import { chromium } from 'playwright-core';
+
+const [base, study, shot, expected] = process.argv.slice(2);
+const errors = [];
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+         '--disable-background-networking', '--disable-component-update', '--disable-sync',
+         '--use-gl=swiftshader', '--enable-unsafe-swiftshader'],
+});
+const result = { errors, steps: [] };
+try {
+  const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+  page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error') errors.push(`console: ${m.text()}`); });
+  await page.goto(`${base}/viewer?StudyInstanceUIDs=${study}`, { waitUntil: 'networkidle', timeout: 90000 });
+  result.steps.push('opened');
+  await page.waitForTimeout(3000);
+  // the first-visit tour covers the page: skip it when it shows
+  const skip = page.getByText('Skip all', { exact: true });
+  try {
+    await skip.first().waitFor({ timeout: 15000 });
+    await skip.first().click();
+    result.steps.push('tour skipped');
+  } catch (e) { result.steps.push('no tour'); }
+  const sr = page.getByText(/^SR$/).first();
+  await sr.waitFor({ timeout: 30000 });
+  await sr.dblclick();
+  result.steps.push('SR opened');
+  await page.waitForLoadState('networkidle');
+  await page.waitForTimeout(8000);  // decoding a 2k x 2k JPEG 2000 frame in WebAssembly takes a while
+  await page.screenshot({ path: shot.replace(/\.png$/, '-sr.png') });
+  const track = page.getByRole('button', { name: 'Yes' });
+  if (await track.count()) {
+    await track.first().click();  // track the SR's measurements: the panel lists them by name
+    result.steps.push('tracking');
+    await page.waitForTimeout(3000);
+  }
+  const panel = page.locator('[data-cy="trackedMeasurements-btn"]');
+  if (await panel.count()) {
+    await panel.first().click();  // the measurements panel: each hydrated measurement by label
+    result.steps.push('measurements panel');
+    await page.waitForTimeout(2000);
+  }
+  // the annotations cornerstone draws from the SR are SVG over the image canvas
+  const shapes = page.locator('[data-cy="viewport-pane"] svg :is(path, polyline, polygon)');
+  result.svgShapes = await shapes.count();
+  result.svgPoints = await shapes.evaluateAll((els) => els.map((e) => e.getAttribute('points') || e.getAttribute('d') || ''));
+  result.svgTexts = await page.locator('[data-cy="viewport-pane"] svg text').allInnerTexts();
+  result.body = (await page.locator('body').innerText()).slice(0, 6000);
+  await page.screenshot({ path: shot });
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(result));
