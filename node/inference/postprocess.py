@@ -52,7 +52,12 @@ def probabilities(manifest: Manifest, raw: np.ndarray) -> np.ndarray:
 
 
 def label_scores(manifest: Manifest, probs: Sequence[float] | np.ndarray) -> list[LabelScore]:
-    """One LabelScore per manifest label from a row of ``probabilities`` (label order)."""
+    """One LabelScore per manifest label from a row of ``probabilities`` (label order).
+
+    A label is positive (reported "Present") when its probability reaches its threshold; this
+    holds for the normal class of a multi-class model too (a softmax result whose "Normal" class
+    has 0.9999 says Normal: Present and every finding Absent, instead of contradicting itself).
+    The normal class never raises triage."""
     values = np.asarray(probs, dtype=np.float64).reshape(-1)
     if values.size != len(manifest.labels):
         raise InferenceError(
@@ -60,7 +65,7 @@ def label_scores(manifest: Manifest, probs: Sequence[float] | np.ndarray) -> lis
         )
     out = []
     for label, p in zip(manifest.labels, values, strict=True):
-        positive = bool(p >= label.threshold) and not label.normal
+        positive = bool(p >= label.threshold)
         out.append(
             LabelScore(
                 label=label.name,
@@ -68,7 +73,7 @@ def label_scores(manifest: Manifest, probs: Sequence[float] | np.ndarray) -> lis
                 probability=float(p),
                 threshold=label.threshold,
                 positive=positive,
-                triage=positive and label.triage,
+                triage=positive and label.triage and not label.normal,
             )
         )
     return out

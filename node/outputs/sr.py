@@ -146,11 +146,21 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=procedure,
-            imaging_measurements=groups or None,
+            # highdicom wants a group; a placeholder is dropped below when there is no real one
+            imaging_measurements=groups
+            or [
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=output_uid(identity, result, "sr", "none"), identifier="none"
+                    )
+                )
+            ],
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"measurement report content could not be built: {exc}") from exc
     content = report[0].ContentSequence
+    if not groups:  # TID 1500 row 6 is 1C: absent when the qualitative evaluations (row 12) are there
+        content[:] = [item for item in content if _concept(item) != "126010"]
     library = image_library(result.images, by_uid)
     if library is not None:
         # TID 1500 row 5, after the procedure reported (row 4) and before the measurements
