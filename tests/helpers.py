@@ -67,8 +67,10 @@ def fresh_copy(
     study_uid: str | None = None,
     series_uid: str | None = None,
     patient_name: str | None = None,
+    body_part: str | None = None,
 ) -> Path:
-    """Copy ``src`` with a new SOP Instance UID (and optionally study/series UIDs), pixel data untouched."""
+    """Copy ``src`` with a new SOP Instance UID (and optionally study/series UIDs, patient name and
+    BodyPartExamined), pixel data untouched."""
     ds = pydicom.dcmread(src)
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -78,6 +80,8 @@ def fresh_copy(
         ds.SeriesInstanceUID = series_uid
     if patient_name:
         ds.PatientName = patient_name
+    if body_part:
+        ds.BodyPartExamined = body_part
     if 0xFFFCFFFC in ds:  # DCMTK drops Data Set Trailing Padding when it sends; so do we, to compare bytes
         del ds[0xFFFCFFFC]
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -85,12 +89,15 @@ def fresh_copy(
     return dst
 
 
-def make_series(folder: Path, count: int, template: str = "CT_small.dcm", **uids: str) -> list[Path]:
-    """``count`` copies of a test file in one new series (fresh SOP Instance UIDs)."""
+def make_series(
+    folder: Path, count: int, template: str = "CT_small.dcm", body_part: str | None = None, **uids: str
+) -> list[Path]:
+    """``count`` copies of a test file in one new series (fresh SOP Instance UIDs); ``body_part``
+    sets BodyPartExamined (CT_small, a chest slice, names none: routing then reads its pixels)."""
     study_uid = uids.get("study_uid") or generate_uid()
     series_uid = uids.get("series_uid") or generate_uid()
     return [
-        fresh_copy(sample_file(template), folder / f"{i:05d}.dcm", study_uid, series_uid)
+        fresh_copy(sample_file(template), folder / f"{i:05d}.dcm", study_uid, series_uid, body_part=body_part)
         for i in range(count)
     ]
 

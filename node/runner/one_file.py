@@ -15,7 +15,8 @@ from pydicom.errors import InvalidDicomError
 from node.errors import DecodeError, NodeError, PreprocessError, UploadRefused
 from node.inference.decode import supported_transfer_syntaxes
 from node.outputs.sc import heatmaps_to_show, render_overlay
-from node.pipeline.route import RuleSet, route, route_header_from_dataset
+from node.pipeline.region import region_from_pixels
+from node.pipeline.route import RuleSet, route, route_header_from_dataset, with_pixel_region
 from node.runner.analyse import JobTimeout, Stopwatch, analyse
 from node.types import AnalysisResult
 
@@ -56,7 +57,8 @@ def analyse_upload(
     ds = parse_upload(data)
     if rules is None:
         raise UploadRefused("no_rules", "the node has no routing rules loaded")
-    decision = route(rules, route_header_from_dataset(ds))
+    # the same evidence as the pipeline: a CT or MR naming no body region is routed on its pixels
+    decision = route(rules, with_pixel_region(route_header_from_dataset(ds), lambda: region_from_pixels(ds)))
     if not decision.routed:
         modality = ds.get("Modality", "") or "(none)"
         raise UploadRefused("no_route", f"no route for this image (modality {modality}): {decision.reason}")

@@ -159,10 +159,18 @@ def test_pydicom_real_images_are_routed_or_explained(pacs_and_node, tmp_path):
 
     orthanc, node, _ = pacs_and_node
     sent = {}
-    for name in REAL_FILES:
-        copy = fresh_copy(sample_file(name), tmp_path / name, study_uid=pydicom.uid.generate_uid())
+    # CT_small (a chest slice) as sent, and as a series whose header says ABDOMEN
+    for name, body_part in [*((n, None) for n in REAL_FILES), ("CT_small.dcm", "ABDOMEN")]:
+        label = f"{name} {body_part}" if body_part else name
+        copy = fresh_copy(
+            sample_file(name),
+            tmp_path / label.replace(" ", "-"),
+            study_uid=pydicom.uid.generate_uid(),
+            series_uid=pydicom.uid.generate_uid(),
+            body_part=body_part,
+        )
         assert raw_store_file(node.scp.port, copy) == 0
-        sent[name] = pydicom.dcmread(copy, stop_before_pixels=True)
+        sent[label] = pydicom.dcmread(copy, stop_before_pixels=True)
     deadline = time.monotonic() + 120
     while True:
         with Session(node.engine) as s:
@@ -176,8 +184,10 @@ def test_pydicom_real_images_are_routed_or_explained(pacs_and_node, tmp_path):
         assert row is not None
         if row.state == "not routed":
             assert row.route_note.startswith("not routed"), f"{name}: {row.route_note}"
+    assert states["CT_small.dcm"].state == "not routed", "a chest CT naming no body part reached a model"
+    assert "chest" in states["CT_small.dcm"].route_note.lower(), states["CT_small.dcm"].route_note
     study_uids = {str(sent[n].StudyInstanceUID) for n, r in states.items() if r and r.state == "routed"}
-    assert study_uids, "CT_small and the JPEG 2000 CT are routed by the CT modality fallback"
+    assert study_uids == {str(sent["CT_small.dcm ABDOMEN"].StudyInstanceUID)}, states
     jobs = wait_jobs(node, study_uids)
     for job in jobs:
         assert job.state == JobState.DONE, f"{job.model_id}: {job.error}"

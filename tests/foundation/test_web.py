@@ -32,7 +32,7 @@ def test_studies_api_and_page(make_node, tmp_path):
     from tests.helpers import fresh_copy
 
     node = make_node(assembly={"series_quiet_s": 0.5})
-    ct = make_series(tmp_path / "ct", 3)
+    ct = make_series(tmp_path / "ct", 3, body_part="ABDOMEN")
     mr = fresh_copy(sample_file("MR_small.dcm"), tmp_path / "mr.dcm", patient_name=PATIENT)
     for f in [*ct, mr]:
         assert raw_store_file(node.scp.port, f) == 0

@@ -37,7 +37,7 @@ def test_late_instances_are_analysed_by_a_revision_job(make_node, tmp_path):
         assembly={"series_quiet_s": 0.5, "poll_interval_s": 0.1},
     )
     study, series = generate_uid(), generate_uid()
-    files = make_series(tmp_path / "in", 5, study_uid=study, series_uid=series)
+    files = make_series(tmp_path / "in", 5, body_part="ABDOMEN", study_uid=study, series_uid=series)
     for f in files[:3]:
         assert raw_store_file(node.scp.port, f) == 0
     (first,) = _wait_done(node, 1)

@@ -80,7 +80,9 @@ def test_modality_with_no_route(processed):
     assert answer.status_code == 422
     assert answer.json()["detail"].startswith("no route for this image (modality US)")
     # a rule matches, but its model is not loaded in this node
-    ct = _post(processed, sample_file("CT_small.dcm").read_bytes())
+    ct = _post(
+        processed, _edited(sample_file("CT_small.dcm"), lambda ds: setattr(ds, "BodyPartExamined", "ABDOMEN"))
+    )
     assert ct.status_code == 422 and "not loaded" in ct.json()["detail"]
 
 
