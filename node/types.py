@@ -7,9 +7,65 @@ Polygons are lists of (row, col). (DICOM SR SCOORD wants (column, row): swap whe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+#: VOI LUT Function values the node applies (PS3.3 C.11.2.1.3); absent means LINEAR.
+VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+@dataclass(frozen=True)
+class LookupTable:
+    """The first item of a Modality LUT Sequence or VOI LUT Sequence (PS3.3 C.11.1, C.11.2).
+
+    ``first_mapped`` and ``bits`` are the second and third values of LUT Descriptor; ``data`` holds
+    exactly the number of entries the descriptor gives (0 there means 65536), as native-endian
+    uint16 bytes (bytes keep the header hashable and light).
+    """
+
+    first_mapped: int
+    bits: int
+    data: bytes
+
+    @property
+    def entries(self) -> int:
+        """Number of entries in the table."""
+        return len(self.data) // 2
+
+    def table(self) -> np.ndarray:
+        """The entries as a read-only uint16 array."""
+        return np.frombuffer(self.data, dtype=np.uint16)
+
+
+@dataclass(frozen=True)
+class FrameValues:
+    """Values one frame of an enhanced multi-frame image has in its Per-Frame Functional Groups.
+
+    None (or an empty tuple) means the frame's item does not give the value: the header's value
+    (Shared Functional Groups, else top level) applies.
+    """
+
+    rescale_slope: float | None = None
+    rescale_intercept: float | None = None
+    window_centers: tuple[float, ...] = ()
+    window_widths: tuple[float, ...] = ()
+    voi_lut_function: str | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    image_position_patient: tuple[float, float, float] | None = None
+    image_orientation_patient: tuple[float, float, float, float, float, float] | None = None
+
+
+def first_window(
+    centers: tuple[float, ...], widths: tuple[float, ...], function: str
+) -> tuple[float | None, float | None]:
+    """The first (center, width) pair, width None when it is not valid for ``function``
+    (LINEAR needs width >= 1, LINEAR_EXACT and SIGMOID width > 0)."""
+    if not centers or not widths:
+        return None, None
+    center, width = centers[0], widths[0]
+    valid = width >= 1 if function not in ("LINEAR_EXACT", "SIGMOID") else width > 0
+    return center, width if valid else None
 
 
 @dataclass(frozen=True)
@@ -36,7 +92,8 @@ class ImageHeader:
     pixel_representation: int
     rescale_slope: float = 1.0
     rescale_intercept: float = 0.0
-    #: First value when the header holds several.
+    #: First value when the header holds several; width None when not valid for the VOI LUT
+    #: Function (see ``first_window``).
     window_center: float | None = None
     window_width: float | None = None
     #: (row spacing, column spacing) in mm; PixelSpacing, else ImagerPixelSpacing.
@@ -46,6 +103,59 @@ class ImageHeader:
     instance_number: int | None = None
     slice_location: float | None = None
     body_part_examined: str | None = None
+    #: Every WindowCenter / WindowWidth value, as found (widths not validated).
+    window_centers: tuple[float, ...] = ()
+    window_widths: tuple[float, ...] = ()
+    #: VOILUTFunction as found (upper case); "LINEAR" when absent.
+    voi_lut_function: str = "LINEAR"
+    #: Modality LUT Sequence (replaces rescale when present) and VOI LUT Sequence (preferred over
+    #: the window when both are present, as pydicom's apply_voi_lut does).
+    modality_lut: LookupTable | None = None
+    voi_lut: LookupTable | None = None
+    #: Per-frame functional group values, one per frame; empty when the dataset has none.
+    frame_values: tuple[FrameValues, ...] = ()
+    #: 1-based frame number when this header describes one frame of a multi-frame image
+    #: (``for_frame``), else None.
+    frame_number: int | None = None
+
+    @property
+    def is_multiframe(self) -> bool:
+        """True for an image with more than one frame."""
+        return self.number_of_frames > 1
+
+    def for_frame(self, index: int) -> ImageHeader:
+        """The header of frame ``index`` (0-based): per-frame functional group values over the
+        shared/top-level ones, ``frame_number`` set for a multi-frame image, ``frame_values`` dropped."""
+        if not 0 <= index < self.number_of_frames:
+            raise IndexError(f"frame index {index} outside 0..{self.number_of_frames - 1}")
+        number = index + 1 if self.is_multiframe else None
+        if not self.frame_values:
+            return replace(self, frame_number=number)
+        fv = self.frame_values[index] if index < len(self.frame_values) else FrameValues()
+        function = fv.voi_lut_function or self.voi_lut_function
+        centers, widths = self.window_centers, self.window_widths
+        if fv.window_centers and fv.window_widths:
+            centers, widths = fv.window_centers, fv.window_widths
+        center, width = first_window(centers, widths, function)
+        if fv.rescale_slope is not None:  # the item holds both (Type 1 in Pixel Value Transformation)
+            slope, intercept = fv.rescale_slope, fv.rescale_intercept or 0.0
+        else:
+            slope, intercept = self.rescale_slope, self.rescale_intercept
+        return replace(
+            self,
+            rescale_slope=slope,
+            rescale_intercept=intercept,
+            window_centers=centers,
+            window_widths=widths,
+            window_center=center,
+            window_width=width,
+            voi_lut_function=function,
+            pixel_spacing=fv.pixel_spacing or self.pixel_spacing,
+            image_position_patient=fv.image_position_patient or self.image_position_patient,
+            image_orientation_patient=fv.image_orientation_patient or self.image_orientation_patient,
+            frame_values=(),
+            frame_number=number,
+        )
 
     @property
     def is_signed(self) -> bool:

@@ -8,7 +8,7 @@ with a message that says what is wrong and with which instance.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,12 +16,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, pixel_array
+from pydicom.pixels import apply_color_lut, iter_pixels, pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from node.errors import DecodeError
-from node.types import DecodedImage, ImageHeader
+from node.types import DecodedImage, FrameValues, ImageHeader, LookupTable, first_window
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,97 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+def _floats_all(value: Any) -> tuple[float, ...]:
+    """Every value of a (multi-valued) numeric element as floats; () when absent or not numeric."""
+    if value is None or value == "":
+        return ()
+    values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return ()
+
+
+def _group_item(group: Dataset | None, sequence: str) -> Dataset | None:
+    """The first item of ``sequence`` inside one functional groups item, else None."""
+    if group is None:
+        return None
+    seq = group.get(sequence)
+    return seq[0] if seq else None
+
+
 def _functional_group_value(ds: Dataset, sequence: str, keyword: str) -> Any:
     """A value from the Shared Functional Groups (enhanced multi-frame objects), else None."""
     shared = ds.get("SharedFunctionalGroupsSequence")
-    if not shared:
+    item = _group_item(shared[0] if shared else None, sequence)
+    return None if item is None else item.get(keyword)
+
+
+def _function(value: Any) -> str | None:
+    text = str(value or "").strip().upper()
+    return text or None
+
+
+def _frame_values(group: Dataset) -> FrameValues:
+    """The values of one Per-Frame Functional Groups item."""
+    pvt = _group_item(group, "PixelValueTransformationSequence")
+    voi = _group_item(group, "FrameVOILUTSequence")
+    measures = _group_item(group, "PixelMeasuresSequence")
+    position = _group_item(group, "PlanePositionSequence")
+    orientation = _group_item(group, "PlaneOrientationSequence")
+    slope = _float_or_none(pvt.get("RescaleSlope")) if pvt is not None else None
+    intercept = _float_or_none(pvt.get("RescaleIntercept")) if pvt is not None else None
+    centers = _floats_all(voi.get("WindowCenter")) if voi is not None else ()
+    widths = _floats_all(voi.get("WindowWidth")) if voi is not None else ()
+    return FrameValues(
+        rescale_slope=slope,
+        rescale_intercept=intercept if slope is not None else None,
+        window_centers=centers if widths else (),
+        window_widths=widths if centers else (),
+        voi_lut_function=_function(voi.get("VOILUTFunction")) if voi is not None else None,
+        pixel_spacing=_floats(measures.get("PixelSpacing"), 2) if measures is not None else None,  # type: ignore[arg-type]
+        image_position_patient=(  # type: ignore[arg-type]
+            _floats(position.get("ImagePositionPatient"), 3) if position is not None else None
+        ),
+        image_orientation_patient=(  # type: ignore[arg-type]
+            _floats(orientation.get("ImageOrientationPatient"), 6) if orientation is not None else None
+        ),
+    )
+
+
+def _lookup_table(ds: Dataset, sequence: str, ts: UID) -> LookupTable | None:
+    """The first item of a Modality/VOI LUT Sequence as a LookupTable; None when the sequence is
+    absent or its item lacks LUTDescriptor or LUTData (pydicom ignores such an item too)."""
+    seq = ds.get(sequence)
+    if not seq:
         return None
-    item = shared[0].get(sequence)
-    if not item:
+    item = seq[0]
+    descriptor = item.get("LUTDescriptor")
+    if descriptor is None or "LUTData" not in item or item.LUTData in (None, b"", []):
         return None
-    return item[0].get(keyword)
+    try:
+        n, first, bits = (int(v) for v in descriptor)
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(
+            f"{_name(ds)}: {sequence} LUTDescriptor must hold 3 integers (found {descriptor!r})"
+        ) from exc
+    n = n or 2**16
+    if not 8 <= bits <= 16:
+        raise DecodeError(f"{_name(ds)}: {sequence} LUTDescriptor gives {bits} bits per entry (8-16 allowed)")
+    elem = item["LUTData"]
+    if elem.VR == "OW" or isinstance(elem.value, bytes):
+        order = "<" if ts.is_little_endian else ">"
+        table = np.frombuffer(bytes(elem.value), dtype=f"{order}u2")
+    else:
+        values = elem.value if isinstance(elem.value, (list, pydicom.multival.MultiValue)) else [elem.value]
+        table = np.asarray([int(v) for v in values], dtype=np.int64)
+        if table.size and (table.min() < 0 or table.max() > 0xFFFF):
+            raise DecodeError(f"{_name(ds)}: {sequence} LUTData holds values outside 0..65535")
+    if table.size < n:
+        raise DecodeError(
+            f"{_name(ds)}: {sequence} LUTData has {table.size} entries, LUTDescriptor says {n}"
+        )
+    return LookupTable(first_mapped=first, bits=bits, data=table[:n].astype(np.uint16).tobytes())
 
 
 def _required_int(ds: Dataset, keyword: str) -> int:
@@ -176,26 +258,35 @@ def header_from_dataset(ds: Dataset) -> ImageHeader:
     bits_stored = _int_or_none(ds.get("BitsStored")) or bits_allocated
     pixel_rep = _int_or_none(ds.get("PixelRepresentation")) or 0
 
-    slope = _float_or_none(ds.get("RescaleSlope"))
-    intercept = _float_or_none(ds.get("RescaleIntercept"))
-    if slope is None:
-        slope = _float_or_none(
-            _functional_group_value(ds, "PixelValueTransformationSequence", "RescaleSlope")
-        )
-        intercept = _float_or_none(
-            _functional_group_value(ds, "PixelValueTransformationSequence", "RescaleIntercept")
-        )
-    center = _float_or_none(ds.get("WindowCenter"))
-    width = _float_or_none(ds.get("WindowWidth"))
-    if center is None or width is None:
-        center = _float_or_none(_functional_group_value(ds, "FrameVOILUTSequence", "WindowCenter"))
-        width = _float_or_none(_functional_group_value(ds, "FrameVOILUTSequence", "WindowWidth"))
+    # Enhanced multi-frame objects: Shared Functional Groups over the top level (per-frame values
+    # are kept apart, see ImageHeader.for_frame)
+    def shared_or_top(sequence: str, keyword: str) -> Any:
+        value = _functional_group_value(ds, sequence, keyword)
+        return ds.get(keyword) if value is None or value == "" else value
 
-    spacing = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
+    slope = _float_or_none(shared_or_top("PixelValueTransformationSequence", "RescaleSlope"))
+    intercept = _float_or_none(shared_or_top("PixelValueTransformationSequence", "RescaleIntercept"))
+    centers = _floats_all(_functional_group_value(ds, "FrameVOILUTSequence", "WindowCenter"))
+    widths = _floats_all(_functional_group_value(ds, "FrameVOILUTSequence", "WindowWidth"))
+    if not centers or not widths:
+        centers, widths = _floats_all(ds.get("WindowCenter")), _floats_all(ds.get("WindowWidth"))
+    if not centers or not widths:
+        centers, widths = (), ()
+    function = _function(shared_or_top("FrameVOILUTSequence", "VOILUTFunction")) or "LINEAR"
+    center, width = first_window(centers, widths, function)
+
+    spacing = _floats(_functional_group_value(ds, "PixelMeasuresSequence", "PixelSpacing"), 2)
     if spacing is None:
-        spacing = _floats(_functional_group_value(ds, "PixelMeasuresSequence", "PixelSpacing"), 2)
-    ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+        spacing = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
+    ipp = _floats(shared_or_top("PlanePositionSequence", "ImagePositionPatient"), 3)
+    iop = _floats(shared_or_top("PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or ()
+    frame_values = tuple(_frame_values(group) for group in per_frame)
+    if frame_values and len(frame_values) != frames:
+        log.debug(
+            "%s: PerFrameFunctionalGroupsSequence has %d items for %d frames",
+            _name(ds), len(frame_values), frames,
+        )
 
     def text(keyword: str) -> str | None:
         value = ds.get(keyword)
@@ -220,7 +311,13 @@ def header_from_dataset(ds: Dataset) -> ImageHeader:
         rescale_slope=1.0 if slope is None else slope,
         rescale_intercept=0.0 if intercept is None else intercept,
         window_center=center,
-        window_width=width if width is None or width >= 1 else None,
+        window_width=width,
+        window_centers=centers,
+        window_widths=widths,
+        voi_lut_function=function,
+        modality_lut=_lookup_table(ds, "ModalityLUTSequence", ts),
+        voi_lut=_lookup_table(ds, "VOILUTSequence", ts),
+        frame_values=frame_values,
         pixel_spacing=spacing,  # type: ignore[arg-type]
         image_position_patient=ipp,  # type: ignore[arg-type]
         image_orientation_patient=iop,  # type: ignore[arg-type]
@@ -252,45 +349,28 @@ def _check_native_length(ds: Dataset, header: ImageHeader, keyword: str) -> None
         )
 
 
-def decode(
-    source: Dataset | str | Path,
-    *,
-    frames: FrameMode = "all",
-) -> DecodedImage:
-    """Decode the pixel data of one instance into stored values (native byte order).
-
-    ``frames``: ``"all"`` decodes every frame; ``"single"`` refuses a multi-frame image with a
-    DecodeError; ``"first"`` decodes only the first frame. The result always has a leading frame
-    axis. YBR colour is converted to RGB and PALETTE COLOR expanded to 8-bit RGB; greyscale values
-    are stored values (apply the modality LUT in preprocessing).
-    """
-    ds = read_dataset(source)
+def _checked(ds: Dataset) -> tuple[ImageHeader, UID]:
+    """The header of a dataset whose pixel data can be decoded here (DecodeError otherwise)."""
     keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
     if keyword is None or ds[keyword].value in (None, b""):
         raise DecodeError(f"{_name(ds)}: no pixel data")
     header = header_from_dataset(ds)
     ts = UID(header.transfer_syntax_uid)
     _check_decoder(ds, ts)
-    if header.number_of_frames > 1 and frames == "single":
-        raise DecodeError(
-            f"{_name(ds)}: multi-frame image ({header.number_of_frames} frames) where a single frame "
-            "was expected"
-        )
     if not ts.is_compressed:
         _check_native_length(ds, header, keyword)
-    index = 0 if frames == "first" else None
+    return header, ts
+
+
+def _finish(ds: Dataset, header: ImageHeader, arr: np.ndarray, ts: UID, single: bool) -> np.ndarray:
+    """Palette expansion, a leading frame axis, native byte order, and the shape check."""
     try:
-        arr = pixel_array(ds, index=index)
         if header.stored_photometric_interpretation == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
             if arr.dtype == np.uint16:  # 16-bit LUT entries: bring them to the 8 bits the header says
                 arr = np.floor(arr / 257.0 + 0.5).astype(np.uint8)
-    except DecodeError:
-        raise
-    except Exception as exc:  # pydicom and its plugins raise many types: re-raise typed
-        raise DecodeError(f"{_name(ds)}: could not decode pixel data ({ts.name}): {exc}") from exc
-
-    single = header.number_of_frames == 1 or index is not None
+    except Exception as exc:  # pydicom raises many types: re-raise typed
+        raise DecodeError(f"{_name(ds)}: could not apply the palette colour LUT: {exc}") from exc
     arr = np.asarray(arr)
     if single:
         arr = arr[np.newaxis, ...]
@@ -304,15 +384,93 @@ def decode(
         raise DecodeError(
             f"{_name(ds)}: decoded pixel array has shape {arr.shape}, expected {expected_shape}"
         )
+    return arr
+
+
+def decode(
+    source: Dataset | str | Path,
+    *,
+    frames: FrameMode = "all",
+) -> DecodedImage:
+    """Decode the pixel data of one instance into stored values (native byte order).
+
+    ``frames``: ``"all"`` decodes every frame; ``"single"`` refuses a multi-frame image with a
+    DecodeError; ``"first"`` decodes only the first frame. The result always has a leading frame
+    axis. YBR colour is converted to RGB and PALETTE COLOR expanded to 8-bit RGB; greyscale values
+    are stored values (apply the modality LUT in preprocessing). The header is the image's
+    (per-frame values in ``header.frame_values``); ``iter_frames`` yields per-frame headers.
+    """
+    ds = read_dataset(source)
+    header, ts = _checked(ds)
+    if header.number_of_frames > 1 and frames == "single":
+        raise DecodeError(
+            f"{_name(ds)}: multi-frame image ({header.number_of_frames} frames) where a single frame "
+            "was expected"
+        )
+    index = 0 if frames == "first" else None
+    try:
+        arr = pixel_array(ds, index=index)
+    except DecodeError:
+        raise
+    except Exception as exc:  # pydicom and its plugins raise many types: re-raise typed
+        raise DecodeError(f"{_name(ds)}: could not decode pixel data ({ts.name}): {exc}") from exc
+    arr = _finish(ds, header, arr, ts, single=header.number_of_frames == 1 or index is not None)
     log.debug("decoded %s: %s %s via %s", _name(ds), arr.shape, arr.dtype, ts.name)
     return DecodedImage(header=header, pixels=arr)
+
+
+def decode_frame(source: Dataset | str | Path, index: int) -> DecodedImage:
+    """Decode frame ``index`` (0-based) alone; the header is that frame's (``ImageHeader.for_frame``)."""
+    ds = read_dataset(source)
+    header, ts = _checked(ds)
+    if not 0 <= index < header.number_of_frames:
+        raise DecodeError(
+            f"{_name(ds)}: frame {index + 1} asked for, the image has {header.number_of_frames}"
+        )
+    try:
+        arr = pixel_array(ds, index=index)
+    except Exception as exc:  # pydicom and its plugins raise many types: re-raise typed
+        raise DecodeError(
+            f"{_name(ds)}: could not decode frame {index + 1} of the pixel data ({ts.name}): {exc}"
+        ) from exc
+    arr = _finish(ds, header, arr, ts, single=True)
+    return DecodedImage(header=header.for_frame(index), pixels=arr)
+
+
+def iter_frames(source: Dataset | str | Path) -> Iterator[DecodedImage]:
+    """Decode an image frame by frame (pydicom's ``iter_pixels``): one DecodedImage per frame,
+    each holding one frame and that frame's header (``ImageHeader.for_frame``), so that a
+    500-frame image never needs all its decoded frames in memory at once."""
+    ds = read_dataset(source)
+    header, ts = _checked(ds)
+    frames = iter_pixels(ds) if header.number_of_frames > 1 else iter([pixel_array(ds)])
+    index = 0
+    while True:
+        try:
+            arr = next(frames)
+        except StopIteration:
+            break
+        except Exception as exc:  # pydicom and its plugins raise many types: re-raise typed
+            raise DecodeError(
+                f"{_name(ds)}: could not decode frame {index + 1} of the pixel data ({ts.name}): {exc}"
+            ) from exc
+        if index >= header.number_of_frames:
+            break
+        yield DecodedImage(header=header.for_frame(index), pixels=_finish(ds, header, arr, ts, single=True))
+        index += 1
+    if index < header.number_of_frames:
+        raise DecodeError(
+            f"{_name(ds)}: pixel data holds {index} frame(s), NumberOfFrames says {header.number_of_frames}"
+        )
 
 
 def slice_order(headers: Sequence[ImageHeader]) -> list[int]:
     """Indices of ``headers`` sorted for display/volume order.
 
     Sorts along the slice normal (from ImageOrientationPatient and ImagePositionPatient) when every
-    header has both, else by InstanceNumber, else keeps the given order.
+    header has both, else by InstanceNumber and frame number, else keeps the given order. Frames
+    of a multi-frame image take part with their own headers (``ImageHeader.for_frame``: per-frame
+    positions), so slices and frames are ordered alike; ties keep the given order.
     """
     n = len(headers)
     if n == 0:
@@ -323,5 +481,5 @@ def slice_order(headers: Sequence[ImageHeader]) -> list[int]:
         keys = [float(np.dot(normal, np.asarray(h.image_position_patient))) for h in headers]
         return sorted(range(n), key=lambda i: (keys[i], i))
     if all(h.instance_number is not None for h in headers):
-        return sorted(range(n), key=lambda i: (headers[i].instance_number, i))
+        return sorted(range(n), key=lambda i: (headers[i].instance_number, headers[i].frame_number or 0, i))
     return list(range(n))

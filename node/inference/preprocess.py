@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from node.errors import PreprocessError
-from node.types import DecodedImage, Geometry, ImageHeader, ModelInput
+from node.types import VOI_LUT_FUNCTIONS, DecodedImage, Geometry, ImageHeader, LookupTable, ModelInput
 
 if TYPE_CHECKING:
     from node.inference.manifest import Manifest
@@ -64,6 +64,42 @@ def modality_lut(arr: np.ndarray, slope: float = 1.0, intercept: float = 0.0) ->
     return out.astype(np.float32)
 
 
+def _lut_indices(arr: np.ndarray, lut: LookupTable) -> np.ndarray:
+    """Table indices as pydicom's ``apply_modality_lut``/``apply_voi`` compute them: values below
+    the first mapped value take entry 0, values past the end the last entry, non-integer values
+    truncate (pydicom's cast). Computed in 64 bits, so no stored value can wrap around."""
+    wide = np.float64 if np.issubdtype(arr.dtype, np.floating) else np.int64
+    idx = arr.astype(wide)
+    idx -= lut.first_mapped
+    np.clip(idx, 0, lut.entries - 1, out=idx)
+    return idx.astype(np.intp)
+
+
+def lut_lookup(arr: np.ndarray, lut: LookupTable) -> np.ndarray:
+    """Apply a Modality or VOI LUT (PS3.3 C.11.1/C.11.2) as pydicom does: uint16 table values."""
+    return lut.table()[_lut_indices(arr, lut)]
+
+
+def lut_output_max(lut: LookupTable) -> float:
+    """The top of a LUT's output range, ``2**bits - 1`` from LUT Descriptor (PS3.3 C.11.2.1.1).
+
+    A table whose entries exceed it (a descriptor that says fewer bits than the data hold) is
+    taken at the bit depth of its largest entry, so its output is not clipped."""
+    top = float(2**lut.bits - 1)
+    largest = int(lut.table().max()) if lut.entries else 0
+    if largest > top:
+        log.debug("LUT entries reach %d, beyond the %d bits of LUT Descriptor", largest, lut.bits)
+        top = float(2 ** largest.bit_length() - 1)
+    return top
+
+
+def voi_lut(arr: np.ndarray, lut: LookupTable, out_min: float = 0.0, out_max: float = 255.0) -> np.ndarray:
+    """Apply a VOI LUT (pydicom's ``apply_voi``) and scale its output range (0 to
+    ``lut_output_max``) to [out_min, out_max], float32."""
+    scaled = lut.table().astype(np.float64) / lut_output_max(lut) * (out_max - out_min) + out_min
+    return scaled.astype(np.float32)[_lut_indices(arr, lut)]
+
+
 def window_preset(name: str) -> tuple[float, float]:
     """(center, width) of a named preset; PreprocessError for an unknown name."""
     try:
@@ -74,36 +110,132 @@ def window_preset(name: str) -> tuple[float, float]:
         ) from None
 
 
-def window(
-    arr: np.ndarray, center: float, width: float, out_min: float = 0.0, out_max: float = 255.0
-) -> np.ndarray:
-    """DICOM linear VOI window (PS3.3 C.11.2.1.2.1) to [out_min, out_max], float32.
+def _ramp(x: np.ndarray | np.float64, c: float, w: float, out_min: float, r: float) -> np.ndarray:
+    """The linear ramp in place, in pydicom's order of operations: ``((x - c) / w + 0.5) * r + out_min``."""
+    x -= c
+    x /= w
+    x += 0.5
+    x *= r
+    x += out_min
+    return x  # type: ignore[return-value]
 
-    ``x <= c - 0.5 - (w - 1) / 2`` -> out_min; ``x > c - 0.5 + (w - 1) / 2`` -> out_max; else
-    ``((x - (c - 0.5)) / (w - 1) + 0.5) * (out_max - out_min) + out_min``.
+
+def _clip_is_exact(c: float, w: float, out_min: float, out_max: float) -> bool:
+    """True when clipping the ramp gives, bit for bit, what the piecewise definition (pydicom's
+    ``apply_windowing``) gives for every float64 input.
+
+    Each step of the ramp is a correctly rounded monotone operation, so the ramp is monotone in x.
+    The piecewise form sets ``x <= L = c - w/2`` to out_min and ``x > H = c + w/2`` to out_max and
+    keeps the ramp between. Checking the ramp at L, at the float after L, at H and at the float
+    after H therefore proves that the clip changes exactly the points the piecewise form replaces,
+    to the same values (this holds for integer and half-integer windows, and for most others).
     """
-    if width < 1:
-        raise PreprocessError(f"window width must be >= 1 (found {width})")
+    low, high = c - w / 2, c + w / 2
+
+    def at(v: float) -> float:
+        return float(_ramp(np.float64(v), c, w, out_min, out_max - out_min))
+
+    return (
+        at(low) <= out_min
+        and at(np.nextafter(low, np.inf)) >= out_min
+        and at(high) <= out_max
+        and at(np.nextafter(high, np.inf)) >= out_max
+    )
+
+
+def window(
+    arr: np.ndarray,
+    center: float,
+    width: float,
+    out_min: float = 0.0,
+    out_max: float = 255.0,
+    function: str = "LINEAR",
+) -> np.ndarray:
+    """DICOM VOI window to [out_min, out_max], float32: pydicom's ``apply_windowing`` with its
+    output range (the stored or rescaled range) scaled to [out_min, out_max].
+
+    LINEAR (PS3.3 C.11.2.1.2.1): ``x <= c - 0.5 - (w - 1) / 2`` -> out_min; ``x > c - 0.5 + (w - 1) / 2``
+    -> out_max; else ``((x - (c - 0.5)) / (w - 1) + 0.5) * (out_max - out_min) + out_min``; w >= 1.
+    LINEAR_EXACT (C.11.2.1.3.2): the same with c and w as given; w > 0.
+    SIGMOID (C.11.2.1.3.1): ``(out_max - out_min) / (1 + exp(-4 (x - c) / w)) + out_min``; w > 0.
+    """
+    function = function.upper()
     x = arr.astype(np.float64)
-    c = float(center) - 0.5
-    if width == 1:
-        y = np.where(x <= c, out_min, out_max)
-    elif out_min <= out_max:
-        # the linear ramp is out_min at c - w/2 and out_max at c + w/2 and rises between, so
-        # clipping it is the piecewise definition; in place, in the same order of operations
-        # (bit-identical to the np.where form below, 2.6x faster on a 3.7-Mpixel radiograph)
-        y = x
-        y -= c
-        y /= float(width) - 1.0
-        y += 0.5
-        y *= out_max - out_min
+    r = out_max - out_min
+    if function == "SIGMOID":
+        if width <= 0:
+            raise PreprocessError(f"window width must be > 0 for SIGMOID (found {width})")
+        t = x
+        t -= float(center)
+        t *= -4.0
+        t /= float(width)
+        with np.errstate(over="ignore"):
+            np.exp(t, out=t)
+        t += 1.0
+        y = r / t
         y += out_min
-        np.clip(y, out_min, out_max, out=y)
+        return y.astype(np.float32)
+    if function == "LINEAR":
+        if width < 1:
+            raise PreprocessError(f"window width must be >= 1 (found {width})")
+        c, w = float(center) - 0.5, float(width) - 1.0
+    elif function == "LINEAR_EXACT":
+        if width <= 0:
+            raise PreprocessError(f"window width must be > 0 for LINEAR_EXACT (found {width})")
+        c, w = float(center), float(width)
     else:
-        w = float(width) - 1.0
-        y = ((x - c) / w + 0.5) * (out_max - out_min) + out_min
+        raise PreprocessError(
+            f"unsupported VOI LUT function {function!r} (known: {', '.join(VOI_LUT_FUNCTIONS)})"
+        )
+    if w == 0:  # LINEAR width 1: a threshold
+        y = np.where(x <= c, out_min, out_max)
+    elif out_min < out_max and _clip_is_exact(c, w, out_min, out_max):
+        # the clipped ramp is the piecewise definition here (see _clip_is_exact); in place
+        # (2.6x faster than the piecewise form on a 3.7-Mpixel radiograph)
+        y = _ramp(x, c, w, out_min, r)
+        np.clip(y, out_min, out_max, out=y)
+    else:  # pydicom's piecewise form
+        y = ((x - c) / w + 0.5) * r + out_min
         y = np.where(x <= c - w / 2, out_min, np.where(x > c + w / 2, out_max, y))
     return y.astype(np.float32)
+
+
+def header_window_problem(header: ImageHeader) -> str | None:
+    """Why the header's window cannot be applied (naming the attribute and what was found), or
+    None when it can or when the header has no window at all."""
+    if not header.window_centers or not header.window_widths:
+        return None
+    function = header.voi_lut_function
+    if function not in VOI_LUT_FUNCTIONS:
+        return f"VOILUTFunction is {function!r} (known: {', '.join(VOI_LUT_FUNCTIONS)})"
+    if header.window_width is None:
+        need = ">= 1" if function == "LINEAR" else "> 0"
+        return f"WindowWidth is {header.window_widths[0]:g}, {function} needs {need}"
+    return None
+
+
+def header_voi(arr: np.ndarray, header: ImageHeader) -> np.ndarray | None:
+    """The header's VOI transform to 0..255 (float32), as pydicom's ``apply_voi_lut`` chooses it:
+    the VOI LUT Sequence when present, else the first window with VOILUTFunction. None when the
+    header has no usable VOI (``header_window_problem`` says why, if it has an unusable one)."""
+    if header.voi_lut is not None:
+        return voi_lut(arr, header.voi_lut)
+    if header.window_center is None or header.window_width is None or header_window_problem(header):
+        return None
+    return window(arr, header.window_center, header.window_width, function=header.voi_lut_function)
+
+
+def header_modality(arr: np.ndarray, header: ImageHeader) -> tuple[np.ndarray, tuple[float, float]]:
+    """The header's modality transform (pydicom's ``apply_modality_lut``): the Modality LUT
+    Sequence when present, else rescale slope/intercept. Returns float32 values and the output
+    range of the stored value range (the LUT's 0..2**bits-1 for a LUT)."""
+    if header.modality_lut is not None:
+        lut = header.modality_lut
+        return lut_lookup(arr, lut).astype(np.float32), (0.0, float(2**lut.bits - 1))
+    lo, hi = header.stored_value_range
+    a = lo * header.rescale_slope + header.rescale_intercept
+    b = hi * header.rescale_slope + header.rescale_intercept
+    return modality_lut(arr, header.rescale_slope, header.rescale_intercept), (min(a, b), max(a, b))
 
 
 def invert(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -408,29 +540,33 @@ def _apply_step(state: _State, step: Any, header: ImageHeader, index: int) -> _S
             log.debug("modality_lut skipped for a colour image")
             return state
         lo, hi = _require_range(state, op)
-        a = lo * header.rescale_slope + header.rescale_intercept
-        b = hi * header.rescale_slope + header.rescale_intercept
-        return replace(
-            state,
-            image=modality_lut(img, header.rescale_slope, header.rescale_intercept),
-            value_range=(min(a, b), max(a, b)),
-        )
+        if header.modality_lut is not None:
+            out, out_range = header_modality(img, header)
+        else:  # rescale: the range follows the state's (which may differ from the stored range)
+            a = lo * header.rescale_slope + header.rescale_intercept
+            b = hi * header.rescale_slope + header.rescale_intercept
+            out = modality_lut(img, header.rescale_slope, header.rescale_intercept)
+            out_range = (min(a, b), max(a, b))
+        return replace(state, image=out, value_range=out_range)
     if op == "window":
         _require_gray(state, op)
-        if step.source == "preset":
+        if step.source == "preset":  # presets and explicit windows are LINEAR
             center, width = window_preset(step.preset)
         elif step.source == "explicit":
             center, width = step.center, step.width
-        elif header.window_center is not None and header.window_width is not None:
-            center, width = header.window_center, header.window_width
-        elif step.fallback == "minmax":
+        else:
+            voi = header_voi(img, header)
+            if voi is not None:
+                return replace(state, image=voi, value_range=(0.0, 255.0))
+            problem = header_window_problem(header)
+            what = (
+                f"has an unusable window ({problem})" if problem else "has no WindowCenter/WindowWidth"
+            )
+            if step.fallback != "minmax":
+                raise PreprocessError(f"step {index} (window): instance {header.sop_instance_uid} {what}")
             lo, hi = float(img.min()), float(img.max())
             center, width = (lo + hi + 1) / 2, max(1.0, hi - lo + 1)
-            log.debug("no window in header of %s; using min/max (%s, %s)", header.sop_instance_uid, lo, hi)
-        else:
-            raise PreprocessError(
-                f"step {index} (window): instance {header.sop_instance_uid} has no WindowCenter/WindowWidth"
-            )
+            log.debug("instance %s %s; using min/max (%s, %s)", header.sop_instance_uid, what, lo, hi)
         return replace(state, image=window(img, center, width), value_range=(0.0, 255.0))
     if op == "invert_monochrome1":
         if header.photometric_interpretation != "MONOCHROME1":

@@ -60,16 +60,18 @@ class _Stage:
         self.watch.timings[self.name] = self.watch.timings.get(self.name, 0.0) + spent
 
 
-def display_image(image: DecodedImage) -> np.ndarray:
-    """The first frame windowed for display as uint8 (header window, else 0.5-99.5 percentiles)."""
+def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
+    """One frame windowed for display as uint8, with the transforms the ``modality_lut`` and
+    ``window`` steps use (pydicom's: Modality LUT or rescale, then VOI LUT or the window with its
+    VOILUTFunction), else the 0.5-99.5 percentiles. ``image.header`` is that frame's header."""
     header = image.header
-    frame = image.frame(0).astype(np.float32)
-    if frame.ndim == 3:  # colour: show as grey
-        return cv2.cvtColor(np.clip(frame, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
-    values = pp.modality_lut(frame, header.rescale_slope, header.rescale_intercept)
-    if header.window_center is not None and header.window_width and header.window_width > 1:
-        out = pp.window(values, header.window_center, header.window_width)
-    else:
+    pixels = image.frame(frame)
+    if pixels.ndim == 3:  # colour: show as grey
+        return cv2.cvtColor(np.clip(pixels, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    values, _ = pp.header_modality(pixels, header)
+    usable = header.voi_lut is not None or (header.window_width is not None and header.window_width > 1)
+    out = pp.header_voi(values, header) if usable else None
+    if out is None:
         lo, hi = np.percentile(values, [0.5, 99.5])
         out = pp.scale_to_8bit(values, float(lo), float(hi or lo + 1))
     if header.photometric_interpretation == "MONOCHROME1":
