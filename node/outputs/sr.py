@@ -159,8 +159,12 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"measurement report content could not be built: {exc}") from exc
     content = report[0].ContentSequence
-    if not groups:  # TID 1500 row 6 is 1C: absent when the qualitative evaluations (row 12) are there
-        content[:] = [item for item in content if _concept(item) != "126010"]
+    if not groups:
+        # no region to report: the Imaging Measurements container stays, empty (the adapters
+        # OHIF uses fail on an SR without it), the findings are the qualitative evaluations
+        for item in content:
+            if _concept(item) == "126010" and "ContentSequence" in item:
+                del item.ContentSequence
     library = image_library(result.images, by_uid)
     if library is not None:
         # TID 1500 row 5, after the procedure reported (row 4) and before the measurements
