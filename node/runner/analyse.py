@@ -15,13 +15,13 @@ from pydicom.dataset import Dataset
 
 from node.errors import DecodeError, NodeError
 from node.inference import preprocess as pp
-from node.inference.decode import decode, read_dataset, slice_order
+from node.inference.decode import decode_frame, iter_frames, read_dataset, slice_order
 from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
 from node.inference.manifest import Manifest, PatchHeatmap
 from node.inference.postprocess import label_scores, probabilities
 from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
-from node.types import AlgorithmIdentity, AnalysisResult, DecodedImage, ImageResult, ModelInput
+from node.types import AlgorithmIdentity, AnalysisResult, DecodedImage, ImageHeader, ImageResult, ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,15 @@ def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
 
 @dataclass
 class _Image:
+    """One analysed frame (the only one of a single-frame image): the source dataset (pixel data
+    dropped), that frame's header, its model input, and its display when it was kept."""
+
     dataset: Dataset
-    decoded: DecodedImage
+    header: ImageHeader
     model_input: ModelInput
+    source: Path | None  # the file, to decode the frame again for display; None: display kept
+    index: int = 0  # 0-based frame index in the source
+    display: np.ndarray | None = None
 
 
 def algorithm_identity(model: LoadedModel) -> AlgorithmIdentity:
@@ -122,6 +128,7 @@ def analyse(
         agg = manifest.aggregation
         findings = label_scores(manifest, aggregate(probs, agg.method, agg.k))
         shown = _images_to_show(manifest, probs, len(images))
+        displays = _displays(images, shown)
         results = []
         for i in shown:
             image_outputs = {name: value[i : i + 1] for name, value in outputs.items()}
@@ -134,14 +141,15 @@ def analyse(
             )
             results.append(
                 ImageResult(
-                    sop_instance_uid=images[i].decoded.header.sop_instance_uid,
-                    sop_class_uid=images[i].decoded.header.sop_class_uid,
+                    sop_instance_uid=images[i].header.sop_instance_uid,
+                    sop_class_uid=images[i].header.sop_class_uid,
                     scores=tuple(per_image[i]),
                     heatmaps=tuple(maps),
-                    display=display_image(images[i].decoded),
+                    display=displays[i],
+                    frame=images[i].header.frame_number,
                 )
             )
-    sources = [im.dataset for im in images]
+    sources = list({id(im.dataset): im.dataset for im in images}.values())  # one per instance
     result = AnalysisResult(
         algorithm=algorithm_identity(model),
         study_uid=str(sources[0].StudyInstanceUID),
@@ -155,18 +163,48 @@ def analyse(
 
 
 def _prepare_all(files: Sequence[Path], manifest: Manifest, is_patch: bool) -> list[_Image]:
+    """Decode every frame of every file, frame by frame, and prepare each to its model input,
+    in spatial order (per-frame positions for multi-frame images).
+
+    A frame's full-resolution pixels are dropped once prepared. For a series-level model (top-k
+    frames shown) the shown frames are decoded again at the end (``_displays``); otherwise every
+    frame is shown and its uint8 display is kept now. Frames of multi-frame images take part like
+    slices, each with its own header (``ImageHeader.for_frame``).
+    """
     if not files:
         raise DecodeError("the job has no images")
+    recompute = manifest.aggregation.level == "series"
     images = []
     for path in files:
         ds = read_dataset(path)
-        decoded = decode(ds, frames="first")
-        model_input = pp.prepare(decoded, manifest, check_size=not is_patch)
+        source = Path(path) if recompute and isinstance(path, (str, Path)) else None
+        for index, decoded in enumerate(iter_frames(ds)):
+            model_input = pp.prepare(decoded, manifest, check_size=not is_patch)
+            display = display_image(decoded) if source is None else None
+            images.append(_Image(ds, decoded.header, model_input, source, index, display))
         if "PixelData" in ds:
             del ds.PixelData  # the outputs need the header only
-        images.append(_Image(ds, decoded, model_input))
-    order = slice_order([im.decoded.header for im in images])
+        if images[-1].header.is_multiframe:
+            log.debug("prepared %d frames of one multi-frame image", images[-1].header.number_of_frames)
+    order = slice_order([im.header for im in images])
     return [images[i] for i in order]
+
+
+def _displays(images: list[_Image], shown: Sequence[int]) -> dict[int, np.ndarray]:
+    """The uint8 display of each shown image: kept, or decoded again (each file read once)."""
+    out: dict[int, np.ndarray] = {}
+    by_source: dict[Path, list[int]] = {}
+    for i in shown:
+        display, source = images[i].display, images[i].source
+        if display is not None:
+            out[i] = display
+        elif source is not None:
+            by_source.setdefault(source, []).append(i)
+    for source, indices in by_source.items():
+        ds = read_dataset(source)
+        for i in indices:
+            out[i] = display_image(decode_frame(ds, images[i].index))
+    return out
 
 
 def _predictor(
