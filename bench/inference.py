@@ -10,7 +10,15 @@ already-prepared arrays, in the same chunks of at most ``max_batch`` (padded whe
 is fixed). images/s = source images per second; the ratio node ÷ bare shows what decode and
 preprocessing cost on top of the model itself. Heatmaps/explain and outputs are not included.
 
-    .venv/bin/python bench/inference.py [--images 16] [--repeat 3] [--provider cpu|cuda|all]
+``--real`` adds real-size architectures beside the tiny references, built at bench time into the
+temporary folder (random weights, nothing downloaded or committed) by ``pacs-node convert torch``
+with its parity check: ``resnet50-224`` (torchvision-layout ResNet-50, 23.5 M parameters, 3x224x224,
+GAP + linear with the CAM output) and ``densenet121-224`` (torchvision-layout DenseNet-121), both
+fed full-size chest radiograph phantoms through the scaffold's chest preprocessing (window,
+letterbox to 224, normalise, 3 channels). A 3-D U-Net over a CT volume is segmentation, which the
+node does not run yet: it is not here.
+
+    .venv/bin/python bench/inference.py [--images 16] [--repeat 3] [--provider cpu|cuda|all] [--real]
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ from node.synth import generate_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KIND = {"ct-liver": "ct", "cxr": "cxr", "mammo": "mammo", "mr-brain": "mr"}
+#: Real-size architectures (``--real``): model id -> factory in tests/byom/archs.py, input C,H,W.
+REAL = {
+    "resnet50-224": ("resnet50", (3, 224, 224)),
+    "densenet121-224": ("densenet121", (3, 224, 224)),
+}
 
 
 class Recording:
@@ -152,10 +165,40 @@ def measure(model: LoadedModel, files: list[Path], provider: str, max_batch: int
     runs = sum(-(-b.shape[0] // mb) for b, _ in calls)
     batch = max(b.shape[0] for b, _ in calls)
     return (
-        f"{model.id:<10}{provider.replace('ExecutionProvider', ''):<10}{n:>7}{runs:>6}"
+        f"{model.id:<16}{provider.replace('ExecutionProvider', ''):<10}{n:>7}{runs:>6}"
         f"{min(batch, mb):>7}{n / node_s:>12.1f}{n / bare_s:>12.1f}"
         f"{bare_s / node_s:>13.2f}{prep_s / n * 1000:>13.1f}"
     )
+
+
+def build_real(model_id: str, folder: Path) -> LoadedModel:
+    """Convert a real-size architecture (random weights, fixed seed) into ``folder/<id>`` with the
+    converter's parity check, fill its manifest as a user would, and load it."""
+    import torch
+
+    from converters.cli import convert_torch
+    from node.inference.registry import load_model
+    from tests.byom import archs
+    from tests.byom.conftest import fill_manifest
+
+    factory, shape = REAL[model_id]
+    weights = folder / f"{model_id}.pt"
+    torch.save(getattr(archs, factory)().state_dict(), weights)
+    out = folder / model_id
+    result = convert_torch(
+        out_dir=out,
+        model=f"tests.byom.archs:{factory}",
+        weights=weights,
+        input_shape=shape,
+        model_id=model_id,
+        cam=True,
+        echo=lambda line: None,
+        threads=os.cpu_count() or 1,
+    )
+    if not result.ok:
+        sys.exit(f"{model_id}: parity failed; not benchmarking it")
+    fill_manifest(out, labels=["finding_a", "finding_b"])  # the scaffold's chest preprocessing, CAM
+    return load_model(out)
 
 
 def main() -> None:
@@ -165,6 +208,11 @@ def main() -> None:
     parser.add_argument("--provider", choices=("cpu", "cuda", "all"), default="all")
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--max-batch", type=int, default=16, help="RuntimeConfig.max_batch (node default 16)")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="also real-size ResNet-50 and DenseNet-121 at 224x224 (needs torch)",
+    )
     args = parser.parse_args()
 
     providers = [CPU]
@@ -177,18 +225,23 @@ def main() -> None:
             sys.exit("CUDA provider not usable here")
 
     registry = load_registry(REPO / "models" / "onnx")
-    ids = args.models or sorted(registry.models)
+    ids = args.models or sorted(registry.models) + (list(REAL) if args.real else [])
     print(f"machine: {machine()}")
     header = (
-        f"{'model':<10}{'provider':<10}{'images':>7}{'runs':>6}{'batch':>7}"
+        f"{'model':<16}{'provider':<10}{'images':>7}{'runs':>6}{'batch':>7}"
         f"{'node img/s':>12}{'bare img/s':>12}{'node ÷ bare':>13}{'prep ms/img':>13}"
     )
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory(prefix="bench-inf-") as tmp:
         for model_id in ids:
-            model = registry.get(model_id)
-            files = study_files(KIND[model_id], Path(tmp) / model_id, args.images)
+            if model_id in REAL:
+                model = build_real(model_id, Path(tmp))
+                kind = "cxr"
+            else:
+                model = registry.get(model_id)
+                kind = KIND[model_id]
+            files = study_files(kind, Path(tmp) / f"{model_id}-study", args.images)
             for provider in providers:
                 print(measure(model, files, provider, args.max_batch, args.repeat), flush=True)
 
