@@ -150,6 +150,12 @@ def _storage_dispatchable(value: object) -> bool:
     return uid_to_service_class(value) is StorageServiceClass
 
 
+def _misread_by_sender(shown: str) -> bool:
+    """True for a request SOP Class UID that is no UID at all (fewer than two components, e.g. the
+    '31' of a UN-encoded UID read as text), as opposed to a real UID of a non-storage class."""
+    return "?" not in shown and "~" not in shown and shown.count(".") == 0
+
+
 def _uid_carriable(value: object) -> bool:
     """True when pynetdicom accepts this request SOP Instance UID (one value, 1 to 64 characters)."""
     return isinstance(value, str) and 0 < len(value) <= 64
@@ -356,6 +362,16 @@ class StorageSCP:
         request = event.request
         negotiated = str(event.context.abstract_syntax)
         if garbled is not None and garbled.sop_class is not None:
+            if _misread_by_sender(garbled.sop_class) and header.sop_class_uid == negotiated:
+                # DCMTK 3.6.7 dcmsend reads a UN-encoded SOP Class/Instance UID as hex text ('31'):
+                # the data set and the negotiated context agree, so it is filed under the data
+                # set's own UIDs, as DCMTK storescp does
+                log.warning(
+                    "C-STORE request UIDs misread by the sender ('%s'); filed as the data set's %s",
+                    garbled.sop_class,
+                    _uid_name(header.sop_class_uid),
+                )
+                return
             raise IngestError(
                 status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 f"request SOP class '{garbled.sop_class}' is not storage "
@@ -396,6 +412,9 @@ class StorageSCP:
         meta = BytesIO()
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
+        # the data set's own UIDs (the same as the request's, unless a sender misread them)
+        file_meta.MediaStorageSOPClassUID = header.sop_class_uid
+        file_meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
         write_file_meta_info(meta, file_meta, enforce_standard=True)
         size = len(_PREAMBLE) + meta.tell() + len(body)
         dirs: set = set()

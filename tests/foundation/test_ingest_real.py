@@ -149,7 +149,7 @@ def test_bad_data_sets_do_not_abort_their_association(make_node, tmp_path):
     assert codes == {
         "good-first": status.SUCCESS,
         "un-vr": status.SUCCESS,
-        "garbled-class": status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        "garbled-class": status.SUCCESS,  # misread by the sender; data set and context agree
         "class-over-64": status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
         "class-contradicts-data": status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
         "context-contradicts-data": status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -158,14 +158,17 @@ def test_bad_data_sets_do_not_abort_their_association(make_node, tmp_path):
         "good-last": status.SUCCESS,
     }
     comments = {name: a.ErrorComment for name, a in answers.items()}
-    assert "request SOP class '31' is not storage" in comments["garbled-class"]
-    assert "CTImageStorage" in comments["garbled-class"]  # what the data set really is
     assert "is CTImageStorage, request says MRImageStorage" in comments["class-contradicts-data"]
     assert "context is MRImageStorage" in comments["context-contradicts-data"]
     assert "truncated: element (7FE0,0010)" in comments["truncated-garbage"]
     assert "empty or over 64 chars" in comments["instance-over-64"]
     stored = rows(node)
-    assert set(stored) == {_uid(good_first), str(un_ds.SOPInstanceUID), _uid(good_last)}
+    assert set(stored) == {_uid(good_first), str(un_ds.SOPInstanceUID), bad_uid[0], _uid(good_last)}
+    # filed under the data set's own UIDs, in its file meta too (the request said '31')
+    garbled_meta = pydicom.dcmread(
+        node.spool.root / stored[bad_uid[0]].path, stop_before_pixels=True
+    ).file_meta
+    assert (garbled_meta.MediaStorageSOPClassUID, garbled_meta.MediaStorageSOPInstanceUID) == (CT, bad_uid[0])
     un_row = stored[str(un_ds.SOPInstanceUID)]
     # filed by header values read through VR UN
     assert (un_row.study_uid, un_row.series_uid) == (
@@ -208,16 +211,18 @@ def _dcmsend(port: int, files: list[Path]) -> subprocess.CompletedProcess:
 
 def test_dcmsend_un_vr_file_between_good_ones(make_node, tmp_path):
     """The reported case: DCMTK dcmsend sends a real CT whose attributes are all UN (its request
-    then says SOP class '31'); the association stays up and the good files after it arrive."""
+    then says SOP class '31'); the association stays up, the CT is stored under its data set's
+    UIDs (as DCMTK storescp stores it) and the good files after it arrive."""
     node = make_node()
     first, last = fresh_ct(tmp_path, "first"), fresh_ct(tmp_path, "last")
     un_file = sample_file("explicit_VR-UN.dcm")
     result = _dcmsend(node.scp.port, [first, un_file, last])
     out = result.stdout + result.stderr
     assert "Peer Aborted" not in out and "Association Aborted" not in out, out
-    assert "with status SUCCESS  : 2" in out, out
-    assert "DataSetDoesNotMatchSOPClass" in out, out  # the garbled request gets 0xA900, not an abort
-    assert set(rows(node)) == {_uid(first), _uid(last)}
+    assert "with status SUCCESS  : 3" in out, out
+    un_uid = str(pydicom.dcmread(un_file, stop_before_pixels=True).SOPInstanceUID)
+    assert set(rows(node)) == {_uid(first), un_uid, _uid(last)}
+    assert rows(node)[un_uid].sop_class_uid == CT
 
 
 def test_dcmsend_data_set_with_un_header_is_stored(make_node, tmp_path):
