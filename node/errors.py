@@ -33,6 +33,11 @@ class PreprocessError(NodeError):
     """A preprocessing step could not be applied to an image."""
 
 
+class OutputError(NodeError):
+    """An output object (SR, secondary capture, parametric map) could not be built (from this data:
+    building is deterministic, so the error is permanent)."""
+
+
 class InferenceError(NodeError):
     """ONNX Runtime failed to run a model."""
 

@@ -10,11 +10,6 @@ Nothing here touches the disk, the network or the database; every writer raises
 :class:`OutputError` when it cannot build its object.
 """
 
-from node.errors import NodeError
-
-
-class OutputError(NodeError):
-    """An output object (SR, secondary capture, parametric map) could not be built."""
-
+from node.errors import OutputError
 
 __all__ = ["OutputError"]

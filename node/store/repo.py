@@ -214,8 +214,8 @@ def refresh_study_triage(
 
 
 #: Display priority of a study whose analysis failed (shown, never stored: a retry that succeeds
-#: stores urgent or routine). Belongs in tables.Priority once that module is free to change.
-FAILED_PRIORITY = "failed"
+#: stores urgent or routine).
+FAILED_PRIORITY = Priority.FAILED
 
 
 def failed_studies(session: Session, study_uids: Collection[str]) -> set[str]:

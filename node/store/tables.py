@@ -90,6 +90,7 @@ class Priority(StrEnum):
     ROUTINE = "routine"
     PENDING = "pending"  # routed, analysis not finished yet
     NOT_ANALYSED = "not analysed"  # no series was routed to a model
+    FAILED = "failed"  # display only: the latest job of a model failed with no result
 
 
 class Series(SQLModel, table=True):
