@@ -674,11 +674,16 @@ def prepare(
     """Run ``manifest.preprocessing`` on one frame of a decoded image, checking the input spec.
 
     ``check_size=False`` skips the spatial check (patch models prepare the full image and tile it).
+    A header that still holds per-frame functional group values is resolved for ``frame`` first
+    (``ImageHeader.for_frame``); the frames ``iter_frames`` yields carry theirs already.
     """
     spec = manifest.input
+    header = decoded.header
+    if header.frame_values and decoded.frame_count == header.number_of_frames:
+        header = header.for_frame(frame)
     return run_steps(
         decoded.frame(frame),
-        decoded.header,
+        header,
         manifest.preprocessing,
         layout=spec.layout,
         dtype=spec.dtype,

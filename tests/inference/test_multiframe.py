@@ -19,10 +19,12 @@ from pydicom.sequence import Sequence
 
 from node.inference import preprocess as pp
 from node.inference.decode import decode, decode_frame, header_from_dataset, iter_frames, slice_order
-from node.inference.manifest import ModalityLutStep, WindowStep
+from node.inference.manifest import ModalityLutStep, WindowStep, parse_manifest
 from node.inference.registry import load_model
 from node.inference.runtime import CPU, RuntimeConfig, create_session
 from node.runner.analyse import Stopwatch, analyse, display_image
+
+from .conftest import example_manifest_dict
 
 STEPS = [ModalityLutStep(op="modality_lut"), WindowStep(op="window", source="header")]
 
@@ -140,6 +142,13 @@ def test_per_frame_values_of_an_enhanced_mr_match_pydicom_frame_by_frame():
         p = apply_voi_lut(apply_modality_lut(stored, one), one).astype(np.float64)
         y_min, y_max = intercept, 4095 * slope + intercept  # 12 bits stored, unsigned
         np.testing.assert_allclose(ours, (p - y_min) / (y_max - y_min) * 255.0, atol=1e-3)
+    # prepare() on the whole decoded image resolves the frame's values too
+    every = decode(ds)
+    manifest = parse_manifest(example_manifest_dict())
+    for index in (0, 4, 9):
+        np.testing.assert_array_equal(
+            pp.prepare(every, manifest, frame=index).tensor, pp.prepare(frames[index], manifest).tensor
+        )
     # the windows differ from frame to frame, so the frames' outputs differ as well
     assert len({pp.run_steps(f.frame(0), f.header, STEPS).tensor.tobytes() for f in frames}) == 10
 
