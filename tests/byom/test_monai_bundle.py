@@ -149,7 +149,6 @@ def monai_reference(bundle: Path, files: list[Path]) -> np.ndarray:
     return np.stack(rows)
 
 
-@pytest.mark.slow
 def test_bundle_converts_and_runs_like_monai(tmp_path: Path, ct_series: list[Path]) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     out = tmp_path / "models" / "ct-bundle"

@@ -63,7 +63,6 @@ def _run_in_node(model_dir: Path, files: list[Path], cam: bool) -> None:
     assert methods == ({"cam"} if cam else set())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("cam", [False, True], ids=["plain", "cam"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_real_architecture_converts_and_runs(arch: str, cam: bool, tmp_path: Path, study: list[Path]) -> None:
