@@ -289,6 +289,9 @@ class LabelScore:
     threshold: float
     positive: bool
     triage: bool
+    #: The "no finding" class of a multi-class model: reported Present/Absent like the others, but
+    #: never listed as a finding (nor triage).
+    normal: bool = False
 
 
 @dataclass(frozen=True)

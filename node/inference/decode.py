@@ -195,9 +195,7 @@ def _lookup_table(ds: Dataset, sequence: str, ts: UID) -> LookupTable | None:
         if table.size and (table.min() < 0 or table.max() > 0xFFFF):
             raise DecodeError(f"{_name(ds)}: {sequence} LUTData holds values outside 0..65535")
     if table.size < n:
-        raise DecodeError(
-            f"{_name(ds)}: {sequence} LUTData has {table.size} entries, LUTDescriptor says {n}"
-        )
+        raise DecodeError(f"{_name(ds)}: {sequence} LUTData has {table.size} entries, LUTDescriptor says {n}")
     return LookupTable(first_mapped=first, bits=bits, data=table[:n].astype(np.uint16).tobytes())
 
 
@@ -285,7 +283,9 @@ def header_from_dataset(ds: Dataset) -> ImageHeader:
     if frame_values and len(frame_values) != frames:
         log.debug(
             "%s: PerFrameFunctionalGroupsSequence has %d items for %d frames",
-            _name(ds), len(frame_values), frames,
+            _name(ds),
+            len(frame_values),
+            frames,
         )
 
     def text(keyword: str) -> str | None:

@@ -74,6 +74,7 @@ def label_scores(manifest: Manifest, probs: Sequence[float] | np.ndarray) -> lis
                 threshold=label.threshold,
                 positive=positive,
                 triage=positive and label.triage and not label.normal,
+                normal=label.normal,
             )
         )
     return out

@@ -559,9 +559,7 @@ def _apply_step(state: _State, step: Any, header: ImageHeader, index: int) -> _S
             if voi is not None:
                 return replace(state, image=voi, value_range=(0.0, 255.0))
             problem = header_window_problem(header)
-            what = (
-                f"has an unusable window ({problem})" if problem else "has no WindowCenter/WindowWidth"
-            )
+            what = f"has an unusable window ({problem})" if problem else "has no WindowCenter/WindowWidth"
             if step.fallback != "minmax":
                 raise PreprocessError(f"step {index} (window): instance {header.sop_instance_uid} {what}")
             lo, hi = float(img.min()), float(img.max())

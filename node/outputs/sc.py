@@ -112,8 +112,8 @@ def build_heatmap_scs(
 def heatmaps_to_show(image: ImageResult, result: AnalysisResult) -> list[Heatmap]:
     """The heatmaps of ``image`` for its positive labels (image or aggregated level), or the one of
     its highest-scoring label when none is positive."""
-    positive = {s.label for s in image.scores if s.positive} | {
-        f.label for f in result.findings if f.positive
+    positive = {s.label for s in image.scores if s.positive and not s.normal} | {
+        f.label for f in result.findings if f.positive and not f.normal
     }
     shown = [h for h in image.heatmaps if h.label in positive]
     if shown:

@@ -136,7 +136,9 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
     groups = []
     unlocated = []
     for index, finding in enumerate(result.findings):
-        located = _best_hotspot(result, finding.label, by_uid) if finding.positive else None
+        located = (
+            _best_hotspot(result, finding.label, by_uid) if finding.positive and not finding.normal else None
+        )
         if located is None:
             unlocated.append(finding)
         else:

@@ -316,6 +316,7 @@ class Runner:
                     "label": f.label,
                     "probability": round(f.probability, 4),
                     "positive": f.positive,
+                    "normal": f.normal,
                     "triage": f.triage,
                 }
                 for f in result.findings
@@ -340,7 +341,7 @@ class Runner:
             session.commit()
         if rows:
             self._wake_sender.set()
-        positives = [f.label for f in result.findings if f.positive]
+        positives = [f.label for f in result.findings if f.positive and not f.normal]
         log.info(
             "job %d: %s %s on %d images, positive: %s; %d outputs queued",
             job.id,

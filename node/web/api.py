@@ -158,7 +158,7 @@ def analysis_summary(series: list[Series], jobs: list[JobOut]) -> tuple[str, str
     if jobs:
         parts = []
         for j in jobs:
-            positives = [f"{f.label} {f.probability:.2f}" for f in j.findings if f.positive]
+            positives = [f"{f.label} {f.probability:.2f}" for f in j.findings if f.positive and not f.normal]
             parts.append(f"{j.model_id}: " + (", ".join(positives) if positives else "no finding"))
         return "; ".join(parts), "state-complete"
     if SeriesState.ROUTED in states:
@@ -437,6 +437,7 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
                         probability=round(f.probability, 4),
                         positive=f.positive,
                         triage=f.triage,
+                        normal=f.normal,
                     )
                     for f in o.result.findings
                 ],

@@ -54,6 +54,7 @@ class FindingOut(BaseModel):
     probability: float
     positive: bool
     triage: bool
+    normal: bool = Field(False, description="the model's no-finding class (never listed as a finding)")
 
 
 class OutputOut(BaseModel):

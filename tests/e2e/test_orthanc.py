@@ -5,6 +5,7 @@ come back into the same studies. The SR's probabilities must be the model's."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -67,8 +68,13 @@ def wait_jobs(node, study_uids: set[str], timeout: float = 300.0) -> list[Job]:
         time.sleep(0.5)
 
 
+_TEXT_PROBABILITY = re.compile(r"probability ([0-9.]+(?:e-?[0-9]+)?)")
+
+
 def sr_probabilities(ds: pydicom.Dataset) -> list[float]:
-    """Every numeric value with unit "1" in an SR content tree."""
+    """Every probability in an SR content tree: the NUM with unit "1" of a finding with an image
+    region (a measurement group), and the "probability p" of the TEXT beside the qualitative
+    evaluation of a finding without one."""
     found: list[float] = []
 
     def walk(items) -> None:
@@ -77,6 +83,8 @@ def sr_probabilities(ds: pydicom.Dataset) -> list[float]:
                 mv = item.MeasuredValueSequence[0]
                 if mv.MeasurementUnitsCodeSequence[0].CodeValue == "1":
                     found.append(float(mv.NumericValue))
+            if item.ValueType == "TEXT" and (match := _TEXT_PROBABILITY.search(str(item.TextValue))):
+                found.append(float(match.group(1)))
             if "ContentSequence" in item:
                 walk(item.ContentSequence)
 
@@ -137,9 +145,12 @@ def test_four_modalities_round_trip_through_orthanc(pacs_and_node):
         sr_path.write_bytes(orthanc.instance_file(sr_series["Instances"][0]))
         sr = pydicom.dcmread(sr_path)
         assert sr.StudyInstanceUID == study_uid
-        produced = sorted(round(f["probability"], 4) for f in json.loads(job.result)["findings"])
-        reported = sorted(round(p, 4) for p in sr_probabilities(sr))
-        assert reported == produced, f"{job.model_id}: SR {reported} vs model {produced}"
+        produced = sorted(f["probability"] for f in json.loads(job.result)["findings"])
+        reported = sorted(sr_probabilities(sr))
+        assert len(reported) == len(produced), f"{job.model_id}: SR {reported} vs model {produced}"
+        assert all(abs(a - b) < 1e-3 for a, b in zip(reported, produced, strict=True)), (
+            f"{job.model_id}: SR {reported} vs model {produced}"
+        )
         validate(sr_path)
         findings = {f["label"]: f for f in json.loads(job.result)["findings"]}
         expected = STUDIES[job.model_id][1]
