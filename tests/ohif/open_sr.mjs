@@ -5,6 +5,19 @@
 import { chromium } from 'playwright-core';
 
 const [base, study, shot, expected] = process.argv.slice(2);
+// Mean brightness (0..255) of the viewport's on-screen canvas (cornerstone draws each rendered
+// frame into a 2D canvas), sampled on a grid; -1 while there is no canvas.
+const brightness = () => {
+  const canvas = document.querySelector('[data-cy="viewport-pane"] canvas');
+  if (!canvas || !canvas.width) return -1;
+  const ctx = canvas.getContext('2d');
+  if (!ctx) return -1;
+  const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  let sum = 0, n = 0;
+  for (let i = 0; i < data.length; i += 4 * 97) { sum += data[i]; n += 1; }
+  return n ? sum / n : -1;
+};
+
 const errors = [];
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -32,7 +45,13 @@ try {
   await sr.dblclick();
   result.steps.push('SR opened');
   await page.waitForLoadState('networkidle');
-  await page.waitForTimeout(8000);  // decoding a 2k x 2k JPEG 2000 frame in WebAssembly takes a while
+  // wait until the image is on screen (decoding and rendering a 2k x 2k frame in software GL takes
+  // a while on a loaded machine), then a little longer for the annotations
+  try {
+    await page.waitForFunction(brightness, null, { timeout: 90000, polling: 500 });
+    await page.waitForFunction(`(${brightness.toString()})() > 20`, null, { timeout: 90000, polling: 500 });
+  } catch (e) { result.steps.push('image never shown'); }
+  await page.waitForTimeout(3000);
   await page.screenshot({ path: shot.replace(/\.png$/, '-sr.png') });
   const track = page.getByRole('button', { name: 'Yes' });
   if (await track.count()) {
@@ -51,6 +70,7 @@ try {
   result.svgShapes = await shapes.count();
   result.svgPoints = await shapes.evaluateAll((els) => els.map((e) => e.getAttribute('points') || e.getAttribute('d') || ''));
   result.svgTexts = await page.locator('[data-cy="viewport-pane"] svg text').allInnerTexts();
+  result.brightness = await page.evaluate(brightness);
   result.body = (await page.locator('body').innerText()).slice(0, 6000);
   await page.screenshot({ path: shot });
 } finally {

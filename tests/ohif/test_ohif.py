@@ -70,9 +70,8 @@ def test_ohif_opens_the_sr_of_a_real_cr_and_draws_its_outline(tmp_path: Path) ->
     try:
         # OHIF itself cannot show the file as the vendor wrote it: with PixelSpacing 0\\0 its image
         # plane has zero spacing (a black image, NaN coordinates, with or without an SR), so the
-        # corpus variant without PixelSpacing, which the node analyses the same way; uncompressed,
-        # as the JPEG 2000 variant stays black in this viewer under headless Chromium (software GL)
-        path = derived("RG1_UNCI.dcm", _no_pixel_spacing)(tmp_path)
+        # corpus variant without PixelSpacing, which the node analyses the same way
+        path = derived("RG1_J2KI.dcm", _no_pixel_spacing)(tmp_path)
         source = pydicom.dcmread(path, stop_before_pixels=True)
         (study,) = orthanc.upload([path])
         orthanc.send_to_node(study)
@@ -95,6 +94,7 @@ def test_ohif_opens_the_sr_of_a_real_cr_and_draws_its_outline(tmp_path: Path) ->
     where = json.dumps(seen, indent=1)[:4000]
     assert not seen["errors"], where
     assert "SR opened" in seen["steps"], where
+    assert seen["brightness"] > 20, f"the radiograph is not on screen (mean canvas value): {where}"
     assert seen["svgShapes"] >= 1, f"no outline drawn: {where}"
     numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", " ".join(seen["svgPoints"]))]
     assert len(numbers) >= 6 and "NaN" not in " ".join(seen["svgPoints"]), f"outline has no points: {where}"
