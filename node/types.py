@@ -347,3 +347,5 @@ class AnalysisResult:
     findings: tuple[LabelScore, ...]
     images: tuple[ImageResult, ...]
     uid_seed: str
+    #: Frames the model scored: one per single-frame instance, every frame of a multi-frame one.
+    frames_analysed: int = 0

@@ -497,19 +497,22 @@ def clean_header(ds: Dataset, frame: int | None = None, flatten: bool = False) -
 
 
 def fix_character_set(ds: Dataset) -> None:
-    """Replace a Specific Character Set that pydicom does not know by ISO_IR 192 (UTF-8), in place.
+    """Replace a Specific Character Set that pydicom or highdicom cannot write by ISO_IR 192
+    (UTF-8), in place.
 
     pydicom has already decoded the values (falling back to the default repertoire), so writing
-    them as UTF-8 keeps what was read; copying the unknown term would make the output invalid."""
+    them as UTF-8 keeps what was read; copying an unknown term would make the output invalid, and
+    highdicom refuses the empty first value of a code-extension set (``\\ISO 2022 IR 100``)."""
     from pydicom.charset import python_encoding
 
     value = safe_get(ds, "SpecificCharacterSet")
     if value in (None, ""):
         return
     terms = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
-    known = all((not t) or str(t).strip() in python_encoding for t in terms)
+    writable = {v.value for v in hd.SpecificCharacterSetValues}
+    known = all(str(t).strip() in python_encoding and str(t).strip() in writable for t in terms)
     if not known:
-        log.info("unknown Specific Character Set in a source: outputs are written as ISO_IR 192")
+        log.info("a Specific Character Set outputs cannot carry as is: written as ISO_IR 192")
         ds.SpecificCharacterSet = "ISO_IR 192"
 
 

@@ -311,6 +311,7 @@ class Runner:
             "model": result.algorithm.model_id,
             "version": result.algorithm.version,
             "images": len(files),
+            "frames": result.frames_analysed,
             "findings": [
                 {
                     "label": f.label,

@@ -158,6 +158,7 @@ def analyse(
         findings=tuple(findings),
         images=tuple(results),
         uid_seed=uid_seed,
+        frames_analysed=len(images),
     )
     return result, sources
 

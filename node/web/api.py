@@ -118,6 +118,7 @@ def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
         attempts=job.attempts,
         error=job.error,
         images=result.get("images"),
+        frames=result.get("frames"),
         timings=json.loads(job.timings or "{}"),
         findings=[FindingOut.model_validate(f) for f in result.get("findings", [])],
         outputs=[OutputOut.model_validate(o, from_attributes=True) for o in outputs],

@@ -82,6 +82,10 @@ class JobOut(BaseModel):
     attempts: int
     error: str
     images: int | None = Field(None, description="images the model analysed (None until it has run)")
+    frames: int | None = Field(
+        None,
+        description="frames the model scored (every frame of a multi-frame image; None until it has run)",
+    )
     timings: dict[str, float]
     findings: list[FindingOut]
     outputs: list[OutputOut]

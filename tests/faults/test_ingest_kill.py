@@ -76,7 +76,9 @@ def test_sigkill_during_ingest_then_resend_processes_each_instance_once(tmp_path
     data_dir = Path(yaml.safe_load(config.read_text())["storage"]["data_dir"])
     db = node_db_url(config)
     study = pydicom.uid.generate_uid()
-    series = [make_series(tmp_path / f"in{k}", SLICES, study_uid=study) for k in range(SERIES)]
+    series = [
+        make_series(tmp_path / f"in{k}", SLICES, body_part="ABDOMEN", study_uid=study) for k in range(SERIES)
+    ]
     uid_of = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for s in series for p in s}
     log = tmp_path / "node.log"
     node = start_node_process(config, log)

@@ -34,7 +34,7 @@ def _wait_done(node, count: int, timeout: float = 60.0) -> list[Job]:
 def test_late_instances_are_analysed_by_a_revision_job(make_node, tmp_path):
     node = make_node(
         models={"directory": str(ROOT / "models" / "onnx"), "providers": ["CPUExecutionProvider"]},
-        assembly={"series_quiet_s": 0.5, "poll_interval_s": 0.1},
+        assembly={"series_quiet_s": 1.5, "poll_interval_s": 0.1},
     )
     study, series = generate_uid(), generate_uid()
     files = make_series(tmp_path / "in", 5, body_part="ABDOMEN", study_uid=study, series_uid=series)
@@ -55,5 +55,5 @@ def test_late_instances_are_analysed_by_a_revision_job(make_node, tmp_path):
 
     for f in files:  # everything again: duplicates only, nothing new to analyse
         assert raw_store_file(node.scp.port, f) == 0
-    time.sleep(1.5)
+    time.sleep(2.5)
     assert len(_jobs(node)) == 2
