@@ -53,7 +53,9 @@ class Outcome:
         if self.series is None:
             return "-"
         if self.series.state == "not routed":
-            return self.series.route_note
+            note = self.series.route_note
+            # the deciding evidence comes last (e.g. the body region from the pixels)
+            return note if len(note) <= 240 else f"{note[:90]} … {note[-150:]}"
         return f"{self.series.route_models} ({self.series.route_rule})"
 
     def job(self) -> str:
@@ -206,7 +208,7 @@ def markdown_table(outcomes) -> str:
             o.output_kinds(),
             str(errors),
         ]
-        lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ")[:160] for c in cells) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ")[:260] for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
