@@ -211,10 +211,24 @@ class AssemblySettings(_Section):
     poll_interval_s: float = Field(1.0, gt=0, le=60)
 
 
+#: The checkout the package runs from (an editable install: ./run-node, ./run-tests).
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bundled(path: Path) -> Path:
+    """A relative path as given when it exists from the working folder; else the project's own
+    file of that name (the bundled models and routing rules), so that ``pacs-node serve`` started
+    from another folder still finds them; else as given (the caller says it is missing)."""
+    if path.is_absolute() or path.exists():
+        return path
+    candidate = _PROJECT_ROOT / path
+    return candidate if candidate.exists() else path
+
+
 class ModelsSettings(_Section):
     """Where the model manifests live and how ONNX Runtime runs them."""
 
-    directory: Path = Path("models/onnx")
+    directory: Path = Field(Path("models/onnx"), validate_default=True)
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="in order of preference; unavailable ones are skipped, CPU is always the last resort",
@@ -223,11 +237,21 @@ class ModelsSettings(_Section):
     max_batch: int = Field(16, ge=1, le=1024)
     strict: bool = Field(False, description="refuse to start when any model is refused")
 
+    @field_validator("directory")
+    @classmethod
+    def _find_directory(cls, value: Path) -> Path:
+        return _bundled(value)
+
 
 class RoutingSettings(_Section):
     """The routing rules file (which series go to which model)."""
 
-    rules_file: Path = Path("config/routes.yaml")
+    rules_file: Path = Field(Path("config/routes.yaml"), validate_default=True)
+
+    @field_validator("rules_file")
+    @classmethod
+    def _find_rules(cls, value: Path) -> Path:
+        return _bundled(value)
 
 
 class RunnerSettings(_Section):

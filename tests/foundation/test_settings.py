@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,18 @@ def test_serve_refuses_to_start_on_invalid_config(tmp_path):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_defaults_find_the_bundled_rules_and_models_outside_the_checkout(tmp_path, monkeypatch):
+    """`pacs-node serve` started from another folder (no config/, no models/ there) still gets the
+    project's routing rules and bundled models; a folder's own files of those names win."""
+    from node.settings import load_settings
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.routing.rules_file == REPO / "config" / "routes.yaml"
+    assert settings.models.directory == REPO / "models" / "onnx"
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "routes.yaml").write_text("version: 1\nrules: []\n")
+    assert load_settings().routing.rules_file == Path("config/routes.yaml")
