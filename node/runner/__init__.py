@@ -16,9 +16,8 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
-from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from node.errors import ConfigError, DecodeError, ManifestError, NodeError, PreprocessError
 from node.inference.registry import LoadedModel, Registry
@@ -32,7 +31,7 @@ from node.runner.analyse import Stopwatch, analyse
 from node.send import Destination
 from node.settings import DestinationSettings, Settings
 from node.store import repo
-from node.store.tables import ACTIVE_JOB_STATES, Job, JobState, Series, utcnow
+from node.store.tables import Job, JobState, Series, utcnow
 from node.types import AnalysisResult, OutputIdentity
 
 log = logging.getLogger(__name__)
@@ -167,8 +166,7 @@ class Runner:
         import node.outputs.sr  # noqa: F401
 
         with Session(self._engine) as session:
-            self._fail_exhausted_interrupted(session)
-            jobs.requeue_interrupted(session, utcnow())
+            jobs.requeue_interrupted(session, utcnow(), self._settings.runner.max_attempts)
             session.commit()
         targets = [("scheduler", self._schedule_loop), ("sender", self._send_loop)]
         targets += [(f"worker-{i}", self._work_loop) for i in range(self._settings.runner.workers)]
@@ -176,25 +174,6 @@ class Runner:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-
-    def _fail_exhausted_interrupted(self, session: Session) -> int:
-        """Jobs a stopped process left mid-way that have used every attempt fail instead of going
-        back to the queue: a job that takes the process down each time it runs (memory, a crash
-        in a native library) must not do so for ever. The caller commits."""
-        limit = self._settings.runner.max_attempts
-        now = utcnow()
-        exhausted = select(Job.id).where(col(Job.state).in_(ACTIVE_JOB_STATES), col(Job.attempts) >= limit)
-        ids = list(session.exec(exhausted))
-        if not ids:
-            return 0
-        error = f"interrupted {limit} times: the node stopped while each attempt ran"
-        session.exec(  # type: ignore[call-overload]
-            update(Job)
-            .where(col(Job.id).in_(ids), col(Job.state).in_(ACTIVE_JOB_STATES))
-            .values(state=JobState.FAILED, error=error, updated_at=now, finished_at=now)
-        )
-        log.error("%d interrupted jobs failed: they had used all %d attempts", len(ids), limit)
-        return len(ids)
 
     def stop(self) -> None:
         """Ask every thread to finish its current step and wait for them."""

@@ -253,8 +253,21 @@ def retry_later(session: Session, job: Job, now: datetime, delay_s: float, error
     session.add(job)
 
 
-def requeue_interrupted(session: Session, now: datetime) -> int:
-    """Jobs a stopped process left mid-way go back to the queue (their outputs are deterministic)."""
+def requeue_interrupted(session: Session, now: datetime, max_attempts: int) -> int:
+    """Jobs a stopped process left mid-way go back to the queue (their outputs are deterministic),
+    except those that have used every attempt: they fail instead, so a job that takes the process
+    down each time it runs (memory, a crash in a native library) does not do so for ever. The
+    caller commits. Returns how many were requeued."""
+    exhausted = select(Job.id).where(col(Job.state).in_(ACTIVE_JOB_STATES), col(Job.attempts) >= max_attempts)
+    ids = list(session.exec(exhausted))
+    if ids:
+        error = f"interrupted {max_attempts} times: the node stopped while each attempt ran"
+        session.exec(  # type: ignore[call-overload]
+            update(Job)
+            .where(col(Job.id).in_(ids), col(Job.state).in_(ACTIVE_JOB_STATES))
+            .values(state=JobState.FAILED, error=error, updated_at=now, finished_at=now)
+        )
+        log.error("%d interrupted jobs failed: they had used all %d attempts", len(ids), max_attempts)
     result = session.exec(  # type: ignore[call-overload]
         update(Job)
         .where(col(Job.state).in_(ACTIVE_JOB_STATES))
