@@ -60,7 +60,7 @@ class Node:
 
     def analyse_upload(self, data: bytes, deadline: float) -> tuple[str, list[Outcome]]:
         """One uploaded file through routing, the models and heatmap rendering (the inference API)."""
-        return analyse_upload(self.rules, self.models, data, deadline)
+        return analyse_upload(self.rules, self.models, data, deadline, budget=self.settings.limits.budget())
 
     def stop(self) -> None:
         """Stop listening first, so that every accepted instance is committed before the end."""
@@ -126,7 +126,7 @@ def build_node(settings: Settings) -> Node:
     committer = IngestCommitter(engine, spool)
     metrics = NodeMetrics()
     metrics.watch_store(engine, models.registry)
-    scp = StorageSCP(settings.dicom, spool, committer, metrics)
+    scp = StorageSCP(settings.dicom, spool, committer, metrics, budget=settings.limits.budget())
     destinations = {
         d.name: (d, CStoreDestination(d, calling_aet=settings.dicom.ae_title, metrics=metrics))
         for d in settings.destinations

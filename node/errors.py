@@ -25,6 +25,12 @@ class DecodeError(NodeError):
     """Pixel data could not be decoded (unsupported transfer syntax, missing or short pixel data)."""
 
 
+class BudgetExceeded(DecodeError):
+    """An image (or data set) would take more memory than the node's budget allows (``limits``
+    settings): refused before anything is decoded or inflated; the message names the limit and
+    what the data claimed. Caused by the data: permanent."""
+
+
 class ManifestError(NodeError):
     """A model manifest or its ONNX file is invalid; the message names the field."""
 
@@ -44,7 +50,7 @@ class InferenceError(NodeError):
 
 class UploadRefused(NodeError):
     """A file handed in for one-off analysis cannot be analysed. ``reason`` says which check failed:
-    not_dicom, no_pixels, unsupported_syntax, no_rules, no_route, not_loaded, undecodable,
+    not_dicom, no_pixels, unsupported_syntax, over_budget, no_rules, no_route, not_loaded, undecodable,
     unprocessable, timeout or failed."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from node.budget import MIB, Budget
 from node.dicom.access import parse_allow_entry
 from node.errors import ConfigError
 
@@ -294,6 +295,40 @@ class OutputSettings(_Section):
     institution_name: str = ""
 
 
+class LimitsSettings(_Section):
+    """The resource budget of one instance, checked before any decode or inflate (C-STORE, the
+    jobs and POST /api/v1/infer). The defaults let every real image through with room to spare
+    (a 4096x5120 mammogram is 21 M pixels, a 500-frame 512x512 CT 131 M pixels in all) and refuse
+    what only a broken or hostile file claims (a JPEG frame header of 65535x65535, a 40000x40000
+    JPEG 2000, a deflate bomb)."""
+
+    max_frame_pixels: int = Field(
+        2**26,
+        ge=1,
+        description="Rows x Columns of one frame, also as a codestream header claims it (2^26: 8192x8192)",
+    )
+    max_frames: int = Field(10_000, ge=1, description="NumberOfFrames of one instance")
+    max_decoded_mb: int = Field(
+        4096,
+        ge=1,
+        description="decoded pixel data of one instance, all frames (frames are decoded one by one)",
+    )
+    max_inflated_mb: int = Field(
+        1024,
+        ge=1,
+        description="a Deflated Explicit VR Little Endian data set once inflated (C-STORE and uploads)",
+    )
+
+    def budget(self) -> Budget:
+        """These limits as the Budget that decoding and inflating check."""
+        return Budget(
+            max_frame_pixels=self.max_frame_pixels,
+            max_frames=self.max_frames,
+            max_decoded_bytes=self.max_decoded_mb * MIB,
+            max_inflated_bytes=self.max_inflated_mb * MIB,
+        )
+
+
 class LoggingSettings(_Section):
     """Log level and format (logs never carry patient identifiers)."""
 
@@ -315,6 +350,7 @@ class Settings(BaseSettings):
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @classmethod

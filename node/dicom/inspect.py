@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
@@ -14,8 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from node.budget import DEFAULT_BUDGET
 from node.dicom import status
-from node.errors import IngestError
+from node.errors import BudgetExceeded, IngestError
 
 _UNDEFINED = 0xFFFFFFFF
 # Top-level attributes kept for filing and routing (nothing that identifies the patient).
@@ -72,23 +74,87 @@ def _known_vr(element: object) -> object:
     return element
 
 
-def inspect_dataset(stream: io.BytesIO, transfer_syntax: UID) -> Header:
+_IN_CHUNK = 1 << 20
+_OUT_CHUNK = 16 << 20
+
+
+class InflateError(ValueError):
+    """A deflated data set does not inflate (corrupt or truncated deflate stream)."""
+
+
+def _inflated_pieces(data: bytes | bytearray | memoryview, limit: int) -> Iterator[bytes]:
+    """Inflate raw-deflate ``data`` piece by piece (at most 16 MiB each), never holding more than
+    one piece; raise BudgetExceeded as soon as the output passes ``limit`` bytes, InflateError when
+    the stream is corrupt or ends early."""
+    view = memoryview(data)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pos = total = 0
+    try:
+        while not inflater.eof:
+            if inflater.unconsumed_tail:
+                source: bytes | memoryview = inflater.unconsumed_tail
+            elif pos < len(view):
+                source, pos = view[pos : pos + _IN_CHUNK], pos + _IN_CHUNK
+            else:
+                break
+            piece = inflater.decompress(source, min(_OUT_CHUNK, limit - total + 1))
+            total += len(piece)
+            if total > limit:
+                raise BudgetExceeded(
+                    f"deflated data set inflates to over limits.max_inflated_mb ({limit // 2**20} MiB)"
+                )
+            yield piece
+    except zlib.error as exc:
+        raise InflateError(f"deflated data set does not inflate: {exc}") from exc
+    finally:
+        view.release()
+    if not inflater.eof:
+        raise InflateError("deflated data set is truncated")
+
+
+def inflate(data: bytes | bytearray | memoryview, limit: int) -> io.BytesIO:
+    """The inflated data set of a Deflated Explicit VR Little Endian body, capped at ``limit``
+    bytes. The size is counted first as a stream (a bomb is refused holding at most 16 MiB), then
+    the data set is inflated into a buffer of exactly that size. Raises BudgetExceeded over the
+    limit, InflateError when it does not inflate."""
+    total = inflated_size(data, limit)
+    out = io.BytesIO()
+    if total:
+        out.seek(total - 1)
+        out.write(b"\0")  # one allocation of the final size; the pieces are written in place
+        out.seek(0)
+    for piece in _inflated_pieces(data, total):
+        out.write(piece)
+    out.seek(0)
+    return out
+
+
+def inflated_size(data: bytes | bytearray | memoryview, limit: int) -> int:
+    """How many bytes ``data`` inflates to, counted without keeping them (at most one 16 MiB piece
+    in memory). Raises BudgetExceeded over ``limit``, InflateError when it does not inflate."""
+    return sum(len(piece) for piece in _inflated_pieces(data, limit))
+
+
+def inspect_dataset(
+    stream: io.BytesIO, transfer_syntax: UID, max_inflated: int = DEFAULT_BUDGET.max_inflated_bytes
+) -> Header:
     """Walk every top-level element of ``stream`` and return the filing header.
 
-    Attributes written with VR UN are read with their dictionary VR. Raises
-    IngestError(CANNOT_UNDERSTAND) when the data set is truncated, overruns its lengths, is not
-    parseable, or lacks a UID the node needs.
+    Attributes written with VR UN are read with their dictionary VR. A deflated data set is
+    inflated as a stream, refused (CANNOT_UNDERSTAND, naming the limit) once it passes
+    ``max_inflated`` bytes. Raises IngestError(CANNOT_UNDERSTAND) when the data set is truncated,
+    overruns its lengths, is not parseable, or lacks a UID the node needs.
     """
     stream.seek(0)
     buffer = stream
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        body = stream.getbuffer()
         try:
-            buffer = io.BytesIO(inflater.decompress(stream.getbuffer()))
-        except zlib.error as exc:
-            raise IngestError(status.CANNOT_UNDERSTAND, f"deflated data set does not inflate: {exc}") from exc
-        if not inflater.eof:
-            raise IngestError(status.CANNOT_UNDERSTAND, "deflated data set is truncated")
+            buffer = inflate(body, max_inflated)
+        except (BudgetExceeded, InflateError) as exc:
+            raise IngestError(status.CANNOT_UNDERSTAND, str(exc)) from exc
+        finally:
+            body.release()
     size = len(buffer.getbuffer())
     kept: dict[int, object] = {}
     try:

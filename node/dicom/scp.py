@@ -46,6 +46,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.budget import DEFAULT_BUDGET, Budget
 from node.dicom import status
 from node.dicom.access import AllowList
 from node.dicom.committer import IngestCommitter
@@ -170,8 +171,10 @@ class StorageSCP:
         spool: Spool,
         committer: IngestCommitter,
         metrics: NodeMetrics | None = None,
+        budget: Budget = DEFAULT_BUDGET,
     ) -> None:
         self.settings = settings
+        self.budget = budget
         self.spool = spool
         self.committer = committer
         self.metrics = metrics or NodeMetrics()
@@ -405,7 +408,7 @@ class StorageSCP:
         stream: BytesIO = request.DataSet  # type: ignore[assignment]
         context = event.context
         transfer_syntax = UID(context.transfer_syntax)
-        header = inspect_dataset(stream, transfer_syntax)
+        header = inspect_dataset(stream, transfer_syntax, self.budget.max_inflated_bytes)
         self._check_request(header, event, garbled)
         relative = self.spool.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         body = stream.getbuffer()

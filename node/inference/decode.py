@@ -3,24 +3,33 @@
 Every transfer syntax pydicom has a decoder for works, provided its plugin is installed (pylibjpeg
 with openjpeg/libjpeg/rle; see ``supported_transfer_syntaxes``). Failures raise ``DecodeError``
 with a message that says what is wrong and with which instance.
+
+Before anything is decoded, what the image would cost is checked against a :class:`Budget`: the
+data set's Rows, Columns, NumberOfFrames, SamplesPerPixel and BitsAllocated, and what the header
+of each compressed frame to be decoded claims (a decoder allocates the codestream's size, which
+may be far more than the data set says). Over budget raises :class:`BudgetExceeded` (a
+DecodeError: permanent) naming the limit and the claim.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames, get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, iter_pixels, pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from node.errors import DecodeError
+from node.budget import DEFAULT_BUDGET, Budget
+from node.errors import BudgetExceeded, DecodeError
+from node.inference.codestream import HEADER_WINDOW, CodestreamError, FrameClaim, frame_claim
 from node.types import DecodedImage, FrameValues, ImageHeader, LookupTable, first_window
 
 log = logging.getLogger(__name__)
@@ -349,17 +358,152 @@ def _check_native_length(ds: Dataset, header: ImageHeader, keyword: str) -> None
         )
 
 
-def _checked(ds: Dataset) -> tuple[ImageHeader, UID]:
-    """The header of a dataset whose pixel data can be decoded here (DecodeError otherwise)."""
+def _sample_bytes(bits: int) -> int:
+    """Bytes per decoded sample for ``bits`` allocated (1-bit images decode to one byte)."""
+    for size in (1, 2, 4, 8):
+        if bits <= 8 * size:
+            return size
+    return (bits + 7) // 8
+
+
+def _frame_bytes(header: ImageHeader, keyword: str) -> int:
+    """Decoded bytes of one frame, as the data set describes it (palette colour expands to RGB)."""
+    if keyword == "FloatPixelData":
+        size = 4
+    elif keyword == "DoubleFloatPixelData":
+        size = 8
+    else:
+        size = _sample_bytes(header.bits_allocated)
+    samples = 3 if header.stored_photometric_interpretation == "PALETTE COLOR" else header.samples_per_pixel
+    return header.rows * header.cols * max(samples, 1) * size
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _check_dataset_budget(ds: Dataset, header: ImageHeader, keyword: str, budget: Budget) -> None:
+    """Refuse an image whose data set describes more than the budget allows."""
+    pixels = header.rows * header.cols
+    if pixels > budget.max_frame_pixels:
+        raise BudgetExceeded(
+            f"{_name(ds)}: Rows x Columns {header.rows}x{header.cols} ({pixels} pixels per frame) is over "
+            f"the limit limits.max_frame_pixels ({budget.max_frame_pixels})"
+        )
+    if header.number_of_frames > budget.max_frames:
+        raise BudgetExceeded(
+            f"{_name(ds)}: NumberOfFrames {header.number_of_frames} is over the limit limits.max_frames "
+            f"({budget.max_frames})"
+        )
+    total = _frame_bytes(header, keyword) * header.number_of_frames
+    if total > budget.max_decoded_bytes:
+        raise BudgetExceeded(
+            f"{_name(ds)}: {header.number_of_frames} frame(s) of {header.rows}x{header.cols}x"
+            f"{header.samples_per_pixel}, {header.bits_allocated} bits allocated, decode to "
+            f"{_mib(total)}, over the limit limits.max_decoded_mb ({_mib(budget.max_decoded_bytes)})"
+        )
+
+
+def _frame_heads(
+    ds: Dataset, header: ImageHeader, indices: Iterable[int] | None
+) -> Iterator[tuple[int, bytes]]:
+    """(index, first bytes) of the encapsulated frames ``indices`` (None: every frame), each at
+    most HEADER_WINDOW bytes taken from its first fragments."""
+    buffer = ds.PixelData
+    eot = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
+    extended = (eot[0], eot[1]) if eot[0] and eot[1] else None
+    n = header.number_of_frames
+    if indices is not None:
+        for index in indices:
+            frame = get_frame(buffer, index, extended_offsets=extended, number_of_frames=n)
+            yield index, frame[:HEADER_WINDOW]
+        return
+    for index, fragments in enumerate(
+        generate_fragmented_frames(buffer, number_of_frames=n, extended_offsets=extended)
+    ):
+        if index >= n:
+            return
+        head = b""
+        for fragment in fragments:
+            head += fragment[: HEADER_WINDOW - len(head)]
+            if len(head) >= HEADER_WINDOW:
+                break
+        yield index, head
+
+
+def _check_claim(ds: Dataset, header: ImageHeader, index: int, claim: FrameClaim, budget: Budget) -> None:
+    """Refuse a frame whose codestream header claims more than the budget, or other than the data set."""
+    where = f"{_name(ds)}: the {claim.kind} header of frame {index + 1}"
+    if claim.kind == "RLE":
+        expected = header.samples_per_pixel * _sample_bytes(header.bits_allocated)
+        if claim.components != expected or not 0 < claim.components <= 15:
+            raise BudgetExceeded(
+                f"{where} declares {claim.components} segments; SamplesPerPixel "
+                f"{header.samples_per_pixel} and BitsAllocated {header.bits_allocated} make {expected}"
+            )
+        return
+    rows = claim.rows or header.rows  # JPEG rows 0: given later by a DNL marker
+    pixels = rows * claim.cols
+    if pixels > budget.max_frame_pixels:
+        raise BudgetExceeded(
+            f"{where} claims {rows}x{claim.cols}x{claim.components} ({pixels} pixels), over the limit "
+            f"limits.max_frame_pixels ({budget.max_frame_pixels}); the data set says Rows {header.rows}, "
+            f"Columns {header.cols}"
+        )
+    if (rows, claim.cols) != (header.rows, header.cols):
+        raise BudgetExceeded(
+            f"{where} claims {rows}x{claim.cols} pixels, the data set says Rows {header.rows}, "
+            f"Columns {header.cols}: a decoder would allocate the codestream's size"
+        )
+    if claim.components != header.samples_per_pixel:
+        raise BudgetExceeded(
+            f"{where} claims {claim.components} components, the data set says SamplesPerPixel "
+            f"{header.samples_per_pixel}"
+        )
+
+
+def _check_codestreams(
+    ds: Dataset, header: ImageHeader, ts: UID, budget: Budget, indices: Iterable[int] | None
+) -> None:
+    """Check the header of each compressed frame to be decoded (``indices``; None: all) against
+    the data set and the budget, before any decoder sees it."""
+    index = -1
+    try:
+        for index, head in _frame_heads(ds, header, indices):
+            claim = frame_claim(ts, head)
+            if claim is not None:
+                _check_claim(ds, header, index, claim, budget)
+    except BudgetExceeded:
+        raise
+    except CodestreamError as exc:
+        raise DecodeError(f"{_name(ds)}: frame {index + 2 if index < 0 else index + 1}: {exc}") from exc
+    except Exception as exc:  # pydicom's encapsulation parsers raise several types
+        raise DecodeError(f"{_name(ds)}: encapsulated pixel data cannot be split into frames: {exc}") from exc
+
+
+def _checked(ds: Dataset, budget: Budget, indices: Iterable[int] | None = None) -> tuple[ImageHeader, UID]:
+    """The header of a dataset whose pixel data can be decoded here within ``budget``, frames
+    ``indices`` (None: all) checked (DecodeError otherwise)."""
     keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
     if keyword is None or ds[keyword].value in (None, b""):
         raise DecodeError(f"{_name(ds)}: no pixel data")
     header = header_from_dataset(ds)
     ts = UID(header.transfer_syntax_uid)
+    _check_dataset_budget(ds, header, keyword, budget)
     _check_decoder(ds, ts)
-    if not ts.is_compressed:
+    if ts.is_compressed and not ts.is_deflated:
+        if indices is not None:
+            indices = [i for i in indices if 0 <= i < header.number_of_frames]
+        _check_codestreams(ds, header, ts, budget, indices)
+    else:
         _check_native_length(ds, header, keyword)
     return header, ts
+
+
+def check_budget(source: Dataset | str | Path, budget: Budget = DEFAULT_BUDGET) -> ImageHeader:
+    """Check, without decoding, that every frame of an image can be decoded here within
+    ``budget``; return its header. Raises BudgetExceeded (over budget) or DecodeError."""
+    return _checked(read_dataset(source), budget)[0]
 
 
 def _finish(ds: Dataset, header: ImageHeader, arr: np.ndarray, ts: UID, single: bool) -> np.ndarray:
@@ -391,6 +535,7 @@ def decode(
     source: Dataset | str | Path,
     *,
     frames: FrameMode = "all",
+    budget: Budget = DEFAULT_BUDGET,
 ) -> DecodedImage:
     """Decode the pixel data of one instance into stored values (native byte order).
 
@@ -399,9 +544,10 @@ def decode(
     axis. YBR colour is converted to RGB and PALETTE COLOR expanded to 8-bit RGB; greyscale values
     are stored values (apply the modality LUT in preprocessing). The header is the image's
     (per-frame values in ``header.frame_values``); ``iter_frames`` yields per-frame headers.
+    Nothing is decoded over ``budget`` (BudgetExceeded).
     """
     ds = read_dataset(source)
-    header, ts = _checked(ds)
+    header, ts = _checked(ds, budget, [0] if frames == "first" else None)
     if header.number_of_frames > 1 and frames == "single":
         raise DecodeError(
             f"{_name(ds)}: multi-frame image ({header.number_of_frames} frames) where a single frame "
@@ -419,10 +565,11 @@ def decode(
     return DecodedImage(header=header, pixels=arr)
 
 
-def decode_frame(source: Dataset | str | Path, index: int) -> DecodedImage:
-    """Decode frame ``index`` (0-based) alone; the header is that frame's (``ImageHeader.for_frame``)."""
+def decode_frame(source: Dataset | str | Path, index: int, budget: Budget = DEFAULT_BUDGET) -> DecodedImage:
+    """Decode frame ``index`` (0-based) alone; the header is that frame's (``ImageHeader.for_frame``).
+    Nothing is decoded over ``budget`` (BudgetExceeded)."""
     ds = read_dataset(source)
-    header, ts = _checked(ds)
+    header, ts = _checked(ds, budget, [index])
     if not 0 <= index < header.number_of_frames:
         raise DecodeError(
             f"{_name(ds)}: frame {index + 1} asked for, the image has {header.number_of_frames}"
@@ -437,12 +584,13 @@ def decode_frame(source: Dataset | str | Path, index: int) -> DecodedImage:
     return DecodedImage(header=header.for_frame(index), pixels=arr)
 
 
-def iter_frames(source: Dataset | str | Path) -> Iterator[DecodedImage]:
+def iter_frames(source: Dataset | str | Path, budget: Budget = DEFAULT_BUDGET) -> Iterator[DecodedImage]:
     """Decode an image frame by frame (pydicom's ``iter_pixels``): one DecodedImage per frame,
     each holding one frame and that frame's header (``ImageHeader.for_frame``), so that a
-    500-frame image never needs all its decoded frames in memory at once."""
+    500-frame image never needs all its decoded frames in memory at once. Every frame is checked
+    against ``budget`` before the first is decoded (BudgetExceeded)."""
     ds = read_dataset(source)
-    header, ts = _checked(ds)
+    header, ts = _checked(ds, budget)
     frames = iter_pixels(ds) if header.number_of_frames > 1 else iter([pixel_array(ds)])
     index = 0
     while True:

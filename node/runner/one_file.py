@@ -11,9 +11,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from node.errors import DecodeError, NodeError, PreprocessError, UploadRefused
-from node.inference.decode import supported_transfer_syntaxes
+from node.budget import DEFAULT_BUDGET, Budget
+from node.dicom.inspect import InflateError, inflated_size
+from node.errors import BudgetExceeded, DecodeError, NodeError, PreprocessError, UploadRefused
+from node.inference.decode import check_budget, supported_transfer_syntaxes
 from node.outputs.sc import heatmaps_to_show, render_overlay
 from node.pipeline.region import region_from_pixels
 from node.pipeline.route import RuleSet, route, route_header_from_dataset, with_pixel_region
@@ -26,8 +30,33 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 Outcome = tuple[AnalysisResult, list[tuple[str, np.ndarray]]]
 
 
-def parse_upload(data: bytes) -> Dataset:
-    """The uploaded bytes as a DICOM data set with pixel data in a decodable transfer syntax."""
+def _check_inflated(data: bytes, budget: Budget) -> None:
+    """Refuse a deflated upload that would inflate past the budget, before pydicom inflates it
+    (it would, whole, in memory). Files that are not DICOM are left to dcmread to refuse."""
+    stream = BytesIO(data)
+    try:
+        if read_preamble(stream, False) is None:
+            return
+        meta = _read_file_meta_info(stream)
+    except Exception:  # pydicom raises several types on a broken meta group: dcmread says which
+        return
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    body = memoryview(data)[stream.tell() :]
+    try:
+        inflated_size(body, budget.max_inflated_bytes)
+    except BudgetExceeded as exc:
+        raise UploadRefused("over_budget", f"the upload is refused: {exc}") from exc
+    except InflateError as exc:
+        raise UploadRefused("not_dicom", f"not a readable DICOM file: {exc}") from exc
+    finally:
+        body.release()
+
+
+def parse_upload(data: bytes, budget: Budget = DEFAULT_BUDGET) -> Dataset:
+    """The uploaded bytes as a DICOM data set with pixel data in a decodable transfer syntax,
+    inflated (a deflated one) within ``budget``."""
+    _check_inflated(data, budget)
     try:
         ds = pydicom.dcmread(BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
@@ -50,11 +79,18 @@ def parse_upload(data: bytes) -> Dataset:
 
 
 def analyse_upload(
-    rules: RuleSet | None, models: object, data: bytes, deadline: float
+    rules: RuleSet | None, models: object, data: bytes, deadline: float, budget: Budget = DEFAULT_BUDGET
 ) -> tuple[str, list[Outcome]]:
     """Route and analyse one uploaded file with every model its rule names; render its heatmaps.
-    ``models`` is the runner's :class:`~node.runner.Models`. Raises :class:`UploadRefused`."""
-    ds = parse_upload(data)
+    ``models`` is the runner's :class:`~node.runner.Models`. Nothing is inflated or decoded past
+    ``budget`` (refused as ``over_budget``). Raises :class:`UploadRefused`."""
+    ds = parse_upload(data, budget)
+    try:  # before routing, which may read the pixels of a CT or MR
+        check_budget(ds, budget)
+    except BudgetExceeded as exc:
+        raise UploadRefused("over_budget", f"the image is refused: {exc}") from exc
+    except DecodeError as exc:
+        raise UploadRefused("undecodable", f"the pixel data cannot be decoded: {exc}") from exc
     if rules is None:
         raise UploadRefused("no_rules", "the node has no routing rules loaded")
     # the same evidence as the pipeline: a CT or MR naming no body region is routed on its pixels

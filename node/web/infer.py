@@ -1,7 +1,8 @@
 """The inference API's HTTP side: the node analyses the upload (``Node.analyse_upload``, wired by
 the app factory to the runner), this module keeps its heatmaps as PNGs for a short while in memory
 and turns refusals into HTTP statuses: 400 not DICOM, 422 no pixel data / image that cannot be
-analysed / no route, 415 unsupported transfer syntax, 504 over time.
+analysed / no route, 413 over the resource budget (``limits``: pixels, frames, decoded or inflated
+bytes), 415 unsupported transfer syntax, 504 over time.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ _STATUS = {
     "no_route": 422,
     "not_loaded": 422,
     "undecodable": 422,
+    "over_budget": 413,
     "unprocessable": 422,
     "timeout": 504,
     "failed": 500,
