@@ -15,7 +15,7 @@ from sqlmodel import Session
 
 from node.dicom.spool import Spool
 from node.errors import StoreError
-from node.store.received import ReceivedInstance, record_instances
+from node.store.received import ReceivedInstance, record_instances, recorded_path
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,15 @@ class IngestCommitter:
         if pending.error is not None:
             raise StoreError(f"could not commit the instance: {pending.error}") from pending.error
         return pending.new
+
+    def recorded_path(self, sop_instance_uid: str) -> str | None:
+        """The spool path a committed row of the instance points to, None when no row exists.
+        Raises StoreError when the database cannot tell."""
+        try:
+            with Session(self._engine) as session:
+                return recorded_path(session, sop_instance_uid)
+        except Exception as exc:  # the database is what just failed, most likely
+            raise StoreError(f"cannot look the instance up: {str(exc).splitlines()[0]}") from exc
 
     def _run(self) -> None:
         stopping = False

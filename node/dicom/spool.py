@@ -5,6 +5,7 @@ the directory is fsync'd, before anything is acknowledged.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -77,8 +78,10 @@ class Spool:
                 f"{self.min_free_bytes // 2**20} MiB watermark"
             )
 
-    def write(self, relative: Path, chunks: Sequence[Chunk]) -> set[Path]:
-        """Write ``chunks`` durably at ``relative`` and return the directories still to fsync.
+    def write(self, relative: Path, chunks: Sequence[Chunk]) -> set[Path] | None:
+        """Write ``chunks`` durably at ``relative`` as a new file and return the directories still
+        to fsync; None, writing nothing, when a file is already in place there (another store
+        wrote it: it is never replaced, so that an acknowledged file is never touched).
 
         The file is complete and fsync'd under its final name when this returns; the caller fsyncs
         the returned directories (grouped across concurrent stores) before acknowledging.
@@ -93,12 +96,28 @@ class Spool:
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
+            if not self._place(tmp, final):
+                return None
+        finally:
             tmp.unlink(missing_ok=True)
-            raise
         dirs.add(final.parent)
         return dirs if self.fsync else set()
+
+    @staticmethod
+    def _place(tmp: Path, final: Path) -> bool:
+        """Give ``tmp`` the name ``final`` unless that name exists (False then): a hard link
+        fails atomically on an existing name, where a rename would replace it."""
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a file system without hard links: check, then rename
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            if final.exists():
+                return False
+            os.replace(tmp, final)
+        return True
 
     def _make_parents(self, parent: Path) -> set[Path]:
         """Create missing parent folders; return the folders whose entries changed."""
@@ -119,5 +138,6 @@ class Spool:
             fsync_dir(folder)
 
     def remove(self, relative: Path) -> None:
-        """Delete an instance file (used when its row could not be committed)."""
+        """Delete an instance file (used when its row could not be committed, by the store that
+        created it, once it knows that no committed row points to it)."""
         (self.root / relative).unlink(missing_ok=True)

@@ -267,3 +267,13 @@ def _modalities_after(session: Session, added: dict[str, list[str]]) -> dict[str
         if extra:
             merged[uid] = "\\".join([*values, *extra])[:64]
     return merged
+
+
+def recorded_path(session: Session, sop_instance_uid: str) -> str | None:
+    """The spool path the committed row of an instance points to; None when there is no row."""
+    row = (
+        session.connection()
+        .execute(select(_INSTANCE.c.path).where(_INSTANCE.c.sop_instance_uid == sop_instance_uid))
+        .first()
+    )
+    return None if row is None else str(row[0])
