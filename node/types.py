@@ -349,3 +349,61 @@ class AnalysisResult:
     uid_seed: str
     #: Frames the model scored: one per single-frame instance, every frame of a multi-frame one.
     frames_analysed: int = 0
+    #: A segmentation model's masks (``kind: segmentation``); None for classifiers.
+    segmentation: SegmentationResult | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentFrame:
+    """One analysed frame of a segmentation result: the source frame and its masks.
+
+    ``masks`` is (segments, rows, cols) bool in source pixels, segment order as in
+    :attr:`SegmentationResult.segments`; None when no segment has a pixel on this frame (most
+    frames of a CT series: empty frames cost nothing)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame: int | None  # 1-based frame number in a multi-frame source, None for single-frame
+    rows: int
+    cols: int
+    masks: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SegmentSummary:
+    """One segment (one class of pixels) of a segmentation result and its measurements.
+
+    ``area_mm2`` is the largest cross-section (one frame), from Pixel Spacing; ``volume_mm3`` the
+    sum over frames of area times the spacing between slices. Either is None when the geometry
+    does not allow it (no valid Pixel Spacing, a single frame, irregular slice positions)."""
+
+    number: int  # 1-based segment number, manifest label order
+    label: str
+    code: Code  # segmented property type
+    category: Code  # segmented property category
+    pixels: int
+    frames_with_pixels: int
+    area_mm2: float | None = None
+    volume_mm3: float | None = None
+
+    @property
+    def present(self) -> bool:
+        """True when any pixel of the segment remains after post-processing."""
+        return self.pixels > 0
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationResult:
+    """The masks of a segmentation model over every analysed frame (spatial order)."""
+
+    segments: tuple[SegmentSummary, ...]
+    frames: tuple[SegmentFrame, ...]
+    series_description: str = "AI segmentation"
+    anatomic_region: Code | None = None
+    #: Why a measurement is missing (e.g. no valid Pixel Spacing); no patient data.
+    notes: tuple[str, ...] = ()
+
+    @property
+    def present(self) -> tuple[SegmentSummary, ...]:
+        """The segments that have pixels."""
+        return tuple(s for s in self.segments if s.present)

@@ -291,11 +291,16 @@ class LabelCode(_Strict):
 
 
 class Label(_Strict):
-    """One finding the model reports."""
+    """One finding the model reports (a segmentation model: one class of pixels, one segment).
+
+    For a segmentation model ``code`` is the segment's property type, ``category`` its property
+    category (e.g. (49755003, SCT, "Morphologically abnormal structure")), ``index`` the channel
+    of the per-pixel output and ``threshold`` the per-pixel probability a pixel needs."""
 
     name: str = Field(min_length=1)
     index: int = Field(ge=0, description="index in the probabilities output")
     code: LabelCode
+    category: LabelCode | None = None
     threshold: float = Field(ge=0, le=1)
     triage: StrictBool = False
     normal: StrictBool = False
@@ -352,6 +357,31 @@ class Aggregation(_Strict):
         return self
 
 
+class SegmentationSpec(_Strict):
+    """How a segmentation model's per-pixel output becomes masks (``kind: segmentation``).
+
+    The output named ``outputs.probabilities`` is (N, C, h, w) per-pixel class scores over the model
+    input (2-D, one slice or frame at a time; the node runs the frames of a series in batches).
+    ``background_index`` given (softmax models): a pixel belongs to the label whose channel wins the
+    argmax, when its probability also reaches the label's threshold. Not given (sigmoid models):
+    a pixel belongs to every label whose probability reaches its threshold. Then 8-connected
+    components smaller than ``min_area_px`` model-input pixels (so the same lesion size whatever
+    the source resolution; converted to source pixels through the preprocessing geometry) are
+    removed, slice by slice.
+    """
+
+    dimensions: Literal[2] = Field(
+        default=2, description="2: per slice/frame (3-D sliding-window inference is not supported yet)"
+    )
+    background_index: int | None = Field(default=None, ge=0)
+    min_area_px: int = Field(default=0, ge=0, description="smallest kept component, in model-input pixels")
+    batch_size: int = Field(default=16, ge=1, description="slices/frames per inference call")
+    series_description: str = Field(default="AI segmentation", min_length=1, max_length=40)
+    anatomic_region: LabelCode | None = Field(
+        default=None, description="where the segments are, e.g. (10200004, SCT, Liver)"
+    )
+
+
 class Routing(_Strict):
     """Hints for the router: which series the model is meant for."""
 
@@ -379,11 +409,12 @@ class Manifest(_Strict):
     input: InputSpec
     preprocessing: list[Step] = Field(default_factory=list)
     outputs: Outputs
-    kind: Literal["multi_label", "multi_class"]
+    kind: Literal["multi_label", "multi_class", "segmentation"]
     labels: list[Label] = Field(min_length=1)
     heatmap: HeatmapSpec = NoHeatmap(method="none")
     aggregation: Aggregation = Aggregation()
     routing: Routing = Routing()
+    segmentation: SegmentationSpec | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Manifest:
@@ -401,7 +432,11 @@ class Manifest(_Strict):
             seen_names[label.name] = i
             seen_index[label.index] = i
         normals = [i for i, label in enumerate(self.labels) if label.normal]
-        if self.kind == "multi_class":
+        if self.kind == "segmentation":
+            self._segmentation_checks(normals)
+        elif self.segmentation is not None:
+            raise FieldProblem("segmentation", "only a segmentation model has this section", self.kind)
+        elif self.kind == "multi_class":
             if self.outputs.activation == "sigmoid":
                 raise FieldProblem(
                     "outputs.activation", "a multi_class model uses softmax (or none)", "sigmoid"
@@ -436,10 +471,51 @@ class Manifest(_Strict):
                 )
         return self
 
+    def _segmentation_checks(self, normals: list[int]) -> None:
+        """The cross-field rules of ``kind: segmentation`` (see :class:`SegmentationSpec`)."""
+        spec = self.segmentation
+        if spec is None:
+            raise FieldProblem("segmentation", "required when kind is 'segmentation'")
+        if normals:
+            raise FieldProblem(
+                f"labels.{normals[0]}.normal",
+                "a segmentation model has no normal label (background is segmentation.background_index)",
+                True,
+            )
+        for i, label in enumerate(self.labels):
+            if label.category is None:
+                raise FieldProblem(
+                    f"labels.{i}.category", "required for a segmentation model (segment property category)"
+                )
+            if spec.background_index is not None and label.index == spec.background_index:
+                raise FieldProblem(f"labels.{i}.index", "is segmentation.background_index", label.index)
+        if self.outputs.activation == "softmax" and spec.background_index is None:
+            raise FieldProblem(
+                "segmentation.background_index", "required when outputs.activation is 'softmax' (argmax)"
+            )
+        if self.outputs.activation == "sigmoid" and spec.background_index is not None:
+            raise FieldProblem(
+                "segmentation.background_index",
+                "a sigmoid model thresholds each channel; it has no background channel",
+                spec.background_index,
+            )
+        if self.outputs.cam is not None:
+            raise FieldProblem("outputs.cam", "a segmentation model has no CAM output", self.outputs.cam)
+        if not isinstance(self.heatmap, NoHeatmap):
+            raise FieldProblem(
+                "heatmap.method", "a segmentation model shows its masks; use 'none'", self.heatmap.method
+            )
+        if self.aggregation.level == "study":
+            raise FieldProblem("aggregation.level", "a segmentation model works per image or series", "study")
+
     @property
     def n_outputs(self) -> int:
-        """Width of the probabilities output the labels need (highest index + 1)."""
-        return max(label.index for label in self.labels) + 1
+        """Width of the probabilities output the labels need (highest index + 1; a segmentation
+        model's background channel counts)."""
+        top = max(label.index for label in self.labels)
+        if self.segmentation is not None and self.segmentation.background_index is not None:
+            top = max(top, self.segmentation.background_index)
+        return top + 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import cv2
 import numpy as np
 
 from node.errors import InferenceError
@@ -78,3 +79,64 @@ def label_scores(manifest: Manifest, probs: Sequence[float] | np.ndarray) -> lis
             )
         )
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Segmentation (``kind: segmentation``)
+
+
+def pixel_probabilities(manifest: Manifest, raw: np.ndarray) -> np.ndarray:
+    """(N, C, h, w) raw per-pixel output -> (N, C, h, w) probabilities (activation over the class
+    axis for softmax, per channel for sigmoid), float32."""
+    raw = np.asarray(raw)
+    if raw.ndim != 4 or raw.shape[1] < manifest.n_outputs:
+        raise InferenceError(
+            f"model {manifest.id}: output {manifest.outputs.probabilities} has shape {raw.shape}; "
+            f"expected (N, >= {manifest.n_outputs}, h, w)"
+        )
+    if manifest.outputs.activation == "softmax":
+        return softmax(raw, axis=1)
+    if manifest.outputs.activation == "sigmoid":
+        return sigmoid(raw)
+    return np.asarray(raw, dtype=np.float32)
+
+
+def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """``mask`` (H, W) without its 8-connected components of fewer than ``min_area`` pixels
+    (OpenCV ``connectedComponentsWithStats``); a bool array."""
+    mask = np.asarray(mask, dtype=bool)
+    if min_area <= 1 or not mask.any():
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, dtype=bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    return keep[labels]
+
+
+def segment_masks(manifest: Manifest, probs: np.ndarray, source_per_model_pixel: float = 1.0) -> np.ndarray:
+    """Per-label masks (n_labels, H, W) bool, in manifest label order, from one image's per-pixel
+    probabilities (C, H, W) (see :class:`~node.inference.manifest.SegmentationSpec`): argmax and
+    the label's threshold when the model has a background channel, else the threshold alone; then
+    components under ``min_area_px`` model-input pixels removed (``source_per_model_pixel``: how
+    many pixels of ``probs`` one model-input pixel covers, when ``probs`` are in source pixels)."""
+    spec = manifest.segmentation
+    if spec is None:
+        raise InferenceError(f"model {manifest.id} is not a segmentation model")
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[0] < manifest.n_outputs:
+        raise InferenceError(f"model {manifest.id}: per-pixel probabilities of shape {probs.shape}")
+    winner = np.argmax(probs, axis=0) if spec.background_index is not None else None
+    out = np.zeros((len(manifest.labels), *probs.shape[1:]), dtype=bool)
+    for i, label in enumerate(manifest.labels):
+        mask = probs[label.index] >= label.threshold
+        if winner is not None:
+            mask &= winner == label.index
+        out[i] = remove_small_components(mask, int(np.ceil(spec.min_area_px * source_per_model_pixel)))
+    return out
+
+
+def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient of two masks; 1.0 when both are empty."""
+    a, b = np.asarray(predicted, dtype=bool), np.asarray(truth, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total

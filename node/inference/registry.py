@@ -165,6 +165,19 @@ def check_signature(
                 f"{manifest.outputs.probabilities!r} is not an output of the graph (outputs: {sorted(outs)})",
             )
         )
+    elif manifest.kind == "segmentation":
+        if len(probs.shape) != 4:
+            problems.append(
+                (
+                    "outputs.probabilities",
+                    "a segmentation model's output is per pixel: expected rank 4 (batch, classes, h, w), "
+                    f"the graph has {_dims_text(probs.shape)}",
+                )
+            )
+        elif isinstance(probs.shape[1], int) and probs.shape[1] < n:
+            problems.append(("labels", f"label indices need {n} channels; the graph has {probs.shape[1]}"))
+        if probs.dtype not in _FLOAT_OUTPUTS:
+            problems.append(("outputs.probabilities", f"dtype {probs.dtype} is not floating point"))
     else:
         if len(probs.shape) != 2:
             problems.append(

@@ -20,6 +20,18 @@ Structure (highdicom templates)::
       Qualitative Evaluations: TEXT Comment "Research use only - not for diagnosis" (research
                                models only)
 
+A segmentation model's result (``result.segmentation``) reports each segment that has pixels as
+one TID 1411 Volumetric ROI group referencing its segment of the job's SEG (row 8 IMAGE
+"Referenced Segment" with the SEG frames holding it, and the source series), with the finding
+type and category, its probability, Area (the largest cross-section, derivation Maximum) and
+Volume where the geometry allowed them, and Present. The probability NUM is INFERRED FROM the
+segment's outline (SCOORD) on the frame where it is most probable (TID 300's coordinates row):
+OHIF 3.13 reads the first region of every measurement and fails on the whole report when one has
+none. (A second, TID 1501 group carrying the outline was tried: PixelMed's 2022 rules then check
+every group of the container against TID 1411 and report the 1501 one as missing its segment.)
+
+Segments without pixels are qualitative evaluations; when no SEG was written a comment says why.
+
 Codes (all checked against pydicom's PS3.16 dictionary):
 
 - probability: (111047, DCM, "Probability of cancer") for malignancy labels (its definition is the
@@ -97,12 +109,20 @@ _MALIGNANCY_WORDS = ("malignan", "cancer", "carcinoma")
 _MAX_POLYGON_POINTS = 256
 
 
-def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: OutputIdentity) -> Dataset:
+def build_sr(
+    result: AnalysisResult,
+    sources: Sequence[Dataset],
+    identity: OutputIdentity,
+    segmentation: Dataset | None = None,
+    segmentation_note: str = "",
+) -> Dataset:
     """The Comprehensive 3D SR (TID 1500) describing ``result``, in a new series of the source study.
 
     ``sources`` are the analysed instances (pixel data may be absent); all are recorded as evidence,
     those shown in ``result.images`` form the image library. UIDs are derived from
-    ``result.uid_seed`` (see :func:`node.outputs.identity.output_uid`). Raises
+    ``result.uid_seed`` (see :func:`node.outputs.identity.output_uid`). For a segmentation result,
+    ``segmentation`` is the job's SEG (see :mod:`node.outputs.seg`) that the segment groups
+    reference, and ``segmentation_note`` says why there is none. Raises
     :class:`~node.outputs.OutputError` when the result and sources do not fit together.
     """
     if not sources:
@@ -112,6 +132,8 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
     # highdicom reads the patient and study from the first evidence item and only the UIDs of the
     # others: a full header copy of each of 300 CT slices cost ~2 s, four UIDs cost nothing
     evidence = [first, *(evidence_reference(ds) for ds in sources[1:])]
+    if segmentation is not None:  # the SEG the segment groups reference, in the same study
+        evidence.append(evidence_reference(segmentation))
     if str(first.StudyInstanceUID) != result.study_uid:
         raise OutputError("the first source instance is not in the result's study")
     algorithm = result.algorithm
@@ -135,7 +157,20 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
             raise OutputError(f"probability of {finding.label!r} is not in [0, 1]: {finding.probability!r}")
     groups = []
     unlocated = []
+    segment_groups = 0
     for index, finding in enumerate(result.findings):
+        if result.segmentation is not None:
+            pair = (
+                _segment_groups(result, finding, index, segmentation, by_uid, identity, algorithm_id)
+                if segmentation is not None and finding.positive
+                else []
+            )
+            if not pair:
+                unlocated.append(finding)
+            else:
+                groups.extend(pair)
+                segment_groups += 1
+            continue
         located = (
             _best_hotspot(result, finding.label, by_uid) if finding.positive and not finding.normal else None
         )
@@ -172,7 +207,7 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
         # TID 1500 row 5, after the procedure reported (row 4) and before the measurements
         at = next((i for i, item in enumerate(content) if _concept(item) == "126010"), len(content))
         content.insert(at, library)
-    evaluations = _qualitative_evaluations(result, unlocated)
+    evaluations = _qualitative_evaluations(result, unlocated, segmentation_note)
     if evaluations is not None:
         content.append(evaluations)
 
@@ -203,8 +238,10 @@ def build_sr(result: AnalysisResult, sources: Sequence[Dataset], identity: Outpu
     # General Equipment: the node, with the UID its device observer context names (TID 1004)
     sr.DeviceUID = identity.device_uid
     log.debug(
-        "SR built: %d measurement groups, %d qualitative evaluations, %d evidence instances, model %s",
+        "SR built: %d measurement groups (%d segments), %d qualitative evaluations, %d evidence "
+        "instances, model %s",
         len(groups),
+        segment_groups,
         len(unlocated),
         len(evidence),
         algorithm.model_id,
@@ -295,6 +332,93 @@ def _measurement_group(
     return group
 
 
+VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
+AREA = hd.sr.CodedConcept("42798000", "SCT", "Area")
+MAXIMUM = hd.sr.CodedConcept("56851009", "SCT", "Maximum")
+_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
+_MM3 = hd.sr.CodedConcept("mm3", "UCUM", "cubic millimeter")
+
+
+def _seg_frames(segmentation: Dataset, number: int) -> list[int]:
+    """The 1-based frames of a SEG that hold segment ``number``."""
+    frames = []
+    for i, item in enumerate(segmentation.get("PerFrameFunctionalGroupsSequence") or [], start=1):
+        ident = item.get("SegmentIdentificationSequence")
+        if ident and int(ident[0].ReferencedSegmentNumber) == number:
+            frames.append(i)
+    return frames
+
+
+def _segment_groups(
+    result: AnalysisResult,
+    finding: LabelScore,
+    index: int,
+    segmentation: Dataset,
+    sources: Mapping[str, Dataset],
+    identity: OutputIdentity,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The TID 1411 group of a present segment (see the module doc), as a one-item list; [] when
+    the SEG has no such segment or the segment has no outline on a shown frame (the finding is then
+    a qualitative evaluation)."""
+    from node.outputs.seg import segment_numbers
+
+    assert result.segmentation is not None
+    number = segment_numbers(result.segmentation).get(finding.label)
+    summary = next((s for s in result.segmentation.segments if s.label == finding.label), None)
+    located = _best_hotspot(result, finding.label, sources)
+    if number is None or summary is None or located is None:
+        return []
+    image, heatmap = located
+    source = sources[image.sop_instance_uid]
+    region, tool = _hotspot_coordinates(image, heatmap, source)
+    reference = hd.sr.ReferencedSegment(
+        sop_class_uid=str(segmentation.SOPClassUID),
+        sop_instance_uid=str(segmentation.SOPInstanceUID),
+        segment_number=number,
+        frame_numbers=_seg_frames(segmentation, number) or None,
+        source_series=hd.sr.SourceSeriesForSegmentation(str(source.SeriesInstanceUID)),
+    )
+    finding_code = coded(finding.code)
+    sizes = []
+    if summary.area_mm2 is not None:
+        sizes.append(hd.sr.Measurement(name=AREA, value=summary.area_mm2, unit=_MM2, derivation=MAXIMUM))
+    if summary.volume_mm3 is not None:
+        sizes.append(hd.sr.Measurement(name=VOLUME, value=summary.volume_mm3, unit=_MM3))
+    tracking_uid = output_uid(identity, result, "sr", "tracking", finding.label)
+    identifier = f"{CORNERSTONE_TAG}:{tool}:" + ascii_text(
+        f"{result.algorithm.model_id} {finding.label} #{index + 1}",
+        64 - len(CORNERSTONE_TAG) - len(tool) - 2,
+    )
+    probability = hd.sr.Measurement(
+        name=probability_concept(finding), value=float(finding.probability), unit=NO_UNITS
+    )
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier),
+        referenced_segment=reference,
+        finding_type=finding_code,
+        finding_category=coded(summary.category),
+        algorithm_id=algorithm_id,
+        measurements=[probability, *sizes],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding_code, value=PRESENT)],
+    )
+    # the probability NUM INFERRED FROM the outline (TID 300 row 8 via TID 320), added after
+    # highdicom built the group: its ROI templates refuse coordinates under a measurement
+    located = hd.sr.Measurement(
+        name=probability_concept(finding),
+        value=float(finding.probability),
+        unit=NO_UNITS,
+        referenced_coordinates=[region],
+    )
+    num = next(
+        item
+        for item in group[0].ContentSequence
+        if item.ValueType == "NUM" and _concept(item) == probability_concept(finding).value
+    )
+    num.ContentSequence = located[0].ContentSequence
+    return [group]
+
+
 def _best_hotspot(
     result: AnalysisResult, label: str, sources: Mapping[str, Dataset]
 ) -> tuple[ImageResult, Heatmap] | None:
@@ -381,7 +505,7 @@ def _polygon_points(polygon: Sequence[tuple[float, float]], rows: int, cols: int
 
 
 def _qualitative_evaluations(
-    result: AnalysisResult, findings: Sequence[LabelScore]
+    result: AnalysisResult, findings: Sequence[LabelScore], note: str = ""
 ) -> hd.sr.ContainerContentItem | None:
     """TID 1500 row 12 "Qualitative Evaluations": for each finding without an image region
     (negative, normal, or positive without a hotspot) a CODE <finding> = Present | Absent (row 13)
@@ -411,6 +535,14 @@ def _qualitative_evaluations(
                     f"{verdict} the operating threshold {finding.threshold:.4g} "
                     f"({model} {version})"
                 ),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    if note:
+        items.append(
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=ascii_text(note, 1024),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )

@@ -62,14 +62,30 @@ class Models:
 def build_outputs(
     result: AnalysisResult, sources: list[Dataset], identity: OutputIdentity, settings: Settings
 ) -> list[tuple[str, Dataset]]:
-    """Every output object the configuration asks for: SR, heatmap SCs, parametric maps."""
+    """Every output object the configuration asks for: SR, heatmap SCs, parametric maps; for a
+    segmentation model also its DICOM Segmentation (always, when any segment has pixels), which
+    the SR references. A SEG the sources cannot carry is left out, and the SR says why."""
     from node.outputs.pm import build_parametric_maps
     from node.outputs.sc import build_heatmap_scs
+    from node.outputs.seg import build_seg
     from node.outputs.sr import build_sr
 
     out: list[tuple[str, Dataset]] = []
+    seg: Dataset | None = None
+    note = ""
+    if result.segmentation is not None:
+        try:
+            seg = build_seg(result, sources, identity)
+        except OutputError as exc:
+            log.warning("model %s: no SEG: %s", result.algorithm.model_id, exc)
+            note = f"No segmentation object was written: {exc}"
+        else:
+            if seg is None:
+                note = "No segmentation object was written: no segment has pixels after post-processing."
+            else:
+                out.append(("seg", seg))
     if settings.outputs.sr:
-        out.append(("sr", build_sr(result, sources, identity)))
+        out.append(("sr", build_sr(result, sources, identity, segmentation=seg, segmentation_note=note)))
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if settings.outputs.secondary_capture:
         out.extend(("sc", ds) for ds in build_heatmap_scs(result, by_uid, identity))
@@ -305,6 +321,17 @@ class Runner:
                 {"kind": kind, "sop_instance_uid": str(ds.SOPInstanceUID)} for kind, ds, _ in written
             ],
         }
+        if result.segmentation is not None:
+            summary["segments"] = [
+                {
+                    "label": s.label,
+                    "pixels": s.pixels,
+                    "frames": s.frames_with_pixels,
+                    "area_mm2": None if s.area_mm2 is None else round(s.area_mm2, 2),
+                    "volume_mm3": None if s.volume_mm3 is None else round(s.volume_mm3, 2),
+                }
+                for s in result.segmentation.segments
+            ]
         dests = outbox.choose_destinations(settings.destinations, settings.outputs.send_to, calling)
         now = utcnow()
         with Session(self._engine) as session:
