@@ -30,6 +30,7 @@ from pydicom.uid import UID
 from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import BudgetExceeded, DecodeError
 from node.inference.codestream import HEADER_WINDOW, CodestreamError, FrameClaim, frame_claim
+from node.redact import redact
 from node.types import DecodedImage, FrameValues, ImageHeader, LookupTable, first_window
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def read_dataset(source: Dataset | str | Path) -> Dataset:
     try:
         return pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise DecodeError(f"{path}: not a readable DICOM file: {exc}") from exc
+        raise DecodeError(f"{path}: not a readable DICOM file: {redact(str(exc))}") from exc
 
 
 def _name(ds: Dataset) -> str:
@@ -476,9 +477,13 @@ def _check_codestreams(
     except BudgetExceeded:
         raise
     except CodestreamError as exc:
-        raise DecodeError(f"{_name(ds)}: frame {index + 2 if index < 0 else index + 1}: {exc}") from exc
+        raise DecodeError(
+            f"{_name(ds)}: frame {index + 2 if index < 0 else index + 1}: {redact(str(exc))}"
+        ) from exc
     except Exception as exc:  # pydicom's encapsulation parsers raise several types
-        raise DecodeError(f"{_name(ds)}: encapsulated pixel data cannot be split into frames: {exc}") from exc
+        raise DecodeError(
+            f"{_name(ds)}: encapsulated pixel data cannot be split into frames: {redact(str(exc))}"
+        ) from exc
 
 
 def _checked(ds: Dataset, budget: Budget, indices: Iterable[int] | None = None) -> tuple[ImageHeader, UID]:
@@ -514,7 +519,7 @@ def _finish(ds: Dataset, header: ImageHeader, arr: np.ndarray, ts: UID, single: 
             if arr.dtype == np.uint16:  # 16-bit LUT entries: bring them to the 8 bits the header says
                 arr = np.floor(arr / 257.0 + 0.5).astype(np.uint8)
     except Exception as exc:  # pydicom raises many types: re-raise typed
-        raise DecodeError(f"{_name(ds)}: could not apply the palette colour LUT: {exc}") from exc
+        raise DecodeError(f"{_name(ds)}: could not apply the palette colour LUT: {redact(str(exc))}") from exc
     arr = np.asarray(arr)
     if single:
         arr = arr[np.newaxis, ...]
@@ -559,7 +564,9 @@ def decode(
     except DecodeError:
         raise
     except Exception as exc:  # pydicom and its plugins raise many types: re-raise typed
-        raise DecodeError(f"{_name(ds)}: could not decode pixel data ({ts.name}): {exc}") from exc
+        raise DecodeError(
+            f"{_name(ds)}: could not decode pixel data ({ts.name}): {redact(str(exc))}"
+        ) from exc
     arr = _finish(ds, header, arr, ts, single=header.number_of_frames == 1 or index is not None)
     log.debug("decoded %s: %s %s via %s", _name(ds), arr.shape, arr.dtype, ts.name)
     return DecodedImage(header=header, pixels=arr)
@@ -578,7 +585,8 @@ def decode_frame(source: Dataset | str | Path, index: int, budget: Budget = DEFA
         arr = pixel_array(ds, index=index)
     except Exception as exc:  # pydicom and its plugins raise many types: re-raise typed
         raise DecodeError(
-            f"{_name(ds)}: could not decode frame {index + 1} of the pixel data ({ts.name}): {exc}"
+            f"{_name(ds)}: could not decode frame {index + 1} of the pixel data ({ts.name}): "
+            f"{redact(str(exc))}"
         ) from exc
     arr = _finish(ds, header, arr, ts, single=True)
     return DecodedImage(header=header.for_frame(index), pixels=arr)
@@ -600,7 +608,8 @@ def iter_frames(source: Dataset | str | Path, budget: Budget = DEFAULT_BUDGET) -
             break
         except Exception as exc:  # pydicom and its plugins raise many types: re-raise typed
             raise DecodeError(
-                f"{_name(ds)}: could not decode frame {index + 1} of the pixel data ({ts.name}): {exc}"
+                f"{_name(ds)}: could not decode frame {index + 1} of the pixel data ({ts.name}): "
+                f"{redact(str(exc))}"
             ) from exc
         if index >= header.number_of_frames:
             break

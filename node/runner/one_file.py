@@ -21,6 +21,7 @@ from node.inference.decode import check_budget, supported_transfer_syntaxes
 from node.outputs.sc import heatmaps_to_show, render_overlay
 from node.pipeline.region import region_from_pixels
 from node.pipeline.route import RuleSet, route, route_header_from_dataset, with_pixel_region
+from node.redact import redact
 from node.runner.analyse import JobTimeout, Stopwatch, analyse
 from node.types import AnalysisResult
 
@@ -46,9 +47,9 @@ def _check_inflated(data: bytes, budget: Budget) -> None:
     try:
         inflated_size(body, budget.max_inflated_bytes)
     except BudgetExceeded as exc:
-        raise UploadRefused("over_budget", f"the upload is refused: {exc}") from exc
+        raise UploadRefused("over_budget", f"the upload is refused: {redact(str(exc))}") from exc
     except InflateError as exc:
-        raise UploadRefused("not_dicom", f"not a readable DICOM file: {exc}") from exc
+        raise UploadRefused("not_dicom", f"not a readable DICOM file: {redact(str(exc))}") from exc
     finally:
         body.release()
 
@@ -61,7 +62,7 @@ def parse_upload(data: bytes, budget: Budget = DEFAULT_BUDGET) -> Dataset:
         ds = pydicom.dcmread(BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
         raise UploadRefused(
-            "not_dicom", f"not a DICOM file (Part 10, with the DICM preamble): {exc}"
+            "not_dicom", f"not a DICOM file (Part 10, with the DICM preamble): {redact(str(exc))}"
         ) from exc
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise UploadRefused("no_pixels", "the DICOM file has no pixel data (not an image)")
@@ -88,9 +89,9 @@ def analyse_upload(
     try:  # before routing, which may read the pixels of a CT or MR
         check_budget(ds, budget)
     except BudgetExceeded as exc:
-        raise UploadRefused("over_budget", f"the image is refused: {exc}") from exc
+        raise UploadRefused("over_budget", f"the image is refused: {redact(str(exc))}") from exc
     except DecodeError as exc:
-        raise UploadRefused("undecodable", f"the pixel data cannot be decoded: {exc}") from exc
+        raise UploadRefused("undecodable", f"the pixel data cannot be decoded: {redact(str(exc))}") from exc
     if rules is None:
         raise UploadRefused("no_rules", "the node has no routing rules loaded")
     # the same evidence as the pipeline: a CT or MR naming no body region is routed on its pixels
@@ -119,15 +120,17 @@ def analyse_upload(
                     watch=Stopwatch(deadline=deadline),
                 )
             except JobTimeout as exc:
-                raise UploadRefused("timeout", f"inference took too long: {exc}") from exc
+                raise UploadRefused("timeout", f"inference took too long: {redact(str(exc))}") from exc
             except DecodeError as exc:
-                raise UploadRefused("undecodable", f"the pixel data cannot be decoded: {exc}") from exc
+                raise UploadRefused(
+                    "undecodable", f"the pixel data cannot be decoded: {redact(str(exc))}"
+                ) from exc
             except PreprocessError as exc:
                 raise UploadRefused(
-                    "unprocessable", f"the image cannot be preprocessed for {model_id}: {exc}"
+                    "unprocessable", f"the image cannot be preprocessed for {model_id}: {redact(str(exc))}"
                 ) from exc
             except NodeError as exc:
-                raise UploadRefused("failed", f"{type(exc).__name__}: {exc}") from exc
+                raise UploadRefused("failed", f"{type(exc).__name__}: {redact(str(exc))}") from exc
             outcomes.append((result, _overlays(result)))
     return decision.rule or "", outcomes
 
