@@ -9,10 +9,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, or_, update
 from sqlmodel import Session, col, select
 
+from node.errors import DecodeError
+from node.inference.decode import check_budget
 from node.pipeline.region import middle_paths, region_from_files
 from node.pipeline.route import (
     ROUTE_KEYWORDS,
@@ -111,8 +114,22 @@ def _decide(rules: RuleSet, spool_root: Path, series: Series, session: Session) 
     except (InvalidDicomError, OSError, ValueError) as exc:
         return f"not routed: its first instance cannot be read ({exc})"
     paths = [spool_root / inst.path for inst in instances]
-    header = with_pixel_region(route_header_from_dataset(ds), lambda: region_from_files(middle_paths(paths)))
+    header = with_pixel_region(
+        route_header_from_dataset(ds),
+        lambda: region_from_files(middle_paths(paths), read=_read_within_budget),
+    )
     return route(rules, header)
+
+
+def _read_within_budget(path: Path) -> Dataset:
+    """A slice for the body-region look-up, refused (as unreadable: its region stays unknown) when
+    decoding it would exceed the resource budget — routing must not decode a pixel bomb."""
+    ds = dcmread(path)
+    try:
+        check_budget(ds)
+    except DecodeError as exc:
+        raise ValueError(f"not decoded for routing: {exc}") from exc
+    return ds
 
 
 def route_complete_series(

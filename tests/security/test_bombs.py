@@ -210,3 +210,43 @@ def test_deflate_bomb_upload_is_refused(env) -> None:  # noqa: ANN001
     assert answer.status_code == 413, answer.text
     assert "limits.max_inflated_mb" in answer.text
     assert proc.poll() is None, "the node died"
+
+
+def test_ct_bomb_without_body_part_is_not_decoded_for_routing(env) -> None:  # noqa: ANN001
+    """Routing reads the pixels of a CT naming no body region: a bomb there must not be decoded
+    either. Its region stays unknown (not routed, with the reason) and the node keeps serving."""
+    proc, config, _, _, _, tmp = env
+    generate_study("ct", tmp / "ct-bomb", seed=3, label="normal", slices=1, body_part=False)
+    ct = pydicom.dcmread(sorted((tmp / "ct-bomb").glob("*.dcm"))[0])
+    bomb = jpeg_bomb(ct)
+    assert bomb.Modality == "CT" and "BodyPartExamined" not in bomb
+    ct_storage = str(bomb.SOPClassUID)
+    rsp = _store(
+        _port(config),
+        ct_storage,
+        str(bomb.SOPInstanceUID),
+        str(bomb.file_meta.TransferSyntaxUID),
+        _body(bomb),
+    )
+    assert rsp.Status == 0
+    db, series = node_db_url(config), str(bomb.SeriesInstanceUID)
+    deadline = time.monotonic() + 60
+    rows: list[tuple] = []
+    while time.monotonic() < deadline and not rows:
+        assert proc.poll() is None, "the node died"
+        rows = query_db(
+            db, f"SELECT state, route_note FROM series WHERE series_uid = '{series}' AND state = 'not routed'"
+        )
+        time.sleep(0.2)
+    assert rows, query_db(db, f"SELECT state, route_note FROM series WHERE series_uid = '{series}'")
+    assert "body region unknown" in rows[0][1], rows[0][1]
+    assert not _jobs(db, series)
+    # the look-up refused the slice before decoding it (under this test's memory limit a decode
+    # would only have raised MemoryError; without one the kernel kills the node)
+    from node.runner.jobs import _read_within_budget
+
+    path = tmp / "ct-bomb.dcm"
+    bomb.save_as(path, enforce_file_format=True)
+    with pytest.raises(ValueError, match="not decoded for routing: .*limits.max_frame_pixels"):
+        _read_within_budget(path)
+    _normal_study_is_analysed(env, "ct-bomb")
