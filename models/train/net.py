@@ -109,3 +109,60 @@ def export_onnx(net: CamNet, path: Path, input_hw: tuple[int, int], with_cam: bo
         dynamo=False,
         do_constant_folding=True,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Segmentation
+
+
+def _double(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(*_conv(cin, cout), *_conv(cout, cout))
+
+
+class UNet(nn.Module):
+    """A small 2-D U-Net: ``len(widths)`` levels (two 3x3 conv + BatchNorm + ReLU each), max-pool
+    down, bilinear up-sampling and skip concatenation, a 1x1 head to per-pixel class logits at the
+    input resolution (N, n_out, H, W). H and W must be divisible by ``2 ** (len(widths) - 1)``."""
+
+    def __init__(self, n_out: int, widths: tuple[int, ...] = (8, 16, 32), in_ch: int = 1) -> None:
+        super().__init__()
+        self.down = nn.ModuleList()
+        cin = in_ch
+        for w in widths:
+            self.down.append(_double(cin, w))
+            cin = w
+        self.up = nn.ModuleList(
+            _double(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(len(widths) - 1))
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Conv2d(widths[0], n_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel logits (N, n_out, H, W)."""
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1]), strict=True):
+            x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+def export_unet_onnx(net: UNet, path: Path, input_hw: tuple[int, int]) -> None:
+    """Export a U-Net (batch axis dynamic, opset 17): input ``image``, output ``logits`` (N, C, H, W)."""
+    net.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, 1, *input_hw),),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+        do_constant_folding=True,
+    )

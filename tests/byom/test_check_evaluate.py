@@ -20,10 +20,10 @@ runner = CliRunner()
 def test_models_check_bundled() -> None:
     result = runner.invoke(app, ["models", "check", "--models", str(MODELS), "--threads", "1"])
     assert result.exit_code == 0, result.output
-    for model_id in ("cxr", "mammo", "ct-liver", "mr-brain"):
+    for model_id in ("cxr", "mammo", "ct-liver", "mr-brain", "ct-liver-seg"):
         assert f"[{model_id}] ok" in result.output
     assert "CPUExecutionProvider" in result.output and "latency" in result.output
-    assert "4 of 4 model(s) passed" in result.output
+    assert "5 of 5 model(s) passed" in result.output
 
 
 def test_models_check_fails_on_broken_model(tmp_path: Path) -> None:
