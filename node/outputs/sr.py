@@ -527,15 +527,20 @@ def _qualitative_evaluations(
             )
         )
         verdict = "at or above" if finding.probability >= finding.threshold else "below"
+        text = (
+            f"{'Present' if finding.positive else 'Absent'}: probability {finding.probability:.4g}, "
+            f"{verdict} the operating threshold {finding.threshold:.4g} ({model} {version})"
+        )
+        if result.segmentation is not None:  # a segment: present when pixels remain
+            text = (
+                f"{'Present' if finding.positive else 'Absent'}: "
+                + ("segmented" if finding.positive else "no pixel left after post-processing")
+                + f"; highest pixel probability {finding.probability:.4g} (pixel threshold "
+                f"{finding.threshold:.4g}, {model} {version})"
+            )
         items.append(
             hd.sr.TextContentItem(
-                name=name,
-                value=(
-                    f"{'Present' if finding.positive else 'Absent'}: probability {finding.probability:.4g}, "
-                    f"{verdict} the operating threshold {finding.threshold:.4g} "
-                    f"({model} {version})"
-                ),
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                name=name, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
             )
         )
     if note:

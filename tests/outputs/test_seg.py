@@ -168,6 +168,9 @@ def test_no_pixels_no_seg_and_the_sr_says_so(tmp_path: Path) -> None:
     sr = build_sr(result, sources, IDENTITY, segmentation=None, segmentation_note=note)
     texts = [str(item.TextValue) for item in _walk(sr) if item.ValueType == "TEXT"]
     assert note in texts
+    assert any(
+        t.startswith("Absent: no pixel left after post-processing; highest pixel probability") for t in texts
+    )
     assert not [item for item in _walk(sr) if _name(item) == "125007"]  # no measurement group
 
 
