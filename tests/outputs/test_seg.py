@@ -4,6 +4,7 @@ and by reading the objects back with highdicom."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -12,6 +13,7 @@ import pydicom
 import pytest
 
 from node.inference.explain import find_hotspot
+from node.outputs import OutputError
 from node.outputs.seg import SEG_SOP_CLASS_UID, build_seg, segment_numbers
 from node.outputs.sr import build_sr
 from node.synth import generate_study, render_study
@@ -236,3 +238,56 @@ def _walk(item: pydicom.Dataset):
     for child in item.get("ContentSequence") or []:
         yield child
         yield from _walk(child)
+
+
+def test_seg_of_a_multi_frame_enhanced_ct(tmp_path: Path) -> None:
+    """One enhanced multi-frame source (pydicom's eCT_Supplemental, 2 frames): the SEG references its
+    frames (geometry from the functional groups) and passes dciodvfy."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("eCT_Supplemental.dcm", download=False)
+    if not path:
+        pytest.skip("eCT_Supplemental.dcm is not installed (pydicom-data)")
+    ds = pydicom.dcmread(path)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    mask = np.zeros((2, rows, cols), dtype=bool)
+    mask[1, rows // 3 : rows // 2, cols // 3 : cols // 2] = True
+    frames = tuple(
+        SegmentFrame(str(ds.SOPInstanceUID), str(ds.SOPClassUID), i + 1, rows, cols, mask if i == 1 else None)
+        for i in range(2)
+    )
+    pixels = int(mask.sum())
+    result = AnalysisResult(
+        algorithm=ALGORITHM,
+        study_uid=str(ds.StudyInstanceUID),
+        series_uids=(str(ds.SeriesInstanceUID),),
+        level="series",
+        findings=(
+            LabelScore("cyst", CYST, 0.1, 0.5, False, False),
+            LabelScore("mass", MASS, 0.9, 0.5, True, True),
+        ),
+        images=(),
+        uid_seed="seg-test-multiframe",
+        frames_analysed=2,
+        segmentation=SegmentationResult(
+            (
+                SegmentSummary(1, "cyst", CYST, CATEGORY, 0, 0),
+                SegmentSummary(2, "mass", MASS, CATEGORY, pixels, 1),
+            ),
+            frames,
+        ),
+    )
+    del ds.PixelData
+    seg = build_seg(result, [ds], IDENTITY)
+    assert seg is not None and int(seg.NumberOfFrames) == 1
+    out = tmp_path / "seg.dcm"
+    seg.save_as(out, enforce_file_format=True)
+    report = dciodvfy(out)
+    assert not report.errors, report.text
+    stored = hd.seg.segread(out)
+    ref = stored.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == ds.SOPInstanceUID and int(ref.ReferencedFrameNumber) == 2
+    # a frame missing from the analysis cannot make a SEG of the multi-frame image
+    partial = SegmentationResult(result.segmentation.segments, frames[1:])
+    with pytest.raises(OutputError, match="needs all its 2 frames"):
+        build_seg(replace(result, segmentation=partial), [ds], IDENTITY)
