@@ -154,6 +154,15 @@ def test_dice_on_fresh_phantoms_through_analyse(seg_model, tmp_path: Path) -> No
                 frame.masks.any(axis=0) if frame.masks is not None else np.zeros((128, 128), bool)
             )
             expected.append(image.mask > 0)
+        # area: the largest cross-section; volume: every slice's area times the slice spacing
+        first = pydicom.dcmread(files[0], stop_before_pixels=True)
+        pixel_area = float(first.PixelSpacing[0]) * float(first.PixelSpacing[1])
+        gap = float(truth_study.geometry["slice_thickness_mm"])
+        counts = np.stack(predicted).reshape(len(predicted), -1).sum(axis=1)
+        (found,) = [s for s in result.segmentation.segments if s.present]
+        assert found.pixels == int(counts.sum())
+        assert found.area_mm2 == pytest.approx(counts.max() * pixel_area, rel=1e-6)
+        assert found.volume_mm3 == pytest.approx(counts.sum() * pixel_area * gap, rel=1e-4)
         score = dice(np.stack(predicted), np.stack(expected))
         scores.append(score)
         positive = {f.label for f in result.findings if f.positive}
