@@ -26,6 +26,7 @@ from node.metrics import NodeMetrics
 from node.outputs import OutputError
 from node.pipeline.assemble import assemble
 from node.pipeline.route import RuleSet
+from node.redact import redact
 from node.runner import jobs, outbox
 from node.runner.analyse import Stopwatch, analyse
 from node.send import Destination
@@ -135,11 +136,12 @@ def describe_error(exc: BaseException, sources: Sequence[Dataset] = ()) -> str:
     Storage - For Presentation)``."""
     text = f"{type(exc).__name__}: {exc}"
     missing = _missing_keyword(exc)
-    if missing is None:
-        return text
-    keyword, raw = missing
-    found = _found(keyword, sources)
-    return text.replace(raw, found) if raw and raw in text else f"{text}: {found}"
+    if missing is not None:
+        keyword, raw = missing
+        found = _found(keyword, sources)
+        text = text.replace(raw, found) if raw and raw in text else f"{text}: {found}"
+    # pydicom's conversion errors quote the value (a birth date, a name): never on a job or a page
+    return redact(text)
 
 
 class Runner:
@@ -288,7 +290,15 @@ class Runner:
             session_ = self._models.sessions.get(job.model_id)
             if session_ is None:
                 raise ManifestError(f"model {job.model_id!r} has no runtime session")
-            result, sources = analyse(model, session_, files, level=job.level, uid_seed=job.key, watch=watch)
+            result, sources = analyse(
+                model,
+                session_,
+                files,
+                level=job.level,
+                uid_seed=job.key,
+                watch=watch,
+                budget=settings.limits.budget(),
+            )
             with watch.stage("writing"):
                 outputs = build_outputs(result, sources, self._identity, settings)
                 written = outbox.write_output_files(self._outbox_dir, job.id, outputs)

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
+from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import DecodeError, NodeError
 from node.inference import preprocess as pp
 from node.inference.decode import decode_frame, iter_frames, read_dataset, slice_order
@@ -131,15 +132,19 @@ def analyse(
     level: str,
     uid_seed: str,
     watch: Stopwatch,
+    budget: Budget = DEFAULT_BUDGET,
 ) -> tuple[AnalysisResult, list[Dataset]]:
     """Run ``model`` over ``files`` (one series or study); return the result and the source
-    data sets (pixel data dropped) that the outputs reference."""
+    data sets (pixel data dropped) that the outputs reference. Nothing is decoded over
+    ``budget`` (the node's ``limits``): BudgetExceeded, a permanent DecodeError."""
     manifest = model.manifest
     if manifest.kind == "segmentation":
-        return _analyse_segmentation(model, session, files, level=level, uid_seed=uid_seed, watch=watch)
+        return _analyse_segmentation(
+            model, session, files, level=level, uid_seed=uid_seed, watch=watch, budget=budget
+        )
     is_patch = isinstance(manifest.heatmap, PatchHeatmap)
     with watch.stage("preprocessing"):
-        images = _prepare_all(files, manifest, is_patch)
+        images = _prepare_all(files, manifest, is_patch, budget)
     predict = _predictor(manifest, session, watch.batches)
     with watch.stage("inferring"):
         outputs, probs, patch_results = _infer(manifest, session, images, predict, is_patch, watch.batches)
@@ -147,7 +152,7 @@ def analyse(
         agg = manifest.aggregation
         findings = label_scores(manifest, aggregate(probs, agg.method, agg.k))
         shown = _images_to_show(manifest, probs, len(images))
-        displays = _displays(images, shown)
+        displays = _displays(images, shown, budget)
         results = []
         for i in shown:
             image_outputs = {name: value[i : i + 1] for name, value in outputs.items()}
@@ -182,7 +187,9 @@ def analyse(
     return result, sources
 
 
-def _prepare_all(files: Sequence[Path], manifest: Manifest, is_patch: bool) -> list[_Image]:
+def _prepare_all(
+    files: Sequence[Path], manifest: Manifest, is_patch: bool, budget: Budget = DEFAULT_BUDGET
+) -> list[_Image]:
     """Decode every frame of every file, frame by frame, and prepare each to its model input,
     in spatial order (per-frame positions for multi-frame images).
 
@@ -198,7 +205,7 @@ def _prepare_all(files: Sequence[Path], manifest: Manifest, is_patch: bool) -> l
     for path in files:
         ds = read_dataset(path)
         source = Path(path) if recompute and isinstance(path, (str, Path)) else None
-        for index, decoded in enumerate(iter_frames(ds)):
+        for index, decoded in enumerate(iter_frames(ds, budget)):
             model_input = pp.prepare(decoded, manifest, check_size=not is_patch)
             display = display_image(decoded) if source is None else None
             images.append(_Image(ds, decoded.header, model_input, source, index, display))
@@ -210,7 +217,9 @@ def _prepare_all(files: Sequence[Path], manifest: Manifest, is_patch: bool) -> l
     return [images[i] for i in order]
 
 
-def _displays(images: list[_Image], shown: Sequence[int]) -> dict[int, np.ndarray]:
+def _displays(
+    images: list[_Image], shown: Sequence[int], budget: Budget = DEFAULT_BUDGET
+) -> dict[int, np.ndarray]:
     """The uint8 display of each shown image: kept, or decoded again (each file read once)."""
     out: dict[int, np.ndarray] = {}
     by_source: dict[Path, list[int]] = {}
@@ -223,7 +232,7 @@ def _displays(images: list[_Image], shown: Sequence[int]) -> dict[int, np.ndarra
     for source, indices in by_source.items():
         ds = read_dataset(source)
         for i in indices:
-            out[i] = display_image(decode_frame(ds, images[i].index))
+            out[i] = display_image(decode_frame(ds, images[i].index, budget))
     return out
 
 
@@ -289,6 +298,7 @@ def _analyse_segmentation(
     level: str,
     uid_seed: str,
     watch: Stopwatch,
+    budget: Budget = DEFAULT_BUDGET,
 ) -> tuple[AnalysisResult, list[Dataset]]:
     """Per-pixel classes for every frame (batched), mapped back to source pixels through each
     frame's Geometry, post-processed (argmax/threshold, small components removed) into one mask
@@ -299,7 +309,7 @@ def _analyse_segmentation(
     spec = manifest.segmentation
     assert spec is not None
     with watch.stage("preprocessing"):
-        images = _prepare_all(files, manifest, False)
+        images = _prepare_all(files, manifest, False, budget)
     output = manifest.outputs.probabilities
     frames: list[SegmentFrame] = []
     peaks = np.zeros((len(images), len(manifest.labels)), dtype=np.float64)  # max prob per frame
@@ -348,7 +358,7 @@ def _analyse_segmentation(
             for k in range(len(manifest.labels))
         ]
         shown = _frames_to_show(manifest, kept, peaks, len(images))
-        displays = _displays(images, shown)
+        displays = _displays(images, shown, budget)
         results = []
         for i in shown:
             scores = [

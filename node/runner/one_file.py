@@ -118,6 +118,7 @@ def analyse_upload(
                     level="image",
                     uid_seed=f"infer|{model_id}|{ds.get('SOPInstanceUID', '')}",
                     watch=Stopwatch(deadline=deadline),
+                    budget=budget,
                 )
             except JobTimeout as exc:
                 raise UploadRefused("timeout", f"inference took too long: {redact(str(exc))}") from exc

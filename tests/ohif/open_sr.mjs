@@ -1,7 +1,9 @@
 // Opens a study in OHIF (headless Chromium through playwright-core), loads its SR series into the
 // viewport, takes a screenshot and prints what happened as JSON: the page's errors, whether the
 // SR display set loaded, and the measurement texts the viewer shows.
-// Usage: node open_sr.mjs VIEWER_URL STUDY_UID SCREENSHOT.png [EXPECTED_TEXT]
+// Usage: node open_sr.mjs VIEWER_URL STUDY_UID SCREENSHOT.png
+// OPEN_MODALITY (environment, default SR; e.g. SEG) names the series thumbnail opened instead of
+// the SR's ("SR opened" in the steps then means that series was opened).
 import { chromium } from 'playwright-core';
 
 const [base, study, shot, expected] = process.argv.slice(2);
@@ -40,7 +42,7 @@ try {
     await skip.first().click();
     result.steps.push('tour skipped');
   } catch (e) { result.steps.push('no tour'); }
-  const sr = page.getByText(/^SR$/).first();
+  const sr = page.getByText(new RegExp(`^${process.env.OPEN_MODALITY || 'SR'}$`)).first();
   await sr.waitFor({ timeout: 30000 });
   await sr.dblclick();
   result.steps.push('SR opened');

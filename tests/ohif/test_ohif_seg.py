@@ -43,7 +43,7 @@ def _open(viewer: str, study_uid: str, screenshot: Path, modality: str) -> dict:
         pytest.skip("Node.js is not installed")
     need("chromium")
     proc = subprocess.run(
-        [node_js, str(HERE / "open_series.mjs"), viewer, study_uid, str(screenshot)],
+        [node_js, str(HERE / "open_sr.mjs"), viewer, study_uid, str(screenshot)],
         capture_output=True,
         text=True,
         timeout=300,
