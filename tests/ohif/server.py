@@ -10,6 +10,7 @@ the files of ``dist/`` and, for the viewer's own routes (``/viewer?StudyInstance
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from tests.helpers import free_port, wait_port
+from tests.helpers import free_port, need, wait_port
 
 HERE = Path(__file__).resolve().parent
 OHIF_VERSION = "3.13.2"
@@ -163,3 +164,24 @@ class OhifServer:
         """Stop the server thread."""
         self._server.should_exit = True
         self._thread.join(10)
+
+
+def open_in_ohif(viewer: str, study_uid: str, screenshot: Path, modality: str = "SR") -> dict:
+    """Open a study in the viewer with headless Chromium (open_sr.mjs), load the series of
+    ``modality`` into the viewport and return what the page did (JSON: errors, steps, shapes...)."""
+    node_js = shutil.which("node")
+    if node_js is None:
+        if os.environ.get("CI"):
+            pytest.fail("Node.js is not installed")
+        pytest.skip("Node.js is not installed")
+    need("chromium")
+    proc = subprocess.run(
+        [node_js, str(HERE / "open_sr.mjs"), viewer, study_uid, str(screenshot)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+        env={**os.environ, "OPEN_MODALITY": modality},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

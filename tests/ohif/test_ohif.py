@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -22,8 +20,8 @@ from node.app import build_node
 from node.settings import load_settings
 from node.store.tables import JobState
 from tests.e2e.test_orthanc import node_config, wait_jobs
-from tests.helpers import free_port, need
-from tests.ohif.server import HERE, OhifServer
+from tests.helpers import free_port
+from tests.ohif.server import OhifServer, open_in_ohif
 from tests.orthanc import Orthanc
 from tests.realfiles.corpus import derived
 
@@ -32,24 +30,6 @@ pytestmark = pytest.mark.slow
 
 def _no_pixel_spacing(ds: pydicom.Dataset) -> None:
     del ds.PixelSpacing
-
-
-def _open_in_ohif(viewer: str, study_uid: str, screenshot: Path) -> dict:
-    node_js = shutil.which("node")
-    if node_js is None:
-        if os.environ.get("CI"):
-            pytest.fail("Node.js is not installed")
-        pytest.skip("Node.js is not installed")
-    need("chromium")
-    proc = subprocess.run(
-        [node_js, str(HERE / "open_sr.mjs"), viewer, study_uid, str(screenshot)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=HERE,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_ohif_opens_the_sr_of_a_real_cr_and_draws_its_outline(tmp_path: Path) -> None:
@@ -85,7 +65,7 @@ def test_ohif_opens_the_sr_of_a_real_cr_and_draws_its_outline(tmp_path: Path) ->
         )
         viewer = OhifServer(orthanc.http_port)
         shot = Path(os.environ.get("PACS_NODE_OHIF_SCREENSHOT") or tmp_path / "ohif.png")
-        seen = _open_in_ohif(viewer.url, str(source.StudyInstanceUID), shot.resolve())
+        seen = open_in_ohif(viewer.url, str(source.StudyInstanceUID), shot.resolve())
     finally:
         if viewer is not None:
             viewer.stop()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,33 +23,14 @@ from node.store.tables import JobState
 from node.synth import generate_study
 from tests.e2e.test_orthanc import node_config, wait_jobs
 from tests.e2e.test_segmentation_orthanc import ROUTES
-from tests.helpers import free_port, need
-from tests.ohif.server import HERE, OhifServer
+from tests.helpers import free_port
+from tests.ohif.server import OhifServer, open_in_ohif
 from tests.orthanc import Orthanc
 
 pytestmark = pytest.mark.slow
 _ABOUT_SR_OR_SEG = re.compile(
     r"ReferencedSOPSequence|NaN|SR|SEG|[Ss]egment|[Mm]easurement|hydrat|annotation|SCOORD|TID"
 )
-
-
-def _open(viewer: str, study_uid: str, screenshot: Path, modality: str) -> dict:
-    node_js = shutil.which("node")
-    if node_js is None:
-        if os.environ.get("CI"):
-            pytest.fail("Node.js is not installed")
-        pytest.skip("Node.js is not installed")
-    need("chromium")
-    proc = subprocess.run(
-        [node_js, str(HERE / "open_sr.mjs"), viewer, study_uid, str(screenshot)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=HERE,
-        env={**os.environ, "OPEN_MODALITY": modality},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _coloured_fraction(png: Path) -> float:
@@ -93,11 +72,11 @@ def test_ohif_opens_the_seg_and_the_sr_of_a_segmentation_job(tmp_path: Path) -> 
         )
         viewer = OhifServer(orthanc.http_port)
         sr_shot = tmp_path / "ohif-sr.png"
-        seen_sr = _open(viewer.url, truth.study_instance_uid, sr_shot, "SR")
+        seen_sr = open_in_ohif(viewer.url, truth.study_instance_uid, sr_shot, "SR")
         seg_shot = Path(
             os.environ.get("PACS_NODE_OHIF_SEG_SCREENSHOT") or tmp_path / "ohif-seg.png"
         ).resolve()
-        seen_seg = _open(viewer.url, truth.study_instance_uid, seg_shot, "SEG")
+        seen_seg = open_in_ohif(viewer.url, truth.study_instance_uid, seg_shot, "SEG")
     finally:
         if viewer is not None:
             viewer.stop()
