@@ -15,8 +15,10 @@ temporary folder (random weights, nothing downloaded or committed) by ``pacs-nod
 with its parity check: ``resnet50-224`` (torchvision-layout ResNet-50, 23.5 M parameters, 3x224x224,
 GAP + linear with the CAM output) and ``densenet121-224`` (torchvision-layout DenseNet-121), both
 fed full-size chest radiograph phantoms through the scaffold's chest preprocessing (window,
-letterbox to 224, normalise, 3 channels). A 3-D U-Net over a CT volume is segmentation, which the
-node does not run yet: it is not here.
+letterbox to 224, normalise, 3 channels). The segmentation model (``ct-liver-seg``, a 2-D U-Net run
+slice by slice) goes through the whole segmentation analysis: per-pixel classes mapped back to the
+source pixels and post-processed are node cost; ``--models ct-liver-seg --images 300`` measures it
+over a 300-slice CT. (3-D sliding-window segmentation is not supported by the node.)
 
     .venv/bin/python bench/inference.py [--images 16] [--repeat 3] [--provider cpu|cuda|all] [--real]
 """
@@ -46,11 +48,11 @@ from node.inference.runtime import (  # noqa: E402
     missing_cuda_library,
     open_session,
 )
-from node.runner.analyse import _infer, _predictor, _prepare_all  # noqa: E402
+from node.runner.analyse import Stopwatch, _infer, _predictor, _prepare_all, analyse  # noqa: E402
 from node.synth import generate_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-KIND = {"ct-liver": "ct", "cxr": "cxr", "mammo": "mammo", "mr-brain": "mr"}
+KIND = {"ct-liver": "ct", "ct-liver-seg": "ct", "cxr": "cxr", "mammo": "mammo", "mr-brain": "mr"}
 #: Real-size architectures (``--real``): model id -> factory in tests/byom/archs.py, input C,H,W.
 REAL = {
     "resnet50-224": ("resnet50", (3, 224, 224)),
@@ -89,6 +91,10 @@ def study_files(kind: str, folder: Path, images: int) -> list[Path]:
 def node_path(model: LoadedModel, session: ModelSession, files: list[Path]) -> list:
     """One pass of the node's path; returns the recorded session calls."""
     rec = Recording(session)
+    if model.manifest.kind == "segmentation":  # per-pixel classes mapped back and post-processed
+        watch = Stopwatch(deadline=time.monotonic() + 3600)
+        analyse(model, rec, files, level="series", uid_seed="bench", watch=watch)  # type: ignore[arg-type]
+        return rec.calls
     is_patch = isinstance(model.manifest.heatmap, PatchHeatmap)
     batches: list[int] = []
     images = _prepare_all(files, model.manifest, is_patch)
