@@ -72,8 +72,13 @@ class Node:
         self.engine.dispose()
 
     def ready(self) -> dict[str, bool]:
-        """Readiness of each dependency."""
-        return {"database": ping(self.engine), "dicom": self.scp.is_listening()}
+        """Readiness of each dependency: the database answers, the DICOM port listens, and the
+        spool's disk is above its watermark (below it every C-STORE is refused)."""
+        return {
+            "database": ping(self.engine),
+            "dicom": self.scp.is_listening(),
+            "disk": self.spool.has_room(),
+        }
 
     def web_app(self) -> FastAPI:
         """The FastAPI application bound to this node."""

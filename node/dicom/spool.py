@@ -69,6 +69,13 @@ class Spool:
         """True when an instance file is already in place."""
         return (self.root / relative).is_file()
 
+    def has_room(self) -> bool:
+        """True while the spool's disk is above its free-space watermark (instances can be stored)."""
+        try:
+            return shutil.disk_usage(self.root).free >= self.min_free_bytes
+        except OSError:
+            return False
+
     def check_space(self, size: int) -> None:
         """Raise SpoolFullError when writing ``size`` bytes would cross the free-space watermark."""
         free = shutil.disk_usage(self.root).free

@@ -620,7 +620,7 @@ def create_web_app(node: Node) -> FastAPI:
 
     @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
     def readyz() -> JSONResponse:
-        """The database answers and the DICOM port is listening."""
+        """The database answers, the DICOM port is listening and the spool has room."""
         checks = node.ready()
         ok = all(checks.values())
         body = Health(status="ready" if ok else "not ready", checks=checks)
