@@ -136,16 +136,7 @@ def render_ct(
                 attributes={"image_position": [x0, x0, round(z, 3)], "slice_location": round(z, 3)},
             )
         )
-    geometry = {
-        "rows": size,
-        "columns": size,
-        "slices": slices,
-        "pixel_spacing_mm": spacing,
-        "slice_thickness_mm": thickness,
-        "image_orientation": [1, 0, 0, 0, 1, 0],
-        "first_slice_z_mm": z_dome - float(depths[0]),
-        "body_half_axes_mm": body_info,
-    }
+    geometry = ct_geometry(size, slices, spacing, thickness, z_dome - float(depths[0]), body_info)
     if not body_part:
         geometry["region_header"] = False
     return RenderedStudy("ct", seed, labels, images, tuple(lesions), geometry)
@@ -500,3 +491,20 @@ def ct_datasets(study: RenderedStudy, ctx: StudyContext) -> list[Dataset]:
             ds.FilterType, ds.ConvolutionKernel = "HEAD FILTER", "SOFT"
         out.append(ds)
     return out
+
+
+def ct_geometry(
+    size: int, slices: int, spacing: float, thickness: float, first_z: float, half_axes: object
+) -> dict:
+    """The ``geometry`` record of an axial CT phantom series (shared by the abdominal phantom and
+    the body-region phantoms)."""
+    return {
+        "rows": size,
+        "columns": size,
+        "slices": slices,
+        "pixel_spacing_mm": spacing,
+        "slice_thickness_mm": thickness,
+        "image_orientation": [1, 0, 0, 0, 1, 0],
+        "first_slice_z_mm": first_z,
+        "body_half_axes_mm": half_axes,
+    }

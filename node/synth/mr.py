@@ -179,22 +179,7 @@ def render_mr(
                 },
             )
         )
-    tr, te, ti, scanning, variant = _TIMING[sequence]
-    geometry = {
-        "rows": size,
-        "columns": size,
-        "slices": slices,
-        "pixel_spacing_mm": spacing,
-        "slice_thickness_mm": thickness,
-        "spacing_between_slices_mm": step,
-        "image_orientation": [1, 0, 0, 0, 1, 0],
-        "sequence": sequence,
-        "repetition_time_ms": tr,
-        "echo_time_ms": te,
-        "inversion_time_ms": ti,
-        "scanning_sequence": scanning,
-        "sequence_variant": variant,
-    }
+    geometry = mr_geometry(size, slices, spacing, thickness, step, sequence)
     if not body_part:
         geometry["region_header"] = False
     return RenderedStudy("mr", seed, labels, images, tuple(lesions), geometry)
@@ -420,3 +405,24 @@ def mr_datasets(study: RenderedStudy, ctx: StudyContext) -> list[Dataset]:
             del ds.BodyPartExamined
         out.append(ds)
     return out
+
+
+def mr_geometry(size: int, slices: int, spacing: float, thickness: float, step: float, sequence: str) -> dict:
+    """The ``geometry`` record of an axial MR phantom series: matrix, spacing and the sequence's
+    timing (shared by the brain phantom and the body-region phantoms)."""
+    tr, te, ti, scanning, variant = _TIMING[sequence]
+    return {
+        "rows": size,
+        "columns": size,
+        "slices": slices,
+        "pixel_spacing_mm": spacing,
+        "slice_thickness_mm": thickness,
+        "spacing_between_slices_mm": step,
+        "image_orientation": [1, 0, 0, 0, 1, 0],
+        "sequence": sequence,
+        "repetition_time_ms": tr,
+        "echo_time_ms": te,
+        "inversion_time_ms": ti,
+        "scanning_sequence": scanning,
+        "sequence_variant": variant,
+    }

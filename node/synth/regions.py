@@ -53,7 +53,7 @@ def render_ct_region(
     The field of view is ~240 mm for the head and ~400-460 mm for the trunk; ``slices`` and ``size``
     as in :func:`node.synth.ct.render_ct`. The region is recorded in ``geometry["region"]``.
     """
-    from .ct import _add_noise  # the same reconstruction-like noise as the abdominal phantom
+    from .ct import _add_noise, ct_geometry  # the same reconstruction-like noise as the abdominal phantom
 
     region = region.lower()
     if region not in ("head", "chest", "pelvis"):
@@ -101,14 +101,7 @@ def render_ct_region(
             )
         )
     geometry = {
-        "rows": size,
-        "columns": size,
-        "slices": slices,
-        "pixel_spacing_mm": spacing,
-        "slice_thickness_mm": thickness,
-        "image_orientation": [1, 0, 0, 0, 1, 0],
-        "first_slice_z_mm": z_top - float(depths[0]),
-        "body_half_axes_mm": half_axes,
+        **ct_geometry(size, slices, spacing, thickness, z_top - float(depths[0]), half_axes),
         "region": region,
     }
     return RenderedStudy("ct", seed, labels, images, (), geometry)
@@ -281,7 +274,7 @@ def render_mr_body(
 ) -> RenderedStudy:
     """Render an axial abdomen or pelvis MR series (no lesions): body wall, organs, spine or pelvic
     bones, coil bias and Rician noise; uint16 images, inferior first; ~400-440 mm field of view."""
-    from .mr import _TIMING, SEQUENCES, SLICE_GAP
+    from .mr import SEQUENCES, SLICE_GAP, mr_geometry
 
     region = region.lower()
     if region not in ("abdomen", "pelvis"):
@@ -374,23 +367,7 @@ def render_mr_body(
                 },
             )
         )
-    tr, te, ti, scanning, variant = _TIMING[sequence]
-    geometry = {
-        "rows": size,
-        "columns": size,
-        "slices": slices,
-        "pixel_spacing_mm": spacing,
-        "slice_thickness_mm": thickness,
-        "spacing_between_slices_mm": step,
-        "image_orientation": [1, 0, 0, 0, 1, 0],
-        "sequence": sequence,
-        "repetition_time_ms": tr,
-        "echo_time_ms": te,
-        "inversion_time_ms": ti,
-        "scanning_sequence": scanning,
-        "sequence_variant": variant,
-        "region": region,
-    }
+    geometry = {**mr_geometry(size, slices, spacing, thickness, step, sequence), "region": region}
     return RenderedStudy("mr", seed, labels, images, (), geometry)
 
 
