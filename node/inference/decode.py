@@ -240,7 +240,8 @@ def _check_decoder(ds: Dataset, ts: UID) -> None:
             f"{_name(ds)}: unsupported transfer syntax {ts} ({ts.name}): no pixel decoder exists for it"
         ) from exc
     if not decoder.is_available:
-        missing = "; ".join(f"{k}: {v}" for k, v in decoder.missing_dependencies.items()) or "none"
+        # pydicom 3 lists the missing plugins as strings ("gdcm - requires gdcm>=3.0.10")
+        missing = "; ".join(str(item) for item in decoder.missing_dependencies) or "none"
         raise DecodeError(
             f"{_name(ds)}: unsupported transfer syntax {ts} ({ts.name}): no decoder plugin installed "
             f"(missing: {missing})"

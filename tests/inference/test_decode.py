@@ -270,3 +270,28 @@ def test_slice_order_falls_back_to_instance_number():
     hs = [_h(image_position_patient=None, instance_number=n) for n in (3, 1, 2)]
     assert slice_order(hs) == [1, 2, 0]
     assert slice_order([_h(image_position_patient=None, instance_number=None)] * 2) == [0, 1]
+
+
+def test_no_decoder_plugin_installed_is_a_decode_error(tmp_path):
+    """A site without the optional codec packages gets a DecodeError naming what is missing (pydicom
+    3 lists missing plugins as strings; reading them as a dict raised AttributeError: a 500)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_plugins.py"
+    script.write_text(
+        "import sys\n"
+        "for name in ('pylibjpeg', 'openjpeg', 'libjpeg', 'PIL', 'gdcm'):\n"
+        "    sys.modules[name] = None  # as if the package were not installed\n"
+        "from node.errors import DecodeError\n"
+        "from node.inference.decode import decode\n"
+        "try:\n"
+        f"    decode({bundled('SC_rgb_jpeg_dcmtk.dcm')!r})\n"
+        "except DecodeError as exc:\n"
+        "    print('DecodeError:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "DecodeError:" in done.stdout
+    assert "no decoder plugin installed" in done.stdout
+    assert "gdcm" in done.stdout
