@@ -70,22 +70,32 @@ Dim = int | str | None
 
 
 class InputSpec(_Strict):
-    """The graph input: name, shape (first dim is the dynamic batch), dtype, layout."""
+    """The graph input: name, shape (first dim is the dynamic batch), dtype, layout.
+
+    ``NCHW`` / ``NHWC``: a 2-D input ``[N, C, H, W]`` / ``[N, H, W, C]``. ``NCDHW``: a 3-D input
+    ``[N, C, D, H, W]`` (a volume of D slices, ``segmentation.dimensions: 3`` only); its spatial dims
+    may be null (a fully-convolutional net; then ``segmentation.roi_size`` gives the window).
+    """
 
     name: str = Field(min_length=1)
-    shape: list[Dim] = Field(min_length=4, max_length=4)
+    shape: list[Dim] = Field(min_length=4, max_length=5)
     dtype: Literal["float32", "float16", "uint8"] = "float32"
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    layout: Literal["NCHW", "NHWC", "NCDHW"] = "NCHW"
 
     @model_validator(mode="after")
     def _check_shape(self) -> InputSpec:
+        rank = 5 if self.layout == "NCDHW" else 4
+        if len(self.shape) != rank:
+            raise FieldProblem(
+                "shape", f"layout {self.layout} needs {rank} dimensions (found {len(self.shape)})", self.shape
+            )
         batch = self.shape[0]
         if isinstance(batch, int) and batch > 0:
             raise FieldProblem("shape.0", "the batch dimension must be dynamic (null or a name)", batch)
         for i, d in enumerate(self.shape[1:], start=1):
             if isinstance(d, int) and d <= 0:
                 raise FieldProblem(f"shape.{i}", "dimensions must be positive", d)
-        c_axis = 1 if self.layout == "NCHW" else 3
+        c_axis = 3 if self.layout == "NHWC" else 1
         if not isinstance(self.shape[c_axis], int):
             raise FieldProblem(f"shape.{c_axis}", "the channel dimension must be fixed", self.shape[c_axis])
         return self
@@ -93,13 +103,34 @@ class InputSpec(_Strict):
     @property
     def channels(self) -> int:
         """Number of channels the model expects."""
-        return int(self.shape[1] if self.layout == "NCHW" else self.shape[3])  # type: ignore[arg-type]
+        return int(self.shape[3] if self.layout == "NHWC" else self.shape[1])  # type: ignore[arg-type]
+
+    @property
+    def is_volume(self) -> bool:
+        """True for a 3-D (``NCDHW``) input."""
+        return self.layout == "NCDHW"
+
+    @property
+    def slice_layout(self) -> Literal["NCHW", "NHWC"]:
+        """The layout one slice is prepared in (a 3-D input's slices are prepared as ``NCHW``)."""
+        return "NCHW" if self.layout == "NCDHW" else self.layout
 
     @property
     def spatial(self) -> tuple[int | None, int | None]:
-        """(height, width); None for dynamic dims."""
-        h, w = (self.shape[2], self.shape[3]) if self.layout == "NCHW" else (self.shape[1], self.shape[2])
+        """(height, width); None for dynamic dims (a 3-D input: one slice's)."""
+        if self.layout == "NHWC":
+            h, w = self.shape[1], self.shape[2]
+        else:
+            h, w = self.shape[-2], self.shape[-1]
         return (h if isinstance(h, int) else None, w if isinstance(w, int) else None)
+
+    @property
+    def spatial3d(self) -> tuple[int | None, int | None, int | None]:
+        """(depth, height, width) of a 3-D input; None for dynamic dims."""
+        if self.layout != "NCDHW":
+            raise ValueError(f"layout {self.layout} is not 3-D")
+        d, h, w = self.shape[2], self.shape[3], self.shape[4]
+        return tuple(x if isinstance(x, int) else None for x in (d, h, w))  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,29 +388,79 @@ class Aggregation(_Strict):
         return self
 
 
+Size3 = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
+
+#: SegmentationSpec fields that only a 3-D (``dimensions: 3``) model has
+_SEG_3D_ONLY = ("roi_size", "overlap", "blend", "min_volume_voxels")
+
+
 class SegmentationSpec(_Strict):
     """How a segmentation model's per-pixel output becomes masks (``kind: segmentation``).
 
-    The output named ``outputs.probabilities`` is (N, C, h, w) per-pixel class scores over the model
-    input (2-D, one slice or frame at a time; the node runs the frames of a series in batches).
+    ``dimensions: 2`` (default): the output named ``outputs.probabilities`` is (N, C, h, w)
+    per-pixel class scores over the 2-D model input (one slice or frame at a time; the node runs
+    the frames of a series in batches of ``batch_size``).
+
+    ``dimensions: 3``: the input is ``NCDHW``; each slice of the series is prepared by
+    ``preprocessing`` (2-D, as above), the slices are stacked in slice order into a (C, D, H, W)
+    volume and the output (N, C, d, h, w) is computed by sliding-window inference with MONAI's
+    ``sliding_window_inference`` semantics: windows of ``roi_size`` (d, h, w) (the volume padded to
+    at least that), ``overlap`` between neighbours, ``batch_size`` windows per call (MONAI's
+    ``sw_batch_size``), window outputs blended with a ``gaussian`` (sigma_scale 0.125) or
+    ``constant`` importance map. ``roi_size`` is required when a spatial input dim is null,
+    otherwise it defaults to (and must equal) the input's fixed dims.
+
     ``background_index`` given (softmax models): a pixel belongs to the label whose channel wins the
     argmax, when its probability also reaches the label's threshold. Not given (sigmoid models):
-    a pixel belongs to every label whose probability reaches its threshold. Then 8-connected
-    components smaller than ``min_area_px`` model-input pixels (so the same lesion size whatever
-    the source resolution; converted to source pixels through the preprocessing geometry) are
-    removed, slice by slice.
+    a pixel belongs to every label whose probability reaches its threshold. Then small components
+    are removed: 2-D, 8-connected components smaller than ``min_area_px`` model-input pixels, slice
+    by slice; 3-D, 26-connected components smaller than ``min_volume_voxels`` model-input voxels
+    (in-plane pixels of the model input times slices). Both are converted to source pixels through
+    the preprocessing geometry, so the size limit is the same whatever the source resolution.
+
+    ``output: binary`` (default) writes a BINARY DICOM SEG; ``fractional`` a FRACTIONAL one of type
+    PROBABILITY carrying each kept pixel's probability (0 outside the kept mask).
     """
 
-    dimensions: Literal[2] = Field(
-        default=2, description="2: per slice/frame (3-D sliding-window inference is not supported yet)"
+    dimensions: Literal[2, 3] = Field(
+        default=2, description="2: per slice/frame; 3: sliding-window inference over the series' volume"
     )
     background_index: int | None = Field(default=None, ge=0)
-    min_area_px: int = Field(default=0, ge=0, description="smallest kept component, in model-input pixels")
-    batch_size: int = Field(default=16, ge=1, description="slices/frames per inference call")
+    min_area_px: int = Field(
+        default=0, ge=0, description="2-D: smallest kept 8-connected component, in model-input pixels"
+    )
+    min_volume_voxels: int = Field(
+        default=0, ge=0, description="3-D: smallest kept 26-connected component, in model-input voxels"
+    )
+    batch_size: int = Field(
+        default=16, ge=1, description="slices/frames (2-D) or windows (3-D, sw_batch_size) per inference call"
+    )
+    roi_size: Size3 | None = Field(default=None, description="3-D: the sliding window (d, h, w)")
+    overlap: float = Field(default=0.25, ge=0, lt=1, description="3-D: overlap of neighbouring windows")
+    blend: Literal["gaussian", "constant"] = Field(
+        default="gaussian", description="3-D: importance map blending overlapping windows"
+    )
+    output: Literal["binary", "fractional"] = Field(
+        default="binary", description="the DICOM SEG type (fractional: PROBABILITY)"
+    )
     series_description: str = Field(default="AI segmentation", min_length=1, max_length=40)
     anatomic_region: LabelCode | None = Field(
         default=None, description="where the segments are, e.g. (10200004, SCT, Liver)"
     )
+
+    @model_validator(mode="after")
+    def _dimension_fields(self) -> SegmentationSpec:
+        if self.dimensions == 2:
+            for name in _SEG_3D_ONLY:
+                if name in self.model_fields_set:
+                    raise FieldProblem(
+                        name, "only a 3-D model (dimensions: 3) has this field", getattr(self, name)
+                    )
+        elif self.min_area_px:
+            raise FieldProblem(
+                "min_area_px", "a 3-D model removes small components by min_volume_voxels", self.min_area_px
+            )
+        return self
 
 
 class Routing(_Strict):
@@ -432,6 +513,12 @@ class Manifest(_Strict):
             seen_names[label.name] = i
             seen_index[label.index] = i
         normals = [i for i, label in enumerate(self.labels) if label.normal]
+        if self.input.layout == "NCDHW" and (
+            self.kind != "segmentation" or self.segmentation is None or self.segmentation.dimensions != 3
+        ):
+            raise FieldProblem(
+                "input.layout", "NCDHW is for 3-D segmentation models (segmentation.dimensions: 3)", "NCDHW"
+            )
         if self.kind == "segmentation":
             self._segmentation_checks(normals)
         elif self.segmentation is not None:
@@ -507,6 +594,38 @@ class Manifest(_Strict):
             )
         if self.aggregation.level == "study":
             raise FieldProblem("aggregation.level", "a segmentation model works per image or series", "study")
+        if spec.dimensions == 3:
+            if self.input.layout != "NCDHW":
+                raise FieldProblem(
+                    "input.layout", "a 3-D segmentation model (dimensions: 3) takes NCDHW", self.input.layout
+                )
+            fixed = self.input.spatial3d
+            if spec.roi_size is None:
+                if any(d is None for d in fixed):
+                    raise FieldProblem(
+                        "segmentation.roi_size",
+                        "required when a spatial input dimension is null",
+                        self.input.shape,
+                    )
+            else:
+                for axis, (roi, dim) in enumerate(zip(spec.roi_size, fixed, strict=True)):
+                    if dim is not None and roi != dim:
+                        raise FieldProblem(
+                            f"segmentation.roi_size.{axis}",
+                            f"must equal the input's fixed dimension input.shape.{axis + 2} ({dim})",
+                            roi,
+                        )
+
+    @property
+    def roi_size(self) -> tuple[int, int, int] | None:
+        """A 3-D segmentation model's sliding window (d, h, w): ``segmentation.roi_size`` or the
+        input's fixed dims; None for any other model."""
+        spec = self.segmentation
+        if spec is None or spec.dimensions != 3:
+            return None
+        if spec.roi_size is not None:
+            return tuple(spec.roi_size)  # type: ignore[return-value]
+        return tuple(int(d) for d in self.input.spatial3d)  # type: ignore[arg-type, return-value]
 
     @property
     def n_outputs(self) -> int:
