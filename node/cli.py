@@ -7,14 +7,17 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-import uvicorn
 
 from node import __version__
-from node.app import Node
 from node.errors import NodeError
+
+if TYPE_CHECKING:  # the app, uvicorn and the models load only for the commands that need them
+    import uvicorn
+
+    from node.app import Node
 
 app = typer.Typer(
     name="pacs-node",
@@ -92,6 +95,8 @@ def serve(config: ConfigOpt = None) -> None:
 
 def _start_web(node: Node) -> tuple[uvicorn.Server, threading.Thread]:
     """Serve the status page and API from a thread (signals stay with the main thread)."""
+    import uvicorn
+
     web = node.settings.web
     config = uvicorn.Config(
         node.web_app(), host=web.host, port=web.port, log_level="warning", access_log=False

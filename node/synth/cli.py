@@ -9,8 +9,6 @@ from typing import Annotated, Any
 
 import typer
 
-from .study import generate_studies
-
 
 class Kind(StrEnum):
     """Phantom kinds."""
@@ -91,6 +89,8 @@ def synth(
         label = "normal"  # region phantoms carry no lesions
     start = time.perf_counter()
     try:
+        from .study import generate_studies  # OpenCV and the renderers load only here
+
         truths = generate_studies(
             kind.value,
             count,
