@@ -359,7 +359,8 @@ class SegmentFrame:
 
     ``masks`` is (segments, rows, cols) bool in source pixels, segment order as in
     :attr:`SegmentationResult.segments`; None when no segment has a pixel on this frame (most
-    frames of a CT series: empty frames cost nothing)."""
+    frames of a CT series: empty frames cost nothing). ``probabilities`` (same shape, float32,
+    0 outside the mask) is the per-pixel probability of the kept pixels, for a FRACTIONAL SEG."""
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -367,6 +368,7 @@ class SegmentFrame:
     rows: int
     cols: int
     masks: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -400,6 +402,8 @@ class SegmentationResult:
     frames: tuple[SegmentFrame, ...]
     series_description: str = "AI segmentation"
     anatomic_region: Code | None = None
+    #: The SEG type: False BINARY, True FRACTIONAL (PROBABILITY, from the frames' probabilities).
+    fractional: bool = False
     #: Why a measurement is missing (e.g. no valid Pixel Spacing); no patient data.
     notes: tuple[str, ...] = ()
 

@@ -113,6 +113,68 @@ def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
     return keep[labels]
 
 
+def _find(parent: list[int], a: int) -> int:
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
+
+
+def remove_small_volumes(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """``mask`` (D, H, W) without its 26-connected components of fewer than ``min_voxels`` voxels;
+    a bool array.
+
+    No SciPy at runtime: each slice is labelled 8-connected by OpenCV, the 2-D components of
+    neighbouring slices that touch across the 3x3 in-plane neighbourhood are joined (union-find),
+    and a 3-D component's size is the sum of its slices' areas. Only the bounding box of the mask
+    is worked on."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise InferenceError(f"a 3-D mask is (D, H, W); found shape {mask.shape}")
+    if min_voxels <= 1 or not mask.any():
+        return mask
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    box = mask[:, r0:r1, c0:c1]
+    depth, height, width = box.shape
+    labels = np.zeros(box.shape, dtype=np.int32)  # global component ids, 0 = background
+    areas: list[int] = [0]
+    for z in range(depth):
+        if not box[z].any():
+            continue
+        count, lab, stats, _ = cv2.connectedComponentsWithStats(box[z].astype(np.uint8), connectivity=8)
+        offset = len(areas) - 1
+        labels[z] = np.where(lab > 0, lab + offset, 0)
+        areas.extend(int(a) for a in stats[1:, cv2.CC_STAT_AREA])
+    parent = list(range(len(areas)))
+    for z in range(depth - 1):
+        a, b = labels[z], labels[z + 1]
+        if not (a.any() and b.any()):
+            continue
+        pairs = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                ya, yb = slice(max(0, -dy), height - max(0, dy)), slice(max(0, dy), height - max(0, -dy))
+                xa, xb = slice(max(0, -dx), width - max(0, dx)), slice(max(0, dx), width - max(0, -dx))
+                sa, sb = a[ya, xa], b[yb, xb]
+                touch = (sa > 0) & (sb > 0)
+                if touch.any():
+                    pairs.append(sa[touch].astype(np.int64) * len(areas) + sb[touch])
+        if pairs:
+            for code in np.unique(np.concatenate(pairs)).tolist():
+                ra, rb = _find(parent, code // len(areas)), _find(parent, code % len(areas))
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([_find(parent, i) for i in range(len(areas))], dtype=np.int64)
+    size = np.bincount(roots, weights=np.asarray(areas, dtype=np.float64), minlength=len(areas))
+    keep = size[roots] >= min_voxels
+    keep[0] = False
+    out = np.zeros_like(mask)
+    out[:, r0:r1, c0:c1] = keep[labels]
+    return out
+
+
 def segment_masks(manifest: Manifest, probs: np.ndarray, source_per_model_pixel: float = 1.0) -> np.ndarray:
     """Per-label masks (n_labels, H, W) bool, in manifest label order, from one image's per-pixel
     probabilities (C, H, W) (see :class:`~node.inference.manifest.SegmentationSpec`): argmax and

@@ -17,25 +17,18 @@ from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import DecodeError, NodeError
 from node.inference import preprocess as pp
 from node.inference.decode import decode_frame, iter_frames, read_dataset, slice_order
-from node.inference.explain import aggregate, find_hotspot, heatmaps, map_to_source, patch_scores, top_slices
+from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
 from node.inference.manifest import Manifest, PatchHeatmap
-from node.inference.postprocess import label_scores, pixel_probabilities, probabilities, segment_masks
+from node.inference.postprocess import label_scores, probabilities
 from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
-from node.outputs.common import plane_geometry
 from node.types import (
     AlgorithmIdentity,
     AnalysisResult,
-    Code,
     DecodedImage,
-    Heatmap,
     ImageHeader,
     ImageResult,
-    LabelScore,
     ModelInput,
-    SegmentationResult,
-    SegmentFrame,
-    SegmentSummary,
 )
 
 log = logging.getLogger(__name__)
@@ -112,7 +105,9 @@ def algorithm_identity(model: LoadedModel) -> AlgorithmIdentity:
     m = model.manifest
     thresholds = " ".join(f"{lb.name}={lb.threshold:g}" for lb in m.labels if not lb.normal)
     parameters = f"thresholds {thresholds}"
-    if m.segmentation is not None:
+    if m.segmentation is not None and m.segmentation.dimensions == 3:
+        parameters += f" min volume {m.segmentation.min_volume_voxels} vx"
+    elif m.segmentation is not None:
         parameters += f" min area {m.segmentation.min_area_px} px"
     return AlgorithmIdentity(
         model_id=m.id,
@@ -287,7 +282,7 @@ def _images_to_show(manifest: Manifest, probs: np.ndarray, count: int) -> list[i
 
 
 # ------------------------------------------------------------------------------------------------
-# Segmentation models (``kind: segmentation``): 2-D, frame by frame, in batches
+# Segmentation models (``kind: segmentation``): node.runner.segment (2-D per frame, 3-D sliding window)
 
 
 def _analyse_segmentation(
@@ -300,191 +295,9 @@ def _analyse_segmentation(
     watch: Stopwatch,
     budget: Budget = DEFAULT_BUDGET,
 ) -> tuple[AnalysisResult, list[Dataset]]:
-    """Per-pixel classes for every frame (batched), mapped back to source pixels through each
-    frame's Geometry, post-processed (argmax/threshold, small components removed) into one mask
-    per label; findings per label (present when pixels remain, probability the highest class
-    probability over the kept mask, else over the frame), areas and volumes where the geometry
-    allows, and the top-k frames shown with the mask as their heatmap."""
-    manifest = model.manifest
-    spec = manifest.segmentation
-    assert spec is not None
-    with watch.stage("preprocessing"):
-        images = _prepare_all(files, manifest, False, budget)
-    output = manifest.outputs.probabilities
-    frames: list[SegmentFrame] = []
-    peaks = np.zeros((len(images), len(manifest.labels)), dtype=np.float64)  # max prob per frame
-    kept = np.zeros((len(images), len(manifest.labels)), dtype=np.float64)  # max prob in the mask
-    pixels = np.zeros((len(images), len(manifest.labels)), dtype=np.int64)
-    maps: dict[int, np.ndarray] = {}  # frame -> (labels, H, W) probabilities, frames with pixels
-    with watch.stage("inferring"):
-        for start in range(0, len(images), spec.batch_size):
-            chunk = images[start : start + spec.batch_size]
-            batch = np.concatenate([im.model_input.tensor for im in chunk], axis=0)
-            watch.batches.append(int(batch.shape[0]))
-            probs = pixel_probabilities(manifest, session.run(batch, [output])[output])
-            for offset, (im, frame_probs) in enumerate(zip(chunk, probs, strict=True)):
-                i = start + offset
-                source = np.stack(
-                    [
-                        map_to_source(frame_probs[c], im.model_input.geometry)
-                        for c in range(frame_probs.shape[0])
-                    ]
-                )
-                geometry = im.model_input.geometry
-                masks = segment_masks(manifest, source, 1.0 / (geometry.scale_y * geometry.scale_x))
-                label_probs = source[[lb.index for lb in manifest.labels]]
-                peaks[i] = label_probs.reshape(len(manifest.labels), -1).max(axis=1)
-                pixels[i] = masks.reshape(len(manifest.labels), -1).sum(axis=1)
-                for k in range(len(manifest.labels)):
-                    if pixels[i, k]:
-                        kept[i, k] = float(label_probs[k][masks[k]].max())
-                header = im.header
-                has_pixels = bool(pixels[i].any())
-                if has_pixels:
-                    maps[i] = np.where(masks, label_probs, 0.0).astype(np.float32)
-                frames.append(
-                    SegmentFrame(
-                        sop_instance_uid=header.sop_instance_uid,
-                        sop_class_uid=header.sop_class_uid,
-                        frame=header.frame_number,
-                        rows=int(masks.shape[1]),
-                        cols=int(masks.shape[2]),
-                        masks=masks if has_pixels else None,
-                    )
-                )
-        segmentation = _segmentation_result(manifest, images, frames, pixels)
-        findings = [
-            _segment_score(manifest, k, pixels[:, k].sum() > 0, kept[:, k].max(), peaks[:, k].max())
-            for k in range(len(manifest.labels))
-        ]
-        shown = _frames_to_show(manifest, kept, peaks, len(images))
-        displays = _displays(images, shown, budget)
-        results = []
-        for i in shown:
-            scores = [
-                _segment_score(manifest, k, pixels[i, k] > 0, kept[i, k], peaks[i, k])
-                for k in range(len(manifest.labels))
-            ]
-            shown_maps = []
-            if i in maps:
-                for k, label in enumerate(manifest.labels):
-                    if pixels[i, k]:
-                        values = maps[i][k]
-                        shown_maps.append(
-                            Heatmap(label.name, values, "segmentation", find_hotspot(values, 1e-6))
-                        )
-            results.append(
-                ImageResult(
-                    sop_instance_uid=images[i].header.sop_instance_uid,
-                    sop_class_uid=images[i].header.sop_class_uid,
-                    scores=tuple(scores),
-                    heatmaps=tuple(shown_maps),
-                    display=displays.get(i),
-                    frame=images[i].header.frame_number,
-                )
-            )
-    sources = list({id(im.dataset): im.dataset for im in images}.values())
-    result = AnalysisResult(
-        algorithm=algorithm_identity(model),
-        study_uid=str(sources[0].StudyInstanceUID),
-        series_uids=tuple(dict.fromkeys(str(ds.SeriesInstanceUID) for ds in sources)),
-        level=level,
-        findings=tuple(findings),
-        images=tuple(results),
-        uid_seed=uid_seed,
-        frames_analysed=len(images),
-        segmentation=segmentation,
-    )
-    return result, sources
+    """See :func:`node.runner.segment.analyse_segmentation` (imported here: it uses this module)."""
+    from node.runner.segment import analyse_segmentation
 
-
-def _segment_score(manifest: Manifest, k: int, present: bool, kept: float, peak: float) -> LabelScore:
-    """A label's score from its mask: present when pixels remain; the probability is the highest
-    class probability over the kept mask, or over the frame(s) when nothing remains."""
-    label = manifest.labels[k]
-    return LabelScore(
-        label=label.name,
-        code=Code(label.code.value, label.code.scheme_designator, label.code.meaning),
-        probability=float(np.clip(kept if present else peak, 0.0, 1.0)),
-        threshold=label.threshold,
-        positive=bool(present),
-        triage=bool(present and label.triage),
-    )
-
-
-def _frames_to_show(manifest: Manifest, kept: np.ndarray, peaks: np.ndarray, count: int) -> list[int]:
-    """Every frame for an image-level model; else the top-k frames by kept-mask probability
-    (frames with pixels first), in spatial order."""
-    keep = manifest.aggregation.keep_top_slices
-    if manifest.aggregation.level != "series" or count <= keep:
-        return list(range(count))
-    suspicion = np.where(kept.max(axis=1) > 0, 1.0 + kept.max(axis=1), peaks.max(axis=1))
-    return sorted(top_slices(suspicion, keep))
-
-
-def _slice_spacing(images: list[_Image]) -> float | None:
-    """The spacing between consecutive frames along the slice normal (mm), when the positions are
-    regular (every step within 10 % of the median); None otherwise."""
-    headers = [im.header for im in images]
-    if len(headers) < 2 or any(h.image_position_patient is None for h in headers):
-        return None
-    orientation = headers[0].image_orientation_patient
-    if orientation is None or any(h.image_orientation_patient != orientation for h in headers):
-        return None
-    normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
-    along = np.array([np.dot(normal, h.image_position_patient) for h in headers])  # type: ignore[arg-type]
-    steps = np.abs(np.diff(along))
-    median = float(np.median(steps))
-    if median <= 0 or np.any(np.abs(steps - median) > 0.1 * median):
-        return None
-    return median
-
-
-def _segmentation_result(
-    manifest: Manifest, images: list[_Image], frames: list[SegmentFrame], pixels: np.ndarray
-) -> SegmentationResult:
-    spec = manifest.segmentation
-    assert spec is not None
-    notes: list[str] = []
-    areas = np.full(pixels.shape, np.nan)
-    for i, im in enumerate(images):
-        geometry = plane_geometry(im.dataset, im.header.frame_number)
-        if geometry.spacing_source == "PixelSpacing" and geometry.pixel_spacing:
-            areas[i] = pixels[i] * geometry.pixel_spacing[0] * geometry.pixel_spacing[1]
-    if np.isnan(areas).any() and pixels.any():
-        notes.append("area not measured: a segmented frame has no valid Pixel Spacing")
-    spacing = _slice_spacing(images)
-    if spacing is None and len(images) > 1 and pixels.any():
-        notes.append("volume not measured: the frames have no regular slice positions")
-    segments = []
-    for k, label in enumerate(manifest.labels):
-        total = int(pixels[:, k].sum())
-        area = volume = None
-        if total and not np.isnan(areas[:, k]).any():
-            area = float(areas[:, k].max())
-            if spacing is not None:
-                volume = float(areas[:, k].sum() * spacing)
-        category = label.category
-        assert category is not None
-        segments.append(
-            SegmentSummary(
-                number=k + 1,
-                label=label.name,
-                code=Code(label.code.value, label.code.scheme_designator, label.code.meaning),
-                category=Code(category.value, category.scheme_designator, category.meaning),
-                pixels=total,
-                frames_with_pixels=int((pixels[:, k] > 0).sum()),
-                area_mm2=area,
-                volume_mm3=volume,
-            )
-        )
-    region = spec.anatomic_region
-    return SegmentationResult(
-        segments=tuple(segments),
-        frames=tuple(frames),
-        series_description=spec.series_description,
-        anatomic_region=None
-        if region is None
-        else Code(region.value, region.scheme_designator, region.meaning),
-        notes=tuple(notes),
+    return analyse_segmentation(
+        model, session, files, level=level, uid_seed=uid_seed, watch=watch, budget=budget
     )

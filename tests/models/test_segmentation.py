@@ -53,7 +53,10 @@ def test_the_bundled_manifest_shape_is_accepted() -> None:
         (lambda d: d.pop("segmentation"), "seg.yaml: segmentation: required when kind is 'segmentation'"),
         (lambda d: d["labels"][0].pop("category"), "seg.yaml: labels.0.category: required"),
         (lambda d: d["segmentation"].pop("background_index"), "seg.yaml: segmentation.background_index:"),
-        (lambda d: d["segmentation"].update(dimensions=3), "seg.yaml: segmentation.dimensions:"),
+        (
+            lambda d: d["segmentation"].update(dimensions=3),
+            "seg.yaml: segmentation.min_area_px: a 3-D model removes",
+        ),
         (lambda d: d["segmentation"].update(min_area_px=-1), "seg.yaml: segmentation.min_area_px:"),
         (
             lambda d: d["labels"][1].update(index=0),
