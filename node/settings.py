@@ -158,6 +158,14 @@ class WebSettings(_Section):
     max_upload_mb: float = Field(64.0, gt=0, description="largest upload to POST /api/v1/infer (413 above)")
     infer_timeout_s: float = Field(60.0, gt=0, description="POST /api/v1/infer gives up after this (504)")
     heatmap_ttl_s: float = Field(600.0, gt=0, description="how long an inference heatmap PNG stays available")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "host names the pages and API answer to (the Host header, against DNS rebinding); empty: "
+            "localhost, 127.0.0.1, ::1, web.host, the host of public_url and this machine's names; "
+            "the address a connection arrived at is always accepted; '*' turns the check off"
+        ),
+    )
 
     @model_validator(mode="after")
     def _refuse_open_network(self) -> WebSettings:

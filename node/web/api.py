@@ -5,7 +5,8 @@ functions put failed work back in the queue, and the runner's threads pick it up
 API runs the pipeline's own analysis path (``node.web.infer``) on an uploaded file.
 
 Authentication: see ``node.web.auth`` (bearer tokens by hash, read and admin roles; pages accept
-the sign-in cookie set by /login). /healthz and /readyz are always open.
+the sign-in cookie set by /login; every form carries a CSRF token). /healthz and /readyz are always
+open. Host and Origin checks, the body limits and the security headers: ``node.web.guard``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import func
 from sqlmodel import Session, select
 
@@ -33,6 +37,8 @@ from node.store import repo
 from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
 from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study, utcnow
 from node.web import auth
+from node.web.guard import WebGuard
+from node.web.health import database_writable
 from node.web.infer import InferRefused, PngStore, dicom_to_png, infer
 from node.web.schemas import (
     ErrorOut,
@@ -72,6 +78,17 @@ def _session(request: Request) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(_session)]
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+STATIC = Path(__file__).parent / "static"
+#: The largest row id and offset the database takes (SQLite and PostgreSQL integers are 64-bit).
+MAX_INT = 2**63 - 1
+JobId = Annotated[int, PathParam(ge=0, le=MAX_INT, description="a job's id")]
+Offset = Annotated[int, Query(ge=0, le=MAX_INT)]
+#: Largest body of a request other than the upload (the forms: sign-in, retry). Set on the routers,
+#: not the app: an app-wide limit would replace the guard's own 413 answers with a plain-text one.
+FORM_BODY_LIMIT = 64 * 1024
+#: What multipart adds around the uploaded file (boundaries, part headers).
+MULTIPART_SLACK = 64 * 1024
+INFER_PATH = "/api/v1/infer"
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no token, or a token that is not valid"},
     403: {"model": ErrorOut, "description": "the token's role is not enough"},
@@ -264,13 +281,18 @@ def _retry(db: Session, job_id: int | None) -> RetryOut:
 
 
 def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one function per endpoint)
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(auth.require_read)], responses=ERRORS)
+    api = APIRouter(
+        prefix="/api/v1",
+        dependencies=[Depends(auth.require_read)],
+        responses=ERRORS,
+        max_body_size=FORM_BODY_LIMIT,
+    )
 
     @api.get("/studies", response_model=StudyPage, tags=["studies"])
     def list_studies(
         db: SessionDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
         state: Annotated[str | None, Query(pattern="^(receiving|complete)$")] = None,
     ) -> StudyPage:
         """Studies, most recently received first."""
@@ -310,7 +332,7 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
     def list_jobs(
         db: SessionDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
         state: Annotated[str | None, Query(pattern="^[a-z]+$")] = None,
     ) -> JobPage:
         """Jobs, most recent first."""
@@ -322,7 +344,7 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
         return JobPage(limit=limit, offset=offset, items=items)
 
     @api.get("/jobs/{job_id}", response_model=JobListItemOut, tags=["jobs"])
-    def get_job(job_id: int, db: SessionDep) -> JobListItemOut:
+    def get_job(job_id: JobId, db: SessionDep) -> JobListItemOut:
         """One job."""
         job = db.get(Job, job_id)
         if job is None:
@@ -335,7 +357,7 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
         tags=["jobs"],
         dependencies=[Depends(auth.require_admin)],
     )
-    def retry_job(job_id: int, db: SessionDep) -> RetryOut:
+    def retry_job(job_id: JobId, db: SessionDep) -> RetryOut:
         """Put a failed job (analysis) or its parked outputs (delivery) back in the queue (admin)."""
         if db.get(Job, job_id) is None:
             raise HTTPException(status_code=404, detail=f"no job {job_id}")
@@ -361,7 +383,7 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
     def outbox(
         db: SessionDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
         state: Annotated[str | None, Query(pattern="^(pending|sent|failed)$")] = None,
     ) -> OutboxPage:
         """Outputs and their delivery, most recent first."""
@@ -380,8 +402,10 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
         "/infer",
         response_model=InferOut,
         tags=["inference"],
+        max_body_size=upload_body_limit(node),  # counted while reading: chunked bodies too
         responses={
             400: {"model": ErrorOut, "description": "not a DICOM file, or no file"},
+            403: {"model": ErrorOut, "description": "the token's role is not enough, or another site's page"},
             413: {"model": ErrorOut, "description": "the file is larger than web.max_upload_mb"},
             415: {"model": ErrorOut, "description": "unsupported transfer syntax"},
             422: {"model": ErrorOut, "description": "no pixel data, or no route for the image"},
@@ -407,9 +431,8 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
         ``file``); findings with probabilities and links to heatmap PNGs (kept for a while)."""
         web = node.settings.web
         limit = int(web.max_upload_mb * 2**20)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-            raise HTTPException(413, f"the upload is {int(declared)} bytes; the limit is {limit} bytes")
+        # A body over the limit never gets here whole: the guard refuses a declared Content-Length
+        # above it, and FastAPI's max_body_size stops reading (413) once more arrived.
         form = await request.form(max_files=1, max_fields=10)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -462,7 +485,7 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
 
 
 def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
-    pages = APIRouter(include_in_schema=False)
+    pages = APIRouter(include_in_schema=False, max_body_size=FORM_BODY_LIMIT)
     read = [Depends(auth.page_read)]
 
     def render(request: Request, name: str, **context: Any) -> HTMLResponse:
@@ -473,8 +496,11 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
             auth_enabled=bool(node.settings.web.tokens),
             is_admin=principal is not None and principal.can("admin"),
             human_bytes=_human_bytes,
+            csrf_token=auth.csrf_token(request),
         )
-        return TEMPLATES.TemplateResponse(request, name, context)
+        response = TEMPLATES.TemplateResponse(request, name, context)
+        auth.remember_csrf(request, response)
+        return response
 
     @pages.get("/", response_class=HTMLResponse, dependencies=read)
     def overview(request: Request, db: SessionDep) -> HTMLResponse:
@@ -514,9 +540,7 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
         return render(request, "worklist.html", worklist=_worklist(db, 200))
 
     @pages.get("/studies", response_class=HTMLResponse, dependencies=read)
-    def studies_page(
-        request: Request, db: SessionDep, offset: Annotated[int, Query(ge=0)] = 0
-    ) -> HTMLResponse:
+    def studies_page(request: Request, db: SessionDep, offset: Offset = 0) -> HTMLResponse:
         """Studies with state, modality, routed model, findings and priority."""
         studies = repo.list_studies(db, limit=50, offset=offset)
         rows = []
@@ -554,7 +578,7 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
         )
 
     @pages.get("/jobs/{job_id}/heatmaps/{sop_uid}.png", dependencies=read)
-    def output_png(job_id: int, sop_uid: str, db: SessionDep) -> Response:
+    def output_png(job_id: JobId, sop_uid: str, db: SessionDep) -> Response:
         """A heatmap secondary capture the job wrote, rendered as PNG."""
         job = db.get(Job, job_id)
         if job is None or sop_uid not in _sc_outputs(job):
@@ -568,9 +592,14 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
 
     @pages.post("/retry", dependencies=[Depends(auth.page_admin)])
     def retry_form(
-        db: SessionDep, job_id: Annotated[int | None, Form()] = None, back: Annotated[str, Form()] = "/"
+        request: Request,
+        db: SessionDep,
+        job_id: Annotated[int | None, Form(ge=0, le=MAX_INT)] = None,
+        back: Annotated[str, Form()] = "/",
+        csrf: Annotated[str, Form()] = "",
     ) -> RedirectResponse:
         """The retry button (admin): failed jobs/outputs go back to the queue; the runner acts."""
+        auth.check_csrf(request, csrf)
         _retry(db, job_id)
         return RedirectResponse(
             back if back.startswith("/") and not back.startswith("//") else "/", status_code=303
@@ -582,18 +611,28 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
         return render(request, "login.html", next=next, error=error)
 
     @pages.post("/login")
-    def login(token: Annotated[str, Form()], next: Annotated[str, Form()] = "/") -> Response:
-        """Check the token, set the cookie, go back to the page asked for."""
+    def login(
+        request: Request,
+        token: Annotated[str, Form()],
+        next: Annotated[str, Form()] = "/",
+        csrf: Annotated[str, Form()] = "",
+    ) -> Response:
+        """Check the form's CSRF token and the access token, set the cookie, go back to the page
+        asked for. A form without a matching CSRF token (another site's, or from before the
+        browser's cookies were cleared) goes back to the form (no login CSRF)."""
+        target = next if next.startswith("/") and not next.startswith("//") else "/"
+        if not auth.csrf_ok(request, csrf):
+            return RedirectResponse(f"/login?error=expired&next={quote(target)}", status_code=303)
         if auth.identify(node.settings.web, token) is None or not node.settings.web.tokens:
             return RedirectResponse("/login?error=1", status_code=303)
-        target = next if next.startswith("/") and not next.startswith("//") else "/"
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(auth.COOKIE, token, httponly=True, samesite="strict", max_age=12 * 3600)
+        auth.set_login_cookie(request, response, token)
         return response
 
     @pages.post("/logout")
-    def logout() -> Response:
+    def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
         """Forget the sign-in cookie."""
+        auth.check_csrf(request, csrf)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(auth.COOKIE)
         return response
@@ -601,17 +640,41 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
     return pages
 
 
+def upload_body_limit(node: Node) -> int:
+    """The most bytes POST /api/v1/infer reads: web.max_upload_mb plus the multipart framing."""
+    return int(node.settings.web.max_upload_mb * 2**20) + MULTIPART_SLACK
+
+
 def create_web_app(node: Node) -> FastAPI:
-    """Build the FastAPI application for a node."""
-    app = FastAPI(
-        title="pacs-node", version=node.version, docs_url="/api/docs", openapi_url="/api/openapi.json"
+    """Build the FastAPI application for a node: API docs (Swagger UI at /api/docs, ReDoc at
+    /api/redoc) from a local package, never a CDN; bodies limited while they are read."""
+    upload_limit = upload_body_limit(node)
+    app = FastAPIOffline(
+        title="pacs-node",
+        version=node.version,
+        docs_url="/api/docs",
+        redoc_url="/api/redoc",
+        static_url="/api/docs-static",
+        openapi_url="/api/openapi.json",
     )
     app.state.node = node
     heatmaps = PngStore(ttl_s=node.settings.web.heatmap_ttl_s)
+    app.add_middleware(
+        WebGuard,
+        web=node.settings.web,
+        body_limit=lambda path: upload_limit if path == INFER_PATH else FORM_BODY_LIMIT,
+        docs_paths=["/api/docs"],
+    )
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(auth.LoginRequired)
     async def _to_login(request: Request, exc: auth.LoginRequired) -> RedirectResponse:
         return RedirectResponse(f"/login?next={quote(exc.next_url)}", status_code=303)
+
+    @app.exception_handler(OverflowError)
+    async def _out_of_range(request: Request, exc: OverflowError) -> JSONResponse:
+        # a number the database cannot hold that no parameter's bounds caught: the client's fault
+        return JSONResponse({"detail": "a number in the request is out of range"}, status_code=422)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     def healthz() -> Health:
@@ -620,8 +683,9 @@ def create_web_app(node: Node) -> FastAPI:
 
     @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
     def readyz() -> JSONResponse:
-        """The database answers, the DICOM port is listening and the spool has room."""
+        """The database answers and takes a write, the DICOM port is listening and the spool has room."""
         checks = node.ready()
+        checks["database_writable"] = database_writable(node.engine)
         ok = all(checks.values())
         body = Health(status="ready" if ok else "not ready", checks=checks)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -3,6 +3,8 @@ and the refusal to listen beyond loopback without tokens."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -67,18 +69,27 @@ def test_admin_token_retries(client):
     assert form.status_code == 303 and form.headers["location"] == "/studies"
 
 
+def form_csrf(html: str) -> str:
+    """The CSRF token a page's forms carry."""
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, "no CSRF field in the page"
+    return match.group(1)
+
+
 def test_login_cookie(client):
-    bad = client.post("/login", data={"token": "nope", "next": "/worklist"})
+    csrf = form_csrf(client.get("/login").text)  # the form page sets the CSRF cookie
+    bad = client.post("/login", data={"token": "nope", "next": "/worklist", "csrf": csrf})
     assert bad.status_code == 303 and bad.headers["location"] == "/login?error=1"
     assert "not valid" in client.get("/login?error=1").text
-    good = client.post("/login", data={"token": READ_TOKEN, "next": "/worklist"})
+    good = client.post("/login", data={"token": READ_TOKEN, "next": "/worklist", "csrf": csrf})
     assert good.status_code == 303 and good.headers["location"] == "/worklist"
     cookie = good.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
     page = client.get("/worklist")
     assert page.status_code == 200 and "signed in: viewer (read)" in page.text
     assert client.get("/api/v1/stats").status_code == 200  # the cookie works for the API too
-    assert client.post("/logout").status_code == 303
+    assert client.post("/logout").status_code == 403  # the sign-out form carries the CSRF token too
+    assert client.post("/logout", data={"csrf": form_csrf(page.text)}).status_code == 303
 
 
 def test_no_tokens_means_open_on_loopback(make_node):
