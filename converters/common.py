@@ -26,6 +26,9 @@ class ParityCase:
     max_abs: float
     max_rel: float
     ok: bool
+    #: per-pixel outputs: the fraction of pixels (voxels) whose class is the same (argmax over the
+    #: channels; one channel: the same side of the threshold); None for classifier outputs
+    agreement: float | None = None
 
 
 @dataclass
@@ -52,11 +55,18 @@ class ParityResult:
         """Largest relative difference over every case."""
         return max((c.max_rel for c in self.cases), default=0.0)
 
+    @property
+    def agreement(self) -> float | None:
+        """Lowest per-pixel class agreement over every case (per-pixel outputs), else None."""
+        values = [c.agreement for c in self.cases if c.agreement is not None]
+        return min(values) if values else None
+
     def lines(self) -> list[str]:
         """Human-readable lines, one per case, then the verdict."""
         out = [
             f"  {c.name:>14s} {c.output:>10s}: max abs {c.max_abs:.3e}  max rel {c.max_rel:.3e}"
-            f"{'' if c.ok else '  OVER TOLERANCE'}"
+            + ("" if c.agreement is None else f"  per-pixel class agreement {100 * c.agreement:.4f} %")
+            + ("" if c.ok else "  OVER TOLERANCE")
             for c in self.cases
         ]
         verdict = "PASS" if self.ok else "FAIL"
@@ -76,12 +86,33 @@ class ParityResult:
             "ok": self.ok,
             "max_abs": self.max_abs,
             "max_rel": self.max_rel,
+            **({} if self.agreement is None else {"pixel_agreement": self.agreement}),
             "cases": [asdict(c) for c in self.cases],
         }
 
 
-def compare(name: str, output: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> ParityCase:
-    """Compare one output: max |d|, max |d| / (|ref| + 1e-6), and ``|d| <= atol + rtol |ref|``."""
+def pixel_agreement(ref: np.ndarray, got: np.ndarray, threshold: float = 0.0) -> float:
+    """Fraction of pixels (voxels) of two (N, C, ...) per-pixel outputs with the same class: the
+    argmax over C, or for one channel the same side of ``threshold`` (0 for logits)."""
+    if ref.shape[1] > 1:
+        same = np.argmax(ref, axis=1) == np.argmax(got, axis=1)
+    else:
+        same = (ref[:, 0] > threshold) == (got[:, 0] > threshold)
+    return float(same.mean()) if same.size else 1.0
+
+
+def compare(
+    name: str,
+    output: str,
+    ref: np.ndarray,
+    got: np.ndarray,
+    atol: float,
+    rtol: float,
+    per_pixel_threshold: float | None = None,
+) -> ParityCase:
+    """Compare one output: max |d|, max |d| / (|ref| + 1e-6), and ``|d| <= atol + rtol |ref|``;
+    with ``per_pixel_threshold`` (a per-pixel output) also the class agreement
+    (:func:`pixel_agreement`)."""
     ref = np.asarray(ref, dtype=np.float64)
     got = np.asarray(got, dtype=np.float64)
     if ref.shape != got.shape:
@@ -90,7 +121,10 @@ def compare(name: str, output: str, ref: np.ndarray, got: np.ndarray, atol: floa
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = float((diff / (np.abs(ref) + 1e-6)).max()) if diff.size else 0.0
     ok = bool(np.all(diff <= atol + rtol * np.abs(ref))) and bool(np.isfinite(got).all())
-    return ParityCase(name, output, max_abs, max_rel, ok)
+    agreement = None
+    if per_pixel_threshold is not None and ref.ndim >= 4:
+        agreement = pixel_agreement(ref, got, per_pixel_threshold)
+    return ParityCase(name, output, max_abs, max_rel, ok, agreement)
 
 
 def ort_session(path: Path):  # noqa: ANN201 - onnxruntime.InferenceSession
@@ -106,14 +140,35 @@ def ort_session(path: Path):  # noqa: ANN201 - onnxruntime.InferenceSession
         raise ConversionError(f"ONNX Runtime cannot open {path}: {exc}") from exc
 
 
-def phantom_input(shape: Sequence[int], layout: str, kind: str = "cxr", seed: int = 0) -> np.ndarray:
-    """A phantom image (``node.synth``) scaled to 0..1, resized to the input, normalised as
-    (x - 0.5) / 0.25 and replicated to the channels: realistic structure for parity, not a
-    substitute for the manifest's preprocessing."""
+def _phantom_volume(shape: Sequence[int], kind: str, seed: int) -> np.ndarray:
+    """(1, C, D, H, W): D consecutive phantom slices (CT unless ``kind`` is mr), as in
+    :func:`phantom_input`."""
     import cv2
 
     from node.synth import render_study
 
+    c, d, h, w = (int(v) for v in shape[1:5])
+    study = render_study("mr" if kind == "mr" else "ct", seed, None, slices=d, size=128)
+    stack = np.stack([im.pixels.astype(np.float32) for im in study.images[:d]])
+    lo, hi = np.percentile(stack, [0.5, 99.5])
+    stack = np.clip((stack - lo) / max(hi - lo, 1e-6), 0, 1)
+    vol = np.stack([cv2.resize(s, (w, h), interpolation=cv2.INTER_AREA) for s in stack])
+    if vol.shape[0] < d:  # fewer slices than asked: repeat the last
+        vol = np.concatenate([vol, np.repeat(vol[-1:], d - vol.shape[0], axis=0)])
+    vol = (vol - 0.5) / 0.25
+    return np.ascontiguousarray(np.repeat(vol[None, None], c, axis=1), dtype=np.float32)
+
+
+def phantom_input(shape: Sequence[int], layout: str, kind: str = "cxr", seed: int = 0) -> np.ndarray:
+    """A phantom image (``node.synth``) scaled to 0..1, resized to the input, normalised as
+    (x - 0.5) / 0.25 and replicated to the channels: realistic structure for parity, not a
+    substitute for the manifest's preprocessing. ``layout`` NCDHW: a stack of slices."""
+    import cv2
+
+    from node.synth import render_study
+
+    if layout == "NCDHW":
+        return _phantom_volume(shape, kind, seed)
     options = {
         "cxr": {"scale": 0.15},
         "mammo": {"scale": 0.1},
@@ -159,8 +214,10 @@ def check_parity(
     output_names: Sequence[str],
     atol: float,
     rtol: float,
+    per_pixel_threshold: float | None = None,
 ) -> ParityResult:
-    """Run ``reference`` (the source framework) and ONNX Runtime on every input and compare outputs."""
+    """Run ``reference`` (the source framework) and ONNX Runtime on every input and compare outputs
+    (``per_pixel_threshold``: see :func:`compare`)."""
     sess = ort_session(onnx_path)
     input_name = sess.get_inputs()[0].name
     result = ParityResult(onnx_path.name, atol, rtol)
@@ -171,7 +228,7 @@ def check_parity(
         except Exception as exc:
             raise ConversionError(f"ONNX Runtime failed on input {name} {x.shape}: {exc}") from exc
         for out_name, r, g in zip(output_names, refs, got, strict=True):
-            result.cases.append(compare(name, out_name, r, g, atol, rtol))
+            result.cases.append(compare(name, out_name, r, g, atol, rtol, per_pixel_threshold))
     return result
 
 
@@ -207,12 +264,14 @@ def write_parity_json(out_dir: Path, results: Sequence[ParityResult], extra: dic
     return path
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,224,224"`` -> (1, 224, 224)."""
+def parse_shape(text: str, volume: bool = False) -> tuple[int, ...]:
+    """``"1,224,224"`` -> (1, 224, 224); with ``volume`` also C,D,H,W (``"1,32,64,64"``)."""
     try:
         dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
     except ValueError as exc:
         raise ConversionError(f"--input-shape must be comma-separated integers, got {text!r}") from exc
-    if len(dims) != 3 or min(dims) <= 0:
-        raise ConversionError(f"--input-shape needs three positive dims (without the batch), got {text!r}")
+    allowed = (3, 4) if volume else (3,)
+    if len(dims) not in allowed or min(dims) <= 0:
+        need = "C,H,W (an image) or C,D,H,W (a volume)" if volume else "three positive dims C,H,W"
+        raise ConversionError(f"--input-shape needs {need}, without the batch; got {text!r}")
     return dims

@@ -519,3 +519,260 @@ def describe(mapped: Mapped, echo: Callable[[str], None]) -> None:
     echo("preprocessing (MONAI transform -> node steps):")
     for note in mapped.notes:
         echo(f"  {note}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Segmentation bundles: the per-pixel output's postprocessing and the inferer
+
+#: ``network_data_format.outputs.<key>.type`` / ``format`` values of a per-pixel output.
+_SEG_TYPES = {"image", "label", "segmentation", "labels", "mask"}
+_SEG_FORMATS = {"segmentation", "labels", "label", "mask", "one-hot", "onehot"}
+#: postprocessing transforms without node equivalents on the per-pixel output: what they would need
+_POST_NEEDS = {
+    "KeepLargestConnectedComponent": "a keep-the-largest-component op",
+    "FillHoles": "a hole-filling op",
+    "LabelFilter": "a label-filter op",
+    "LabelToContour": "a contour op",
+    "MeanEnsemble": "an ensemble op",
+    "VoteEnsemble": "an ensemble op",
+    "ProbNMS": "a non-maximum-suppression op",
+    "Lambda": "an arbitrary function (no manifest field can express it)",
+    "Flip": "a flip op",
+    "Rotate90": "a rotation op",
+}
+#: postprocessing transforms the node replaces by its own path (mapping back, writing the SEG)
+_POST_NODE_DOES = {
+    "Invert": "the node maps the output back onto the source pixels through its preprocessing geometry",
+    "SaveImage": "the node writes a DICOM Segmentation instead",
+    "CopyItems": "(bookkeeping)",
+    "DeleteItems": "(bookkeeping)",
+    "SplitDim": "(bookkeeping)",
+}
+
+
+def is_segmentation_output(output_format: dict[str, Any]) -> bool:
+    """Whether ``network_data_format.outputs`` describes a per-pixel output (type image/label)."""
+    kind = str(output_format.get("type") or "").strip().lower()
+    fmt = str(output_format.get("format") or "").strip().lower()
+    return kind in _SEG_TYPES or fmt in _SEG_FORMATS
+
+
+@dataclass
+class SegPost:
+    """The bundle's postprocessing (and inferer) of a per-pixel output, as manifest fields."""
+
+    activation: str | None = None
+    argmax: bool = False
+    threshold: float | None = None
+    min_area_px: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def output_key(bundle: Bundle) -> str:
+    """The network output's key (``pred`` in most bundles)."""
+    outputs = bundle.metadata.get("network_data_format", {}).get("outputs", {}) or {"pred": {}}
+    return next(iter(outputs))
+
+
+def segmentation_postprocessing(bundle: Bundle) -> SegPost:
+    """Map the ``postprocessing`` transforms on the output key: ``Activations(d)`` sigmoid/softmax,
+    ``AsDiscrete(d)`` argmax (background channel) or threshold, ``RemoveSmallObjects(d)``
+    (``min_area_px``); invert/save/bookkeeping transforms are the node's own business. Anything
+    else is refused, named with the op it would need."""
+    out = SegPost()
+    if "postprocessing" not in bundle.parser:
+        return out
+    post = _parsed(bundle, "postprocessing")
+    flat: list[Any] = []
+
+    def walk(t: Any) -> None:
+        inner = getattr(t, "transforms", None)
+        if isinstance(inner, (list, tuple)):
+            for x in inner:
+                walk(x)
+        else:
+            flat.append(t)
+
+    walk(post)
+    key = output_key(bundle)
+    refused: list[str] = []
+    for i, t in enumerate(flat):
+        name, base = _monai_name(t)
+        keys = getattr(t, "keys", None)
+        if keys is not None and key not in tuple(keys):
+            out.notes.append(f"{name} (keys {list(keys)}): not on {key!r}, skipped")
+            continue
+        where = f"{name} (postprocessing transform {i})"
+        conv = getattr(t, "converter", t)
+
+        def opt(attr: str, t: Any = t, conv: Any = conv) -> Any:
+            return _first(getattr(t, attr, getattr(conv, attr, None)))
+
+        if base == "Activations":
+            if opt("other") is not None:
+                refused.append(f"{where}: 'other' is an arbitrary function")
+            elif bool(opt("sigmoid")):
+                out.activation = "sigmoid"
+                out.notes.append(f"{name} sigmoid -> outputs.activation sigmoid")
+            elif bool(opt("softmax")):
+                out.activation = "softmax"
+                out.notes.append(f"{name} softmax -> outputs.activation softmax")
+        elif base == "AsDiscrete":
+            if opt("rounding") is not None:
+                refused.append(f"{where}: rounding {opt('rounding')!r} needs a rounding op")
+            elif bool(opt("argmax")):
+                out.argmax = True
+                out.notes.append(f"{name} argmax -> the node's argmax over the channels (background_index)")
+            elif opt("threshold") is not None:
+                th = _float(opt("threshold"))
+                if th is None or not 0.0 <= th <= 1.0:
+                    refused.append(f"{where}: threshold {opt('threshold')!r} is not a probability in [0, 1]")
+                else:
+                    out.threshold = th
+                    out.notes.append(f"{name} threshold {th:g} -> labels' threshold {th:g}")
+            if opt("to_onehot"):
+                out.notes.append(f"{name} to_onehot -> (the node keeps one mask per label)")
+        elif base == "RemoveSmallObjects":
+            if bool(opt("by_measure")):
+                refused.append(f"{where}: by_measure (a size in mm) needs a physical-size component filter")
+                continue
+            out.min_area_px = int(opt("min_size") or 0)
+            conn = opt("connectivity")
+            out.notes.append(
+                f"{name} min_size {out.min_area_px} -> segmentation.min_area_px {out.min_area_px}"
+                + (
+                    f" (the node removes 8-connected components; connectivity {conn} differs at diagonals)"
+                    if conn not in (None, 2)
+                    else ""
+                )
+            )
+        elif base in _NO_OPS or base == "CastToType":
+            out.notes.append(f"{name} -> (nothing to do)")
+        elif base in _POST_NODE_DOES:
+            out.notes.append(f"{name} -> {_POST_NODE_DOES[base]}")
+        else:
+            need = _POST_NEEDS.get(base)
+            refused.append(f"{where}: " + (f"needs {need}" if need else "no manifest field does this"))
+    if refused:
+        raise ConversionError(
+            "cannot map the bundle's postprocessing onto the node's segmentation: " + "; ".join(refused)
+        )
+    return out
+
+
+def check_inferer(bundle: Bundle, image_xy: Sequence[int], notes: list[str]) -> None:
+    """A 2-D segmentation bundle's ``inferer``: ``SimpleInferer``, or a ``SlidingWindowInferer``
+    whose window covers the whole (resized) image, which is the same computation (one window; its
+    importance weights cancel). A smaller window would need 2-D sliding-window inference, which the
+    node does not do: refused, naming it. ``image_xy``: the network input's size in MONAI's order."""
+    if "inferer" not in bundle.parser:
+        notes.append("no inferer: the network runs on the whole image")
+        return
+    inferer = _parsed(bundle, "inferer")
+    name = type(inferer).__name__
+    if name == "SimpleInferer":
+        notes.append("SimpleInferer -> the node runs the network on the whole prepared image")
+        return
+    if name != "SlidingWindowInferer":
+        raise ConversionError(
+            f"the bundle's inferer {name} has no node equivalent (SimpleInferer, SlidingWindowInferer)"
+        )
+    roi = (
+        list(inferer.roi_size)
+        if isinstance(inferer.roi_size, Sequence)
+        else [inferer.roi_size] * len(image_xy)
+    )
+    full = [int(s) if r in (None, -1) or int(r) <= 0 else int(r) for r, s in zip(roi, image_xy, strict=False)]
+    if len(roi) != len(image_xy) or full != [int(s) for s in image_xy]:
+        raise ConversionError(
+            f"the bundle's SlidingWindowInferer has roi_size {roi} on a {list(image_xy)} image "
+            "(after Resize): "
+            "the node runs 2-D models on the whole prepared slice and would need 2-D sliding-window "
+            "inference (segmentation.roi_size, overlap and blend are for 3-D models, dimensions: 3); "
+            "make roi_size the Resize spatial_size, or convert a 3-D network with "
+            "`convert torch --kind segmentation --input-shape C,D,H,W`"
+        )
+    mode = getattr(inferer.mode, "value", inferer.mode)
+    notes.append(
+        f"SlidingWindowInferer roi_size {roi} = the whole {list(image_xy)} image: one window "
+        f"(overlap {inferer.overlap:g}, mode {mode} change nothing) -> the network on the whole image"
+    )
+
+
+def segmentation_labels(
+    output_format: dict[str, Any], channels: int, background: int | None, sigmoid: bool
+) -> list[tuple[int, str, str]]:
+    """(channel, name, meaning) per segment from ``channel_def``: every channel but the background
+    (and, for a sigmoid model, any channel named like a background)."""
+    out = []
+    for i, (name, meaning) in enumerate(label_names(output_format, channels)):
+        if i == background or (sigmoid and name in _NORMAL_NAMES):
+            continue
+        out.append((i, name, meaning))
+    return out
+
+
+def background_channel(output_format: dict[str, Any], channels: int) -> int:
+    """The background channel of an argmax model: the one ``channel_def`` names like a background,
+    else 0."""
+    names = [n for n, _ in label_names(output_format, channels)]
+    found = [i for i, n in enumerate(names) if n in _NORMAL_NAMES]
+    return found[0] if len(found) == 1 else 0
+
+
+#: the segment property category written when the user gives none (replace it)
+PRIVATE_CATEGORY = {"value": "SEGMENT", "scheme_designator": "99PACSNODE", "meaning": "Segmented structure"}
+
+
+def segmentation_manifest_from_bundle(
+    scaffold: dict[str, Any],
+    *,
+    bundle: Bundle,
+    mapped: Mapped,
+    post: SegPost,
+    activation: str,
+    background: int | None,
+    labels: list[tuple[int, str, str]],
+    codes: dict[str, dict[str, str]] | None = None,
+    categories: dict[str, dict[str, str]] | None = None,
+    default_category: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A ``kind: segmentation`` manifest from the bundle (2-D; see :func:`manifest_from_bundle`)."""
+    data = manifest_from_bundle(
+        scaffold,
+        bundle=bundle,
+        mapped=mapped,
+        activation=activation,
+        kind="multi_label",
+        labels=[(n, m) for _, n, m in labels],
+        normal=None,
+    )
+    data["kind"] = "segmentation"
+    bundle_name = _slug(str(bundle.metadata.get("name") or bundle.root.name), 0)
+    codes, categories = codes or {}, categories or {}
+    data["labels"] = [
+        {
+            "name": name,
+            "index": index,
+            "code": codes.get(name)
+            or {"value": f"{bundle_name}.{name}"[:64], "scheme_designator": "99PACSNODE", "meaning": meaning},
+            "category": categories.get(name) or default_category or dict(PRIVATE_CATEGORY),
+            "threshold": post.threshold if post.threshold is not None else 0.5,
+            "triage": False,
+        }
+        for index, name, meaning in labels
+    ]
+    data["heatmap"] = {"method": "none"}
+    data["outputs"] = {"probabilities": data["outputs"]["probabilities"], "activation": activation}
+    if data.get("aggregation", {}).get("level") != "series":
+        data["aggregation"] = {"level": "image", "method": "max", "keep_top_slices": 1}
+    section: dict[str, Any] = {"dimensions": 2}
+    if background is not None:
+        section["background_index"] = background
+    section["min_area_px"] = int(post.min_area_px)
+    section["batch_size"] = 16
+    section["series_description"] = f"AI {bundle.metadata.get('name') or 'segmentation'}"[:40]
+    data["segmentation"] = section
+    routing = data.pop("routing")
+    data["routing"] = routing  # after the segmentation section, as in the bundled manifests
+    return data

@@ -40,11 +40,17 @@ def scaffold_manifest(
     framework: str,
     source: str,
     metrics: dict[str, float],
+    labels: list[dict] | None = None,
+    segmentation: dict | None = None,
 ) -> str:
-    """The scaffold's YAML text (with TODO comments)."""
-    h, w = (input_shape[2], input_shape[3]) if layout == "NCHW" else (input_shape[1], input_shape[2])
-    channels = input_shape[1] if layout == "NCHW" else input_shape[3]
-    labels = [
+    """The scaffold's YAML text (with TODO comments). ``labels``: the label entries when the user
+    named them (else TODO per output); ``segmentation``: the ``segmentation`` section of a
+    ``kind: segmentation`` model (heatmap none, series aggregation)."""
+    if layout == "NHWC":
+        h, w, channels = input_shape[1], input_shape[2], input_shape[3]
+    else:  # NCHW, NCDHW
+        h, w, channels = input_shape[-2], input_shape[-1], input_shape[1]
+    labels = labels or [
         {
             "name": f"{TODO}_label_{i}",
             "index": i,
@@ -58,7 +64,9 @@ def scaffold_manifest(
         {"op": "modality_lut"},
         {"op": "window", "source": "header", "fallback": "minmax"},
         {"op": "invert_monochrome1"},
-        {"op": "letterbox", "size": [h, w], "pad_value": 0.0, "interpolation": "area"},
+        {"op": "letterbox", "size": [h, w], "pad_value": 0.0, "interpolation": "area"}
+        if segmentation is None
+        else {"op": "resize", "size": [h, w], "interpolation": "area"},
         {"op": "normalize", "mean": [TODO], "std": [TODO], "max_pixel_value": 255.0},
     ]
     if channels and channels > 1:
@@ -105,12 +113,17 @@ def scaffold_manifest(
         "rest": {
             "heatmap": {"method": "cam", "normalize": "relu_max"}
             if cam
+            else {"method": "none"}
+            if segmentation is not None
             else {
                 "method": "occlusion",
                 "window": [max(1, (h or 32) // 8)] * 2,
                 "stride": [max(1, (h or 32) // 16)] * 2,
             },
-            "aggregation": {"level": "image", "method": "max", "keep_top_slices": 1},
+            "aggregation": {"level": "image", "method": "max", "keep_top_slices": 1}
+            if segmentation is None
+            else {"level": "series", "method": "max", "keep_top_slices": 3},
+            **({"segmentation": segmentation} if segmentation is not None else {}),
             "routing": {"modalities": [TODO], "body_parts": [TODO]},
         },
     }
@@ -129,8 +142,20 @@ def scaffold_manifest(
         "# operating threshold, whether a positive raises triage; a multi_class model marks\n"
         "# its normal class with normal: true.\n",
         "rest": "\n# heatmap: cam with a CAM output in the graph, else occlusion (patch: patch models).\n"
-        "# aggregation: image / series (CT, MR slices) / study; routing: modalities, body parts.\n",
+        "# aggregation: image / series (CT, MR slices) / study; routing: modalities, body parts.\n"
+        if segmentation is None
+        else "\n# heatmap none: a segmentation model shows its masks. segmentation: docs/segmentation.md\n"
+        "# (background_index for softmax argmax, min_area_px / min_volume_voxels, the 3-D window).\n",
     }
+    if segmentation is not None:
+        comments["outputs"] = (
+            "\n# The per-pixel output: activation softmax (argmax over the channels, with a background\n"
+            "# channel) or sigmoid (a threshold per channel); 'none' when the graph applies it.\n"
+        )
+        comments["labels"] = (
+            "\n# One entry per segment (not the background): name, code = segmented property type,\n"
+            "# category = property category (SNOMED CT), per-pixel threshold, triage when present.\n"
+        )
     text = "".join(comments[k] + _dump(v) for k, v in sections.items())
     return text
 

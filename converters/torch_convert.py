@@ -328,18 +328,50 @@ _3D_LAYERS = (
 )
 
 
-def refuse_3d(net: nn.Module) -> None:
-    """Refuse a volumetric network: the node's manifest input is one 2-D image (N, C, H, W)."""
+def _first_3d_layer(net: nn.Module) -> tuple[str, nn.Module] | None:
     if isinstance(net, torch.jit.ScriptModule):
-        return
+        return None
     for name, module in net.named_modules():
         if isinstance(module, _3D_LAYERS):
-            raise ConversionError(
-                f"this is a 3-D network ({type(module).__name__} at {name!r}): the node's manifest input "
-                "is one 2-D image (N, C, H, W) and it runs classifiers per image or slice; 3-D "
-                "(volume) classifiers are not supported yet. Convert a 2-D network (e.g. MONAI "
-                "spatial_dims=2) instead"
-            )
+            return name, module
+    return None
+
+
+def refuse_3d(net: nn.Module, segmentation: bool = False) -> None:
+    """Refuse a volumetric network given a 2-D input shape: a 3-D classifier (the manifest's volume
+    input is for segmentation only), or a 3-D segmentation network without C,D,H,W."""
+    found = _first_3d_layer(net)
+    if found is None:
+        return
+    name, module = found
+    if segmentation:
+        raise ConversionError(
+            f"this is a 3-D network ({type(module).__name__} at {name!r}) and --input-shape is one 2-D "
+            "image (C,H,W): give the network's volume input as C,D,H,W (e.g. 1,32,64,64) for a 3-D "
+            "(sliding-window) segmentation model"
+        )
+    raise ConversionError(
+        f"this is a 3-D network ({type(module).__name__} at {name!r}): a 3-D classifier. The node's "
+        "classifier manifests take one 2-D image (N, C, H, W) and run per image or slice; a volume "
+        "input (NCDHW) is only for segmentation models (--kind segmentation). 3-D (volume) "
+        "classifiers are not supported yet: convert a 2-D network (e.g. MONAI spatial_dims=2) instead"
+    )
+
+
+class SwapXYOut(nn.Module):
+    """:class:`SwapXY` for a per-pixel output: the input's last two axes swapped before ``net``
+    and the output's swapped back, so that the output is (row, column) like the node's input."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``net(x^T)^T`` over the last two axes."""
+        out = self.net(x.transpose(-1, -2))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.transpose(-1, -2)
 
 
 class _Single(nn.Module):
@@ -369,12 +401,23 @@ def export_torch(
     cam_features: str | None = None,
     swap_xy: bool = False,
     opset: int = 17,
+    segmentation: bool = False,
 ) -> tuple[nn.Module, list[str]]:
     """Export ``net`` (eval mode) to ``out_path``; return the exported wrapper and its output names.
 
-    ``swap_xy``: the graph swaps the input's last two axes before ``net`` (and back in the CAM),
-    for networks trained on MONAI's (x, y)-indexed arrays (see :class:`SwapXY`).
+    ``swap_xy``: the graph swaps the input's last two axes before ``net`` (and back in the CAM or
+    a per-pixel output), for networks trained on MONAI's (x, y)-indexed arrays (see :class:`SwapXY`).
+    ``segmentation``: the output is per pixel, (batch, classes, h, w) for an input C,H,W, or per
+    voxel, (batch, classes, D, H, W) at the input's size for a volume input C,D,H,W; no CAM.
     """
+    if segmentation:
+        return _export_segmentation(net, out_path, input_shape, input_name, output_name, swap_xy, opset)
+    if len(input_shape) != 3:
+        raise ConversionError(
+            f"--input-shape {','.join(str(d) for d in input_shape)} is a volume (C,D,H,W): the node's "
+            "classifier manifests take one 2-D image (C,H,W); 3-D (volume) classifiers are not supported "
+            "yet (a volume input is for --kind segmentation)"
+        )
     refuse_3d(net)
     net = net.eval()
     dummy = torch.randn(2, *[int(d) for d in input_shape])
@@ -416,14 +459,22 @@ def export_torch(
     if isinstance(first, torch.Tensor) and first.ndim >= 4:
         raise ConversionError(
             f"the model returns per-pixel scores {tuple(first.shape)} (batch, classes, H, W): a "
-            "segmentation network (UNet, SegResNet, ...). Segmentation conversion is not supported "
-            "yet; the node converts classifiers returning (batch, classes)"
+            "segmentation network (UNet, SegResNet, ...): convert it with --kind segmentation "
+            "(and --labels, --background-index / --activation); a classifier returns (batch, classes)"
         )
     if not isinstance(first, torch.Tensor) or first.ndim != 2:
         raise ConversionError(
             f"the model must return (batch, classes) scores; it returned "
             f"{tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}"
         )
+    _onnx_export(module, dummy, out_path, input_name, names, opset)
+    return module, names
+
+
+def _onnx_export(
+    module: nn.Module, dummy: torch.Tensor, out_path: Path, input_name: str, names: list[str], opset: int
+) -> None:
+    """torch.onnx.export with a dynamic batch axis on the input and every output (module left in eval)."""
     axes = {input_name: {0: "batch"}, **{n: {0: "batch"} for n in names}}
     try:
         with warnings.catch_warnings():
@@ -444,7 +495,66 @@ def export_torch(
             f"ONNX export failed (an operator or layer ONNX opset {opset} does not support?): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
-    return module, names
+
+
+def _export_segmentation(
+    net: nn.Module,
+    out_path: Path,
+    input_shape: Sequence[int],
+    input_name: str,
+    output_name: str,
+    swap_xy: bool,
+    opset: int,
+) -> tuple[nn.Module, list[str]]:
+    """Export a per-pixel (2-D, C,H,W) or per-voxel (3-D, C,D,H,W) network; see :func:`export_torch`."""
+    spatial = len(input_shape) - 1
+    if spatial not in (2, 3):
+        raise ConversionError(f"--input-shape needs C,H,W or C,D,H,W, got {list(input_shape)}")
+    if spatial == 2:
+        refuse_3d(net, segmentation=True)
+    elif swap_xy:
+        raise ConversionError("3-D networks trained on MONAI's (x, y, z) arrays are not supported")
+    net = net.eval()
+    module: nn.Module
+    if isinstance(net, torch.jit.ScriptModule) and not swap_xy:
+        module = net
+    else:
+        module = (SwapXYOut(net) if swap_xy else _Single(net)).eval()
+    dummy = torch.randn(2, *[int(d) for d in input_shape])
+    try:
+        with torch.no_grad():
+            out = module(dummy)
+    except Exception as exc:
+        hint = ""
+        if spatial == 3 and _first_3d_layer(net) is None:
+            hint = " (a 2-D network given a volume input C,D,H,W? give C,H,W)"
+        raise ConversionError(
+            f"the model fails on an input of shape {tuple(dummy.shape)}{hint}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise ConversionError(
+            f"the model must return a tensor of per-pixel scores, it returned {type(out).__name__}"
+        )
+    want = 2 + spatial
+    if out.ndim == 2:
+        raise ConversionError(
+            f"the model returns {tuple(out.shape)} (batch, classes): a classifier, not a segmentation "
+            "network; convert it without --kind segmentation"
+        )
+    if out.ndim != want:
+        raise ConversionError(
+            f"a {'3' if spatial == 3 else '2'}-D segmentation network must return (batch, classes, "
+            f"{'D, ' if spatial == 3 else ''}H, W) scores; it returned {tuple(out.shape)}"
+        )
+    if spatial == 3 and tuple(out.shape[2:]) != tuple(dummy.shape[2:]):
+        raise ConversionError(
+            f"the model's output {tuple(out.shape)} is not at its input's size {tuple(dummy.shape)}: the "
+            "node stitches sliding-window outputs voxel by voxel, so a 3-D model must output per voxel"
+        )
+    _onnx_export(module, dummy, out_path, input_name, [output_name], opset)
+    return module, [output_name]
 
 
 def reference_fn(module: nn.Module):  # noqa: ANN201 - callable
@@ -470,3 +580,25 @@ def detect_activation(net: nn.Module) -> tuple[str | None, str | None]:
     if isinstance(last, nn.Softmax):
         return "none", "multi_class"
     return None, None
+
+
+def detect_pixel_activation(module: nn.Module, input_shape: Sequence[int]) -> str | None:
+    """'none' when the last module a per-pixel network runs is a Sigmoid or Softmax (the graph
+    applies it); None when unknown (the output is logits, or a scripted module)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    order: list[nn.Module] = []
+    handles = [
+        m.register_forward_hook(lambda m, _a, _o: order.append(m))
+        for m in module.modules()
+        if not list(m.children())
+    ]
+    try:
+        with torch.no_grad():
+            module(torch.randn(1, *[int(d) for d in input_shape]))
+    finally:
+        for h in handles:
+            h.remove()
+    if order and isinstance(order[-1], (nn.Sigmoid, nn.Softmax)):
+        return "none"
+    return None

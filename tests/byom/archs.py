@@ -219,22 +219,56 @@ def monai_efficientnet_b0(num_classes: int = 2, in_channels: int = 1) -> nn.Modu
     return trained_looking(net, 8)
 
 
-def monai_unet() -> nn.Module:
-    """MONAI's 2-D UNet (a segmentation network: per-pixel output)."""
+def monai_unet(spatial_dims: int = 2, out_channels: int = 2) -> nn.Module:
+    """MONAI's UNet (residual units, instance norm, PReLU; a per-pixel / per-voxel output at the
+    input's size), 2-D or 3-D; small channels."""
     from monai.networks.nets import UNet
 
     torch.manual_seed(9)
-    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2))
+    net = UNet(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=out_channels,
+        channels=(8, 16, 32),
+        strides=(2, 2),
+        num_res_units=1,
+        norm="batch",
+    )
+    return trained_looking(net, 9)
 
 
-def monai_segresnet() -> nn.Module:
-    """MONAI's 2-D SegResNet (a segmentation network)."""
+def monai_segresnet(spatial_dims: int = 2, out_channels: int = 2) -> nn.Module:
+    """MONAI's SegResNet (group norm, ReLU, residual blocks, transposed-free upsampling), 2-D or
+    3-D; init_filters 8."""
     from monai.networks.nets import SegResNet
 
     torch.manual_seed(10)
-    return SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=8)
+    net = SegResNet(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=out_channels,
+        init_filters=8,
+        blocks_down=(1, 2, 2),
+        blocks_up=(1, 1),
+    )
+    return trained_looking(net, 10)
+
+
+def monai_unet_3d() -> nn.Module:
+    """MONAI's UNet with spatial_dims=3."""
+    return monai_unet(spatial_dims=3)
+
+
+def monai_segresnet_3d() -> nn.Module:
+    """MONAI's SegResNet with spatial_dims=3."""
+    return monai_segresnet(spatial_dims=3)
 
 
 def monai_densenet121_3d() -> nn.Module:
     """MONAI's DenseNet121 with spatial_dims=3 (a volume classifier)."""
     return monai_densenet121(spatial_dims=3)
+
+
+def monai_unet_sigmoid() -> nn.Module:
+    """MONAI's 2-D UNet with one output channel (a sigmoid segmentation model)."""
+    return monai_unet(out_channels=1)

@@ -44,3 +44,26 @@ def fill_manifest(model_dir: Path, *, labels: list[str], modality: str = "DX", *
     data["routing"] = {"modalities": [modality], "body_parts": ["CHEST"]}
     data.update(updates)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def fill_segmentation_manifest(model_dir: Path, **updates: Any) -> dict[str, Any]:
+    """Replace a segmentation scaffold's remaining TODOs (labels named and coded on the command
+    line) as a user would: names, provenance, the normalisation, CT routing."""
+    path = model_dir / "manifest.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["name"] = "Test segmentation model"
+    data["description"] = "A small segmentation network converted in the tests."
+    data["intended_use"] = "Tests only."
+    data["provenance"]["training_script"] = "tests/byom"
+    data["provenance"]["data"] = "random weights"
+    for step in data["preprocessing"]:
+        if step["op"] == "normalize":
+            step["mean"], step["std"] = [0.5], [0.25]
+        if step["op"] == "window":  # an abdominal window for the CT phantom
+            step.clear()
+            step.update({"op": "window", "source": "explicit", "center": 40.0, "width": 400.0})
+    data["preprocessing"] = [s for s in data["preprocessing"] if s["op"] != "invert_monochrome1"]
+    data["routing"] = {"modalities": ["CT"], "body_parts": ["ABDOMEN"]}
+    data.update(updates)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return data

@@ -221,15 +221,16 @@ def test_unmappable_transforms_are_named(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
-def test_3d_and_segmentation_bundles_are_refused(tmp_path: Path) -> None:
+def test_3d_bundles_are_refused_and_per_pixel_networks_become_segmentation(tmp_path: Path) -> None:
     meta3d = copy.deepcopy(METADATA)
     meta3d["network_data_format"]["inputs"]["image"]["spatial_shape"] = [96, 96, 64]
     inf3d = copy.deepcopy(INFERENCE)
     inf3d["network_def"] = {**NETWORK, "spatial_dims": 3}
     bundle = make_bundle(tmp_path / "b3", inference=inf3d, metadata=meta3d)
-    with pytest.raises(ConversionError, match=r"3-D bundle.*2-D image"):
+    with pytest.raises(ConversionError, match=r"3-D bundle.*convert torch --kind segmentation"):
         convert_monai_bundle(bundle_dir=bundle, out_dir=tmp_path / "o3", echo=lambda s: None)
 
+    # a UNet in a bundle whose metadata still says 'probabilities': found by its per-pixel output
     seg = copy.deepcopy(INFERENCE)
     seg["network_def"] = {
         "_target_": "UNet",
@@ -240,8 +241,11 @@ def test_3d_and_segmentation_bundles_are_refused(tmp_path: Path) -> None:
         "strides": [2],
     }
     bundle = make_bundle(tmp_path / "bs", inference=seg)
-    with pytest.raises(ConversionError, match="Segmentation conversion is not supported yet"):
-        convert_monai_bundle(bundle_dir=bundle, out_dir=tmp_path / "os", echo=lambda s: None)
+    result = convert_monai_bundle(bundle_dir=bundle, out_dir=tmp_path / "os", echo=lambda s: None)
+    assert result.ok
+    m = load_model(tmp_path / "os").manifest
+    assert (m.kind, m.outputs.activation) == ("segmentation", "sigmoid")  # Activationsd sigmoid
+    assert [lb.name for lb in m.labels] == ["liver_lesion", "calcification"]
 
 
 def test_cli_softmax_bundle_without_clip(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Real architectures through ``convert torch``: torchvision-layout ResNet-50 and DenseNet-121,
 MONAI's DenseNet121 and EfficientNetBN, each with and without the CAM output, parity passing, then
-loaded by the registry and analysed by the node; 3-D and segmentation networks refused clearly.
+loaded by the registry and analysed by the node; 3-D classifiers refused clearly, segmentation
+networks pointed to ``--kind segmentation`` (tests/byom/test_segmentation_convert.py).
 
 Random weights with fixed seeds (tests/byom/archs.py), nothing downloaded; 64x64 inputs (the
 networks are fully convolutional up to the global pool) keep a 2-core CI machine busy for seconds.
@@ -159,7 +160,8 @@ def test_functional_pool_without_gap_head_is_refused(tmp_path: Path) -> None:
 
 def test_3d_and_segmentation_networks_are_refused(tmp_path: Path) -> None:
     need_module("monai")
-    with pytest.raises(ConversionError, match=r"3-D network \(Conv3d at 'features.conv0'\).*2-D image"):
+    classifier = r"3-D network \(Conv3d at 'features.conv0'\): a 3-D classifier"
+    with pytest.raises(ConversionError, match=classifier):
         convert_torch(
             out_dir=tmp_path / "a",
             model="tests.byom.archs:monai_densenet121_3d",
@@ -168,9 +170,7 @@ def test_3d_and_segmentation_networks_are_refused(tmp_path: Path) -> None:
             echo=lambda s: None,
         )
     for name in ("monai_unet", "monai_segresnet"):
-        with pytest.raises(
-            ConversionError, match=r"per-pixel scores.*Segmentation conversion is not supported"
-        ):
+        with pytest.raises(ConversionError, match=r"per-pixel scores.*convert it with --kind segmentation"):
             convert_torch(
                 out_dir=tmp_path / name,
                 model=f"tests.byom.archs:{name}",
