@@ -166,12 +166,13 @@ def check_signature(
             )
         )
     elif manifest.kind == "segmentation":
-        if len(probs.shape) != 4:
+        rank, axes = (5, "d, h, w") if manifest.input.is_volume else (4, "h, w")
+        if len(probs.shape) != rank:
             problems.append(
                 (
                     "outputs.probabilities",
-                    "a segmentation model's output is per pixel: expected rank 4 (batch, classes, h, w), "
-                    f"the graph has {_dims_text(probs.shape)}",
+                    f"a segmentation model's output is per pixel: expected rank {rank} (batch, classes, "
+                    f"{axes}), the graph has {_dims_text(probs.shape)}",
                 )
             )
         elif isinstance(probs.shape[1], int) and probs.shape[1] < n:

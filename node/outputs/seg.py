@@ -1,6 +1,9 @@
 """A segmentation model's masks as a DICOM Segmentation (highdicom ``hd.seg.Segmentation``).
 
-One SEG per job, BINARY, in a new series of the source study, deterministic UIDs from the job seed:
+One SEG per job, BINARY (or FRACTIONAL of type PROBABILITY when the manifest says
+``segmentation.output: fractional``: each kept pixel carries its probability, 0..1 stored as
+0..255, 0 outside the kept mask), in a new series of the source study, deterministic UIDs from the
+job seed:
 
 - one segment per label that has pixels (numbered 1..m in manifest label order, see
   :func:`segment_numbers`; empty labels are left out, and a result with no pixels at all makes no
@@ -16,6 +19,8 @@ One SEG per job, BINARY, in a new series of the source study, deterministic UIDs
 
 Supported sources: a series of single-frame images of one size, or one multi-frame image whose
 every frame was analysed. Anything else raises :class:`~node.outputs.OutputError` naming why.
+The pixel array handed to highdicom covers every analysed frame: one byte per pixel and segment
+for BINARY, four (float32) for FRACTIONAL.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ log = logging.getLogger(__name__)
 SEG_SERIES_NUMBER = 9903
 SEG_SOP_CLASS_UID = str(SegmentationStorage)
 ARTIFICIAL_INTELLIGENCE = hd.sr.CodedConcept("123109", "DCM", "Artificial Intelligence")
+#: A FRACTIONAL SEG stores probabilities 0..1 as 0..MAX_FRACTIONAL_VALUE.
+MAX_FRACTIONAL_VALUE = 255
 
 
 def segment_numbers(segmentation: SegmentationResult) -> dict[str, int]:
@@ -105,11 +112,19 @@ def build_seg(result: AnalysisResult, sources: Sequence[Dataset], identity: Outp
     content = f"{ascii_text(algorithm.model_id, 40)} {ascii_text(algorithm.version, 16)}"
     if algorithm.research_use_only:
         content = NOT_FOR_DIAGNOSIS
+    if segmentation.fractional:
+        seg_type: dict = {
+            "segmentation_type": hd.seg.SegmentationTypeValues.FRACTIONAL,
+            "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            "max_fractional_value": MAX_FRACTIONAL_VALUE,
+        }
+    else:
+        seg_type = {"segmentation_type": hd.seg.SegmentationTypeValues.BINARY}
     try:
         seg = hd.seg.Segmentation(
             source_images=images,
             pixel_array=pixel_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            **seg_type,
             segment_descriptions=descriptions,
             series_instance_uid=output_uid(identity, result, "seg", "series"),
             series_number=SEG_SERIES_NUMBER,
@@ -131,7 +146,8 @@ def build_seg(result: AnalysisResult, sources: Sequence[Dataset], identity: Outp
     if identity.institution_name:
         seg.InstitutionName = ascii_text(identity.institution_name, 64)
     log.debug(
-        "SEG built: %d segments over %d source frames, model %s",
+        "SEG built (%s): %d segments over %d source frames, model %s",
+        "FRACTIONAL" if segmentation.fractional else "BINARY",
         len(descriptions),
         len(segmentation.frames),
         algorithm.model_id,
@@ -142,9 +158,10 @@ def build_seg(result: AnalysisResult, sources: Sequence[Dataset], identity: Outp
 def _source_images_and_pixels(
     segmentation: SegmentationResult, by_uid: dict[str, Dataset]
 ) -> tuple[list[Dataset], np.ndarray]:
-    """Header copies of the source images and the (frames, rows, cols, segments) bool array in the
+    """Header copies of the source images and the (frames, rows, cols, segments) array in the
     order highdicom wants: one frame per single-frame source (in the result's spatial order), or
-    the frames of one multi-frame source in frame order."""
+    the frames of one multi-frame source in frame order. bool masks, or for a fractional result
+    float32 probabilities of the kept pixels."""
     frames = segmentation.frames
     keep = [s.number - 1 for s in segmentation.present]
     shapes = {(f.rows, f.cols) for f in frames}
@@ -172,8 +189,16 @@ def _source_images_and_pixels(
             raise OutputError("an image appears twice among the segmented frames")
         ordered = list(frames)
         images = [clean_header(by_uid[f.sop_instance_uid]) for f in ordered]
-    pixels = np.zeros((len(ordered), rows, cols, len(keep)), dtype=bool)
+    fractional = segmentation.fractional
+    pixels = np.zeros((len(ordered), rows, cols, len(keep)), dtype=np.float32 if fractional else bool)
     for i, frame in enumerate(ordered):
-        if frame.masks is not None:
+        if frame.masks is None:
+            continue
+        if not fractional:
             pixels[i] = np.moveaxis(frame.masks[keep], 0, -1)
+            continue
+        if frame.probabilities is None:
+            raise OutputError("a fractional segmentation result has a frame with masks but no probabilities")
+        values = np.where(frame.masks, np.clip(frame.probabilities, 0.0, 1.0), 0.0)
+        pixels[i] = np.moveaxis(values[keep], 0, -1)
     return images, pixels
