@@ -9,6 +9,7 @@ Random weights with fixed seeds (tests/byom/archs.py), small channels and inputs
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -24,7 +25,6 @@ need_module("monai")
 from converters.cli import convert_torch  # noqa: E402
 from converters.common import ConversionError, ort_session  # noqa: E402
 from converters.segmentation import LabelOptions, SegmentationOptions  # noqa: E402
-from node.errors import ManifestError  # noqa: E402
 from node.inference.manifest import parse_manifest  # noqa: E402
 from node.inference.registry import load_model  # noqa: E402
 from node.inference.runtime import CPU, RuntimeConfig, create_session  # noqa: E402
@@ -33,6 +33,7 @@ from node.synth import generate_study  # noqa: E402
 from tests.byom import archs  # noqa: E402
 from tests.byom.conftest import fill_segmentation_manifest  # noqa: E402
 
+log = logging.getLogger(__name__)
 LIVER = ["--code", "liver=SCT:10200004:Liver", "--category", "SCT:91723000:Anatomical structure"]
 
 
@@ -110,8 +111,16 @@ def test_2d_segmentation_converts_and_runs(arch: str, tmp_path: Path, ct_series:
     assert built["seg"].SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
 
 
+@pytest.fixture(scope="module")
+def ct_volume(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A CT phantom series of 40 slices of 128 x 128 (more slices than the 32-slice window)."""
+    out = tmp_path_factory.mktemp("ctv")
+    truth = generate_study("ct", out, seed=6, write_masks=False, slices=40, size=128)
+    return [out / i.file for i in truth.instances]
+
+
 @pytest.mark.parametrize("arch", ["monai_unet_3d", "monai_segresnet_3d"])
-def test_3d_segmentation_converts_to_a_volume_manifest(arch: str, tmp_path: Path) -> None:
+def test_3d_segmentation_converts_and_runs(arch: str, tmp_path: Path, ct_volume: list[Path]) -> None:
     out = tmp_path / arch
     result, lines = _convert(arch, (1, 32, 64, 64), out, min_volume_voxels=20, overlap=0.5, blend="constant")
     assert result.ok, "\n".join(lines)
@@ -134,13 +143,48 @@ def test_3d_segmentation_converts_to_a_volume_manifest(arch: str, tmp_path: Path
     }
     m = parse_manifest(data, "m.yaml")
     assert m.roi_size == (32, 64, 64)
-    try:
-        model = load_model(out)  # the registry checks the graph against the manifest
-    except ManifestError as exc:
-        if "expected rank 4" not in str(exc):
-            raise
-        pytest.xfail("the registry does not check 3-D (rank-5) outputs yet: the sliding-window runtime")
+    model = load_model(out)  # the registry checks the graph (rank-5 output) against the manifest
     assert model.manifest.segmentation.dimensions == 3
+
+    # the node's 3-D path (slices prepared, stacked, sliding window) against MONAI's
+    # sliding_window_inference of the torch network over the same volume, then analyse's masks
+    from monai.inferers import sliding_window_inference
+
+    from node.runner.analyse import _prepare_all
+    from node.runner.segment import stack_volume, volume_logits
+
+    images = _prepare_all(ct_volume, model.manifest, False)
+    volume = stack_volume(model.manifest, images)
+    assert volume.shape == (1, len(ct_volume), 64, 64)
+    session = create_session(model, RuntimeConfig(providers=(CPU,), intra_op_threads=1, inter_op_threads=1))
+    batches: list[int] = []
+    got = volume_logits(model.manifest, session, volume, batches)
+    net = getattr(archs, arch)().eval()
+    with torch.no_grad():
+        want = sliding_window_inference(
+            torch.from_numpy(volume)[None], (32, 64, 64), 4, net, overlap=0.5, mode="constant"
+        )[0].numpy()
+    assert len(batches) >= 1 and sum(batches) >= 2  # more than one window along the slices
+    agreement = float((got.argmax(axis=0) == want.argmax(axis=0)).mean())
+    log.info(
+        "%s: node 3-D path vs MONAI sliding_window_inference: max abs %.2e, agreement %.6f",
+        arch,
+        float(np.abs(got - want).max()),
+        agreement,
+    )
+    assert agreement >= 0.999 and np.abs(got - want).max() < 1e-3
+    assert 0.02 < (want.argmax(axis=0) == 1).mean() < 0.98
+    analysis, sources = analyse(
+        model, session, ct_volume, level="series", uid_seed="v", watch=Stopwatch(time.monotonic() + 120)
+    )
+    seg = analysis.segmentation
+    assert seg is not None and analysis.frames_analysed == len(ct_volume)
+    assert seg.segments[0].pixels > 0 and seg.segments[0].volume_mm3 is not None
+    from node.runner import build_outputs
+    from node.settings import Settings
+    from tests.outputs.fabricate import IDENTITY
+
+    assert {"seg", "sr"} <= set(dict(build_outputs(analysis, sources, IDENTITY, Settings())))
 
 
 def test_cam_and_3d_classifiers_are_refused(tmp_path: Path) -> None:
