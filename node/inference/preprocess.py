@@ -615,6 +615,20 @@ def _initial_range(image: np.ndarray, header: ImageHeader | None) -> tuple[float
     return float(np.min(image)), float(np.max(image))
 
 
+def _run(state: _State, steps: Sequence[Any], header: ImageHeader, start: int, stop: int) -> _State:
+    """Apply ``steps[start:stop]``, each error named with its step."""
+    for i in range(start, stop):
+        step = steps[i]
+        try:
+            state = _apply_step(state, step, header, i)
+        except PreprocessError as exc:
+            msg = str(exc)
+            raise PreprocessError(msg if msg.startswith("step ") else f"step {i} ({step.op}): {msg}") from exc
+        except cv2.error as exc:
+            raise PreprocessError(f"step {i} ({step.op}): OpenCV failed: {exc}") from exc
+    return state
+
+
 def run_steps(
     image: np.ndarray,
     header: ImageHeader,
@@ -624,12 +638,15 @@ def run_steps(
     dtype: str = "float32",
     expected_hw: tuple[int | None, int | None] | None = None,
     expected_channels: int | None = None,
+    reduce: bool = True,
 ) -> ModelInput:
     """Apply manifest steps in order to one frame (H, W[, C]) of stored values.
 
     Returns a (1, C, H, W) or (1, H, W, C) tensor of ``dtype`` and the geometry from source to
     model pixels. ``expected_hw``/``expected_channels`` (from the manifest input) are checked at the
-    end so that a pipeline that forgot a resize fails here, naming what differs.
+    end so that a pipeline that forgot a resize fails here, naming what differs. ``reduce``: where
+    the steps allow it, area-reduce the stored integers before the intensity steps
+    (:mod:`node.inference.reduce`; False runs every step at full resolution).
     """
     if image.ndim not in (2, 3):
         raise PreprocessError(f"expected one frame (H, W) or (H, W, C), found shape {image.shape}")
@@ -638,14 +655,20 @@ def run_steps(
         value_range=_initial_range(image, header),
         geometry=Geometry.identity((int(image.shape[0]), int(image.shape[1]))),
     )
-    for i, step in enumerate(steps):
-        try:
-            state = _apply_step(state, step, header, i)
-        except PreprocessError as exc:
-            msg = str(exc)
-            raise PreprocessError(msg if msg.startswith("step ") else f"step {i} ({step.op}): {msg}") from exc
-        except cv2.error as exc:
-            raise PreprocessError(f"step {i} ({step.op}): OpenCV failed: {exc}") from exc
+    start = 0
+    if reduce:
+        from node.inference.reduce import reduce_early
+
+        def run_prefix(values: np.ndarray, n: int) -> tuple[np.ndarray, tuple[float, float] | None]:
+            probe = replace(state, image=values, geometry=Geometry.identity((1, int(values.shape[1]))))
+            probe = _run(probe, steps, header, 0, n)
+            return probe.image, probe.value_range
+
+        reduced = reduce_early(image, header, steps, run_prefix)
+        if reduced is not None:
+            state = _State(image=reduced.image, value_range=reduced.value_range, geometry=reduced.geometry)
+            start = reduced.next_step
+    state = _run(state, steps, header, start, len(steps))
     img = _f32(state.image)
     if img.ndim == 2:
         img = img[..., np.newaxis]
