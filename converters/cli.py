@@ -42,7 +42,8 @@ from converters.segmentation import plan as plan_segmentation
 
 app = typer.Typer(
     name="convert",
-    help="Convert a PyTorch or Keras classifier, or a MONAI bundle, to ONNX for the node (parity checked).",
+    help="Convert a PyTorch or Keras classifier, a PyTorch segmentation network (2-D or 3-D), or a MONAI "
+    "bundle, to ONNX for the node (parity checked).",
     no_args_is_help=True,
     add_completion=False,
 )

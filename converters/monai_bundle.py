@@ -28,7 +28,16 @@ RepeatChannel(d)                          ``replicate_channels``
 
 Anything else (``Spacing``, ``Orientation``, per-image ``NormalizeIntensity`` or
 ``ScaleIntensity``, crops, ...) has no node op yet: the conversion is refused, naming each such
-transform and the op it would need. 3-D bundles are refused (the node's input is one 2-D image).
+transform and the op it would need. 3-D bundles are refused (their volume preprocessing is not
+mapped).
+
+Segmentation bundles (a per-pixel output: ``network_data_format`` output type ``image`` /
+``label``, or a network returning (batch, classes, H, W)) become 2-D ``kind: segmentation``
+manifests: ``channel_def`` gives the labels and the background channel, the postprocessing's
+``Activations(d)``, ``AsDiscrete(d)`` (argmax or threshold) and ``RemoveSmallObjects(d)`` the
+activation, ``background_index``, thresholds and ``min_area_px``, and the inferer must be a
+``SimpleInferer`` or a ``SlidingWindowInferer`` whose window is the whole resized image (see
+:func:`segmentation_postprocessing`, :func:`check_inferer`).
 """
 
 from __future__ import annotations
