@@ -76,16 +76,29 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
     examples: Annotated[int, typer.Option(help="example heatmaps in the report")] = 4,
     threads: Annotated[int, typer.Option(help="intra-op threads")] = 2,
+    map_label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map-label",
+            help="TRUTH=MODEL: count a truth label as the model's label (repeatable), e.g. malignant=mass",
+        ),
+    ] = None,
 ) -> None:
-    """Run a model over labelled DICOM through the node's own path; write report.html and report.json."""
+    """Run a model over labelled DICOM through the node's own path; write report.html and report.json.
+    A segmentation model is also scored by Dice against the phantom truth masks, per label."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from node.evaluate.dataset import collect_cases
     from node.evaluate.report import write_report
     from node.evaluate.run import analyse_cases, summarise
+    from node.evaluate.segmentation import parse_label_map
     from node.inference.registry import load_model
     from node.inference.runtime import CPU, RuntimeConfig, create_session
 
+    try:
+        label_map = parse_label_map(map_label or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--map-label") from exc
     try:
         loaded = load_model(_model_dir(model, root))
         manifest = loaded.manifest
@@ -95,6 +108,7 @@ def evaluate(
             [lb.name for lb in manifest.labels],
             labels_csv=labels,
             group_by=group_by,
+            label_map=label_map,
         )
         session = create_session(
             loaded,
@@ -107,7 +121,12 @@ def evaluate(
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(f"evaluating {manifest.id}", total=len(cases))
         outcomes, kept = analyse_cases(
-            loaded, session, cases, examples=examples, progress=lambda i, o: bar.advance(task)
+            loaded,
+            session,
+            cases,
+            examples=examples,
+            progress=lambda i, o: bar.advance(task),
+            label_map=label_map,
         )
     summary = summarise(
         loaded,
@@ -116,8 +135,22 @@ def evaluate(
         per_group=group_by is not None,
         n_boot=bootstrap,
         seed=seed,
+        label_map=label_map,
     )
     html_path, json_path = write_report(summary, kept, out)
+    if "segmentation" in summary:
+        seg = summary["segmentation"]
+        if seg is None:
+            typer.echo("segmentation: no case had truth masks; no Dice")
+        else:
+            typer.echo(f"segmentation: Dice against the truth masks of {seg['cases_with_masks']} case(s)")
+            for r in seg["labels"]:
+                mean = "n/a" if r["mean_dice"] is None else f"{r['mean_dice']:.3f}"
+                pooled = "n/a" if r["pooled_dice"] is None else f"{r['pooled_dice']:.3f}"
+                typer.echo(
+                    f"  {r['label']:10s} mean per study {mean} ({r['studies']} studies), pooled {pooled}, "
+                    f"false-positive studies {r['false_positive_studies']}"
+                )
     for f in summary["findings"]:
         m, ci, cm = f["metrics"], f["ci95"], f["confusion"]
 

@@ -10,16 +10,19 @@ A case is what the node analyses as one job for the model's aggregation level: o
 - phantom truth sidecars (``truth.json`` written by ``pacs-node synth`` beside the files).
 
 A series/study case whose instances are labelled separately is positive for a finding when any
-of its instances is.
+of its instances is. ``label_map`` renames truth labels to the model's (``malignant`` -> ``mass``);
+a case labelled by a truth sidecar keeps it (``Case.truth``, ``Case.truth_dir``) for the mask
+metrics of segmentation models (:mod:`node.evaluate.segmentation`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -44,6 +47,8 @@ class Case:
     group: str | None = None
     study_uid: str = ""
     series_uids: list[str] = field(default_factory=list)
+    truth: dict[str, Any] | None = None  # the truth.json sidecar that labelled the case
+    truth_dir: Path | None = None  # its folder (truth masks are relative to it)
 
 
 @dataclass(frozen=True)
@@ -128,16 +133,17 @@ def read_label_csv(
     return key, labels, extra
 
 
-def _truth_for(path: Path, root: Path, cache: dict[Path, dict | None]) -> dict | None:
+def _truth_for(path: Path, root: Path, cache: dict[Path, dict | None]) -> tuple[dict | None, Path | None]:
+    """The nearest ``truth.json`` above ``path`` (up to ``root``) and its folder."""
     for folder in [path.parent, *path.parent.parents]:
         if folder not in cache:
             sidecar = folder / TRUTH_FILE
             cache[folder] = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
         if cache[folder] is not None:
-            return cache[folder]
+            return cache[folder], folder
         if folder == root or root not in folder.parents:
             break
-    return None
+    return None, None
 
 
 def collect_cases(
@@ -147,6 +153,7 @@ def collect_cases(
     *,
     labels_csv: Path | None = None,
     group_by: str | None = None,
+    label_map: Mapping[str, str] | None = None,
 ) -> list[Case]:
     """The cases under ``root`` for aggregation ``level`` with their labels (CSV or truth sidecars).
 
@@ -172,6 +179,8 @@ def collect_cases(
     for key, members in by_case.items():
         labels: set[str] | None = None
         group: str | None = None
+        truth: dict | None = None
+        truth_dir: Path | None = None
         if csv_key is not None:
             attr = {"sop_instance_uid": "sop", "series_instance_uid": "series", "study_instance_uid": "study"}
             uids = {getattr(h, attr[csv_key]) for h in members}
@@ -181,7 +190,7 @@ def collect_cases(
                 if group_by and group_by.lower() in csv_rows[hits[0]]:
                     group = csv_rows[hits[0]][group_by.lower()]
         else:
-            truth = _truth_for(members[0].path, root, truth_cache)
+            truth, truth_dir = _truth_for(members[0].path, root, truth_cache)
             if truth is not None:
                 if level == "image":
                     inst = {i["sop_instance_uid"]: i for i in truth.get("instances", [])}
@@ -194,6 +203,8 @@ def collect_cases(
         if labels is None:
             unlabelled.append(key)
             continue
+        if label_map:
+            labels = {label_map.get(name, name) for name in labels}
         members.sort(key=lambda h: str(h.path))
         cases.append(
             Case(
@@ -203,6 +214,8 @@ def collect_cases(
                 group=group,
                 study_uid=members[0].study,
                 series_uids=sorted({h.series for h in members}),
+                truth=truth,
+                truth_dir=truth_dir,
             )
         )
     if unlabelled:

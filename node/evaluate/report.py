@@ -101,6 +101,35 @@ def _group_section(groups: dict[str, list[dict[str, Any]]]) -> str:
     return f"<h2>Per group</h2><table>{head}{rows}</table>"
 
 
+def _segmentation_section(seg: dict[str, Any] | None, label_map: dict[str, str] | None) -> str:
+    """Dice against the truth masks per label (segmentation models)."""
+    if seg is None:
+        return (
+            "<h2>Segmentation</h2><p>No case had truth masks (phantoms written with masks, "
+            "<code>pacs-node synth --masks</code>), so no Dice.</p>"
+        )
+    head = (
+        "<tr><th>label</th><th>studies with truth</th><th>mean Dice per study</th><th>lowest</th>"
+        "<th>pooled Dice</th><th>false-positive studies</th><th>predicted / truth voxels</th></tr>"
+    )
+    rows = "".join(
+        f"<tr><td>{html.escape(r['label'])}</td><td>{r['studies']}</td><td>{_num(r['mean_dice'])}</td>"
+        f"<td>{_num(r['min_dice'])}</td><td>{_num(r['pooled_dice'])}</td>"
+        f"<td>{r['false_positive_studies']}</td><td>{r['predicted_voxels']} / {r['truth_voxels']}</td></tr>"
+        for r in seg["labels"]
+    )
+    mapping = ""
+    if label_map:
+        pairs = ", ".join(f"{html.escape(k)} → {html.escape(v)}" for k, v in label_map.items())
+        mapping = f" Truth labels mapped to the model's: {pairs}."
+    return (
+        f"<h2>Segmentation: Dice against the truth masks</h2><p>{seg['cases_with_masks']} cases with truth "
+        "masks; the node's masks in source pixels over every analysed frame. Mean Dice: over the studies "
+        "whose truth has the label; pooled: every voxel of every study; <i>lesion</i>: any label vs "
+        f"background.{mapping}</p><table>{head}{rows}</table>"
+    )
+
+
 def render_html(summary: dict[str, Any], examples: Sequence[Example]) -> str:
     """The whole report page."""
     m = summary["model"]
@@ -120,6 +149,11 @@ def render_html(summary: dict[str, Any], examples: Sequence[Example]) -> str:
     extra = ""
     if summary.get("class_accuracy") is not None:
         extra = f"<p>Decision accuracy over the classes: {_num(summary['class_accuracy'])}.</p>"
+    segmentation = (
+        _segmentation_section(summary["segmentation"], summary.get("label_map"))
+        if "segmentation" in summary
+        else ""
+    )
     figures = "".join(
         f'<figure><img alt="heatmap" src="data:image/png;base64,{ex.png_base64}">'
         f"<figcaption>{html.escape(ex.label)} p={ex.probability:.3f} "
@@ -137,6 +171,7 @@ def render_html(summary: dict[str, Any], examples: Sequence[Example]) -> str:
 infer → aggregate path in {summary["seconds"]:.1f} s. Model sha256 <code>{m["sha256"]}</code>.
 Intervals: percentile bootstrap over cases ({summary["bootstrap"]["resamples"]} resamples).</p>
 {extra}
+{segmentation}
 {"".join(_finding_section(f) for f in summary["findings"])}
 {_group_section(summary["groups"]) if summary.get("groups") else ""}
 {"<h2>Example heatmaps</h2>" + figures if figures else ""}

@@ -7,9 +7,10 @@ the path a routed job takes), so the figures are those of the node, not of a re-
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +25,14 @@ from node.evaluate.metrics import (
     roc_curve,
     threshold_for_sensitivity,
 )
+from node.evaluate.segmentation import MaskCounts, case_mask_counts, dice_summary
 from node.inference.manifest import Manifest
 from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
 from node.runner.analyse import Stopwatch, analyse
 from node.types import AnalysisResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +46,8 @@ class CaseOutcome:
     positive: dict[str, bool]
     seconds: float
     error: str | None = None
+    #: segmentation models: voxel counts per label against the truth masks (None: no mask truth)
+    masks: dict[str, MaskCounts] | None = None
 
 
 @dataclass
@@ -96,8 +102,11 @@ def analyse_cases(
     examples: int = 4,
     progress: Callable[[int, CaseOutcome], None] | None = None,
     timeout_s: float = 600.0,
+    label_map: Mapping[str, str] | None = None,
 ) -> tuple[list[CaseOutcome], list[Example]]:
-    """Analyse every case; keep up to ``examples`` heatmap overlays (true findings first)."""
+    """Analyse every case; keep up to ``examples`` heatmap overlays (true findings first). For a
+    segmentation model, each case's masks are also scored against its truth masks
+    (:func:`~node.evaluate.segmentation.case_mask_counts`, truth labels renamed by ``label_map``)."""
     manifest = model.manifest
     outcomes: list[CaseOutcome] = []
     kept: list[Example] = []
@@ -124,6 +133,11 @@ def analyse_cases(
                 {f.label: f.positive for f in result.findings},
                 time.monotonic() - t0,
             )
+            if manifest.kind == "segmentation":
+                try:
+                    outcome.masks = case_mask_counts(manifest, result, case.truth, case.truth_dir, label_map)
+                except ValueError as exc:  # a truth mask that does not fit: no Dice for this case
+                    log.warning("case %s: no Dice: %s", case.key, exc)
             if len(kept) < examples:
                 for ex in _examples_from(case, manifest, result):
                     (kept if ex.truth and len(kept) < examples else spare).append(ex)
@@ -195,8 +209,11 @@ def summarise(
     per_group: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
+    label_map: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready results: per finding overall and (optionally) per group."""
+    """The JSON-ready results: per finding overall and (optionally) per group; for a segmentation
+    model also ``segmentation``: Dice against the truth masks per label (see
+    :func:`~node.evaluate.segmentation.dice_summary`; None when no case had mask truth)."""
     manifest = model.manifest
     findings = [lb for lb in manifest.labels if not lb.normal]
     summary: dict[str, Any] = {
@@ -224,8 +241,14 @@ def summarise(
             for lb in findings
         ],
     }
+    if label_map:
+        summary["label_map"] = dict(label_map)
     if manifest.kind == "multi_class":
         summary["class_accuracy"] = _clean(class_accuracy(manifest, outcomes))
+    if manifest.kind == "segmentation":
+        summary["segmentation"] = dice_summary(
+            [lb.name for lb in manifest.labels], [o.masks for o in outcomes if o.error is None]
+        )
     if per_group:
         groups: dict[str, list[CaseOutcome]] = {}
         for o in outcomes:
