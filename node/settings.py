@@ -280,6 +280,10 @@ class DestinationSettings(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     parametric_map: bool = Field(True, description="also send the heatmap as a Parametric Map")
+    presentation_state: bool = Field(
+        True, description="also send the presentation states that outline the findings on the source images"
+    )
+    key_objects: bool = Field(True, description="also send the Key Object Selection flagging the key images")
     max_attempts: int = Field(8, ge=1, le=100)
     backoff_initial_s: float = Field(5.0, ge=0)
     backoff_max_s: float = Field(600.0, ge=0)
@@ -300,6 +304,12 @@ class OutputSettings(_Section):
     )
     sr: bool = True
     secondary_capture: bool = True
+    presentation_state: bool = Field(
+        True, description="GSPS/CSPS with the hotspot outlines over each source image with a positive finding"
+    )
+    key_objects: bool = Field(
+        True, description="a Key Object Selection of the key images of a job with positives"
+    )
     institution_name: str = ""
 
 

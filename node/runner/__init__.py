@@ -63,9 +63,13 @@ class Models:
 def build_outputs(
     result: AnalysisResult, sources: list[Dataset], identity: OutputIdentity, settings: Settings
 ) -> list[tuple[str, Dataset]]:
-    """Every output object the configuration asks for: SR, heatmap SCs, parametric maps; for a
-    segmentation model also its DICOM Segmentation (always, when any segment has pixels), which
-    the SR references. A SEG the sources cannot carry is left out, and the SR says why."""
+    """Every output object the configuration asks for: SR, heatmap SCs, parametric maps,
+    presentation states and a Key Object Selection (positive findings only); for a segmentation
+    model also its DICOM Segmentation (always, when any segment has pixels), which the SR
+    references. A SEG the sources cannot carry is left out, and the SR says why; a presentation
+    state or KOS that cannot be built is left out (logged), the other outputs still go."""
+    from node.outputs.gsps import build_presentation_states
+    from node.outputs.kos import build_key_object_selection
     from node.outputs.pm import build_parametric_maps
     from node.outputs.sc import build_heatmap_scs
     from node.outputs.seg import build_seg
@@ -73,6 +77,7 @@ def build_outputs(
 
     out: list[tuple[str, Dataset]] = []
     seg: Dataset | None = None
+    sr: Dataset | None = None
     note = ""
     if result.segmentation is not None:
         try:
@@ -86,12 +91,31 @@ def build_outputs(
             else:
                 out.append(("seg", seg))
     if settings.outputs.sr:
-        out.append(("sr", build_sr(result, sources, identity, segmentation=seg, segmentation_note=note)))
+        sr = build_sr(result, sources, identity, segmentation=seg, segmentation_note=note)
+        out.append(("sr", sr))
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if settings.outputs.secondary_capture:
         out.extend(("sc", ds) for ds in build_heatmap_scs(result, by_uid, identity))
     if any(d.parametric_map for d in settings.destinations):
         out.extend(("pm", ds) for ds in build_parametric_maps(result, sources, identity))
+    states: list[Dataset] = []
+    if settings.outputs.presentation_state and any(d.presentation_state for d in settings.destinations):
+        try:
+            states = build_presentation_states(result, sources, identity)
+        except OutputError as exc:
+            log.warning("model %s: no presentation states: %s", result.algorithm.model_id, exc)
+        out.extend(("gsps", ds) for ds in states)
+    kos_to = [d for d in settings.destinations if d.key_objects]
+    if settings.outputs.key_objects and kos_to:
+        # a KOS names the presentation states only where every destination of it gets them
+        linked = states if all(d.presentation_state for d in kos_to) else []
+        try:
+            kos = build_key_object_selection(result, sources, identity, sr=sr, presentation_states=linked)
+        except OutputError as exc:
+            log.warning("model %s: no key object selection: %s", result.algorithm.model_id, exc)
+        else:
+            if kos is not None:
+                out.append(("kos", kos))
     return out
 
 

@@ -61,11 +61,14 @@ def queue_outputs(
     data_dir: Path,
     now: datetime,
 ) -> int:
-    """One outbox row per (file, destination); parametric maps only where the destination wants them."""
+    """One outbox row per (file, destination); parametric maps, presentation states and key object
+    selections only where the destination wants them."""
     rows = 0
     for kind, ds, path in files:
         for dest in destinations:
             if kind == "pm" and not dest.parametric_map:
+                continue
+            if (kind == "gsps" and not dest.presentation_state) or (kind == "kos" and not dest.key_objects):
                 continue
             session.add(
                 OutboxItem(
