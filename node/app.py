@@ -16,6 +16,7 @@ from node.dicom.committer import IngestCommitter
 from node.dicom.scp import StorageSCP
 from node.dicom.spool import Spool
 from node.errors import ConfigError
+from node.inference.isolate import PreparePool
 from node.inference.registry import load_registry
 from node.inference.runtime import RuntimeConfig, create_session
 from node.metrics import NodeMetrics
@@ -45,6 +46,7 @@ class Node:
     rules: RuleSet | None = None
     notifier: WebhookNotifier | None = None
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    preparer: PreparePool | None = None  # decoding in child processes; None: in this process
     started_at: float = field(default_factory=time.time)
     version: str = __version__
 
@@ -60,7 +62,14 @@ class Node:
 
     def analyse_upload(self, data: bytes, deadline: float) -> tuple[str, list[Outcome]]:
         """One uploaded file through routing, the models and heatmap rendering (the inference API)."""
-        return analyse_upload(self.rules, self.models, data, deadline, budget=self.settings.limits.budget())
+        return analyse_upload(
+            self.rules,
+            self.models,
+            data,
+            deadline,
+            budget=self.settings.limits.budget(),
+            preparer=self.preparer,
+        )
 
     def stop(self) -> None:
         """Stop listening first, so that every accepted instance is committed before the end."""
@@ -69,6 +78,8 @@ class Node:
         if self.notifier is not None:
             self.notifier.stop()
         self.committer.stop()
+        if self.preparer is not None:
+            self.preparer.close()
         self.engine.dispose()
 
     def ready(self) -> dict[str, bool]:
@@ -136,6 +147,28 @@ def build_node(settings: Settings) -> Node:
         d.name: (d, CStoreDestination(d, calling_aet=settings.dicom.ae_title, metrics=metrics))
         for d in settings.destinations
     }
-    runner = Runner(engine, settings, rules, models, output_identity(settings), destinations, metrics=metrics)
+    preparer = preparation_pool(settings)
+    runner = Runner(
+        engine,
+        settings,
+        rules,
+        models,
+        output_identity(settings),
+        destinations,
+        metrics=metrics,
+        preparer=preparer,
+    )
     notifier = WebhookNotifier(engine, settings)
-    return Node(settings, engine, spool, committer, scp, runner, models, rules, notifier, metrics)
+    return Node(
+        settings, engine, spool, committer, scp, runner, models, rules, notifier, metrics, preparer=preparer
+    )
+
+
+def preparation_pool(settings: Settings) -> PreparePool | None:
+    """The child processes that decode and prepare images (one per worker, one for the inference
+    API), started on first use; None when ``limits.decode_memory_mib`` is 0 (in-process)."""
+    memory = settings.limits.decode_memory()
+    if memory == 0:
+        log.warning("limits.decode_memory_mib is 0: images are decoded in the node's own process")
+        return None
+    return PreparePool(settings.runner.workers + 1, memory, settings.limits.decode_timeout_s)

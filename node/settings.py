@@ -336,6 +336,25 @@ class LimitsSettings(_Section):
         ge=1,
         description="a Deflated Explicit VR Little Endian data set once inflated (C-STORE and uploads)",
     )
+    decode_memory_mib: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "memory (address space) a preparation process may allocate to decode and prepare a job's "
+            "images; more fails the job, not the node. None: 2048 + 16 bytes per max_frame_pixels "
+            "(four float32 copies of the largest frame; 3072 with the defaults); 0: decode in the "
+            "node's own process (debugging only)"
+        ),
+    )
+    decode_timeout_s: float = Field(
+        300.0, gt=0, description="longest a preparation process may take over one job's images"
+    )
+
+    def decode_memory(self) -> int:
+        """``decode_memory_mib``, or its default derived from the budget; 0: in-process."""
+        if self.decode_memory_mib is not None:
+            return self.decode_memory_mib
+        return min(16384, 2048 + self.max_frame_pixels * 16 // MIB)
 
     def budget(self) -> Budget:
         """These limits as the Budget that decoding and inflating check."""

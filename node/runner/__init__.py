@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from node.errors import ConfigError, DecodeError, ManifestError, NodeError, PreprocessError
+from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel, Registry
 from node.inference.runtime import ModelSession
 from node.metrics import NodeMetrics
@@ -180,8 +181,10 @@ class Runner:
         identity: OutputIdentity,
         destinations: Mapping[str, tuple[DestinationSettings, Destination]],
         metrics: NodeMetrics | None = None,
+        preparer: Preparer | None = None,
     ) -> None:
         self._engine = engine
+        self._preparer = preparer  # decodes in child processes (limits.decode_memory_mib); None: here
         self._metrics = metrics or NodeMetrics()
         self._settings = settings
         self._rules = rules
@@ -322,6 +325,7 @@ class Runner:
                 uid_seed=job.key,
                 watch=watch,
                 budget=settings.limits.budget(),
+                preparer=self._preparer,
             )
             with watch.stage("writing"):
                 outputs = build_outputs(result, sources, self._identity, settings)

@@ -9,23 +9,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import DecodeError, NodeError
-from node.inference import preprocess as pp
-from node.inference.decode import decode_frame, iter_frames, read_dataset, slice_order
+from node.inference.decode import decode_frame, read_dataset, slice_order
 from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
+from node.inference.isolate import PreparationDeadline
 from node.inference.manifest import Manifest, PatchHeatmap
 from node.inference.postprocess import label_scores, probabilities
+from node.inference.prepared import Preparer, PrepareSpec, display_image, prepare_items
 from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
 from node.types import (
     AlgorithmIdentity,
     AnalysisResult,
-    DecodedImage,
     ImageHeader,
     ImageResult,
     ModelInput,
@@ -66,25 +65,6 @@ class _Stage:
     def __exit__(self, *exc: object) -> None:
         spent = time.monotonic() - self.started
         self.watch.timings[self.name] = self.watch.timings.get(self.name, 0.0) + spent
-
-
-def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
-    """One frame windowed for display as uint8, with the transforms the ``modality_lut`` and
-    ``window`` steps use (pydicom's: Modality LUT or rescale, then VOI LUT or the window with its
-    VOILUTFunction), else the 0.5-99.5 percentiles. ``image.header`` is that frame's header."""
-    header = image.header
-    pixels = image.frame(frame)
-    if pixels.ndim == 3:  # colour: show as grey
-        return cv2.cvtColor(np.clip(pixels, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
-    values, _ = pp.header_modality(pixels, header)
-    usable = header.voi_lut is not None or (header.window_width is not None and header.window_width > 1)
-    out = pp.header_voi(values, header) if usable else None
-    if out is None:
-        lo, hi = np.percentile(values, [0.5, 99.5])
-        out = pp.scale_to_8bit(values, float(lo), float(hi or lo + 1))
-    if header.photometric_interpretation == "MONOCHROME1":
-        out = 255.0 - out
-    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -128,18 +108,28 @@ def analyse(
     uid_seed: str,
     watch: Stopwatch,
     budget: Budget = DEFAULT_BUDGET,
+    preparer: Preparer | None = None,
 ) -> tuple[AnalysisResult, list[Dataset]]:
     """Run ``model`` over ``files`` (one series or study); return the result and the source
     data sets (pixel data dropped) that the outputs reference. Nothing is decoded over
-    ``budget`` (the node's ``limits``): BudgetExceeded, a permanent DecodeError."""
+    ``budget`` (the node's ``limits``): BudgetExceeded, a permanent DecodeError. ``preparer``
+    (the node's :class:`~node.inference.isolate.PreparePool`) decodes and prepares the files in
+    a child process under a memory and time limit; None: in this process."""
     manifest = model.manifest
     if manifest.kind == "segmentation":
         return _analyse_segmentation(
-            model, session, files, level=level, uid_seed=uid_seed, watch=watch, budget=budget
+            model,
+            session,
+            files,
+            level=level,
+            uid_seed=uid_seed,
+            watch=watch,
+            budget=budget,
+            preparer=preparer,
         )
     is_patch = isinstance(manifest.heatmap, PatchHeatmap)
     with watch.stage("preprocessing"):
-        images = _prepare_all(files, manifest, is_patch, budget)
+        images = _prepare_all(files, manifest, is_patch, budget, preparer, watch.deadline)
     predict = _predictor(manifest, session, watch.batches)
     with watch.stage("inferring"):
         outputs, probs, patch_results = _infer(manifest, session, images, predict, is_patch, watch.batches)
@@ -183,10 +173,16 @@ def analyse(
 
 
 def _prepare_all(
-    files: Sequence[Path], manifest: Manifest, is_patch: bool, budget: Budget = DEFAULT_BUDGET
+    files: Sequence[Path],
+    manifest: Manifest,
+    is_patch: bool,
+    budget: Budget = DEFAULT_BUDGET,
+    preparer: Preparer | None = None,
+    deadline: float | None = None,
 ) -> list[_Image]:
     """Decode every frame of every file, frame by frame, and prepare each to its model input,
-    in spatial order (per-frame positions for multi-frame images).
+    in spatial order (per-frame positions for multi-frame images): through ``preparer`` (a child
+    process) when given, else in this process (:func:`node.inference.prepared.prepare_items`).
 
     A frame's full-resolution pixels are dropped once prepared. For a series-level model (top-k
     frames shown) the shown frames are decoded again at the end (``_displays``); otherwise every
@@ -196,18 +192,19 @@ def _prepare_all(
     if not files:
         raise DecodeError("the job has no images")
     recompute = manifest.aggregation.level == "series"
+    spec = PrepareSpec(manifest, check_size=not is_patch, keep_display=not recompute)
+    if preparer is None:
+        frames = prepare_items(files, spec, budget)
+    else:
+        try:
+            frames = preparer.submit(files, spec, budget, deadline)
+        except PreparationDeadline as exc:
+            raise JobTimeout(str(exc)) from exc
     images = []
-    for path in files:
-        ds = read_dataset(path)
+    for f in frames:
+        path = files[f.item]
         source = Path(path) if recompute and isinstance(path, (str, Path)) else None
-        for index, decoded in enumerate(iter_frames(ds, budget)):
-            model_input = pp.prepare(decoded, manifest, check_size=not is_patch)
-            display = display_image(decoded) if source is None else None
-            images.append(_Image(ds, decoded.header, model_input, source, index, display))
-        if "PixelData" in ds:
-            del ds.PixelData  # the outputs need the header only
-        if images[-1].header.is_multiframe:
-            log.debug("prepared %d frames of one multi-frame image", images[-1].header.number_of_frames)
+        images.append(_Image(f.dataset, f.header, f.model_input, source, f.index, f.display))
     order = slice_order([im.header for im in images])
     return [images[i] for i in order]
 
@@ -294,10 +291,18 @@ def _analyse_segmentation(
     uid_seed: str,
     watch: Stopwatch,
     budget: Budget = DEFAULT_BUDGET,
+    preparer: Preparer | None = None,
 ) -> tuple[AnalysisResult, list[Dataset]]:
     """See :func:`node.runner.segment.analyse_segmentation` (imported here: it uses this module)."""
     from node.runner.segment import analyse_segmentation
 
     return analyse_segmentation(
-        model, session, files, level=level, uid_seed=uid_seed, watch=watch, budget=budget
+        model,
+        session,
+        files,
+        level=level,
+        uid_seed=uid_seed,
+        watch=watch,
+        budget=budget,
+        preparer=preparer,
     )

@@ -18,6 +18,7 @@ from node.budget import DEFAULT_BUDGET, Budget
 from node.dicom.inspect import InflateError, inflated_size
 from node.errors import BudgetExceeded, DecodeError, NodeError, PreprocessError, UploadRefused
 from node.inference.decode import check_budget, supported_transfer_syntaxes
+from node.inference.prepared import Preparer
 from node.outputs.sc import heatmaps_to_show, render_overlay
 from node.pipeline.region import region_from_pixels
 from node.pipeline.route import RuleSet, route, route_header_from_dataset, with_pixel_region
@@ -80,11 +81,18 @@ def parse_upload(data: bytes, budget: Budget = DEFAULT_BUDGET) -> Dataset:
 
 
 def analyse_upload(
-    rules: RuleSet | None, models: object, data: bytes, deadline: float, budget: Budget = DEFAULT_BUDGET
+    rules: RuleSet | None,
+    models: object,
+    data: bytes,
+    deadline: float,
+    budget: Budget = DEFAULT_BUDGET,
+    preparer: Preparer | None = None,
 ) -> tuple[str, list[Outcome]]:
     """Route and analyse one uploaded file with every model its rule names; render its heatmaps.
     ``models`` is the runner's :class:`~node.runner.Models`. Nothing is inflated or decoded past
-    ``budget`` (refused as ``over_budget``). Raises :class:`UploadRefused`."""
+    ``budget`` (refused as ``over_budget``); ``preparer`` decodes and prepares it in a child
+    process under the node's memory and time limits (over them: ``undecodable``, with the reason).
+    Raises :class:`UploadRefused`."""
     ds = parse_upload(data, budget)
     try:  # before routing, which may read the pixels of a CT or MR
         check_budget(ds, budget)
@@ -119,6 +127,7 @@ def analyse_upload(
                     uid_seed=f"infer|{model_id}|{ds.get('SOPInstanceUID', '')}",
                     watch=Stopwatch(deadline=deadline),
                     budget=budget,
+                    preparer=preparer,
                 )
             except JobTimeout as exc:
                 raise UploadRefused("timeout", f"inference took too long: {redact(str(exc))}") from exc

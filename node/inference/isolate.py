@@ -1,0 +1,529 @@
+"""Decoding and preparation in child processes under a memory and a time limit, so that one
+instance cannot take the node down (issue 21).
+
+The budget checks in :mod:`node.inference.decode` refuse what the headers claim; this is the second
+line of defence for what they do not reveal (a decoder bug, a huge LUT, an allocation inside a
+codec). A :class:`PreparePool` keeps a few warm children (pydicom, numpy and OpenCV imported once,
+by the ``forkserver`` they are forked from: never a fork of the threaded node). Each child runs
+under ``RLIMIT_AS`` = its own size once warm + ``limits.decode_memory_mib``. A job's instances go
+to one child (:meth:`PreparePool.submit`); the prepared arrays come back through
+``multiprocessing.shared_memory`` (one block per instance, copied out and unlinked at once), the
+data sets and headers pickled.
+
+A child that runs out of its memory (MemoryError), is killed by a signal (the kernel's OOM killer,
+a crash in a codec) or passes ``limits.decode_timeout_s`` is replaced, and the submit raises
+:class:`PreparationFailed` (a DecodeError: the job fails permanently) saying which. The node keeps
+serving.
+
+The interface is generic (items, a picklable :class:`~node.inference.prepared.PrepareSpec`, a
+budget -> prepared frames), so that a pool of such processes can feed batches to one ONNX session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import queue
+import resource
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from node.budget import DEFAULT_BUDGET, MIB, Budget
+from node.errors import DecodeError, NodeError, PreprocessError
+from node.inference.prepared import Item, PreparedFrame, PrepareSpec
+from node.types import ModelInput
+
+log = logging.getLogger(__name__)
+
+#: what the forkserver imports once, so that every child starts warm
+_PRELOAD = ["node.inference.prepared", "node.inference.isolate"]
+_ALIGN = 64
+_START_TIMEOUT_S = 60.0
+_SHM_DIR = "/dev/shm"
+_M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+class PreparationFailed(DecodeError):
+    """Decoding or preparing an instance in a child process ran out of its memory limit, was
+    killed by a signal or ran past its time limit. Caused by the data: permanent."""
+
+
+class PreparationDeadline(NodeError):
+    """The caller's deadline (the job's time limit) passed while its instances were prepared."""
+
+
+class PoolClosed(NodeError):
+    """The pool was closed (the node is stopping)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# the child
+
+
+def _address_space() -> int:
+    """This process's virtual size in bytes (what RLIMIT_AS limits)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _limit_arenas() -> None:
+    """At most two malloc arenas: each thread's own arena reserves 64 MiB of address space, which
+    would count against RLIMIT_AS without being used."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2)
+
+
+def _is_memory(exc: BaseException) -> bool:
+    """True when ``exc`` or what it wraps says an allocation failed."""
+    for item in _causes(exc):
+        if isinstance(item, MemoryError):
+            return True
+        text = str(item)
+        if type(item).__module__.startswith("cv2") and (
+            "Insufficient memory" in text or "Failed to allocate" in text
+        ):
+            return True
+    return False
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(out) < 16 and all(current is not e for e in out):
+        out.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return out
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, else the nearest node error (or RuntimeError) with its text."""
+    try:
+        back = pickle.loads(pickle.dumps(exc))
+    except Exception:  # an exception type whose __init__ does not take its args back
+        back = None
+    if isinstance(back, BaseException):
+        return back
+    for base in (PreprocessError, DecodeError, NodeError):
+        if isinstance(exc, base):
+            return base(str(exc))
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _encode_error(exc: BaseException) -> list[bytes]:
+    """The exception and its causes, each pickled on its own (the chain does not pickle); the
+    first carries a note with the child's stack (file, line, code: no values)."""
+    chain = [_portable(e) for e in _causes(exc)]
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    chain[0].add_note(f"in the preparation process (pid {os.getpid()}):\n{frames}")
+    return [pickle.dumps(e) for e in chain]
+
+
+def _shm_name(pid: int, task: int, position: int) -> str:
+    return f"pacs-node-{pid}-{task}-{position}"
+
+
+def _room_in_shm(nbytes: int) -> bool:
+    try:
+        st = os.statvfs(_SHM_DIR)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize > nbytes + 16 * MIB
+
+
+def _write(buf: memoryview, arrays: list[np.ndarray]) -> None:
+    block = np.ndarray((len(buf),), dtype=np.uint8, buffer=buf)
+    start = 0
+    for arr in arrays:
+        block[start : start + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+        start += -(-arr.nbytes // _ALIGN) * _ALIGN
+
+
+def _send_frames(conn: Connection, task: int, position: int, frames: list[PreparedFrame]) -> None:
+    """One instance's frames to the parent: arrays in one shared-memory block (or, when
+    /dev/shm has no room, as raw bytes after the message), the rest pickled."""
+    arrays: list[np.ndarray] = []
+    specs: list[
+        tuple[tuple[int, int, tuple[int, ...], str], tuple[int, int, tuple[int, ...], str] | None]
+    ] = []
+    offset = 0
+
+    def place(arr: np.ndarray) -> tuple[int, int, tuple[int, ...], str]:
+        nonlocal offset
+        arr = np.ascontiguousarray(arr)
+        arrays.append(arr)
+        spec = (offset, arr.nbytes, tuple(arr.shape), arr.dtype.str)
+        offset += -(-arr.nbytes // _ALIGN) * _ALIGN
+        return spec
+
+    for f in frames:
+        specs.append((place(f.model_input.tensor), None if f.display is None else place(f.display)))
+    meta = [
+        (f.index, f.header, f.model_input.geometry, f.model_input.layout, spec)
+        for f, spec in zip(frames, specs, strict=True)
+    ]
+    dataset = frames[0].dataset if frames else None
+    name = None
+    if offset and _room_in_shm(offset):
+        name = _shm_name(os.getpid(), task, position)
+        shm = SharedMemory(name=name, create=True, size=offset)
+        try:
+            _write(shm.buf, arrays)
+        finally:
+            shm.close()
+    conn.send(("item", position, dataset, meta, name))
+    if name is None:
+        for arr in arrays:
+            conn.send_bytes(memoryview(arr).cast("B"))
+
+
+def _run_task(conn: Connection, task: tuple[int, Sequence[Item], PrepareSpec, Budget]) -> bool:
+    """Prepare one submit's items; False when the child should end (it ran out of memory)."""
+    task_id, items, spec, budget = task
+    position = 0
+    try:
+        for position, item in enumerate(items):
+            _send_frames(conn, task_id, position, spec.prepare(item, position, budget))
+        conn.send(("done",))
+        return True
+    except Exception as exc:  # everything goes to the parent, typed; this process carries on
+        memory = _is_memory(exc)
+        try:
+            if memory:
+                conn.send(("memory", position, None))
+            else:
+                conn.send(("error", position, _encode_error(exc)))
+        except MemoryError:
+            return False  # the parent sees the child end: "the decoder process exited"
+        return not memory
+
+
+def child_main(conn: Connection, memory_bytes: int) -> None:
+    """A preparation process: limit its own address space to its warm size + ``memory_bytes``,
+    then prepare what the parent sends until it sends None (or goes away)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the node, which stops us
+    _limit_arenas()
+    import cv2  # noqa: F401 - already in the forkserver; imported before measuring, in any case
+
+    baseline = _address_space()
+    limit = baseline + memory_bytes
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    conn.send(("ready", os.getpid(), baseline, limit))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None or not _run_task(conn, task):
+            return
+
+
+# ------------------------------------------------------------------------------------------------
+# the parent
+
+
+class _Lost(Exception):
+    """The child ended (or was ended) before it answered."""
+
+
+@dataclass(eq=False)
+class _Child:
+    process: Any  # multiprocessing's Process of the chosen context
+    conn: Connection
+    pid: int
+    limit: int
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+def _copy_out(buf: memoryview, spec: tuple[int, int, tuple[int, ...], str]) -> np.ndarray:
+    offset, nbytes, shape, dtype = spec
+    return (
+        np.frombuffer(buf, dtype=np.dtype(dtype), count=nbytes // np.dtype(dtype).itemsize, offset=offset)
+        .reshape(shape)
+        .copy()
+    )
+
+
+def _died(code: int | None) -> str:
+    if code is None:
+        return "the decoder process stopped answering"
+    if code < 0:
+        sig = -code
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        hint = ": killed, e.g. by the system running out of memory" if sig == signal.SIGKILL else ""
+        return f"the decoder crashed (signal {sig}, {name}{hint})"
+    return f"the decoder process exited with status {code}"
+
+
+class PreparePool:
+    """Persistent child processes that decode and prepare instances (see the module text).
+
+    ``size``: children (at most this many submits run at once; more wait for a free one);
+    ``memory_mib``: address space each may allocate beyond its warm size; ``timeout_s``: the
+    longest one submit may take. Children start on first use and are replaced when they fail.
+    """
+
+    def __init__(
+        self, size: int, memory_mib: int, timeout_s: float, start_method: str = "forkserver"
+    ) -> None:
+        if size < 1 or memory_mib < 1:
+            raise ValueError("a preparation pool needs at least one process and some memory")
+        self.size, self.memory_mib, self.timeout_s = size, memory_mib, timeout_s
+        self._ctx = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self._ctx.set_forkserver_preload(_PRELOAD)
+        self._slots: queue.LifoQueue[_Child | None] = queue.LifoQueue()
+        for _ in range(size):
+            self._slots.put(None)
+        self._children: set[_Child] = set()
+        self._lock = threading.Lock()
+        self._tasks = itertools.count(1)
+        self._closed = False
+        self.replaced = 0  # children replaced after a failure (for tests and metrics)
+
+    # -- children ----------------------------------------------------------------------------
+    def _start_child(self) -> _Child:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=child_main, args=(child, self.memory_mib * MIB), name="pacs-node-prepare", daemon=True
+        )
+        process.start()
+        child.close()
+        try:
+            if not parent.poll(_START_TIMEOUT_S):
+                raise _Lost("did not start")
+            kind, pid, baseline, limit = parent.recv()
+        except (_Lost, EOFError, OSError) as exc:
+            process.kill()
+            process.join(5)
+            parent.close()
+            raise NodeError(f"a preparation process could not start: {_died(process.exitcode)}") from exc
+        assert kind == "ready"
+        log.debug(
+            "preparation process %d ready: %d MiB warm, limit %d MiB", pid, baseline // MIB, limit // MIB
+        )
+        out = _Child(process, parent, pid, limit)
+        with self._lock:
+            self._children.add(out)
+        return out
+
+    def _acquire(self, until: float) -> _Child:
+        if self._closed:
+            raise PoolClosed("the preparation pool is closed")
+        try:
+            slot = self._slots.get(timeout=max(0.0, until - time.monotonic()))
+        except queue.Empty:
+            raise PreparationDeadline(
+                "no preparation process became free before the job's time limit"
+            ) from None
+        if slot is not None and slot.alive():
+            return slot
+        if slot is not None:
+            self._forget(slot)
+        try:
+            return self._start_child()
+        except BaseException:
+            self._slots.put(None)
+            raise
+
+    def _release(self, child: _Child | None) -> None:
+        if child is not None and self._closed:
+            self._stop_child(child)
+            child = None
+        self._slots.put(child)
+
+    def _forget(self, child: _Child) -> None:
+        child.kill()
+        with self._lock:
+            self._children.discard(child)
+
+    def _stop_child(self, child: _Child) -> None:
+        with contextlib.suppress(OSError):
+            child.conn.send(None)
+        child.process.join(2)
+        self._forget(child)
+
+    def close(self) -> None:
+        """Stop every child (a busy one is killed, its submit fails with PoolClosed)."""
+        self._closed = True
+        while True:
+            try:
+                slot = self._slots.get_nowait()
+            except queue.Empty:
+                break
+            if slot is not None:
+                self._stop_child(slot)
+        with self._lock:
+            busy = list(self._children)
+        for child in busy:
+            self._forget(child)
+
+    # -- work --------------------------------------------------------------------------------
+    def _receive(self, child: _Child, until: float) -> Any:
+        while True:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            ready = wait([child.conn, child.process.sentinel], timeout=min(remaining, 5.0))
+            if child.conn in ready:
+                try:
+                    return child.conn.recv()
+                except (EOFError, OSError):
+                    raise _Lost from None
+            if ready or self._closed:
+                raise _Lost
+
+    def _item(self, child: _Child, message: tuple) -> list[PreparedFrame]:
+        _, position, dataset, meta, name = message
+        arrays: list[np.ndarray] = []
+        if name is not None:
+            shm = SharedMemory(name=name)
+            try:
+                for *_, (tensor, display) in meta:
+                    arrays.append(_copy_out(shm.buf, tensor))
+                    if display is not None:
+                        arrays.append(_copy_out(shm.buf, display))
+            finally:
+                shm.close()
+                shm.unlink()
+        else:
+            for *_, (tensor, display) in meta:
+                for spec in (tensor, display):
+                    if spec is not None:
+                        _, _, shape, dtype = spec
+                        raw = child.conn.recv_bytes()
+                        arrays.append(np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy())
+        out = []
+        taken = iter(arrays)
+        for index, header, geometry, layout, (_, display) in meta:
+            tensor = next(taken)
+            shown = next(taken) if display is not None else None
+            out.append(
+                PreparedFrame(position, index, dataset, header, ModelInput(tensor, geometry, layout), shown)
+            )
+        return out
+
+    def _unlink_left(self, child: _Child, task: int, count: int) -> None:
+        """Remove the blocks a failed child made and nobody took."""
+        for position in range(count):
+            path = os.path.join(_SHM_DIR, _shm_name(child.pid, task, position))
+            if os.path.exists(path):
+                with contextlib.suppress(OSError):
+                    shm = SharedMemory(name=_shm_name(child.pid, task, position))
+                    shm.close()
+                    shm.unlink()
+
+    def submit(
+        self,
+        items: Sequence[Item],
+        spec: PrepareSpec,
+        budget: Budget = DEFAULT_BUDGET,
+        deadline: float | None = None,
+    ) -> list[PreparedFrame]:
+        """Prepare every frame of every item in a child (in the order handed in), within
+        ``budget`` and this pool's memory and time limits, before ``deadline`` (monotonic).
+        Raises what the preparation raised (DecodeError, PreprocessError, ...),
+        PreparationFailed (out of memory, a crash, over time: permanent) or PreparationDeadline."""
+        start = time.monotonic()
+        limit_at = start + self.timeout_s
+        until = limit_at if deadline is None else min(limit_at, deadline)
+        child: _Child | None = self._acquire(until)
+        assert child is not None
+        task = next(self._tasks)
+        out: list[PreparedFrame] = []
+        position = 0
+        healthy = False  # the child is waiting for its next task
+        try:
+            child.conn.send((task, list(items), spec, budget))
+            while True:
+                message = self._receive(child, until)
+                if message[0] == "item":
+                    position = message[1] + 1  # the one being prepared next
+                    out.extend(self._item(child, message))
+                    continue
+                healthy = message[0] in ("done", "error")
+                if message[0] == "done":
+                    return out
+                position = message[1]
+                if message[0] == "error":
+                    raise _rebuild(message[2])
+                raise _Lost("memory")
+        except _Lost as lost:
+            code = self._replace(child, task, len(items))
+            child = None
+            if self._closed:
+                raise PoolClosed("the preparation pool was closed (the node is stopping)") from None
+            where = f" (image {position + 1} of {len(items)})"
+            if lost.args == ("memory",):
+                reason = f"decoding needed more than {self.memory_mib} MiB (limits.decode_memory_mib){where}"
+            else:
+                reason = f"{_died(code)}{where}"
+            log.warning("preparation failed: %s; the process is replaced", reason)
+            raise PreparationFailed(reason) from None
+        except TimeoutError:
+            self._replace(child, task, len(items))
+            child = None
+            if deadline is not None and deadline < limit_at:
+                raise PreparationDeadline(
+                    f"decoding and preparing {len(items)} images did not finish before the job's time limit"
+                ) from None
+            log.warning("preparation took longer than %.0f s; the process is replaced", self.timeout_s)
+            raise PreparationFailed(
+                f"decoding took longer than {self.timeout_s:g} s (limits.decode_timeout_s)"
+                f" (image {position + 1} of {len(items)})"
+            ) from None
+        finally:
+            if child is not None:
+                if healthy:
+                    self._release(child)
+                else:  # e.g. an item that does not pickle, or an interrupt: state unknown
+                    self._replace(child, task, len(items))
+
+    def _replace(self, child: _Child, task: int, count: int) -> int | None:
+        """End ``child`` (it failed, or its state is unknown), remove the shared-memory blocks it
+        left, free its slot for a fresh child; its exit code."""
+        if child.alive():
+            child.process.join(0.5)  # it may be exiting on its own (out of memory)
+        child.kill()
+        code = child.process.exitcode
+        with self._lock:
+            self._children.discard(child)
+        self._unlink_left(child, task, count)
+        self._slots.put(None)  # a fresh child starts on the next submit
+        self.replaced += 1
+        return code
+
+
+def _rebuild(chain: list[bytes]) -> BaseException:
+    """The child's exception with its causes linked again."""
+    excs = [pickle.loads(raw) for raw in chain]
+    for exc, cause in itertools.pairwise(excs):
+        exc.__cause__ = cause
+    return excs[0]

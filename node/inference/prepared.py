@@ -1,0 +1,119 @@
+"""Decode and prepare instances for a model: every frame of every file to its model input (and,
+where asked, its uint8 display), with what the outputs need of the source (the data set, pixel
+data dropped; each frame's header).
+
+This is the work that touches the pixels of untrusted files, so it is kept apart from the rest of
+the analysis: :func:`prepare_items` runs it in this process (the reference, and the debugging
+path), :class:`node.inference.isolate.PreparePool` runs the same :meth:`PrepareSpec.prepare` in a
+child process under a memory and a time limit. The module imports only what decoding needs
+(pydicom, numpy, OpenCV), so that children start small.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset
+
+from node.budget import DEFAULT_BUDGET, Budget
+from node.inference import preprocess as pp
+from node.inference.decode import iter_frames, read_dataset
+from node.inference.manifest import Manifest
+from node.types import DecodedImage, ImageHeader, ModelInput
+
+log = logging.getLogger(__name__)
+
+#: What a job hands in: a file of the spool (or an upload), or a data set already read.
+Item = Path | Dataset
+
+
+def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
+    """One frame windowed for display as uint8, with the transforms the ``modality_lut`` and
+    ``window`` steps use (pydicom's: Modality LUT or rescale, then VOI LUT or the window with its
+    VOILUTFunction), else the 0.5-99.5 percentiles. ``image.header`` is that frame's header."""
+    header = image.header
+    pixels = image.frame(frame)
+    if pixels.ndim == 3:  # colour: show as grey
+        return cv2.cvtColor(np.clip(pixels, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    values, _ = pp.header_modality(pixels, header)
+    usable = header.voi_lut is not None or (header.window_width is not None and header.window_width > 1)
+    out = pp.header_voi(values, header) if usable else None
+    if out is None:
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        out = pp.scale_to_8bit(values, float(lo), float(hi or lo + 1))
+    if header.photometric_interpretation == "MONOCHROME1":
+        out = 255.0 - out
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedFrame:
+    """One frame prepared for the model. ``item``: its position in the list handed in; ``index``:
+    0-based frame index in that instance; ``dataset``: the instance's data set, pixel data dropped
+    (one object shared by the frames of an instance); ``display``: the uint8 display when asked."""
+
+    item: int
+    index: int
+    dataset: Dataset
+    header: ImageHeader
+    model_input: ModelInput
+    display: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """How to prepare instances for one model (picklable: it travels to the child processes).
+    ``check_size``: check the model's spatial input size (False for patch models, which tile the
+    full image); ``keep_display``: keep each frame's uint8 display of a file (a data set handed
+    in keeps it always: it cannot be decoded again later)."""
+
+    manifest: Manifest
+    check_size: bool = True
+    keep_display: bool = True
+
+    def prepare(self, item: Item, position: int, budget: Budget = DEFAULT_BUDGET) -> list[PreparedFrame]:
+        """Decode ``item`` frame by frame within ``budget`` and prepare each frame; a frame's
+        full-resolution pixels are dropped once prepared. Raises DecodeError / PreprocessError."""
+        ds = read_dataset(item)
+        keep = self.keep_display or not isinstance(item, (str, Path))
+        frames = []
+        for index, decoded in enumerate(iter_frames(ds, budget)):
+            model_input = pp.prepare(decoded, self.manifest, check_size=self.check_size)
+            display = display_image(decoded) if keep else None
+            frames.append(PreparedFrame(position, index, ds, decoded.header, model_input, display))
+        if "PixelData" in ds:
+            del ds.PixelData  # the outputs need the header only
+        if frames and frames[-1].header.is_multiframe:
+            log.debug("prepared %d frames of one multi-frame image", frames[-1].header.number_of_frames)
+        return frames
+
+
+def prepare_items(
+    items: Sequence[Item], spec: PrepareSpec, budget: Budget = DEFAULT_BUDGET
+) -> list[PreparedFrame]:
+    """Every frame of every item prepared in this process, in the order handed in."""
+    out: list[PreparedFrame] = []
+    for position, item in enumerate(items):
+        out.extend(spec.prepare(item, position, budget))
+    return out
+
+
+class Preparer(Protocol):
+    """Something that prepares items as :func:`prepare_items` does, elsewhere (a process pool)."""
+
+    def submit(
+        self,
+        items: Sequence[Item],
+        spec: PrepareSpec,
+        budget: Budget = DEFAULT_BUDGET,
+        deadline: float | None = None,
+    ) -> list[PreparedFrame]:
+        """Every frame of every item prepared, in the order handed in, before ``deadline``
+        (``time.monotonic``)."""
+        ...
