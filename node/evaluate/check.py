@@ -88,6 +88,9 @@ def check_model(
                 else:
                     tensor = tensor[:, : h or 1, : w or 1, :]
                 out.append(f"patch model: latency and outputs below are for one {h}x{w} tile")
+            if manifest.input.is_volume:
+                tensor = _one_window(tensor, model_input.layout, manifest.roi_size)
+                out.append(f"3-D model: latency and outputs below are for one window {tuple(tensor.shape)}")
             times = []
             outputs: dict[str, np.ndarray] = {}
             for _ in range(repeats):
@@ -129,3 +132,15 @@ def check_model(
         return report
     report.ok = True
     return report
+
+
+def _one_window(prepared: np.ndarray, layout: str, roi: tuple[int, int, int] | None) -> np.ndarray:
+    """One sliding window (1, C, d, h, w) of a 3-D model filled with a prepared slice repeated
+    along depth (cropped or zero-padded in-plane)."""
+    assert roi is not None
+    plane = prepared[0] if layout == "NCHW" else prepared[0].transpose(2, 0, 1)  # (C, H, W)
+    d, h, w = roi
+    window = np.zeros((1, plane.shape[0], d, h, w), dtype=prepared.dtype)
+    hh, ww = min(h, plane.shape[1]), min(w, plane.shape[2])
+    window[0, :, :, :hh, :ww] = plane[:, np.newaxis, :hh, :ww]
+    return window

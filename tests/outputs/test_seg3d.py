@@ -226,3 +226,15 @@ def test_monai_unet_3d_blend_matches_monai(tmp_path: Path) -> None:
     result, sources = _run(model, session, files)  # the whole analysis runs on random weights
     assert result.segmentation is not None and len(result.segmentation.frames) == 12
     assert result.frames_analysed == 12
+
+
+def test_models_check_runs_a_3d_model(liver3d) -> None:
+    from node.evaluate.check import check_model
+
+    model, _ = liver3d
+    report = check_model(model.directory, threads=1, repeats=1)
+    assert report.ok, report.lines
+    assert any(
+        line.startswith("3-D model: latency and outputs below are for one window (1, 1, 8, 128, 128)")
+        for line in report.lines
+    )
