@@ -83,11 +83,13 @@ class Node:
         self.engine.dispose()
 
     def ready(self) -> dict[str, bool]:
-        """Readiness of each dependency: the database answers, the DICOM port listens, and the
-        spool's disk is above its watermark (below it every C-STORE is refused)."""
+        """Readiness of each dependency: the database answers, the DICOM port listens and has a
+        free association slot, and the spool's disk is above its watermark (below it every
+        C-STORE is refused)."""
         return {
             "database": ping(self.engine),
             "dicom": self.scp.is_listening(),
+            "dicom_slots": self.scp.has_free_slot(),
             "disk": self.spool.has_room(),
         }
 

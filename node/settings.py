@@ -115,9 +115,26 @@ class DicomSettings(_Section):
         ),
     )
     tls: TlsSettings = Field(default_factory=TlsSettings)
-    acse_timeout_s: float = Field(30.0, gt=0)
+    acse_timeout_s: float = Field(30.0, gt=0, description="the whole A-ASSOCIATE-RQ must arrive within this")
     dimse_timeout_s: float = Field(60.0, gt=0)
-    network_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(
+        60.0, gt=0, description="idle time allowed between PDUs, and the longest one PDU may take to arrive"
+    )
+    max_associate_rq: int = Field(
+        256 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="largest A-ASSOCIATE-RQ (and any PDU but P-DATA) read from a peer not yet accepted",
+    )
+    max_associations_per_address: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="concurrent connections from one address (from accept); more are rejected (transient)",
+    )
+    require_called_ae_title: bool = Field(
+        False, description="reject an association whose Called AE Title is not ae_title"
+    )
 
     @field_validator("max_pdu")
     @classmethod

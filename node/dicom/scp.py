@@ -47,7 +47,6 @@ from pynetdicom.sop_class import (
     Verification,  # type: ignore[attr-defined]
     uid_to_service_class,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.dicom import status
@@ -57,6 +56,7 @@ from node.dicom.inspect import Header, inspect_dataset
 from node.dicom.sop_classes import storage_sop_classes
 from node.dicom.spool import Spool, SpoolFullError
 from node.dicom.tls import server_context
+from node.dicom.transport import Gate, GatedServer, NetworkLimits, shown_ae, start_gated_server
 from node.errors import IngestError, StoreError
 from node.metrics import NodeMetrics
 from node.settings import DicomSettings
@@ -120,6 +120,10 @@ def _failure(code: int, comment: str) -> Dataset:
 # A placeholder for a request SOP Instance UID pynetdicom cannot carry (empty, over 64 characters):
 # the response echoes it, and the request is answered with a failure.
 _PLACEHOLDER_UID = "0"
+# A storage SOP class put in place of the request's when a C-STORE arrives on a context that is not
+# storage, so that pynetdicom runs the storage service (which answers it with a failure) instead of
+# the context's (Verification would answer a C-STORE as a successful C-ECHO)
+_PLACEHOLDER_STORAGE_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,10 @@ class _GarbledRequest:
 
     sop_class: str | None = None
     sop_instance: str | None = None
+    # the request came on a context that is not storage (Verification): its abstract syntax's name,
+    # and the request's own SOP Class UID to echo in the response (when it can be carried)
+    context: str | None = None
+    requested_class: str | None = None
 
 
 def _shown(value: object) -> str:
@@ -214,8 +222,10 @@ class StorageSCP:
         self.metrics = metrics or NodeMetrics()
         self.allowed = AllowList.parse(settings.allowed_calling_aets)
         self._tls = server_context(settings.tls, settings.network_timeout_s) if settings.tls.enabled else None
-        self._server: ThreadedAssociationServer | None = None
-        self._tls_server: ThreadedAssociationServer | None = None
+        # limits, the allow-list and slot counts, applied before pynetdicom reads past the A-ASSOCIATE-RQ
+        self.gate = Gate(NetworkLimits.of(settings), self.allowed, self.metrics)
+        self._server: GatedServer | None = None
+        self._tls_server: GatedServer | None = None
         # per association: message id -> what its garbled request said (see _on_dimse_received)
         self._garbled: weakref.WeakKeyDictionary[Association, dict[int, _GarbledRequest]] = (
             weakref.WeakKeyDictionary()
@@ -233,8 +243,8 @@ class StorageSCP:
         ae.acse_timeout = s.acse_timeout_s
         ae.dimse_timeout = s.dimse_timeout_s
         ae.network_timeout = s.network_timeout_s
-        ae.require_called_aet = False
-        if not self.allowed:  # the allow-list (AE titles and addresses) is checked in _on_requested
+        ae.require_called_aet = False  # the gate checks it (dicom.require_called_ae_title)
+        if not self.allowed:  # the gate checks the allow-list (AE titles and addresses)
             log.warning("dicom.allowed_calling_aets is empty: every calling AE title is accepted")
         # the acceptor may support any number of contexts (the 128 limit is on what a requestor proposes)
         for sop_class in storage_sop_classes():
@@ -245,25 +255,20 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, self._on_connect),
-            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         tls_only = self._tls is not None and s.tls.port is None
         main_context = self._tls if tls_only else None
         contexts = [_SharedContext.of(cx) for cx in ae.supported_contexts]
-        self._server = ae.start_server(
-            (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=main_context, contexts=contexts
+        self._server = start_gated_server(
+            ae, (s.host, s.port), self.gate, handlers, contexts, ssl_context=main_context
         )
         kind = "TLS" if tls_only else "plain TCP"
         log.info("DICOM SCP %s listening on %s:%d (%s)", s.ae_title, s.host, self.port, kind)
         if self._tls is not None and s.tls.port is not None:
-            self._tls_server = ae.start_server(
-                (s.host, s.tls.port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=self._tls,
-                contexts=contexts,
+            self._tls_server = start_gated_server(
+                ae, (s.host, s.tls.port), self.gate, handlers, contexts, ssl_context=self._tls
             )
             log.info("DICOM SCP %s listening on %s:%d (TLS)", s.ae_title, s.host, s.tls.port)
 
@@ -306,27 +311,16 @@ class StorageSCP:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_requested(self, event: Event) -> None:
-        """Check the calling AE title and source address against the allow-list; reject (calling
-        AE title not recognised) when no entry matches. Only the AE title and address are logged."""
-        assoc = event.assoc
-        primitive = assoc.requestor.primitive
-        calling = str(primitive.calling_ae_title if primitive is not None else assoc.requestor.ae_title)
-        address = str(assoc.requestor.address)
-        if self.allowed.allows(calling, address):
-            return
-        log.warning("association from %s at %s rejected: not in dicom.allowed_calling_aets", calling, address)
-        label = calling if self.allowed.knows(calling) else "(unlisted)"
-        self.metrics.association(label, "rejected_not_allowed")
-        assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
-        assoc.kill()
+    def has_free_slot(self) -> bool:
+        """True while another association could be accepted (dicom.max_associations)."""
+        return self.gate.has_free_slot()
 
     def _on_accepted(self, event: Event) -> None:
         self.metrics.association(event.assoc.requestor.ae_title, "accepted")
 
     def _on_rejected(self, event: Event) -> None:
         requestor = event.assoc.requestor
-        log.warning("association from %s (%s) rejected", requestor.ae_title, requestor.address)
+        log.warning("association from %s (%s) rejected", shown_ae(requestor.ae_title), requestor.address)
         self.metrics.association(requestor.ae_title, "rejected")
 
     @staticmethod
@@ -342,6 +336,9 @@ class StorageSCP:
         over-long UID drops the request unanswered. Such a command is pointed at the context's
         abstract syntax (and a placeholder instance UID) so that the storage service runs, and
         what it really said is kept for :meth:`store`, which answers it with a failure status.
+
+        A C-STORE on a context that is not storage (Verification) is pointed at a storage class
+        likewise, and refused by :meth:`store`: pynetdicom would answer it as a C-ECHO, with success.
         """
         message = event.message
         if not isinstance(message, C_STORE_RQ) or message.command_set is None:
@@ -351,20 +348,23 @@ class StorageSCP:
         sop_instance = command.get("AffectedSOPInstanceUID")
         class_ok = _storage_dispatchable(sop_class)
         instance_ok = _uid_carriable(sop_instance)
-        if class_ok and instance_ok:
-            return
-        context = next(
-            (cx for cx in event.assoc.accepted_contexts if cx.context_id == message.context_id), None
-        )
+        context = event.assoc._accepted_cx.get(message.context_id)  # pynetdicom's {id: context}
         if context is None:  # pynetdicom aborts: a message on a context that was not accepted
             return
-        if not class_ok:
+        storage_context = uid_to_service_class(context.abstract_syntax) is StorageServiceClass
+        if class_ok and instance_ok and storage_context:
+            return
+        if not storage_context:
+            command.AffectedSOPClassUID = _PLACEHOLDER_STORAGE_CLASS
+        elif not class_ok:
             command.AffectedSOPClassUID = context.abstract_syntax
         if not instance_ok:
             command.AffectedSOPInstanceUID = _PLACEHOLDER_UID
         note = _GarbledRequest(
             sop_class=None if class_ok else _shown(sop_class),
             sop_instance=None if instance_ok else _shown(sop_instance),
+            context=None if storage_context else _uid_name(str(context.abstract_syntax)),
+            requested_class=str(sop_class) if _uid_carriable(sop_class) and not storage_context else None,
         )
         with self._garbled_lock:
             self._garbled.setdefault(event.assoc, {})[int(command.get("MessageID", 0))] = note
@@ -382,12 +382,18 @@ class StorageSCP:
         comment. Nothing raised while handling one data set may abort the association."""
         started = time.perf_counter()
         calling = event.assoc.requestor.ae_title
+        note = self._garbled_note(event)
         try:
-            stored = self.store(event, self._garbled_note(event))
+            stored = self.store(event, note)
         except IngestError as exc:
-            log.warning("C-STORE from %s refused with %s: %s", calling, status.name(exc.status), exc)
+            log.warning(
+                "C-STORE from %s refused with %s: %s", shown_ae(calling), status.name(exc.status), exc
+            )
             self.metrics.refused(calling, exc.status)
-            return _failure(exc.status, str(exc))
+            answer = _failure(exc.status, str(exc))
+            if note is not None and note.requested_class is not None:
+                answer.AffectedSOPClassUID = note.requested_class  # not our placeholder
+            return answer
         except Exception as exc:  # a bug of ours must cost one data set, not the association
             log.exception("C-STORE from %s: unexpected %s while filing", calling, type(exc).__name__)
             self.metrics.refused(calling, status.PROCESSING_FAILURE)
@@ -473,7 +479,7 @@ class StorageSCP:
                 calling_aet=event.assoc.requestor.ae_title,
                 received_at=utcnow(),
             )
-            return self.committer.commit(record, dirs)
+            return self.committer.commit(record, dirs, chunks, created)
         except SpoolFullError as exc:
             raise IngestError(status.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
         except OSError as exc:
@@ -501,6 +507,11 @@ class StorageSCP:
     def store(self, event: Event, garbled: _GarbledRequest | None = None) -> int:
         """File one C-STORE request durably; raise IngestError with the status to answer.
         ``garbled``: what the request's command said where pynetdicom could not use it."""
+        if garbled is not None and garbled.context is not None:
+            raise IngestError(
+                status.SOP_CLASS_NOT_SUPPORTED,
+                f"C-STORE on the {garbled.context} presentation context (not a storage context)",
+            )
         request = event.request
         stream: BytesIO = request.DataSet  # type: ignore[assignment]
         context = event.context

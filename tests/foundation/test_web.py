@@ -21,7 +21,13 @@ def test_health_and_readiness(make_node):
     assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": True, "dicom": True, "disk": True}
+    assert ready.json()["checks"] == {
+        "database": True,
+        "database_writable": True,
+        "dicom": True,
+        "dicom_slots": True,
+        "disk": True,
+    }
     node.scp.stop()
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503
@@ -33,7 +39,13 @@ def test_not_ready_while_the_disk_is_below_its_watermark(make_node):
     node = make_node(storage={"min_free_mb": 2**40})  # more than any disk has free
     ready = _client(node).get("/readyz")
     assert ready.status_code == 503
-    assert ready.json()["checks"] == {"database": True, "dicom": True, "disk": False}
+    assert ready.json()["checks"] == {
+        "database": True,
+        "database_writable": True,
+        "dicom": True,
+        "dicom_slots": True,
+        "disk": False,
+    }
 
 
 def test_studies_api_and_page(make_node, tmp_path):
