@@ -18,7 +18,16 @@ fed full-size chest radiograph phantoms through the scaffold's chest preprocessi
 letterbox to 224, normalise, 3 channels). The segmentation model (``ct-liver-seg``, a 2-D U-Net run
 slice by slice) goes through the whole segmentation analysis: per-pixel classes mapped back to the
 source pixels and post-processed are node cost; ``--models ct-liver-seg --images 300`` measures it
-over a 300-slice CT. (3-D sliding-window segmentation is not supported by the node.)
+over a 300-slice CT.
+
+``--models unet3d-ct`` (or ``--real3d``) adds a 3-D segmentation model built at bench time (random
+weights, nothing committed): MONAI's UNet with ``spatial_dims=3``, channels (16, 32, 64, 128),
+strides 2, one residual unit, exported to ONNX by torch with dynamic spatial axes, behind the
+ct-liver-seg preprocessing resized to 192x192 in-plane, roi 64x128x128, overlap 0.25, gaussian
+blend, 2 windows per call. Its node path is the whole 3-D segmentation analysis (every slice
+decoded and prepared, stacked, sliding-window inference, blended, mapped back per slice,
+26-connected components removed, measured); the bare path runs the same windows in the same
+calls; images/s counts slices. ``--models unet3d-ct --images 300 --repeat 1`` is a 300-slice CT.
 
     .venv/bin/python bench/inference.py [--images 16] [--repeat 3] [--provider cpu|cuda|all] [--real]
 """
@@ -58,6 +67,8 @@ REAL = {
     "resnet50-224": ("resnet50", (3, 224, 224)),
     "densenet121-224": ("densenet121", (3, 224, 224)),
 }
+#: 3-D segmentation models built at bench time (``--real3d``): id -> (UNet channels, roi, in-plane size).
+REAL3D = {"unet3d-ct": ((16, 32, 64, 128), (64, 128, 128), 192)}
 
 
 class Recording:
@@ -207,6 +218,25 @@ def build_real(model_id: str, folder: Path) -> LoadedModel:
     return load_model(out)
 
 
+def build_real3d(model_id: str, folder: Path) -> LoadedModel:
+    """Export a MONAI 3-D UNet (random weights, fixed seed) with its 3-D manifest into
+    ``folder/<id>`` (tests/outputs/seg3d_models.py) and load it."""
+    from node.inference.registry import load_model
+    from tests.outputs.seg3d_models import monai_unet_3d
+
+    channels, roi, size = REAL3D[model_id]
+    out, _ = monai_unet_3d(
+        folder / model_id,
+        channels=channels,
+        roi=roi,
+        size=size,
+        model_id=model_id,
+        batch_size=2,
+        overlap=0.25,
+    )
+    return load_model(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16, help="source images per model")
@@ -218,6 +248,9 @@ def main() -> None:
         "--real",
         action="store_true",
         help="also real-size ResNet-50 and DenseNet-121 at 224x224 (needs torch)",
+    )
+    parser.add_argument(
+        "--real3d", action="store_true", help="also a 3-D MONAI UNet segmentation model (needs torch, monai)"
     )
     args = parser.parse_args()
 
@@ -231,7 +264,9 @@ def main() -> None:
             sys.exit("CUDA provider not usable here")
 
     registry = load_registry(REPO / "models" / "onnx")
-    ids = args.models or sorted(registry.models) + (list(REAL) if args.real else [])
+    ids = args.models or (
+        sorted(registry.models) + (list(REAL) if args.real else []) + (list(REAL3D) if args.real3d else [])
+    )
     print(f"machine: {machine()}")
     header = (
         f"{'model':<16}{'provider':<10}{'images':>7}{'runs':>6}{'batch':>7}"
@@ -244,6 +279,9 @@ def main() -> None:
             if model_id in REAL:
                 model = build_real(model_id, Path(tmp))
                 kind = "cxr"
+            elif model_id in REAL3D:
+                model = build_real3d(model_id, Path(tmp))
+                kind = "ct"
             else:
                 model = registry.get(model_id)
                 kind = KIND[model_id]

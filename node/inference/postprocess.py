@@ -113,11 +113,25 @@ def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
     return keep[labels]
 
 
-def _find(parent: list[int], a: int) -> int:
-    while parent[a] != a:
-        parent[a] = parent[parent[a]]
-        a = parent[a]
-    return a
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest node id of each node's component in the graph of ``n`` nodes and the edges
+    (a[i], b[i]): label propagation with pointer jumping, in numpy."""
+    lab = np.arange(n, dtype=np.int64)
+    if a.size == 0:
+        return lab
+    while True:
+        m = np.minimum(lab[a], lab[b])
+        new = lab.copy()
+        np.minimum.at(new, a, m)
+        np.minimum.at(new, b, m)
+        new = new[new]
+        if np.array_equal(new, lab):
+            return lab
+        lab = new
+
+
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+_SQUARE = np.ones((3, 3), dtype=np.uint8)
 
 
 def remove_small_volumes(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -125,9 +139,11 @@ def remove_small_volumes(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     a bool array.
 
     No SciPy at runtime: each slice is labelled 8-connected by OpenCV, the 2-D components of
-    neighbouring slices that touch across the 3x3 in-plane neighbourhood are joined (union-find),
-    and a 3-D component's size is the sum of its slices' areas. Only the bounding box of the mask
-    is worked on."""
+    neighbouring slices that touch across the 3x3 in-plane neighbourhood are joined, and a 3-D
+    component's size is the sum of its slices' areas. A pixel of the next slice touches a
+    component either straight above one of its pixels or diagonally next to one of its boundary
+    pixels (an interior pixel's 8 neighbours are all in the component), so only the boundary
+    pixels are looked up diagonally. Only the bounding box of the mask is worked on."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
         raise InferenceError(f"a 3-D mask is (D, H, W); found shape {mask.shape}")
@@ -136,42 +152,59 @@ def remove_small_volumes(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     rows = np.flatnonzero(mask.any(axis=(0, 2)))
     cols = np.flatnonzero(mask.any(axis=(0, 1)))
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    box = mask[:, r0:r1, c0:c1]
+    box = np.ascontiguousarray(mask[:, r0:r1, c0:c1])
     depth, height, width = box.shape
-    labels = np.zeros(box.shape, dtype=np.int32)  # global component ids, 0 = background
-    areas: list[int] = [0]
+    planes: list[tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None] = [
+        None
+    ] * depth
+    areas: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]  # per global component id; 0 = background
+    count = 1
     for z in range(depth):
         if not box[z].any():
             continue
-        count, lab, stats, _ = cv2.connectedComponentsWithStats(box[z].astype(np.uint8), connectivity=8)
-        offset = len(areas) - 1
-        labels[z] = np.where(lab > 0, lab + offset, 0)
-        areas.extend(int(a) for a in stats[1:, cv2.CC_STAT_AREA])
-    parent = list(range(len(areas)))
+        _, lab, stats, _ = cv2.connectedComponentsWithStats(box[z].view(np.uint8), connectivity=8)
+        offset = count - 1
+        ys, xs = np.nonzero(lab)
+        plane = box[z].view(np.uint8)
+        boundary = (plane & ~cv2.erode(plane, _SQUARE).astype(bool))[ys, xs].astype(bool)
+        planes[z] = (lab, offset, ys, xs, lab[ys, xs].astype(np.int64) + offset, boundary)
+        areas.append(stats[1:, cv2.CC_STAT_AREA].astype(np.int64))
+        count += len(areas[-1])
+    edges_a, edges_b = [], []
     for z in range(depth - 1):
-        a, b = labels[z], labels[z + 1]
-        if not (a.any() and b.any()):
+        here, there = planes[z], planes[z + 1]
+        if here is None or there is None:
             continue
-        pairs = []
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                ya, yb = slice(max(0, -dy), height - max(0, dy)), slice(max(0, dy), height - max(0, -dy))
-                xa, xb = slice(max(0, -dx), width - max(0, dx)), slice(max(0, dx), width - max(0, -dx))
-                sa, sb = a[ya, xa], b[yb, xb]
-                touch = (sa > 0) & (sb > 0)
-                if touch.any():
-                    pairs.append(sa[touch].astype(np.int64) * len(areas) + sb[touch])
-        if pairs:
-            for code in np.unique(np.concatenate(pairs)).tolist():
-                ra, rb = _find(parent, code // len(areas)), _find(parent, code % len(areas))
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([_find(parent, i) for i in range(len(areas))], dtype=np.int64)
-    size = np.bincount(roots, weights=np.asarray(areas, dtype=np.float64), minlength=len(areas))
-    keep = size[roots] >= min_voxels
+        _, _, ys, xs, ids, boundary = here
+        lab_b, offset_b = there[0], there[1]
+        above = lab_b[ys, xs]
+        touch = above > 0
+        edges_a.append(ids[touch])
+        edges_b.append(above[touch].astype(np.int64) + offset_b)
+        ys, xs, ids = ys[boundary], xs[boundary], ids[boundary]
+        for dy, dx in _NEIGHBOURS:
+            y, x = ys + dy, xs + dx
+            inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
+            other = lab_b[y[inside], x[inside]]
+            touch = other > 0
+            edges_a.append(ids[inside][touch])
+            edges_b.append(other[touch].astype(np.int64) + offset_b)
+    n = count
+    a = np.concatenate(edges_a) if edges_a else np.zeros(0, dtype=np.int64)
+    b = np.concatenate(edges_b) if edges_b else np.zeros(0, dtype=np.int64)
+    if a.size:
+        unique = np.unique(a * n + b)
+        a, b = unique // n, unique % n
+    component = _components(n, a, b)
+    size = np.bincount(component, weights=np.concatenate(areas).astype(np.float64), minlength=n)
+    keep = size[component] >= min_voxels
     keep[0] = False
     out = np.zeros_like(mask)
-    out[:, r0:r1, c0:c1] = keep[labels]
+    for z, plane in enumerate(planes):
+        if plane is not None:
+            _, _, ys, xs, ids, _ = plane
+            kept = keep[ids]
+            out[z, ys[kept] + r0, xs[kept] + c0] = True
     return out
 
 

@@ -115,6 +115,7 @@ def monai_unet_3d(
     roi: tuple[int, int, int] = (16, 32, 32),
     size: int = 64,
     seed: int = 0,
+    model_id: str = "monai-unet-3d",
     **segmentation: Any,
 ) -> tuple[Path, Any]:
     """A MONAI UNet (spatial_dims=3, 3 output channels, softmax) model folder with dynamic spatial
@@ -147,7 +148,7 @@ def monai_unet_3d(
             dynamo=False,
         )
     data = liver_manifest_3d(roi_size=list(roi), **segmentation)
-    data["id"] = "monai-unet-3d"
+    data["id"] = model_id
     data["name"] = "MONAI UNet 3-D (random weights, test)"
     data["input"]["shape"] = [None, 1, None, None, None]
     for step in data["preprocessing"]:

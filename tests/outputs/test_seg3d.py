@@ -61,10 +61,10 @@ def _bfs_remove(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_remove_small_volumes_matches_a_26_connected_search(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "density"), [(0, 0.12), (1, 0.12), (2, 0.2), (3, 0.3), (4, 0.05)])
+def test_remove_small_volumes_matches_a_26_connected_search(seed: int, density: float) -> None:
     rng = np.random.default_rng(seed)
-    mask = rng.random((9, 14, 17)) < 0.12
+    mask = rng.random((9, 14, 17)) < density
     for min_voxels in (2, 3, 5, 9):
         assert np.array_equal(remove_small_volumes(mask, min_voxels), _bfs_remove(mask, min_voxels))
 
