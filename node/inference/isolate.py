@@ -206,7 +206,7 @@ def _run_task(conn: Connection, task: tuple[int, Sequence[Item], PrepareSpec, Bu
                 conn.send(("memory", position, None))
             else:
                 conn.send(("error", position, _encode_error(exc)))
-        except MemoryError:
+        except (MemoryError, OSError):  # out of memory even for that, or the parent went away
             return False  # the parent sees the child end: "the decoder process exited"
         return not memory
 
@@ -224,6 +224,7 @@ def child_main(conn: Connection, memory_bytes: int) -> None:
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash leaves no core file of patient pixels
     conn.send(("ready", os.getpid(), baseline, limit))
     while True:
         try:
