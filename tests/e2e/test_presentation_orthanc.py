@@ -87,3 +87,67 @@ def _instance_uids(orthanc: Orthanc, instances: list[str]) -> list[str]:
         ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(instance)), stop_before_pixels=True)
         out.append(str(ds.SOPInstanceUID))
     return out
+
+
+def test_ct_mr_and_mammography_states_and_kos_are_stored_and_valid(tmp_path: Path) -> None:
+    """The reference ct-liver, mr-brain (series level: the top slices) and mammo models: one state
+    per marked image, one KOS per study naming exactly those images and states, all valid as
+    Orthanc returns them."""
+    studies = {
+        "ct-liver": ("ct", "malignant", {"slices": 16}),
+        "mr-brain": ("mr", "tumour", {"slices": 12}),
+        "mammo": ("mammo", "malignant", {"scale": 0.25}),
+    }
+    orthanc_port = free_port()
+    node = build_node(load_settings(node_config(tmp_path, orthanc_port)))
+    node.start()
+    orthanc = Orthanc(tmp_path / "orthanc", node.scp.port, dicom_port=orthanc_port)
+    checker = need("dcmpschk")
+    try:
+        ids = {}
+        for model_id, (kind, label, options) in studies.items():
+            truth = generate_study(kind, tmp_path / model_id, seed=7, label=label, **options)
+            (study,) = orthanc.upload(sorted((tmp_path / model_id).glob("*.dcm")))
+            ids[truth.study_instance_uid] = (model_id, study)
+            orthanc.send_to_node(study)
+        jobs = wait_jobs(node, set(ids))
+        for job in jobs:
+            model_id, study = ids[job.study_uid]
+            assert job.state == JobState.DONE, f"{model_id}: {job.error}"
+            kinds = [o["kind"] for o in json.loads(job.result)["outputs"]]
+            assert kinds.count("kos") == 1 and kinds.count("gsps") >= 1, f"{model_id}: {kinds}"
+            series = orthanc.wait_for_series(
+                study,
+                lambda ss, n=kinds.count("gsps"): (
+                    any(s["MainDicomTags"].get("Modality") == "PR" and len(s["Instances"]) == n for s in ss)
+                    and any(s["MainDicomTags"].get("Modality") == "KO" for s in ss)
+                ),
+            )
+            by_modality = {s["MainDicomTags"].get("Modality"): s for s in series}
+            states = []
+            for i, instance in enumerate(by_modality["PR"]["Instances"]):
+                path = tmp_path / f"{model_id}-pr{i}.dcm"
+                path.write_bytes(orthanc.instance_file(instance))
+                validate(path)
+                check = subprocess.run([checker, str(path)], capture_output=True, text=True)
+                assert "Test passed" in check.stdout + check.stderr, (
+                    f"{model_id}: {check.stdout}{check.stderr}"
+                )
+                states.append(pydicom.dcmread(path))
+            (instance,) = by_modality["KO"]["Instances"]
+            path = tmp_path / f"{model_id}-ko.dcm"
+            path.write_bytes(orthanc.instance_file(instance))
+            validate(path)
+            ko = pydicom.dcmread(path)
+            images = [i.ReferencedSOPSequence[0] for i in ko.ContentSequence if i.ValueType == "IMAGE"]
+            by_image = {
+                str(s.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID): s
+                for s in states
+            }
+            assert {str(r.ReferencedSOPInstanceUID) for r in images} == set(by_image), model_id
+            for ref in images:
+                nested = ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                assert nested == by_image[str(ref.ReferencedSOPInstanceUID)].SOPInstanceUID, model_id
+    finally:
+        orthanc.stop()
+        node.stop()
