@@ -44,7 +44,7 @@ import numpy as np
 
 from node.budget import DEFAULT_BUDGET, MIB, Budget
 from node.errors import DecodeError, NodeError, PreprocessError
-from node.inference.prepared import Item, PreparedFrame, PrepareSpec
+from node.inference.prepared import DisplaySpec, Item, PreparedFrame, PrepareSpec
 from node.types import ModelInput
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,10 @@ def _room_in_shm(nbytes: int) -> bool:
     return st.f_bavail * st.f_frsize > nbytes + 16 * MIB
 
 
+#: where an array lies in a block: offset, bytes, shape, dtype
+_Spec = tuple[int, int, tuple[int, ...], str]
+
+
 def _write(buf: memoryview, arrays: list[np.ndarray]) -> None:
     block = np.ndarray((len(buf),), dtype=np.uint8, buffer=buf)
     start = 0
@@ -156,12 +160,10 @@ def _send_frames(conn: Connection, task: int, position: int, frames: list[Prepar
     """One instance's frames to the parent: arrays in one shared-memory block (or, when
     /dev/shm has no room, as raw bytes after the message), the rest pickled."""
     arrays: list[np.ndarray] = []
-    specs: list[
-        tuple[tuple[int, int, tuple[int, ...], str], tuple[int, int, tuple[int, ...], str] | None]
-    ] = []
+    specs: list[tuple[_Spec | None, _Spec | None]] = []
     offset = 0
 
-    def place(arr: np.ndarray) -> tuple[int, int, tuple[int, ...], str]:
+    def place(arr: np.ndarray) -> _Spec:
         nonlocal offset
         arr = np.ascontiguousarray(arr)
         arrays.append(arr)
@@ -170,9 +172,16 @@ def _send_frames(conn: Connection, task: int, position: int, frames: list[Prepar
         return spec
 
     for f in frames:
-        specs.append((place(f.model_input.tensor), None if f.display is None else place(f.display)))
+        tensor = None if f.model_input is None else place(f.model_input.tensor)
+        specs.append((tensor, None if f.display is None else place(f.display)))
     meta = [
-        (f.index, f.header, f.model_input.geometry, f.model_input.layout, spec)
+        (
+            f.index,
+            f.header,
+            f.model_input and f.model_input.geometry,
+            f.model_input and f.model_input.layout,
+            spec,
+        )
         for f, spec in zip(frames, specs, strict=True)
     ]
     dataset = frames[0].dataset if frames else None
@@ -190,7 +199,7 @@ def _send_frames(conn: Connection, task: int, position: int, frames: list[Prepar
             conn.send_bytes(memoryview(arr).cast("B"))
 
 
-def _run_task(conn: Connection, task: tuple[int, Sequence[Item], PrepareSpec, Budget]) -> bool:
+def _run_task(conn: Connection, task: tuple[int, Sequence[Item], PrepareSpec | DisplaySpec, Budget]) -> bool:
     """Prepare one submit's items; False when the child should end (it ran out of memory)."""
     task_id, items, spec, budget = task
     position = 0
@@ -260,7 +269,7 @@ class _Child:
         self.conn.close()
 
 
-def _copy_out(buf: memoryview, spec: tuple[int, int, tuple[int, ...], str]) -> np.ndarray:
+def _copy_out(buf: memoryview, spec: _Spec) -> np.ndarray:
     offset, nbytes, shape, dtype = spec
     return (
         np.frombuffer(buf, dtype=np.dtype(dtype), count=nbytes // np.dtype(dtype).itemsize, offset=offset)
@@ -407,28 +416,24 @@ class PreparePool:
         if name is not None:
             shm = SharedMemory(name=name)
             try:
-                for *_, (tensor, display) in meta:
-                    arrays.append(_copy_out(shm.buf, tensor))
-                    if display is not None:
-                        arrays.append(_copy_out(shm.buf, display))
+                for *_, pair in meta:
+                    arrays.extend(_copy_out(shm.buf, spec) for spec in pair if spec is not None)
             finally:
                 shm.close()
                 shm.unlink()
         else:
-            for *_, (tensor, display) in meta:
-                for spec in (tensor, display):
+            for *_, pair in meta:
+                for spec in pair:
                     if spec is not None:
                         _, _, shape, dtype = spec
                         raw = child.conn.recv_bytes()
                         arrays.append(np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy())
         out = []
         taken = iter(arrays)
-        for index, header, geometry, layout, (_, display) in meta:
-            tensor = next(taken)
-            shown = next(taken) if display is not None else None
-            out.append(
-                PreparedFrame(position, index, dataset, header, ModelInput(tensor, geometry, layout), shown)
-            )
+        for index, header, geometry, layout, (tensor, display) in meta:
+            model_input = None if tensor is None else ModelInput(next(taken), geometry, layout)
+            shown = None if display is None else next(taken)
+            out.append(PreparedFrame(position, index, dataset, header, model_input, shown))
         return out
 
     def _unlink_left(self, child: _Child, task: int, count: int) -> None:
@@ -444,7 +449,7 @@ class PreparePool:
     def submit(
         self,
         items: Sequence[Item],
-        spec: PrepareSpec,
+        spec: PrepareSpec | DisplaySpec,
         budget: Budget = DEFAULT_BUDGET,
         deadline: float | None = None,
     ) -> list[PreparedFrame]:

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.inference import preprocess as pp
-from node.inference.decode import iter_frames, read_dataset
+from node.inference.decode import decode_frame, iter_frames, read_dataset
 from node.inference.manifest import Manifest
 from node.types import DecodedImage, ImageHeader, ModelInput
 
@@ -56,13 +56,14 @@ def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
 class PreparedFrame:
     """One frame prepared for the model. ``item``: its position in the list handed in; ``index``:
     0-based frame index in that instance; ``dataset``: the instance's data set, pixel data dropped
-    (one object shared by the frames of an instance); ``display``: the uint8 display when asked."""
+    (one object shared by the frames of an instance); ``model_input``: None for a
+    :class:`DisplaySpec`; ``display``: the uint8 display when asked."""
 
     item: int
     index: int
     dataset: Dataset
     header: ImageHeader
-    model_input: ModelInput
+    model_input: ModelInput | None
     display: np.ndarray | None = None
 
 
@@ -94,8 +95,27 @@ class PrepareSpec:
         return frames
 
 
+@dataclass(frozen=True)
+class DisplaySpec:
+    """The uint8 displays of chosen frames, decoded again (the frames a series-level model shows,
+    after inference): ``frames[position]`` lists the 0-based frame indices of that item."""
+
+    frames: tuple[tuple[int, ...], ...]
+
+    def prepare(self, item: Item, position: int, budget: Budget = DEFAULT_BUDGET) -> list[PreparedFrame]:
+        """Decode each chosen frame of ``item`` alone within ``budget``; its display, no model input."""
+        ds = read_dataset(item)
+        out = []
+        for index in self.frames[position]:
+            decoded = decode_frame(ds, index, budget)
+            out.append(PreparedFrame(position, index, ds, decoded.header, None, display_image(decoded)))
+        if "PixelData" in ds:
+            del ds.PixelData
+        return out
+
+
 def prepare_items(
-    items: Sequence[Item], spec: PrepareSpec, budget: Budget = DEFAULT_BUDGET
+    items: Sequence[Item], spec: PrepareSpec | DisplaySpec, budget: Budget = DEFAULT_BUDGET
 ) -> list[PreparedFrame]:
     """Every frame of every item prepared in this process, in the order handed in."""
     out: list[PreparedFrame] = []
@@ -110,7 +130,7 @@ class Preparer(Protocol):
     def submit(
         self,
         items: Sequence[Item],
-        spec: PrepareSpec,
+        spec: PrepareSpec | DisplaySpec,
         budget: Budget = DEFAULT_BUDGET,
         deadline: float | None = None,
     ) -> list[PreparedFrame]:

@@ -19,7 +19,7 @@ from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
 from node.inference.isolate import PreparationDeadline
 from node.inference.manifest import Manifest, PatchHeatmap
 from node.inference.postprocess import label_scores, probabilities
-from node.inference.prepared import Preparer, PrepareSpec, display_image, prepare_items
+from node.inference.prepared import DisplaySpec, Preparer, PrepareSpec, display_image, prepare_items
 from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
 from node.types import (
@@ -137,7 +137,7 @@ def analyse(
         agg = manifest.aggregation
         findings = label_scores(manifest, aggregate(probs, agg.method, agg.k))
         shown = _images_to_show(manifest, probs, len(images))
-        displays = _displays(images, shown, budget)
+        displays = _displays(images, shown, budget, preparer, watch.deadline)
         results = []
         for i in shown:
             image_outputs = {name: value[i : i + 1] for name, value in outputs.items()}
@@ -204,15 +204,21 @@ def _prepare_all(
     for f in frames:
         path = files[f.item]
         source = Path(path) if recompute and isinstance(path, (str, Path)) else None
+        assert f.model_input is not None  # a PrepareSpec prepares every frame
         images.append(_Image(f.dataset, f.header, f.model_input, source, f.index, f.display))
     order = slice_order([im.header for im in images])
     return [images[i] for i in order]
 
 
 def _displays(
-    images: list[_Image], shown: Sequence[int], budget: Budget = DEFAULT_BUDGET
+    images: list[_Image],
+    shown: Sequence[int],
+    budget: Budget = DEFAULT_BUDGET,
+    preparer: Preparer | None = None,
+    deadline: float | None = None,
 ) -> dict[int, np.ndarray]:
-    """The uint8 display of each shown image: kept, or decoded again (each file read once)."""
+    """The uint8 display of each shown image: kept, or decoded again (each file read once;
+    through ``preparer``, in a child process, when given)."""
     out: dict[int, np.ndarray] = {}
     by_source: dict[Path, list[int]] = {}
     for i in shown:
@@ -221,6 +227,18 @@ def _displays(
             out[i] = display
         elif source is not None:
             by_source.setdefault(source, []).append(i)
+    if preparer is not None and by_source:
+        sources = list(by_source)
+        spec = DisplaySpec(tuple(tuple(images[i].index for i in by_source[s]) for s in sources))
+        try:
+            frames = preparer.submit(sources, spec, budget, deadline)
+        except PreparationDeadline as exc:
+            raise JobTimeout(str(exc)) from exc
+        for f in frames:
+            i = next(i for i in by_source[sources[f.item]] if images[i].index == f.index)
+            assert f.display is not None
+            out[i] = f.display
+        return out
     for source, indices in by_source.items():
         ds = read_dataset(source)
         for i in indices:

@@ -12,6 +12,7 @@ node below allows. The node runs in a subprocess under an address-space limit
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import time
@@ -29,6 +30,7 @@ from node.errors import DecodeError
 from node.inference.isolate import PreparationFailed, PreparePool
 from node.inference.prepared import Item, PreparedFrame, PrepareSpec, prepare_items
 from node.inference.registry import load_registry
+from node.inference.runtime import RuntimeConfig, create_session
 from node.settings import LimitsSettings, load_settings
 from node.synth import generate_study
 from tests.helpers import (
@@ -83,8 +85,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def manifests() -> dict[str, object]:
-    registry = load_registry(REPO / "models" / "onnx")
+def registry():  # noqa: ANN201
+    return load_registry(REPO / "models" / "onnx")
+
+
+@pytest.fixture(scope="module")
+def manifests(registry) -> dict[str, object]:  # noqa: ANN001
     return {m: registry.get(m).manifest for m in ("cxr", "ct-liver")}
 
 
@@ -228,6 +234,33 @@ def test_the_pool_prepares_what_the_process_would(pool, files, manifests) -> Non
                 np.testing.assert_array_equal(a.display, b.display)
             assert b.dataset.SOPInstanceUID == a.dataset.SOPInstanceUID
             assert "PixelData" not in b.dataset
+    assert pool.replaced == 0
+
+
+def test_a_series_model_decodes_its_shown_frames_again_in_the_child(  # noqa: ANN201
+    pool, files, registry, monkeypatch
+):  # noqa: ANN001
+    analysis = importlib.import_module("node.runner.analyse")  # node.runner.analyse is also a function
+
+    model = registry.get("ct-liver")
+    session = create_session(model, RuntimeConfig(intra_op_threads=1, warmup=False))
+    ct = sorted(files["ct"].glob("*.dcm"))
+
+    def run(preparer):  # noqa: ANN001, ANN202
+        watch = analysis.Stopwatch(deadline=time.monotonic() + 120)
+        result, _ = analysis.analyse(
+            model, session, ct, level="series", uid_seed="t", watch=watch, preparer=preparer
+        )
+        return result
+
+    here = run(None)
+    monkeypatch.setattr(analysis, "decode_frame", None)  # nothing is decoded in this process
+    there = run(pool)
+    assert len(there.images) == len(here.images) > 0
+    for a, b in zip(here.images, there.images, strict=True):
+        assert a.sop_instance_uid == b.sop_instance_uid
+        np.testing.assert_array_equal(a.display, b.display)
+    assert [f.probability for f in there.findings] == [f.probability for f in here.findings]
     assert pool.replaced == 0
 
 
