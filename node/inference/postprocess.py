@@ -115,19 +115,22 @@ def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The smallest node id of each node's component in the graph of ``n`` nodes and the edges
-    (a[i], b[i]): label propagation with pointer jumping, in numpy."""
+    (a[i], b[i]), in numpy: every round hooks the larger root of each edge whose ends differ onto
+    the smaller, then compresses the pointers until every node points at its root."""
     lab = np.arange(n, dtype=np.int64)
-    if a.size == 0:
-        return lab
-    while True:
-        m = np.minimum(lab[a], lab[b])
-        new = lab.copy()
-        np.minimum.at(new, a, m)
-        np.minimum.at(new, b, m)
-        new = new[new]
-        if np.array_equal(new, lab):
-            return lab
-        lab = new
+    while a.size:
+        ra, rb = lab[a], lab[b]
+        differ = ra != rb
+        if not differ.any():
+            break
+        a, b, ra, rb = a[differ], b[differ], ra[differ], rb[differ]
+        np.minimum.at(lab, np.maximum(ra, rb), np.minimum(ra, rb))
+        while True:
+            jumped = lab[lab]
+            if np.array_equal(jumped, lab):
+                break
+            lab = jumped
+    return lab
 
 
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]

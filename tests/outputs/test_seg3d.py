@@ -69,6 +69,18 @@ def test_remove_small_volumes_matches_a_26_connected_search(seed: int, density: 
         assert np.array_equal(remove_small_volumes(mask, min_voxels), _bfs_remove(mask, min_voxels))
 
 
+def test_components_of_long_chains() -> None:
+    from node.inference.postprocess import _components
+
+    rng = np.random.default_rng(5)
+    order = rng.permutation(2000)  # two shuffled paths of 1000 nodes: 0..999 and 1000..1999
+    edges = [(order[i], order[i + 1]) for i in range(1999) if i != 999]
+    a, b = np.array([e[0] for e in edges]), np.array([e[1] for e in edges])
+    lab = _components(2000, a, b)
+    first, second = set(order[:1000].tolist()), set(order[1000:].tolist())
+    assert {int(lab[i]) for i in first} == {min(first)} and {int(lab[i]) for i in second} == {min(second)}
+
+
 def test_diagonal_neighbours_across_slices_are_one_component() -> None:
     mask = np.zeros((3, 5, 5), dtype=bool)
     mask[0, 1, 1] = mask[1, 2, 2] = mask[2, 3, 3] = True  # a corner-to-corner chain: 26-connected only
