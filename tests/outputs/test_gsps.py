@@ -297,7 +297,7 @@ def test_dcmtk_applies_the_state_and_reads_the_outline(pr: dict[str, Built], tmp
     assert drawn[around].sum() > 50 and not drawn[~around].any()
     keep = os.environ.get("PACS_NODE_GSPS_RENDERING")
     if keep:
-        cv2.imwrite(keep, picture)
+        cv2.imwrite(keep, picture, [cv2.IMWRITE_PNG_COMPRESSION, 9])
 
 
 def test_monochrome1_renders_as_the_image_does(cases: dict[str, Case], tmp_path: Path) -> None:
