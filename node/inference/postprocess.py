@@ -223,12 +223,16 @@ def segment_masks(manifest: Manifest, probs: np.ndarray, source_per_model_pixel:
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3 or probs.shape[0] < manifest.n_outputs:
         raise InferenceError(f"model {manifest.id}: per-pixel probabilities of shape {probs.shape}")
-    winner = np.argmax(probs, axis=0) if spec.background_index is not None else None
+    argmax = spec.background_index is not None
     out = np.zeros((len(manifest.labels), *probs.shape[1:]), dtype=bool)
     for i, label in enumerate(manifest.labels):
-        mask = probs[label.index] >= label.threshold
-        if winner is not None:
-            mask &= winner == label.index
+        k = label.index
+        mask = probs[k] >= label.threshold
+        if argmax:  # channel k wins the argmax (the first of equal maxima, as np.argmax)
+            if k > 0:
+                mask &= probs[k] > np.max(probs[:k], axis=0)
+            if k + 1 < probs.shape[0]:
+                mask &= probs[k] >= np.max(probs[k + 1 :], axis=0)
         out[i] = remove_small_components(mask, int(np.ceil(spec.min_area_px * source_per_model_pixel)))
     return out
 

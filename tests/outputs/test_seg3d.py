@@ -250,3 +250,22 @@ def test_models_check_runs_a_3d_model(liver3d) -> None:
         line.startswith("3-D model: latency and outputs below are for one window (1, 1, 8, 128, 128)")
         for line in report.lines
     )
+
+
+def test_segment_masks_argmax_keeps_numpy_tie_rule() -> None:
+    """The per-label argmax test (no argmax array) picks the first of equal maxima, as np.argmax."""
+    import yaml
+
+    from node.inference.manifest import parse_manifest
+    from node.inference.postprocess import segment_masks
+    from tests.outputs.seg3d_models import LIVER_DIR
+
+    data = yaml.safe_load((LIVER_DIR / "manifest.yaml").read_text(encoding="utf-8"))
+    data["segmentation"]["min_area_px"] = 0
+    for label in data["labels"]:
+        label["threshold"] = 0.0
+    manifest = parse_manifest(data)
+    probs = np.random.default_rng(1).integers(0, 3, size=(3, 64, 64)).astype(np.float32)  # many ties
+    winner = np.argmax(probs, axis=0)
+    expected = np.stack([winner == label.index for label in manifest.labels])
+    assert np.array_equal(segment_masks(manifest, probs), expected)
