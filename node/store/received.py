@@ -49,6 +49,19 @@ class ReceivedInstance:
     path: str
     calling_aet: str
     received_at: datetime
+    sha256: str | None = None  # hex SHA-256 of the file's bytes; None: not known
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInstance:
+    """What the committed row of an instance says about the file it points to."""
+
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    path: str
+    sha256: str | None
+    byte_size: int
 
 
 @functools.cache
@@ -62,7 +75,7 @@ def _inserts(dialect: str) -> tuple[Any, Any, Any]:
     else:
         raise NotImplementedError(f"recording instances needs SQLite or PostgreSQL, not {dialect}")
     return (
-        insert(_STUDY).on_conflict_do_nothing(),
+        insert(_STUDY).on_conflict_do_nothing().returning(_STUDY.c.study_uid),
         insert(_SERIES).on_conflict_do_nothing().returning(_SERIES.c.series_uid),
         insert(_INSTANCE).on_conflict_do_nothing().returning(_INSTANCE.c.sop_instance_uid),
     )
@@ -150,13 +163,14 @@ def record_instances(session: Session, received: Sequence[ReceivedInstance]) -> 
     series = dict(sorted({r.series_uid: r for r in reversed(first.values())}.items()))
     db = session.connection()
     insert_study, insert_series, insert_instance = _inserts(db.dialect.name)
-    db.execute(
+    new_studies = db.execute(
         insert_study,
         [
             {"study_uid": uid, "first_received_at": r.received_at, "last_received_at": r.received_at}
             for uid, r in studies.items()
         ],
-    )
+    ).scalars()
+    created_studies = set(new_studies)
     created = db.execute(
         insert_series,
         [
@@ -189,18 +203,89 @@ def record_instances(session: Session, received: Sequence[ReceivedInstance]) -> 
                 "path": r.path,
                 "calling_aet": r.calling_aet,
                 "received_at": r.received_at,
+                "sha256": r.sha256,
             }
             for r in first.values()
         ],
     )
     new = set(inserted.scalars())
+    kept_series = {first[uid].series_uid for uid in new}
     if new:
         _raise_counters(
-            session, [first[uid] for uid in sorted(new)], {uid: series[uid] for uid in sorted(new_series)}
+            session,
+            [first[uid] for uid in sorted(new)],
+            {uid: series[uid] for uid in sorted(new_series & kept_series)},
         )
     if len(new) < len(first):
         _touch(session, [r for uid, r in first.items() if uid not in new])
+        _drop_empty(
+            session, new_series - kept_series, created_studies - {first[uid].study_uid for uid in new}
+        )
     return new
+
+
+def _drop_empty(session: Session, series_uids: set[str], study_uids: set[str]) -> None:
+    """Remove the series and study rows this transaction created for instances that turned out to
+    be known already (a SOP Instance UID resent under another study or series UID): no instance
+    points to them, and left in place they would complete as empty studies."""
+    db = session.connection()
+    if series_uids:
+        db.execute(_SERIES.delete().where(_SERIES.c.series_uid.in_(sorted(series_uids))))
+    if study_uids:
+        db.execute(_STUDY.delete().where(_STUDY.c.study_uid.in_(sorted(study_uids))))
+
+
+def stored_instances(session: Session, sop_instance_uids: Sequence[str]) -> dict[str, StoredInstance]:
+    """The committed (or, in this transaction, inserted) rows of some instances, by UID."""
+    if not sop_instance_uids:
+        return {}
+    c = _INSTANCE.c
+    rows = session.connection().execute(
+        select(c.sop_instance_uid, c.study_uid, c.series_uid, c.path, c.sha256, c.byte_size).where(
+            c.sop_instance_uid.in_(sorted(set(sop_instance_uids)))
+        )
+    )
+    return {str(r[0]): StoredInstance(*r) for r in rows}
+
+
+def replace_instance(session: Session, new: ReceivedInstance, old: StoredInstance) -> None:
+    """Point the row of an instance at a new copy of it (same study and series) and reopen its
+    series and study, so that they complete again and the series is routed again; the caller
+    removes the old file once this is committed. The series and study sizes follow the new copy."""
+    c = _INSTANCE.c
+    db = session.connection()
+    db.execute(
+        update(_INSTANCE)
+        .where(c.sop_instance_uid == new.sop_instance_uid)
+        .values(
+            path=new.path,
+            sha256=new.sha256,
+            byte_size=new.byte_size,
+            sop_class_uid=new.sop_class_uid,
+            transfer_syntax_uid=new.transfer_syntax_uid,
+            instance_number=new.instance_number,
+            calling_aet=new.calling_aet,
+            received_at=new.received_at,
+            replaced_at=new.received_at,
+        )
+    )
+    delta = new.byte_size - old.byte_size
+    db.execute(
+        _RAISE_SERIES, [{"b_uid": old.series_uid, "b_count": 0, "b_size": delta, "b_last": new.received_at}]
+    )
+    db.execute(
+        _RAISE_STUDY,
+        [
+            {
+                "b_uid": old.study_uid,
+                "b_count": 0,
+                "b_size": delta,
+                "b_series": 0,
+                "b_modalities": "",
+                "b_last": new.received_at,
+            }
+        ],
+    )
 
 
 def _touch(session: Session, duplicates: list[ReceivedInstance]) -> None:

@@ -8,10 +8,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, update
+from sqlalchemy import func, or_, update
 from sqlmodel import Session, col, select
 
 from node.store.tables import (
+    DuplicateEvent,
     Instance,
     Job,
     JobState,
@@ -393,3 +394,22 @@ def requeue_failed_outputs(session: Session, now: datetime, job_id: int | None =
     if items:
         _log.info("requeued %d parked outputs", len(items))
     return len(items)
+
+
+# ------------------------------------------------------------------------------------- duplicates
+def study_duplicates(session: Session, study_uid: str, limit: int = 100) -> list[DuplicateEvent]:
+    """Copies of known instances received for a study (stored in it, or naming it while the
+    instance is stored in another study), most recent first."""
+    query = (
+        select(DuplicateEvent)
+        .where(or_(DuplicateEvent.study_uid == study_uid, DuplicateEvent.received_study_uid == study_uid))
+        .order_by(col(DuplicateEvent.id).desc())
+        .limit(limit)
+    )
+    return list(session.exec(query))
+
+
+def duplicate_counts(session: Session) -> dict[str, int]:
+    """Duplicate events recorded, by action (kept first, replaced, refused)."""
+    rows = session.exec(select(DuplicateEvent.action, func.count()).group_by(DuplicateEvent.action))
+    return {action: count for action, count in rows}

@@ -130,6 +130,10 @@ class Instance(SQLModel, table=True):
     path: str = Field(max_length=512)
     calling_aet: str = Field(default="", max_length=16)
     received_at: datetime = Field(sa_column=_ts(index=True))
+    # hex SHA-256 of the file as written at ingest; None: received before hashes were recorded
+    sha256: str | None = Field(default=None, max_length=64)
+    # set when a later copy with different content replaced this one (storage.duplicates: keep_last)
+    replaced_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
 
 
 class JobState(StrEnum):
@@ -187,6 +191,7 @@ class OutboxItem(SQLModel, table=True):
     sop_class_uid: str = Field(max_length=64)
     sop_instance_uid: str = Field(max_length=64)
     path: str = Field(max_length=512, description="relative to the data folder")
+    sha256: str | None = Field(default=None, max_length=64, description="of the file as written")
     state: str = Field(default=OutboxState.PENDING, max_length=8, index=True)
     attempts: int = 0
     last_error: str = Field(default="", max_length=512)
@@ -195,3 +200,30 @@ class OutboxItem(SQLModel, table=True):
     sent_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
 
     __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_outbox_destination_sop"),)
+
+
+class DuplicateAction(StrEnum):
+    """What the node did with a second copy of a SOP Instance UID it had stored already."""
+
+    KEPT_FIRST = "kept first"  # answered success, the stored copy stays (storage.duplicates: keep_first)
+    REPLACED = "replaced"  # the new copy replaced the stored one (keep_last, or the stored file was gone)
+    REFUSED = "refused"  # answered failure 0x0111 Duplicate SOP Instance (refuse)
+
+
+class DuplicateEvent(SQLModel, table=True):
+    """A copy of a known SOP Instance UID that was not a plain resend of the same bytes: different
+    content, or filed under another study or series. A resend of identical bytes is not recorded."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    received_at: datetime = Field(sa_column=_ts(index=True))
+    sop_instance_uid: str = Field(max_length=64, index=True)
+    study_uid: str = Field(max_length=64, index=True, description="of the stored instance")
+    series_uid: str = Field(max_length=64, description="of the stored instance")
+    received_study_uid: str = Field(max_length=64, description="what the new copy said")
+    received_series_uid: str = Field(max_length=64, description="what the new copy said")
+    calling_aet: str = Field(default="", max_length=16)
+    content_differs: bool
+    conflict: str = Field(default="", max_length=128, description="e.g. 'study UID differs'; '' if none")
+    action: str = Field(max_length=16)
+    sha256: str | None = Field(default=None, max_length=64, description="of the new copy")
+    byte_size: int = Field(default=0, sa_type=BigInteger)
