@@ -26,6 +26,7 @@ from node.runner.one_file import Outcome, analyse_upload
 from node.send.cstore import CStoreDestination
 from node.settings import Settings
 from node.store.db import make_engine, ping
+from node.store.orphans import sweep_orphans
 from node.types import OutputIdentity
 from node.web.webhook import WebhookNotifier
 
@@ -51,8 +52,11 @@ class Node:
     version: str = __version__
 
     def start(self) -> None:
-        """Prepare the spool, then start committing, listening and the runner."""
-        self.spool.prepare()
+        """Prepare the spool (set aside files no row points to), then start committing, listening
+        and the runner."""
+        self.spool.prepare(self.settings.storage.orphan_grace_s)
+        storage = self.settings.storage
+        sweep_orphans(self.engine, self.spool.root, storage.data_dir / "quarantine", storage.orphan_grace_s)
         self.committer.start()
         self.scp.start()
         self.runner.start()
@@ -141,7 +145,7 @@ def build_node(settings: Settings) -> Node:
         fsync=settings.storage.fsync,
         min_free_bytes=settings.storage.min_free_mb * 2**20,
     )
-    committer = IngestCommitter(engine, spool)
+    committer = IngestCommitter(engine, spool, duplicates=settings.storage.duplicates)
     metrics = NodeMetrics()
     metrics.watch_store(engine, models.registry)
     scp = StorageSCP(settings.dicom, spool, committer, metrics, budget=settings.limits.budget())

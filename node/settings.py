@@ -216,6 +216,16 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(
         100, ge=0, description="refuse new instances (out of resources) when free space would fall below this"
     )
+    duplicates: Literal["keep_first", "keep_last", "refuse"] = Field(
+        "keep_first",
+        description="a known SOP Instance UID with different content: keep the stored copy (answer "
+        "success), replace it and analyse again, or refuse it (0x0111); always recorded",
+    )
+    orphan_grace_s: float = Field(
+        3600.0,
+        ge=0,
+        description="at start, spool files no row points to and older than this go to data/quarantine",
+    )
 
     @property
     def spool_dir(self) -> Path:

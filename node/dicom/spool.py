@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -52,18 +53,34 @@ class Spool:
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
 
-    def prepare(self) -> None:
-        """Create the folders and remove temporary files a crash left behind (never acknowledged)."""
+    def prepare(self, grace_s: float = 3600.0) -> None:
+        """Create the folders and remove temporary files a crash left behind (never acknowledged):
+        those of a process that is gone, and any older than ``grace_s``. A temporary file is
+        named after the process writing it, so that one a live process (another node on this
+        spool) is writing right now is left alone."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        stale = list(self.tmp_dir.iterdir())
-        for leftover in stale:
-            leftover.unlink(missing_ok=True)
-        if stale:
-            log.info("removed %d partial files left by an interrupted run", len(stale))
+        removed = 0
+        oldest = time.time() - grace_s
+        for leftover in self.tmp_dir.iterdir():
+            try:
+                old = leftover.stat().st_mtime < oldest
+            except FileNotFoundError:
+                continue
+            if old or not _writer_alive(leftover.name):
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d partial files left by an interrupted run", removed)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives, relative to the spool root."""
         return Path(safe_name(study_uid), safe_name(series_uid), safe_name(sop_instance_uid) + ".dcm")
+
+    @staticmethod
+    def beside(relative: Path, sha256: str) -> Path:
+        """The name for another copy of an instance (different bytes under one SOP Instance UID),
+        next to where the first one lives: ``<sop>.<first 16 hex of its SHA-256>.dcm``."""
+        return relative.with_name(f"{relative.name.removesuffix('.dcm')}.{sha256[:16]}.dcm")
 
     def exists(self, relative: Path) -> bool:
         """True when an instance file is already in place."""
@@ -95,7 +112,7 @@ class Spool:
         """
         final = self.root / relative
         dirs = self._make_parents(final.parent)
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
                 for chunk in chunks:
@@ -144,7 +161,22 @@ class Spool:
         for folder in sorted(set(dirs), key=lambda p: len(p.parts), reverse=True):
             fsync_dir(folder)
 
-    def remove(self, relative: Path) -> None:
+    def remove(self, relative: Path | str) -> None:
         """Delete an instance file (used when its row could not be committed, by the store that
         created it, once it knows that no committed row points to it)."""
         (self.root / relative).unlink(missing_ok=True)
+
+
+def _writer_alive(name: str) -> bool:
+    """True when a temporary file's name says which process writes it and that process runs
+    (a file named the old way, without the process, is an interrupted run's)."""
+    pid, sep, _ = name.partition("-")
+    if not sep or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
