@@ -76,15 +76,24 @@ class _StoreCollector(Collector):
             with Session(self._engine) as session:
                 job_counts = repo.job_state_counts(session)
                 outbox_counts = repo.outbox_state_counts(session)
+                duplicate_counts = repo.duplicate_counts(session)
         except SQLAlchemyError as exc:
             log.warning("metrics: cannot read the store: %s", type(exc).__name__)
-            job_counts, outbox_counts = {}, {}
+            job_counts, outbox_counts, duplicate_counts = {}, {}, {}
         for state in ("queued", *sorted(set(job_counts) - {"queued"})):
             jobs.add_metric([str(state)], float(job_counts.get(state, 0)))
         for state in ("pending", *sorted(set(outbox_counts) - {"pending"})):
             outbox.add_metric([str(state)], float(outbox_counts.get(state, 0)))
         yield jobs
         yield outbox
+        duplicates = GaugeMetricFamily(
+            f"{PREFIX}_duplicate_instances",
+            "Copies of known SOP instances that were not plain resends, by action (recorded events)",
+            labels=["action"],
+        )
+        for action in ("kept first", "replaced", "refused"):
+            duplicates.add_metric([action], float(duplicate_counts.get(action, 0)))
+        yield duplicates
         loaded = GaugeMetricFamily(
             f"{PREFIX}_model_loaded",
             "1 for each model loaded at start-up, 0 for each refused one",
@@ -161,6 +170,12 @@ class NodeMetrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.integrity_failures = Counter(
+            f"{PREFIX}_integrity_failures",
+            "Stored files found missing, empty or changed since they were written, by stage (analysis, send)",
+            ["stage"],
+            registry=r,
+        )
         self._store_collector: _StoreCollector | None = None
 
     def watch_store(self, engine: Engine, models: Registry) -> None:
@@ -208,6 +223,10 @@ class NodeMetrics:
             self.stage_seconds.labels(model_id, stage).observe(max(0.0, seconds))
         for size in batches:
             self.batch_size.labels(model_id).observe(size)
+
+    def integrity_failure(self, stage: str) -> None:
+        """A stored file was not the bytes written (or was gone) when ``stage`` came to use it."""
+        self.integrity_failures.labels(stage).inc()
 
     # -- senders -----------------------------------------------------------------------------
     def delivery(self, destination: str, seconds: float, sent: int, failed: int, reason: str) -> None:

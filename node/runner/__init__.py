@@ -33,6 +33,7 @@ from node.runner.analyse import Stopwatch, analyse
 from node.send import Destination
 from node.settings import DestinationSettings, Settings
 from node.store import repo
+from node.store.integrity import IntegrityError
 from node.store.tables import Job, JobState, Series, utcnow
 from node.types import AnalysisResult, OutputIdentity
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 # Errors caused by the data (or the model files), which a retry would only repeat: the job fails at
 # once. Output building is pure and deterministic, so an OutputError is one of them. Everything
 # else a stage raises (I/O, the database, ONNX Runtime) is transient: retried with back-off.
-PERMANENT = (DecodeError, PreprocessError, ManifestError, OutputError, ConfigError)
+PERMANENT = (DecodeError, PreprocessError, ManifestError, OutputError, ConfigError, IntegrityError)
 _NO_ATTRIBUTE = re.compile(r"object has no attribute '(\w+)'")
 _STAGE_STATE = {
     "preprocessing": JobState.PREPROCESSING,
@@ -306,7 +307,8 @@ class Runner:
         with Session(self._engine) as session:
             waited = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
             watch.timings["queued"] = max(0.0, waited)
-            files = jobs.job_files(session, job, self._spool)
+            stored = jobs.job_stored_files(session, job, self._spool)
+            files = [f.path for f in stored]
             series_rows = [s for uid in job.series_uids.split("\\") if (s := session.get(Series, uid))]
             calling = {s.calling_aet for s in series_rows}
             last_received = max((s.last_received_at for s in series_rows), default=None)
@@ -317,6 +319,7 @@ class Runner:
             session_ = self._models.sessions.get(job.model_id)
             if session_ is None:
                 raise ManifestError(f"model {job.model_id!r} has no runtime session")
+            jobs.check_stored_files(stored)  # the bytes received, or the job fails (IntegrityError)
             result, sources = analyse(
                 model,
                 session_,
@@ -331,6 +334,8 @@ class Runner:
                 outputs = build_outputs(result, sources, self._identity, settings)
                 written = outbox.write_output_files(self._outbox_dir, job.id, outputs)
         except PERMANENT as exc:  # caused by the data: a retry would fail the same way
+            if isinstance(exc, IntegrityError):
+                self._metrics.integrity_failure("analysis")
             self._fail(job, watch, describe_error(exc, sources))
             return
         except (NodeError, OSError) as exc:
@@ -425,7 +430,13 @@ class Runner:
     def send_once(self) -> int:
         """One outbox pass."""
         with Session(self._engine) as session:
-            sent = outbox.deliver_due(session, self._destinations, self._data_dir, utcnow())
+            sent = outbox.deliver_due(
+                session,
+                self._destinations,
+                self._data_dir,
+                utcnow(),
+                on_damaged=lambda: self._metrics.integrity_failure("send"),
+            )
             session.commit()
         return sent
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from pydicom import dcmread
@@ -20,12 +22,14 @@ from node.pipeline.region import middle_paths, region_from_files
 from node.pipeline.route import (
     ROUTE_KEYWORDS,
     RouteDecision,
+    RouteHeader,
     RuleSet,
     route,
     route_header_from_dataset,
     with_pixel_region,
 )
 from node.store import repo
+from node.store.integrity import IntegrityError, check_file
 from node.store.tables import (
     ACTIVE_JOB_STATES,
     Instance,
@@ -49,10 +53,13 @@ def _more_instances_than(session: Session, job: Job, series_uids: list[str]) -> 
     """True when the series hold instances ``job`` did not analyse: more than the images it
     recorded, or (a job that failed before recording them) any received after it started."""
     in_series = col(Instance.series_uid).in_(series_uids)
+    since = job.started_at or job.created_at
+    replaced = select(Instance.sop_instance_uid).where(in_series, col(Instance.replaced_at) > since).limit(1)
+    if session.exec(replaced).first() is not None:  # a copy replaced one it analysed (keep_last)
+        return True
     analysed = json.loads(job.result).get("images") if job.result else None
     if analysed is not None:
         return int(session.exec(select(func.count()).select_from(Instance).where(in_series)).one()) > analysed
-    since = job.started_at or job.created_at
     later = select(Instance.sop_instance_uid).where(in_series, col(Instance.received_at) > since).limit(1)
     return session.exec(later).first() is not None
 
@@ -107,23 +114,60 @@ def _decide(rules: RuleSet, spool_root: Path, series: Series, session: Session) 
     instances = repo.series_instances(session, series.series_uid)
     if not instances:
         return "not routed: the series has no instance on record"
-    try:
-        ds = dcmread(
-            spool_root / instances[0].path, stop_before_pixels=True, specific_tags=list(ROUTE_KEYWORDS)
+    stored = _stored_files(instances, spool_root, "the series")
+    first, damage = _first_intact(stored)
+    if first is None:  # no file to read: route on what was recorded at ingest; its jobs fail, naming it
+        log.error("routing: no file of a series holds the bytes received: %s", damage)
+        recorded = RouteHeader(
+            modality=series.modality or None,
+            sop_class_uid=instances[0].sop_class_uid or None,
+            body_part=series.body_part or None,
+            series_description=series.series_description or None,
         )
+        decision = route(rules, recorded)
+        if decision.rule and decision.models:
+            return decision
+        return f"not routed: the series' files are damaged: {damage}"
+    try:
+        ds = dcmread(first.path, stop_before_pixels=True, specific_tags=list(ROUTE_KEYWORDS))
     except (InvalidDicomError, OSError, ValueError) as exc:
         return f"not routed: its first instance cannot be read ({exc})"
-    paths = [spool_root / inst.path for inst in instances]
+    checks = {f.path: f for f in stored}
     header = with_pixel_region(
         route_header_from_dataset(ds),
-        lambda: region_from_files(middle_paths(paths), read=_read_within_budget),
+        lambda: region_from_files(
+            middle_paths([f.path for f in stored]), read=partial(_read_within_budget, checks=checks)
+        ),
     )
     return route(rules, header)
 
 
-def _read_within_budget(path: Path) -> Dataset:
+def _first_intact(stored: Sequence[StoredFile]) -> tuple[StoredFile | None, str]:
+    """The first file of a series that holds the bytes recorded for it (routing reads its header;
+    a damaged one fails the series' jobs, which check every file), and what was wrong with the
+    ones before it."""
+    damage = ""
+    for f in stored:
+        try:
+            f.check()
+        except IntegrityError as exc:
+            damage = damage or str(exc)
+            continue
+        if damage:
+            log.error("routing: %s; routed on a later instance", damage)
+        return f, damage
+    return None, damage
+
+
+def _read_within_budget(path: Path, checks: dict[Path, StoredFile] | None = None) -> Dataset:
     """A slice for the body-region look-up, refused (as unreadable: its region stays unknown) when
-    decoding it would exceed the resource budget — routing must not decode a pixel bomb."""
+    decoding it would exceed the resource budget — routing must not decode a pixel bomb — or when
+    it is not the file that was received (``checks``: the recorded hash of each path)."""
+    if checks is not None and path in checks:
+        try:
+            checks[path].check()
+        except IntegrityError as exc:
+            raise ValueError(f"not read for routing: {exc}") from exc
     ds = dcmread(path)
     try:
         check_budget(ds)
@@ -297,8 +341,56 @@ def requeue_interrupted(session: Session, now: datetime, max_attempts: int) -> i
 
 def job_files(session: Session, job: Job, spool_root: Path) -> list[Path]:
     """The spool paths of every instance a job covers."""
+    return [f.path for f in job_stored_files(session, job, spool_root)]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A received instance's file with what was recorded about it at ingest."""
+
+    path: Path
+    sha256: str | None  # None: received before hashes were recorded (presence and size checked)
+    byte_size: int
+    what: str  # names it for people: "instance 3 of 40 of the series" (no patient data)
+
+    def check(self) -> None:
+        """Raise IntegrityError unless the file holds the bytes received (see check_file)."""
+        check_file(self.path, self.sha256, self.byte_size, self.what)
+
+
+def _stored_files(instances: Sequence[Instance], spool_root: Path, series: str) -> list[StoredFile]:
+    n = len(instances)
     return [
-        spool_root / inst.path
-        for uid in job.series_uids.split("\\")
-        for inst in repo.series_instances(session, uid)
+        StoredFile(
+            spool_root / inst.path,
+            inst.sha256,
+            inst.byte_size,
+            f"instance {k} of {n} of {series}"
+            + (f" (Instance Number {inst.instance_number})" if inst.instance_number is not None else ""),
+        )
+        for k, inst in enumerate(instances, start=1)
     ]
+
+
+def job_stored_files(session: Session, job: Job, spool_root: Path) -> list[StoredFile]:
+    """Every instance file a job covers, in analysis order, with its recorded hash and size."""
+    uids = job.series_uids.split("\\")
+    out: list[StoredFile] = []
+    for i, uid in enumerate(uids, start=1):
+        name = "the series" if len(uids) == 1 else f"series {i} of {len(uids)}"
+        out.extend(_stored_files(repo.series_instances(session, uid), spool_root, name))
+    return out
+
+
+def check_stored_files(files: Sequence[StoredFile]) -> None:
+    """Raise IntegrityError (permanent: the job fails) naming the first file that is missing,
+    empty or changed since it was received, and how many others are damaged too."""
+    damaged: list[IntegrityError] = []
+    for f in files:
+        try:
+            f.check()
+        except IntegrityError as exc:
+            damaged.append(exc)
+    if damaged:
+        more = f" (and {len(damaged) - 1} more of the {len(files)} instances)" if len(damaged) > 1 else ""
+        raise IntegrityError(f"{damaged[0]}{more}; not analysed: resend the series") from damaged[0]

@@ -7,7 +7,7 @@ import logging
 import os
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 from node.dicom.spool import fsync_dir
 from node.send import Delivery, Destination, OutgoingFile
 from node.settings import DestinationSettings
+from node.store.integrity import IntegrityError, check_file, file_sha256
 from node.store.tables import Job, JobState, OutboxItem, OutboxState
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def queue_outputs(
     selections only where the destination wants them."""
     rows = 0
     for kind, ds, path in files:
+        digest = file_sha256(path)  # just written (in the page cache): checked before each send
         for dest in destinations:
             if kind == "pm" and not dest.parametric_map:
                 continue
@@ -78,6 +80,7 @@ def queue_outputs(
                     sop_class_uid=str(ds.SOPClassUID),
                     sop_instance_uid=str(ds.SOPInstanceUID),
                     path=str(path.relative_to(data_dir)),
+                    sha256=digest,
                     next_attempt_at=now,
                     created_at=now,
                 )
@@ -96,9 +99,12 @@ def deliver_due(
     data_dir: Path,
     now: datetime,
     batch: int = 100,
+    on_damaged: Callable[[], None] | None = None,
 ) -> int:
     """Send what is due, one batch per destination; update rows and the jobs they finish.
-    Returns the number of outputs delivered."""
+    An output whose file is missing or changed since it was written is not sent: it is parked
+    as failed at once, with the reason (``on_damaged`` is called for each). Returns the number
+    of outputs delivered."""
     due = list(
         session.exec(
             select(OutboxItem)
@@ -120,6 +126,9 @@ def deliver_due(
                 )
             continue
         settings, destination = destinations[name]
+        items = _intact(items, data_dir, on_damaged)
+        if not items:
+            continue
         files = [OutgoingFile(data_dir / i.path, i.sop_class_uid, "1.2.840.10008.1.2.1") for i in items]
         outcomes: list[Delivery] = destination.send(files)
         for item, outcome in zip(items, outcomes, strict=True):
@@ -153,6 +162,25 @@ def deliver_due(
     for job_id in {i.job_id for i in due}:
         settle_job(session, job_id, now)
     return delivered
+
+
+def _intact(
+    items: list[OutboxItem], data_dir: Path, on_damaged: Callable[[], None] | None
+) -> list[OutboxItem]:
+    """The items whose files hold the bytes written; the others are parked as failed at once (a
+    retry would only send the same damaged file again)."""
+    intact = []
+    for item in items:
+        try:
+            check_file(data_dir / item.path, item.sha256, None, f"output {item.kind}", "written")
+        except IntegrityError as exc:
+            item.state, item.last_error = OutboxState.FAILED, f"not sent: {exc}"[:512]
+            log.error("output %s to %s not sent: %s", item.kind, item.destination, exc)
+            if on_damaged is not None:
+                on_damaged()
+            continue
+        intact.append(item)
+    return intact
 
 
 def settle_job(session: Session, job_id: int, now: datetime) -> None:
