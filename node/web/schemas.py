@@ -94,11 +94,26 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
 
+class DuplicateOut(BaseModel):
+    """A copy of a known SOP instance that was not a plain resend (storage.duplicates)."""
+
+    received_at: datetime
+    sop_instance_uid: str
+    study_uid: str = Field(description="where the instance is stored")
+    received_study_uid: str = Field(description="what the copy said")
+    received_series_uid: str
+    calling_aet: str
+    content_differs: bool
+    conflict: str = Field(description="e.g. 'study UID differs'; empty when none")
+    action: str = Field(description="kept first, replaced or refused")
+
+
 class StudyDetailOut(StudyOut):
-    """A study with its series and jobs."""
+    """A study with its series and jobs, and the duplicates received for it."""
 
     series: list[SeriesOut]
     jobs: list[JobOut]
+    duplicates: list[DuplicateOut] = []
 
 
 class StudyPage(BaseModel):
