@@ -41,6 +41,7 @@ from node.web.guard import WebGuard
 from node.web.health import database_writable
 from node.web.infer import InferRefused, PngStore, dicom_to_png, infer
 from node.web.schemas import (
+    DuplicateOut,
     ErrorOut,
     FindingOut,
     Health,
@@ -311,7 +312,12 @@ def _api(node: Node, heatmaps: PngStore) -> APIRouter:  # noqa: C901 (one functi
             raise HTTPException(status_code=404, detail=f"no study with Study Instance UID {study_uid!r}")
         series = [_series_out(s) for s in repo.study_series(db, study_uid)]
         jobs = _study_jobs(db, study_uid)
-        return StudyDetailOut(**_studies_out(db, [study])[0].model_dump(), series=series, jobs=jobs)
+        duplicates = [
+            DuplicateOut.model_validate(d, from_attributes=True) for d in repo.study_duplicates(db, study_uid)
+        ]
+        return StudyDetailOut(
+            **_studies_out(db, [study])[0].model_dump(), series=series, jobs=jobs, duplicates=duplicates
+        )
 
     @api.get("/studies/{study_uid}/series", response_model=list[SeriesOut], tags=["studies"])
     def study_series(study_uid: str, db: SessionDep) -> list[SeriesOut]:
@@ -575,6 +581,7 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
             jobs=jobs,
             heatmaps={j.id: _sc_outputs(j) for j in raw_jobs},
             analysis=analysis_summary(series, jobs),
+            duplicates=repo.study_duplicates(db, study_uid),
         )
 
     @pages.get("/jobs/{job_id}/heatmaps/{sop_uid}.png", dependencies=read)
