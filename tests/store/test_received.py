@@ -3,6 +3,7 @@ database (as several receiving processes do), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from datetime import timedelta
@@ -137,3 +138,77 @@ def test_duplicate_keeps_a_receiving_series_open_but_leaves_a_complete_one(datab
         assert (open_.state, open_.instance_count) == (SeriesState.RECEIVING, 1)
         assert (done.state, done.last_received_at) == (SeriesState.ROUTED, T0)
         assert s.get(Study, "1.2.3").last_received_at == T0 + timedelta(seconds=30)
+
+
+def test_known_uid_under_another_study_or_series_leaves_no_row_behind(database_url):
+    """A SOP Instance UID resent under new study/series UIDs makes no study or series row (it would
+    complete as an empty study); a new instance in the same batch keeps the rows it needs."""
+    engine = make_engine(database_url)
+    with Session(engine) as s:
+        record_instances(s, [received("1")])
+        s.commit()
+    with Session(engine) as s:
+        new = record_instances(
+            s,
+            [received("1", "9.9.1", "9.9"), received("1", "1.2.3.7")],  # new study; new series
+        )
+        s.commit()
+    assert new == set()
+    with Session(engine) as s:
+        # a new instance in a new study, with the known UID under a sibling series of it
+        new = record_instances(s, [received("2", "9.8.2", "9.8"), received("1", "9.8.1", "9.8")])
+        s.commit()
+    assert new == {"2"}
+    with Session(engine) as s:
+        assert sorted(st.study_uid for st in s.exec(select(Study))) == ["1.2.3", "9.8"]
+        assert sorted(se.series_uid for se in s.exec(select(Series))) == ["1.2.3.1", "9.8.2"]
+        assert s.get(Study, "9.8").series_count == 1 and s.get(Study, "9.8").instance_count == 1
+        assert s.get(Study, "1.2.3").series_count == 1 and s.get(Study, "1.2.3").instance_count == 1
+        assert s.get(Instance, "1").study_uid == "1.2.3"
+
+
+def test_replaced_instance_reopens_its_series_and_makes_a_revision_job(database_url):
+    import json
+
+    from node.runner.jobs import _new_job
+    from node.store.received import replace_instance, stored_instances
+    from node.store.tables import Job, JobState
+
+    engine = make_engine(database_url)
+    with Session(engine) as s:
+        record_instances(s, [received("1")])
+        s.commit()
+        series = s.get(Series, "1.2.3.1")
+        series.state, series.completed_at = SeriesState.ROUTED, T0 + timedelta(seconds=5)
+        s.add(
+            Job(
+                key="m|series|1.2.3.1",
+                model_id="m",
+                level="series",
+                study_uid="1.2.3",
+                series_uids="1.2.3.1",
+                state=JobState.DONE,
+                result=json.dumps({"images": 1}),
+                created_at=T0,
+                updated_at=T0,
+                not_before=T0,
+                started_at=T0 + timedelta(seconds=6),
+            )
+        )
+        s.commit()
+        # nothing new: no revision
+        assert _new_job(s, "m", "r", "series", "1.2.3", ["1.2.3.1"], T0 + timedelta(seconds=7)) is False
+    later = dataclasses.replace(received("1", second=60), byte_size=150, sha256="ab")
+    with Session(engine) as s:
+        old = stored_instances(s, ["1"])["1"]
+        replace_instance(s, later, old)
+        s.commit()
+    with Session(engine) as s:
+        row = s.get(Instance, "1")
+        assert (row.sha256, row.byte_size, row.replaced_at) == ("ab", 150, T0 + timedelta(seconds=60))
+        series, study = s.get(Series, "1.2.3.1"), s.get(Study, "1.2.3")
+        assert (series.state, series.completed_at, series.instance_count) == (SeriesState.RECEIVING, None, 1)
+        assert (series.byte_size, study.byte_size, study.state) == (150, 150, StudyState.RECEIVING)
+        assert _new_job(s, "m", "r", "series", "1.2.3", ["1.2.3.1"], T0 + timedelta(seconds=70)) is True
+        s.commit()
+        assert [j.key for j in s.exec(select(Job))] == ["m|series|1.2.3.1", "m|series|1.2.3.1#2"]
