@@ -235,19 +235,25 @@ class Gate:
     metrics: NodeMetrics
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _per_address: Counter[str] = field(default_factory=Counter)
+    _waiting: Counter[str] = field(default_factory=Counter)  # per address, awaiting their RQ
     _pending: int = 0
     _active: int = 0
 
     @contextlib.contextmanager
     def connection(self, address: str) -> Iterator[_Connection | None]:
         """Count a connection from ``address`` for the duration of the block; None when too many
-        connections are already waiting for their A-ASSOCIATE-RQ (it is then closed unread)."""
+        connections (in all, or from this address) are already waiting for their A-ASSOCIATE-RQ:
+        it is then closed unread."""
         with self._lock:
-            if self._pending >= PENDING_FACTOR * self.limits.max_associations:
+            if (
+                self._pending >= PENDING_FACTOR * self.limits.max_associations
+                or self._waiting[address] >= self.limits.max_per_address
+            ):
                 conn = None
             else:
                 conn = _Connection(address)
                 self._pending += 1
+                self._waiting[address] += 1
                 self._per_address[address] += 1
         if conn is None:
             log.warning(
@@ -264,9 +270,14 @@ class Gate:
                     self._active -= 1
                 else:
                     self._pending -= 1
-                self._per_address[address] -= 1
-                if self._per_address[address] <= 0:
-                    del self._per_address[address]
+                    self._uncount(self._waiting, address)
+                self._uncount(self._per_address, address)
+
+    @staticmethod
+    def _uncount(counter: Counter[str], address: str) -> None:
+        counter[address] -= 1
+        if counter[address] <= 0:
+            del counter[address]
 
     def decide(self, conn: _Connection, calling: str, called: str) -> tuple[int, int, int] | None:
         """The A-ASSOCIATE-RJ (result, source, reason) for this request, or None when it is
@@ -301,6 +312,7 @@ class Gate:
                 outcome = None
                 conn.admitted = True
                 self._pending -= 1
+                self._uncount(self._waiting, address)
                 self._active += 1
         if outcome is not None:
             why = (

@@ -256,6 +256,22 @@ def test_per_address_cap_rejects_transiently(make_node) -> None:
         sock.close()
 
 
+def test_connections_awaiting_their_rq_are_capped_per_address(make_node) -> None:
+    node = make_node(dicom={"max_associations_per_address": 2, "acse_timeout_s": 10.0})
+    port = node.scp.port
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    time.sleep(0.5)  # accepted by the node, awaiting their RQ
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+        started = time.monotonic()
+        assert read_pdu(third, timeout=5) == (0, b"")  # closed unread, at once
+        assert time.monotonic() - started < 2.0
+    assert associations_counted(node, "closed_too_many_pending") == 1
+    other, kind, _ = raw_associate(port, source="127.0.0.2")  # another address is not affected
+    assert kind == ASSOC_AC
+    for sock in (*silent, other):
+        sock.close()
+
+
 @contextlib.contextmanager
 def verification_only(port: int) -> Iterator:
     ae = AE(ae_title="SNEAKY")
