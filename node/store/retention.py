@@ -20,7 +20,17 @@ from sqlalchemy import delete, exists
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from node.store.tables import Instance, Job, JobState, OutboxItem, OutboxState, Series, SeriesState, Study
+from node.store.tables import (
+    DuplicateEvent,
+    Instance,
+    Job,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    Series,
+    SeriesState,
+    Study,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +90,7 @@ def _remove_study(
         session.exec(delete(Instance).where(col(Instance.study_uid) == study_uid))  # type: ignore[call-overload]
         session.exec(delete(Series).where(col(Series.study_uid) == study_uid))  # type: ignore[call-overload]
         session.exec(delete(Study).where(col(Study.study_uid) == study_uid))  # type: ignore[call-overload]
+        session.exec(delete(DuplicateEvent).where(col(DuplicateEvent.study_uid) == study_uid))  # type: ignore[call-overload]
         session.commit()
     for path in files:
         path.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from node.cli import app
 from node.store.db import make_engine
 from node.store.retention import prune
 from node.store.tables import (
+    DuplicateEvent,
     Instance,
     Job,
     JobState,
@@ -110,6 +111,22 @@ def test_age_and_watermark_remove_only_finished_studies(tmp_path, database_url):
         old_queued = _study(engine, data, "1.3", 30, JobState.QUEUED, sent=False)
         old_unsent = _study(engine, data, "1.4", 30, JobState.DONE, sent=False)
         new_done = _study(engine, data, "1.5", 1, JobState.DONE, sent=True)
+        with Session(engine) as s:  # a copy of a stored instance was received for 1.1 and 1.3
+            for uid in ("1.1", "1.3"):
+                s.add(
+                    DuplicateEvent(
+                        received_at=NOW,
+                        sop_instance_uid=f"{uid}.1.1",
+                        study_uid=uid,
+                        series_uid=f"{uid}.1",
+                        received_study_uid="9.9",
+                        received_series_uid="9.9.1",
+                        content_differs=True,
+                        conflict="study UID differs",
+                        action="kept first",
+                    )
+                )
+            s.commit()
 
         dry = prune(engine, data, data / "spool", NOW, max_age=timedelta(days=7), dry_run=True)
         assert sorted(dry.studies) == ["1.1", "1.2"] and dry.bytes == 2500
@@ -121,6 +138,8 @@ def test_age_and_watermark_remove_only_finished_studies(tmp_path, database_url):
         assert not any(p.exists() for p in old_done + old_not_routed)
         assert not (data / "spool" / "1.1").exists(), "empty study folders go too"
         assert all(p.exists() for p in old_queued + old_unsent + new_done)
+        with Session(engine) as s:  # a removed study's duplicate events go with it
+            assert [e.study_uid for e in s.exec(select(DuplicateEvent))] == ["1.3"]
 
         # under the watermark: the oldest finished studies go whatever their age; pending ones stay
         freed = prune(engine, data, data / "spool", NOW, min_free_bytes=10**12, free_bytes=lambda: 0)
