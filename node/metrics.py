@@ -136,7 +136,7 @@ class NodeMetrics:
         )
         self.stage_seconds = Histogram(
             f"{PREFIX}_job_stage_seconds",
-            "Seconds per job stage (assemble_wait, queued, preprocessing, inferring, writing)",
+            "Seconds per job stage (assemble_wait, queued, verifying, preprocessing, inferring, writing)",
             ["model", "stage"],
             buckets=STAGE_BUCKETS,
             registry=r,

@@ -319,7 +319,8 @@ class Runner:
             session_ = self._models.sessions.get(job.model_id)
             if session_ is None:
                 raise ManifestError(f"model {job.model_id!r} has no runtime session")
-            jobs.check_stored_files(stored)  # the bytes received, or the job fails (IntegrityError)
+            with watch.stage("verifying"):  # the bytes received, or the job fails (IntegrityError)
+                jobs.check_stored_files(stored)
             result, sources = analyse(
                 model,
                 session_,
