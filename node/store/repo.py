@@ -402,7 +402,12 @@ def study_duplicates(session: Session, study_uid: str, limit: int = 100) -> list
     instance is stored in another study), most recent first."""
     query = (
         select(DuplicateEvent)
-        .where(or_(DuplicateEvent.study_uid == study_uid, DuplicateEvent.received_study_uid == study_uid))
+        .where(
+            or_(
+                col(DuplicateEvent.study_uid) == study_uid,
+                col(DuplicateEvent.received_study_uid) == study_uid,
+            )
+        )
         .order_by(col(DuplicateEvent.id).desc())
         .limit(limit)
     )
