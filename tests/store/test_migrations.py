@@ -116,7 +116,10 @@ def test_upgrade_from_the_first_revision_keeps_the_data(database_url):
             assert study.priority is None and study.notify_state is None
             assert study.notify_attempts == 0 and study.notify_error == ""
             assert s.exec(select(Series)).one().route_rule == "ct-liver"
-            assert s.exec(select(Instance)).one().path == "a/b.dcm"
+            instance = s.exec(select(Instance)).one()
+            assert instance.path == "a/b.dcm"
+            assert (instance.sha256, instance.replaced_at) == (None, None)  # 0004: integrity unknown
+            assert s.exec(select(OutboxItem)).one().sha256 is None
             job = s.exec(select(Job)).one()
             assert (job.state, job.result) == ("done", '{"findings": []}')
             assert s.exec(select(OutboxItem)).one().job_id == job.id
