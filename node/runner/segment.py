@@ -21,7 +21,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -31,6 +30,7 @@ from node.errors import InferenceError
 from node.inference.explain import find_hotspot, map_to_source, top_slices
 from node.inference.manifest import Manifest
 from node.inference.postprocess import pixel_probabilities, remove_small_volumes, segment_masks
+from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
 from node.inference.sliding import sliding_window_inference
@@ -46,9 +46,6 @@ from node.types import (
     SegmentFrame,
     SegmentSummary,
 )
-
-if TYPE_CHECKING:
-    from node.inference.prepared import Preparer
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +80,7 @@ def analyse_segmentation(
     spec = manifest.segmentation
     assert spec is not None
     with watch.stage("preprocessing"):
-        if preparer is None:
-            images = _prepare_all(files, manifest, False, budget)
-        else:
-            images = _prepare_all(files, manifest, False, budget, preparer, watch.deadline)
+        images = _prepare_all(files, manifest, False, budget, preparer, watch.deadline)
     n_labels = len(manifest.labels)
     frames: list[SegmentFrame] = []
     peaks = np.zeros((len(images), n_labels), dtype=np.float64)  # max prob per frame
@@ -123,7 +117,7 @@ def analyse_segmentation(
             for k in range(n_labels)
         ]
         shown = _frames_to_show(manifest, kept, peaks, len(images))
-        displays = _displays(images, shown, budget)
+        displays = _displays(images, shown, budget, preparer, watch.deadline)
         results = []
         for i in shown:
             scores = [

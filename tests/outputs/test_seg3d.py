@@ -269,3 +269,30 @@ def test_segment_masks_argmax_keeps_numpy_tie_rule() -> None:
     winner = np.argmax(probs, axis=0)
     expected = np.stack([winner == label.index for label in manifest.labels])
     assert np.array_equal(segment_masks(manifest, probs), expected)
+
+
+def test_3d_path_through_the_preparation_pool(liver3d, tmp_path: Path) -> None:
+    """Decoded and prepared in a child process (the node's PreparePool), the 3-D analysis gives the
+    in-process masks and displays."""
+    from node.inference.isolate import PreparePool
+
+    model, session = liver3d
+    files, uids, _ = _phantom(tmp_path, 7101, "benign")
+    here, _ = _run(model, session, files)
+    pool = PreparePool(1, 2048, 60)
+    try:
+        there, _ = analyse(
+            model,
+            session,
+            files,
+            level="series",
+            uid_seed="seg3d",
+            watch=Stopwatch(time.monotonic() + 300),
+            preparer=pool,
+        )
+    finally:
+        pool.close()
+    assert np.array_equal(_predicted(here, uids), _predicted(there, uids))
+    assert [im.sop_instance_uid for im in here.images] == [im.sop_instance_uid for im in there.images]
+    for a, b in zip(here.images, there.images, strict=True):
+        assert a.display is not None and b.display is not None and np.array_equal(a.display, b.display)
