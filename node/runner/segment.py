@@ -18,6 +18,7 @@ pixels' probabilities for a FRACTIONAL SEG) for :mod:`node.outputs.seg`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
 from node.inference.sliding import sliding_window_inference
 from node.outputs.common import plane_geometry
-from node.runner.analyse import Stopwatch, _displays, _Image, _prepare_all, algorithm_identity
+from node.runner.analyse import JobTimeout, Stopwatch, _displays, _Image, _prepare_all, algorithm_identity
 from node.types import (
     AnalysisResult,
     Code,
@@ -222,15 +223,22 @@ def stack_volume(manifest: Manifest, images: list[_Image]) -> np.ndarray:
 
 
 def volume_logits(
-    manifest: Manifest, session: ModelSession, volume: np.ndarray, batches: list[int]
+    manifest: Manifest,
+    session: ModelSession,
+    volume: np.ndarray,
+    batches: list[int],
+    deadline: float | None = None,
 ) -> np.ndarray:
-    """The blended raw output (K, D, H, W) of a 3-D model over ``volume`` (C, D, H, W)."""
+    """The blended raw output (K, D, H, W) of a 3-D model over ``volume`` (C, D, H, W); past
+    ``deadline`` (monotonic) before a window batch: JobTimeout."""
     spec = manifest.segmentation
     roi = manifest.roi_size
     assert spec is not None and roi is not None
     output = manifest.outputs.probabilities
 
     def predict(batch: np.ndarray) -> np.ndarray:
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobTimeout(f"job timed out after {len(batches)} sliding-window call(s)")
         batches.append(int(batch.shape[0]))
         return session.run(batch, [output])[output]
 
@@ -252,7 +260,7 @@ def _volume_masks(
     source frame and thresholded, then small 26-connected components removed over the volume."""
     spec = manifest.segmentation
     assert spec is not None
-    raw = volume_logits(manifest, session, stack_volume(manifest, images), watch.batches)
+    raw = volume_logits(manifest, session, stack_volume(manifest, images), watch.batches, watch.deadline)
     n_labels = len(manifest.labels)
     per_frame: list[_FrameMasks] = []
     for z, im in enumerate(images):

@@ -69,6 +69,8 @@ def test_3d_segmentation_job_sends_seg_and_sr_to_orthanc(tmp_path: Path) -> None
             study, lambda ss: {"SEG", "SR"} <= {s["MainDicomTags"].get("Modality") for s in ss}
         )
         by_modality = {s["MainDicomTags"].get("Modality"): s for s in series}
+        descriptions = [s["MainDicomTags"].get("SeriesDescription", "") for s in series]
+        assert any("heatmap" in d.lower() for d in descriptions), descriptions  # the mask overlaid (SC)
         seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
         seg_path.write_bytes(orthanc.instance_file(by_modality["SEG"]["Instances"][0]))
         sr_path.write_bytes(orthanc.instance_file(by_modality["SR"]["Instances"][0]))

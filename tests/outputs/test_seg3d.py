@@ -296,3 +296,13 @@ def test_3d_path_through_the_preparation_pool(liver3d, tmp_path: Path) -> None:
     assert [im.sop_instance_uid for im in here.images] == [im.sop_instance_uid for im in there.images]
     for a, b in zip(here.images, there.images, strict=True):
         assert a.display is not None and b.display is not None and np.array_equal(a.display, b.display)
+
+
+def test_a_3d_job_past_its_deadline_stops_between_windows(liver3d, tmp_path: Path) -> None:
+    from node.runner.analyse import JobTimeout
+
+    model, session = liver3d
+    files, _, _ = _phantom(tmp_path, 7100, "malignant")
+    volume = stack_volume(model.manifest, _prepare_all(files, model.manifest, False))
+    with pytest.raises(JobTimeout, match="sliding-window"):
+        volume_logits(model.manifest, session, volume, [], deadline=time.monotonic() - 1)
