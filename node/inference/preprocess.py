@@ -706,7 +706,7 @@ def prepare(
         decoded.frame(frame),
         header,
         manifest.preprocessing,
-        layout=spec.layout,
+        layout=spec.slice_layout,  # a 3-D input's slices are prepared NCHW, then stacked
         dtype=spec.dtype,
         expected_hw=spec.spatial if check_size else None,
         expected_channels=spec.channels,
