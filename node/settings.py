@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -261,10 +262,51 @@ def _bundled(path: Path) -> Path:
     return candidate if candidate.exists() else path
 
 
+class TritonTlsSettings(_Section):
+    """TLS towards Triton servers (used for ``https://`` URLs)."""
+
+    ca_file: Path | None = Field(None, description="PEM CA bundle for the servers; None: the system trust store")
+    cert_file: Path | None = Field(None, description="client certificate, when the server asks for one")
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> TritonTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        return self
+
+
+class TritonSettings(_Section):
+    """Triton Inference Servers (KServe v2 HTTP protocol) that run the models when
+    ``models.backend`` is ``triton``; each model is served under its manifest id
+    (``pacs-node models export-triton`` writes the repository)."""
+
+    urls: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"],
+        min_length=1,
+        description="http://host:port or https://host:port, tried in order; a connection error moves to the next",
+    )
+    timeout_s: float = Field(60.0, gt=0, description="connection and network timeout of one request")
+    tls: TritonTlsSettings = Field(default_factory=TritonTlsSettings)
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not re.match(r"^https?://[^/\s:]+(:[0-9]{1,5})?(/[^\s]*)?$", url):
+                raise ValueError(f"a Triton URL is http://host:port or https://host:port (found {url!r})")
+        return value
+
+
 class ModelsSettings(_Section):
-    """Where the model manifests live and how ONNX Runtime runs them."""
+    """Where the model manifests live and how ONNX Runtime (or Triton) runs them."""
 
     directory: Path = Field(Path("models/onnx"), validate_default=True)
+    backend: Literal["onnxruntime", "triton"] = Field(
+        "onnxruntime", description="onnxruntime: in-process sessions; triton: the servers in models.triton"
+    )
+    triton: TritonSettings = Field(default_factory=TritonSettings)
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="in order of preference; unavailable ones are skipped, CPU is always the last resort",
@@ -299,13 +341,56 @@ class RunnerSettings(_Section):
     retry_backoff_s: float = Field(10.0, ge=0)
 
 
+DestinationKind = Literal["dicom", "dicomweb", "hl7", "fhir"]
+
+
+class Hl7Settings(_Section):
+    """The HL7 v2 ORU^R01 an ``hl7`` destination receives (one message per finished job)."""
+
+    sending_application: str = Field("PACSNODE", max_length=180, description="MSH-3")
+    sending_facility: str = Field("", max_length=180, description="MSH-4")
+    receiving_application: str = Field("RIS", max_length=180, description="MSH-5")
+    receiving_facility: str = Field("", max_length=180, description="MSH-6")
+    processing_id: Literal["P", "T", "D"] = Field("P", description="MSH-11: production, training, debugging")
+    triage_field: str = Field(
+        "OBR-27.6",
+        pattern=r"^(MSH|PID|ORC|OBR)-[0-9]{1,2}(\.[0-9]{1,2})?$",
+        description="where the urgent triage flag goes (SEGMENT-FIELD[.COMPONENT]); default the priority "
+        "component of OBR-27 Quantity/Timing",
+    )
+    triage_urgent: str = Field("S", max_length=16, description="value written there for an urgent study")
+    triage_routine: str = Field("R", max_length=16, description="value written there otherwise")
+    timeout_s: float = Field(30.0, gt=0, description="connect, send and wait for the ACK")
+
+
 class DestinationSettings(_Section):
-    """A DICOM peer (usually the PACS) that receives the node's outputs."""
+    """A peer that receives the node's results. ``kind`` says how and what:
+
+    - ``dicom`` (the default): DICOM objects over C-STORE to ``ae_title@host:port``;
+    - ``dicomweb``: the same objects over STOW-RS to ``url`` (the DICOMweb root);
+    - ``hl7``: one HL7 v2 ORU^R01 per finished job over MLLP to ``host:port`` (a RIS);
+    - ``fhir``: one FHIR R4 transaction Bundle (DiagnosticReport + Observations) per finished job,
+      POSTed to ``url`` (the FHIR base).
+    """
 
     name: str = Field(min_length=1, max_length=64)
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: DestinationKind = "dicom"
+    ae_title: AETitle | None = Field(
+        None, description="dicom: the peer's AE title (needed); dicomweb: optional (outputs.send_to: origin)"
+    )
+    host: str | None = Field(None, description="dicom and hl7: the peer's host")
+    port: int | None = Field(None, ge=1, le=65535, description="dicom and hl7: the peer's port")
+    url: str | None = Field(
+        None, pattern=r"^https?://", description="dicomweb: the DICOMweb root; fhir: the FHIR base URL"
+    )
+    username: str | None = Field(None, description="dicomweb, fhir: HTTP basic authentication user")
+    password: SecretStr | None = Field(None, description="with username")
+    token: SecretStr | None = Field(None, description="dicomweb, fhir: bearer token (instead of basic)")
+    verify_tls: bool = Field(
+        True, description="dicomweb, fhir over https: verify the server certificate (tls.ca_file or system)"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="dicomweb, fhir: per HTTP request")
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     parametric_map: bool = Field(True, description="also send the heatmap as a Parametric Map")
     presentation_state: bool = Field(
         True, description="also send the presentation states that outline the findings on the source images"
@@ -315,6 +400,32 @@ class DestinationSettings(_Section):
     backoff_initial_s: float = Field(5.0, ge=0)
     backoff_max_s: float = Field(600.0, ge=0)
     tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+
+    @property
+    def takes_objects(self) -> bool:
+        """True for the kinds that receive DICOM objects (dicom, dicomweb)."""
+        return self.kind in ("dicom", "dicomweb")
+
+    @property
+    def takes_messages(self) -> bool:
+        """True for the kinds that receive one study-level message per job (hl7, fhir)."""
+        return self.kind in ("hl7", "fhir")
+
+    @model_validator(mode="after")
+    def _per_kind(self) -> DestinationSettings:
+        where = f"destination {self.name!r} (kind {self.kind})"
+        needs = {"dicom": ("ae_title", "host", "port"), "dicomweb": ("url",), "hl7": ("host", "port")}
+        needs["fhir"] = ("url",)
+        missing = [f for f in needs[self.kind] if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"{where} needs {', '.join(missing)}")
+        if self.password is not None and self.username is None:
+            raise ValueError(f"{where}: password without username")
+        if self.token is not None and self.username is not None:
+            raise ValueError(f"{where}: choose basic (username/password) or bearer (token), not both")
+        if not self.takes_messages and self.hl7 != Hl7Settings():
+            raise ValueError(f"{where}: the hl7 section is for kind hl7 only")
+        return self
 
 
 class OutputSettings(_Section):
