@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import re
@@ -10,7 +9,6 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -52,16 +50,15 @@ from node.budget import DEFAULT_BUDGET, Budget
 from node.dicom import status
 from node.dicom.access import AllowList
 from node.dicom.committer import IngestCommitter
+from node.dicom.ingest import InstanceFiler
 from node.dicom.inspect import Header, inspect_dataset
 from node.dicom.sop_classes import storage_sop_classes
-from node.dicom.spool import Spool, SpoolFullError
+from node.dicom.spool import Spool
 from node.dicom.tls import server_context
 from node.dicom.transport import Gate, GatedServer, NetworkLimits, shown_ae, start_gated_server
-from node.errors import IngestError, StoreError
+from node.errors import IngestError
 from node.metrics import NodeMetrics
 from node.settings import DicomSettings
-from node.store.received import ReceivedInstance
-from node.store.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -173,37 +170,6 @@ def _uid_carriable(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64
 
 
-class _KeyedLocks:
-    """One lock per key (a SOP Instance UID), alive while someone holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
-
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        """Hold the lock of ``key`` for the duration of the block."""
-        with self._guard:
-            lock, users = self._locks.get(key, (None, 0))
-            if lock is None:
-                lock = threading.Lock()
-            self._locks[key] = (lock, users + 1)
-        try:
-            with lock:
-                yield
-        finally:
-            with self._guard:
-                lock, users = self._locks[key]
-                if users == 1:
-                    del self._locks[key]
-                else:
-                    self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        with self._guard:
-            return len(self._locks)
-
-
 class StorageSCP:
     """Listens for associations; files every instance durably before answering."""
 
@@ -231,8 +197,10 @@ class StorageSCP:
             weakref.WeakKeyDictionary()
         )
         self._garbled_lock = threading.Lock()
-        # concurrent stores of one SOP Instance UID are serialised (see store)
-        self._instance_locks = _KeyedLocks()
+        # the durable tail, shared with STOW-RS; concurrent stores of one SOP Instance UID (by
+        # either) are serialised by its locks (see store)
+        self.filer = InstanceFiler(spool, committer)
+        self._instance_locks = self.filer.locks
 
     def start(self) -> None:
         """Bind and serve in background threads."""
@@ -452,57 +420,11 @@ class StorageSCP:
         chunks: tuple[bytes | memoryview, ...],
         size: int,
     ) -> bool:
-        """Write (unless already there) and commit one instance; True when it was new. A file
-        this store did not create is never removed; one it created is removed after a failed
-        commit only when no committed row points to it (another process may have recorded it)."""
-        dirs: set[Path] = set()
-        created = False
-        try:
-            if not self.spool.exists(relative):
-                self.spool.check_space(size)
-                written = self.spool.write(relative, chunks)
-                created = written is not None
-                dirs = written or set()
-            record = ReceivedInstance(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                series_uid=header.series_uid,
-                study_uid=header.study_uid,
-                transfer_syntax_uid=str(transfer_syntax),
-                modality=header.modality,
-                body_part=header.body_part,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                instance_number=header.instance_number,
-                byte_size=size,
-                path=str(relative),
-                calling_aet=event.assoc.requestor.ae_title,
-                received_at=utcnow(),
-            )
-            return self.committer.commit(record, dirs, chunks, created)
-        except SpoolFullError as exc:
-            raise IngestError(status.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
-        except OSError as exc:
-            raise IngestError(status.OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}") from exc
-        except StoreError as exc:
-            if created:
-                self._remove_unrecorded(relative, header.sop_instance_uid)
-            raise IngestError(status.OUT_OF_RESOURCES, f"cannot record the instance: {exc}") from exc
-
-    def _remove_unrecorded(self, relative: Path, sop_instance_uid: str) -> None:
-        """Remove a file whose row could not be committed, unless a committed row points to it
-        or the database cannot tell (then it stays: a stray file is better than a lost one)."""
-        try:
-            recorded = self.committer.recorded_path(sop_instance_uid)
-        except StoreError as exc:
-            log.warning("kept a spool file whose row could not be committed: %s", exc)
-            return
-        if recorded == str(relative):
-            return
-        try:
-            self.spool.remove(relative)
-        except OSError as exc:
-            log.warning("could not remove an unrecorded spool file: %s", exc.strerror)
+        """Write (unless already there) and commit one instance; True when it was new (see
+        InstanceFiler.file_at)."""
+        return self.filer.file_at(
+            header, transfer_syntax, relative, chunks, size, event.assoc.requestor.ae_title
+        )
 
     def store(self, event: Event, garbled: _GarbledRequest | None = None) -> int:
         """File one C-STORE request durably; raise IngestError with the status to answer.
