@@ -259,11 +259,10 @@ def convert_torch(
             "--cam is for classifiers (a class activation map of a global-average-pool + linear head); "
             "a segmentation model's masks are its picture: drop --cam with --kind segmentation"
         )
-    if segmentation is None and len(input_shape) == 4:
+    if segmentation is None and len(input_shape) == 4 and cam:
         raise ConversionError(
-            f"--input-shape {','.join(str(d) for d in input_shape)} is a volume (C,D,H,W): the node's "
-            "classifier manifests take one 2-D image (C,H,W); 3-D (volume) classifiers are not supported "
-            "yet (a volume input is for --kind segmentation)"
+            f"--input-shape {','.join(str(d) for d in input_shape)} is a volume (C,D,H,W): a volume "
+            "classifier has no CAM output yet; drop --cam"
         )
     if segmentation is not None:
         segmentation.labels = label_options or segmentation.labels

@@ -114,13 +114,15 @@ def scaffold_manifest(
             "heatmap": {"method": "cam", "normalize": "relu_max"}
             if cam
             else {"method": "none"}
-            if segmentation is not None
+            if segmentation is not None or layout == "NCDHW"
             else {
                 "method": "occlusion",
                 "window": [max(1, (h or 32) // 8)] * 2,
                 "stride": [max(1, (h or 32) // 16)] * 2,
             },
-            "aggregation": {"level": "image", "method": "max", "keep_top_slices": 1}
+            "aggregation": {"level": "series", "method": "max", "keep_top_slices": 1}
+            if segmentation is None and layout == "NCDHW"  # a volume classifier: one call per series
+            else {"level": "image", "method": "max", "keep_top_slices": 1}
             if segmentation is None
             else {"level": "series", "method": "max", "keep_top_slices": 3},
             **({"segmentation": segmentation} if segmentation is not None else {}),

@@ -338,8 +338,7 @@ def _first_3d_layer(net: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def refuse_3d(net: nn.Module, segmentation: bool = False) -> None:
-    """Refuse a volumetric network given a 2-D input shape: a 3-D classifier (the manifest's volume
-    input is for segmentation only), or a 3-D segmentation network without C,D,H,W."""
+    """Refuse a volumetric network given a 2-D input shape (C,H,W): it needs C,D,H,W."""
     found = _first_3d_layer(net)
     if found is None:
         return
@@ -351,10 +350,9 @@ def refuse_3d(net: nn.Module, segmentation: bool = False) -> None:
             "(sliding-window) segmentation model"
         )
     raise ConversionError(
-        f"this is a 3-D network ({type(module).__name__} at {name!r}): a 3-D classifier. The node's "
-        "classifier manifests take one 2-D image (N, C, H, W) and run per image or slice; a volume "
-        "input (NCDHW) is only for segmentation models (--kind segmentation). 3-D (volume) "
-        "classifiers are not supported yet: convert a 2-D network (e.g. MONAI spatial_dims=2) instead"
+        f"this is a 3-D network ({type(module).__name__} at {name!r}) and --input-shape is one 2-D "
+        "image (C,H,W): give the network's volume input as C,D,H,W (e.g. 1,32,64,64) for a volume "
+        "classifier (the series' slices stacked and resampled to D)"
     )
 
 
@@ -412,13 +410,16 @@ def export_torch(
     """
     if segmentation:
         return _export_segmentation(net, out_path, input_shape, input_name, output_name, swap_xy, opset)
-    if len(input_shape) != 3:
+    if len(input_shape) == 4:  # a volume classifier (NCDHW): the series as one input
+        if cam:
+            raise ConversionError("a volume classifier (input C,D,H,W) has no CAM output yet; drop --cam")
+    elif len(input_shape) == 3:
+        refuse_3d(net)
+    else:
         raise ConversionError(
-            f"--input-shape {','.join(str(d) for d in input_shape)} is a volume (C,D,H,W): the node's "
-            "classifier manifests take one 2-D image (C,H,W); 3-D (volume) classifiers are not supported "
-            "yet (a volume input is for --kind segmentation)"
+            f"--input-shape {','.join(str(d) for d in input_shape)}: give C,H,W (an image) or C,D,H,W "
+            "(a volume)"
         )
-    refuse_3d(net)
     net = net.eval()
     dummy = torch.randn(2, *[int(d) for d in input_shape])
     names = [output_name]

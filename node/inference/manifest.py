@@ -73,8 +73,10 @@ class InputSpec(_Strict):
     """The graph input: name, shape (first dim is the dynamic batch), dtype, layout.
 
     ``NCHW`` / ``NHWC``: a 2-D input ``[N, C, H, W]`` / ``[N, H, W, C]``. ``NCDHW``: a 3-D input
-    ``[N, C, D, H, W]`` (a volume of D slices, ``segmentation.dimensions: 3`` only); its spatial dims
-    may be null (a fully-convolutional net; then ``segmentation.roi_size`` gives the window).
+    ``[N, C, D, H, W]`` (a volume of D slices: a 3-D segmentation model, ``segmentation.dimensions:
+    3``, or a volume classifier at series level); its spatial dims may be null (a fully-convolutional
+    net; a segmentation model's ``segmentation.roi_size`` then gives the window, a classifier takes
+    the series' own slice count).
     """
 
     name: str = Field(min_length=1)
@@ -513,12 +515,17 @@ class Manifest(_Strict):
             seen_names[label.name] = i
             seen_index[label.index] = i
         normals = [i for i, label in enumerate(self.labels) if label.normal]
-        if self.input.layout == "NCDHW" and (
-            self.kind != "segmentation" or self.segmentation is None or self.segmentation.dimensions != 3
-        ):
-            raise FieldProblem(
-                "input.layout", "NCDHW is for 3-D segmentation models (segmentation.dimensions: 3)", "NCDHW"
-            )
+        if self.input.layout == "NCDHW":
+            if self.kind == "segmentation":
+                if self.segmentation is None or self.segmentation.dimensions != 3:
+                    raise FieldProblem(
+                        "input.layout",
+                        "NCDHW is for 3-D segmentation models (segmentation.dimensions: 3)"
+                        " or volume classifiers",
+                        "NCDHW",
+                    )
+            else:
+                self._volume_classifier_checks()
         if self.kind == "segmentation":
             self._segmentation_checks(normals)
         elif self.segmentation is not None:
@@ -615,6 +622,23 @@ class Manifest(_Strict):
                             f"must equal the input's fixed dimension input.shape.{axis + 2} ({dim})",
                             roi,
                         )
+
+    def _volume_classifier_checks(self) -> None:
+        """A classifier with an ``NCDHW`` input sees the whole series as one volume: its slices
+        prepared by the 2-D steps, stacked in spatial order, resampled along the slice axis to the
+        input's depth (when fixed), and classified once."""
+        if self.aggregation.level != "series":
+            raise FieldProblem(
+                "aggregation.level",
+                "a volume classifier (NCDHW input) classifies a series",
+                self.aggregation.level,
+            )
+        if not isinstance(self.heatmap, NoHeatmap):
+            raise FieldProblem(
+                "heatmap.method", "a volume classifier has no heatmap yet; use 'none'", self.heatmap.method
+            )
+        if self.outputs.cam is not None:
+            raise FieldProblem("outputs.cam", "a volume classifier has no CAM output yet", self.outputs.cam)
 
     @property
     def roi_size(self) -> tuple[int, int, int] | None:

@@ -127,6 +127,19 @@ def analyse(
             budget=budget,
             preparer=preparer,
         )
+    if manifest.input.is_volume:  # a volume classifier: the series as one NCDHW input
+        from node.runner.volume import analyse_volume
+
+        return analyse_volume(
+            model,
+            session,
+            files,
+            level=level,
+            uid_seed=uid_seed,
+            watch=watch,
+            budget=budget,
+            preparer=preparer,
+        )
     is_patch = isinstance(manifest.heatmap, PatchHeatmap)
     with watch.stage("preprocessing"):
         images = _prepare_all(files, manifest, is_patch, budget, preparer, watch.deadline)

@@ -1,7 +1,8 @@
 """Real architectures through ``convert torch``: torchvision-layout ResNet-50 and DenseNet-121,
 MONAI's DenseNet121 and EfficientNetBN, each with and without the CAM output, parity passing, then
-loaded by the registry and analysed by the node; 3-D classifiers refused clearly, segmentation
-networks pointed to ``--kind segmentation`` (tests/byom/test_segmentation_convert.py).
+loaded by the registry and analysed by the node; a 3-D classifier given a 2-D shape refused clearly
+(volume classifiers: tests/byom/test_volume_classifier.py), segmentation networks pointed to
+``--kind segmentation`` (tests/byom/test_segmentation_convert.py).
 
 Random weights with fixed seeds (tests/byom/archs.py), nothing downloaded; 64x64 inputs (the
 networks are fully convolutional up to the global pool) keep a 2-core CI machine busy for seconds.
@@ -160,7 +161,7 @@ def test_functional_pool_without_gap_head_is_refused(tmp_path: Path) -> None:
 
 def test_3d_and_segmentation_networks_are_refused(tmp_path: Path) -> None:
     need_module("monai")
-    classifier = r"3-D network \(Conv3d at 'features.conv0'\): a 3-D classifier"
+    classifier = r"3-D network \(Conv3d at 'features.conv0'\) and --input-shape is one 2-D image"
     with pytest.raises(ConversionError, match=classifier):
         convert_torch(
             out_dir=tmp_path / "a",
