@@ -208,15 +208,24 @@ def monai_densenet121(num_classes: int = 2, in_channels: int = 1, spatial_dims: 
     return trained_looking(net, 7)
 
 
-def monai_efficientnet_b0(num_classes: int = 2, in_channels: int = 1) -> nn.Module:
+def monai_efficientnet_b0(num_classes: int = 2, in_channels: int = 1, spatial_dims: int = 2) -> nn.Module:
     """MONAI's EfficientNetBN b0: SiLU (swish), squeeze-and-excitation, drop-connect (drop-path)."""
     from monai.networks.nets import EfficientNetBN
 
     torch.manual_seed(8)
     net = EfficientNetBN(
-        "efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=in_channels, num_classes=num_classes
+        "efficientnet-b0",
+        pretrained=False,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
     )
     return trained_looking(net, 8)
+
+
+def monai_efficientnet_b0_3d() -> nn.Module:
+    """MONAI's EfficientNetBN b0 with spatial_dims=3 (a volume classifier)."""
+    return monai_efficientnet_b0(spatial_dims=3)
 
 
 def monai_unet(spatial_dims: int = 2, out_channels: int = 2) -> nn.Module:

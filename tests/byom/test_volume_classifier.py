@@ -1,8 +1,8 @@
-"""A 3-D classifier (MONAI DenseNet121, spatial_dims=3) through ``convert torch --input-shape
-C,D,H,W``: parity passing, a series-level NCDHW manifest the registry accepts, and the node's
-analysis of a CT phantom series giving what the PyTorch network gives on the same volume (the
-series' prepared slices stacked and resampled along the slice axis as PyTorch's trilinear
-``interpolate`` does)."""
+"""3-D classifiers (MONAI DenseNet121 and EfficientNetBN, spatial_dims=3) through ``convert
+torch --input-shape C,D,H,W``: parity passing, a series-level NCDHW manifest the registry
+accepts, and the node's analysis of a CT phantom series giving what the PyTorch network gives on
+the same volume (the series' prepared slices stacked and resampled along the slice axis as
+PyTorch's trilinear ``interpolate`` does)."""
 
 from __future__ import annotations
 
@@ -52,12 +52,11 @@ def ct_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [out / i.file for i in truth.instances]
 
 
-def test_volume_classifier_converts_and_runs(tmp_path: Path, ct_series: list[Path]) -> None:
+@pytest.mark.parametrize("arch", ["monai_densenet121_3d", "monai_efficientnet_b0_3d"])
+def test_volume_classifier_converts_and_runs(arch: str, tmp_path: Path, ct_series: list[Path]) -> None:
     lines: list[str] = []
-    out = tmp_path / "densenet3d"
-    convert_torch(
-        out_dir=out, model="tests.byom.archs:monai_densenet121_3d", input_shape=SHAPE, echo=lines.append
-    )
+    out = tmp_path / arch
+    convert_torch(out_dir=out, model=f"tests.byom.archs:{arch}", input_shape=SHAPE, echo=lines.append)
     assert any("parity" in line.lower() and "pass" in line.lower() for line in lines), lines
     fill_manifest(out, labels=["finding_a", "finding_b"], modality="CT")
     model = load_model(out)
@@ -81,7 +80,7 @@ def test_volume_classifier_converts_and_runs(tmp_path: Path, ct_series: list[Pat
     # the same volume through the PyTorch network
     images = _prepare_all(ct_series, manifest, False)
     volume = resample_depth(stack_volume(manifest, images), SHAPE[1])
-    net = archs.monai_densenet121_3d().eval()
+    net = getattr(archs, arch)().eval()
     with torch.no_grad():
         logits = net(torch.from_numpy(volume)[None]).numpy()[0]
     expected = 1.0 / (1.0 + np.exp(-logits))
