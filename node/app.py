@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy.engine import Engine
 
 from node import __version__
+from node.audit import AuditTrail, build_audit
 from node.dicom.committer import IngestCommitter
 from node.dicom.scp import StorageSCP
 from node.dicom.spool import Spool
@@ -50,6 +51,7 @@ class Node:
     preparer: PreparePool | None = None  # decoding in child processes; None: in this process
     started_at: float = field(default_factory=time.time)
     version: str = __version__
+    audit: AuditTrail = field(default_factory=AuditTrail.disabled)
 
     def start(self) -> None:
         """Prepare the spool (set aside files no row points to), then start committing, listening
@@ -63,6 +65,7 @@ class Node:
         if self.notifier is not None:
             self.notifier.start()
         self.started_at = time.time()
+        self.audit.open()  # Application Start
 
     def analyse_upload(self, data: bytes, deadline: float) -> tuple[str, list[Outcome]]:
         """One uploaded file through routing, the models and heatmap rendering (the inference API)."""
@@ -84,6 +87,7 @@ class Node:
         self.committer.stop()
         if self.preparer is not None:
             self.preparer.close()
+        self.audit.shutdown()  # Application Stop
         self.engine.dispose()
 
     def ready(self) -> dict[str, bool]:
@@ -148,11 +152,13 @@ def build_node(settings: Settings) -> Node:
     committer = IngestCommitter(engine, spool, duplicates=settings.storage.duplicates)
     metrics = NodeMetrics()
     metrics.watch_store(engine, models.registry)
-    scp = StorageSCP(settings.dicom, spool, committer, metrics, budget=settings.limits.budget())
+    audit = build_audit(settings)
+    scp = StorageSCP(settings.dicom, spool, committer, metrics, budget=settings.limits.budget(), audit=audit)
     destinations = {
         d.name: (d, CStoreDestination(d, calling_aet=settings.dicom.ae_title, metrics=metrics))
         for d in settings.destinations
     }
+    destinations = {n: (d, audit.wrap(d, dest)) for n, (d, dest) in destinations.items()}  # Results exported
     preparer = preparation_pool(settings)
     runner = Runner(
         engine,
@@ -166,7 +172,18 @@ def build_node(settings: Settings) -> Node:
     )
     notifier = WebhookNotifier(engine, settings)
     return Node(
-        settings, engine, spool, committer, scp, runner, models, rules, notifier, metrics, preparer=preparer
+        settings,
+        engine,
+        spool,
+        committer,
+        scp,
+        runner,
+        models,
+        rules,
+        notifier,
+        metrics,
+        preparer=preparer,
+        audit=audit,
     )
 
 

@@ -504,6 +504,35 @@ class LimitsSettings(_Section):
         )
 
 
+class AuditSettings(_Section):
+    """The audit trail (IHE ATNA): DICOM audit messages (PS3.15 A.5) over syslog to an audit
+    record repository (docs/audit.md). They carry patient identifiers; they never go to the log."""
+
+    enabled: bool = Field(False, description="send audit messages")
+    host: str = Field("127.0.0.1", description="the audit record repository (syslog collector)")
+    port: int | None = Field(None, ge=1, le=65535, description="None: 6514 for tls, 514 for udp and tcp")
+    transport: Literal["udp", "tcp", "tls"] = Field(
+        "tls", description="tls (RFC 5425, as ATNA asks), tcp (RFC 6587 octet counting) or udp (RFC 5426)"
+    )
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle of the repository; None: the system's")
+    tls_cert_file: Path | None = Field(None, description="client certificate, if the repository asks for one")
+    tls_key_file: Path | None = None
+    tls_server_name: str | None = Field(None, description="name to verify in its certificate; default: host")
+    source_id: str = Field("", max_length=64, description="AuditSourceID; empty: <dicom.ae_title>@<host>")
+    enterprise_site_id: str = Field("", max_length=64, description="AuditEnterpriseSiteID (optional)")
+    app_name: str = Field("pacs-node", max_length=48, pattern=r"^[!-~]+$", description="syslog APP-NAME")
+    msgid: Literal["DICOM+RFC3881", "IHE+RFC-3881"] = Field(
+        "DICOM+RFC3881", description="syslog MSGID (ITI TF-2: DICOM+RFC3881 for the DICOM schema)"
+    )
+    queue_size: int = Field(10_000, ge=10, le=10**6, description="messages kept while the repository is away")
+
+    @model_validator(mode="after")
+    def _pair(self) -> AuditSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("audit.tls_cert_file and audit.tls_key_file go together")
+        return self
+
+
 class LoggingSettings(_Section):
     """Log level and format (logs never carry patient identifiers)."""
 
@@ -527,6 +556,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @classmethod
     def settings_customise_sources(

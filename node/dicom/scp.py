@@ -46,6 +46,7 @@ from pynetdicom.sop_class import (
     uid_to_service_class,
 )
 
+from node.audit import AuditTrail
 from node.budget import DEFAULT_BUDGET, Budget
 from node.dicom import status
 from node.dicom.access import AllowList
@@ -180,8 +181,10 @@ class StorageSCP:
         committer: IngestCommitter,
         metrics: NodeMetrics | None = None,
         budget: Budget = DEFAULT_BUDGET,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit or AuditTrail.disabled()  # the audit trail (node.audit)
         self.budget = budget
         self.spool = spool
         self.committer = committer
@@ -189,7 +192,7 @@ class StorageSCP:
         self.allowed = AllowList.parse(settings.allowed_calling_aets)
         self._tls = server_context(settings.tls, settings.network_timeout_s) if settings.tls.enabled else None
         # limits, the allow-list and slot counts, applied before pynetdicom reads past the A-ASSOCIATE-RQ
-        self.gate = Gate(NetworkLimits.of(settings), self.allowed, self.metrics)
+        self.gate = Gate(NetworkLimits.of(settings), self.allowed, self.metrics, self.audit)
         self._server: GatedServer | None = None
         self._tls_server: GatedServer | None = None
         # per association: message id -> what its garbled request said (see _on_dimse_received)
@@ -225,6 +228,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_CONN_CLOSE, lambda event: self.audit.association_ended(event.assoc)),  # audit
         ]
         tls_only = self._tls is not None and s.tls.port is None
         main_context = self._tls if tls_only else None
@@ -462,4 +466,7 @@ class StorageSCP:
         if not new:
             log.info("duplicate instance received from %s; already stored", event.assoc.requestor.ae_title)
         self.metrics.stored(event.assoc.requestor.ae_title, size, new)
+        self.audit.instance_received(
+            event.assoc, header.sop_class_uid, header.study_uid, self.spool.root / relative
+        )
         return status.SUCCESS

@@ -58,6 +58,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.audit import AuditTrail
 from node.dicom.access import AllowList
 from node.metrics import NodeMetrics
 from node.redact import redact
@@ -233,6 +234,7 @@ class Gate:
     limits: NetworkLimits
     allowed: AllowList
     metrics: NodeMetrics
+    audit: AuditTrail = field(default_factory=AuditTrail.disabled)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _per_address: Counter[str] = field(default_factory=Counter)
     _waiting: Counter[str] = field(default_factory=Counter)  # per address, awaiting their RQ
@@ -288,6 +290,7 @@ class Gate:
             log.warning(
                 "association from %s at %s rejected: not in dicom.allowed_calling_aets", shown, address
             )
+            self.audit.association_refused(calling, address, "not in dicom.allowed_calling_aets")
             label = calling if self.allowed.knows(calling) else "(unlisted)"
             self.metrics.association(label, "rejected_not_allowed")
             return REJECT_CALLING_AE

@@ -630,7 +630,10 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
         target = next if next.startswith("/") and not next.startswith("//") else "/"
         if not auth.csrf_ok(request, csrf):
             return RedirectResponse(f"/login?error=expired&next={quote(target)}", status_code=303)
-        if auth.identify(node.settings.web, token) is None or not node.settings.web.tokens:
+        principal = auth.identify(node.settings.web, token) if node.settings.web.tokens else None
+        address = request.client.host if request.client else ""
+        node.audit.user_login(principal and principal.name, address, principal is not None, "token not valid")
+        if principal is None:
             return RedirectResponse("/login?error=1", status_code=303)
         response = RedirectResponse(target, status_code=303)
         auth.set_login_cookie(request, response, token)
@@ -640,6 +643,8 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
     def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
         """Forget the sign-in cookie."""
         auth.check_csrf(request, csrf)
+        principal = auth.identify(node.settings.web, auth.presented_token(request))
+        node.audit.user_logout(principal and principal.name, request.client.host if request.client else "")
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(auth.COOKIE)
         return response
