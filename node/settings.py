@@ -265,7 +265,7 @@ def _bundled(path: Path) -> Path:
 class TritonTlsSettings(_Section):
     """TLS towards Triton servers (used for ``https://`` URLs)."""
 
-    ca_file: Path | None = Field(None, description="PEM CA bundle for the servers; None: the system trust store")
+    ca_file: Path | None = Field(None, description="PEM CA bundle for the servers; None: the system's")
     cert_file: Path | None = Field(None, description="client certificate, when the server asks for one")
     key_file: Path | None = None
     check_hostname: bool = True
@@ -285,7 +285,7 @@ class TritonSettings(_Section):
     urls: list[str] = Field(
         default_factory=lambda: ["http://127.0.0.1:8000"],
         min_length=1,
-        description="http://host:port or https://host:port, tried in order; a connection error moves to the next",
+        description="http://host:port or https://host:port, in order; a connection error moves to the next",
     )
     timeout_s: float = Field(60.0, gt=0, description="connection and network timeout of one request")
     tls: TritonTlsSettings = Field(default_factory=TritonTlsSettings)

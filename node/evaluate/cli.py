@@ -54,6 +54,57 @@ def models_check(
         raise typer.Exit(1)
 
 
+@models_app.command("export-triton")
+def models_export_triton(
+    out: Annotated[Path, typer.Argument(help="folder to write the Triton model repository into")],
+    root: Annotated[Path, typer.Option("--models", help="models folder")] = DEFAULT_ROOT,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="model id to export (repeatable); default: all")
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="max_batch_size of models with a dynamic batch")
+    ] = 16,
+    queue_delay_us: Annotated[
+        int, typer.Option("--queue-delay-us", min=0, help="dynamic batching: longest wait to fill a batch")
+    ] = 1000,
+    instance_kind: Annotated[
+        str, typer.Option("--instance-kind", help="auto (Triton chooses), gpu or cpu")
+    ] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace model folders that exist")] = False,
+) -> None:
+    """Write a Triton model repository (OUT/<id>/config.pbtxt, OUT/<id>/1/model.onnx) from the
+    manifests, for ``models.backend: triton``. Exit 2 when a model is refused or OUT holds it."""
+    from node.inference.registry import load_registry
+    from node.inference.triton_repo import export_repository
+
+    if instance_kind not in ("auto", "gpu", "cpu"):
+        raise typer.BadParameter("auto, gpu or cpu", param_hint="--instance-kind")
+    registry = load_registry(root)
+    for model_id, reason in sorted(registry.refused.items()):
+        typer.echo(f"refused {model_id}: {reason}", err=True)
+    wanted = list(model) if model else sorted(registry.models)
+    try:
+        models = [registry.get(m) for m in wanted]
+        exported = export_repository(
+            models,
+            out,
+            max_batch=max_batch,
+            queue_delay_us=queue_delay_us,
+            instance_kind=instance_kind,  # type: ignore[arg-type]  # checked above
+            overwrite=overwrite,
+        )
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for e in exported:
+        typer.echo(f"{e.model_id}: {e.config_path} (max_batch_size {e.max_batch_size})")
+    if not exported:
+        typer.echo(f"no models found under {root}", err=True)
+        raise typer.Exit(2)
+    if registry.refused and not model:
+        raise typer.Exit(2)
+
+
 def evaluate(
     model: Annotated[str, typer.Argument(help="model id (under --models) or model folder")],
     data: Annotated[Path, typer.Argument(help="folder of labelled DICOM (searched recursively)")],
