@@ -24,7 +24,7 @@ from node.metrics import NodeMetrics
 from node.pipeline.route import RuleSet, check_models, load_rules
 from node.runner import Models, Runner
 from node.runner.one_file import Outcome, analyse_upload
-from node.send.cstore import CStoreDestination
+from node.send import make_destination
 from node.settings import Settings
 from node.store.db import make_engine, ping
 from node.store.orphans import sweep_orphans
@@ -109,25 +109,9 @@ class Node:
 
 
 def load_models(settings: Settings) -> Models:
-    """Load every manifest, open and warm one session per model: ONNX Runtime in this process, or
-    (``models.backend: triton``) a client of the Triton servers in ``models.triton``."""
+    """Load every manifest, open and warm one ONNX Runtime session per model."""
     cfg = settings.models
     registry = load_registry(cfg.directory, strict=cfg.strict)
-    if cfg.backend == "triton":
-        from node.inference.triton import TritonConfig, create_triton_session
-
-        tls = cfg.triton.tls
-        triton = TritonConfig(
-            urls=tuple(cfg.triton.urls),
-            timeout_s=cfg.triton.timeout_s,
-            ca_file=tls.ca_file,
-            cert_file=tls.cert_file,
-            key_file=tls.key_file,
-            check_hostname=tls.check_hostname,
-            max_batch=cfg.max_batch,
-        )
-        remote = {mid: create_triton_session(model, triton) for mid, model in registry.models.items()}
-        return Models(registry=registry, sessions=remote)  # type: ignore[arg-type]  # ModelSession's interface
     runtime = RuntimeConfig(
         providers=tuple(cfg.providers), intra_op_threads=cfg.intra_op_threads, max_batch=cfg.max_batch
     )
@@ -171,7 +155,7 @@ def build_node(settings: Settings) -> Node:
     audit = build_audit(settings)
     scp = StorageSCP(settings.dicom, spool, committer, metrics, budget=settings.limits.budget(), audit=audit)
     destinations = {
-        d.name: (d, CStoreDestination(d, calling_aet=settings.dicom.ae_title, metrics=metrics))
+        d.name: (d, make_destination(d, calling_aet=settings.dicom.ae_title, metrics=metrics))
         for d in settings.destinations
     }
     destinations = {n: (d, audit.wrap(d, dest)) for n, (d, dest) in destinations.items()}  # Results exported

@@ -98,16 +98,17 @@ def build_outputs(
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if settings.outputs.secondary_capture:
         out.extend(("sc", ds) for ds in build_heatmap_scs(result, by_uid, identity))
-    if any(d.parametric_map for d in settings.destinations):
+    object_dests = [d for d in settings.destinations if d.takes_objects]  # dicom, dicomweb
+    if any(d.parametric_map for d in object_dests):
         out.extend(("pm", ds) for ds in build_parametric_maps(result, sources, identity))
     states: list[Dataset] = []
-    if settings.outputs.presentation_state and any(d.presentation_state for d in settings.destinations):
+    if settings.outputs.presentation_state and any(d.presentation_state for d in object_dests):
         try:
             states = build_presentation_states(result, sources, identity)
         except OutputError as exc:
             log.warning("model %s: no presentation states: %s", result.algorithm.model_id, exc)
         out.extend(("gsps", ds) for ds in states)
-    kos_to = [d for d in settings.destinations if d.key_objects]
+    kos_to = [d for d in object_dests if d.key_objects]
     if settings.outputs.key_objects and kos_to:
         # a KOS names the presentation states only where every destination of it gets them
         linked = states if all(d.presentation_state for d in kos_to) else []
@@ -334,6 +335,9 @@ class Runner:
             with watch.stage("writing"):
                 outputs = build_outputs(result, sources, self._identity, settings)
                 written = outbox.write_output_files(self._outbox_dir, job.id, outputs)
+                messages = outbox.write_messages(  # HL7 ORU / FHIR Bundle per message destination
+                    self._outbox_dir, job, result, sources, self._identity, settings.destinations, utcnow()
+                )
         except PERMANENT as exc:  # caused by the data: a retry would fail the same way
             if isinstance(exc, IntegrityError):
                 self._metrics.integrity_failure("analysis")
@@ -382,6 +386,7 @@ class Runner:
             fresh = session.get(Job, job.id)
             assert fresh is not None
             rows = outbox.queue_outputs(session, fresh, written, dests, self._data_dir, now)
+            rows += outbox.queue_messages(session, fresh, messages, self._data_dir, now)
             state = JobState.SENDING if rows else JobState.DONE
             jobs.finish(session, fresh, state, now, watch.timings, summary)
             self._metrics.job_ended(job.model_id, state, watch.timings, watch.batches, assemble_wait)

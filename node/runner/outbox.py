@@ -3,11 +3,13 @@ retries and exponential backoff; parked as failed after the last attempt."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from node.send import Delivery, Destination, OutgoingFile
 from node.settings import DestinationSettings
 from node.store.integrity import IntegrityError, check_file, file_sha256
 from node.store.tables import Job, JobState, OutboxItem, OutboxState
+from node.types import AnalysisResult, OutputIdentity
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +49,101 @@ def write_output_files(
 def choose_destinations(
     destinations: Sequence[DestinationSettings], send_to: str, calling_aets: set[str]
 ) -> list[DestinationSettings]:
-    """origin: the destinations whose AE title sent the study (every destination when none did)."""
+    """origin: the destinations with an AE title that sent the study (all of those when none did);
+    a destination without an AE title (HL7, FHIR, DICOMweb without one) is nobody's origin and
+    always gets its share."""
     if send_to == "origin":
-        origin = [d for d in destinations if d.ae_title in calling_aets]
+        titled = [d for d in destinations if d.ae_title is not None]
+        origin = [d for d in titled if d.ae_title in calling_aets]
         if origin:
-            return origin
+            return [d for d in destinations if d.ae_title is None or d in origin]
     return list(destinations)
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenMessage:
+    """A study-level message (HL7 ORU, FHIR Bundle) written for one destination."""
+
+    destination: str
+    kind: str  # "hl7" | "fhir"
+    uid: str  # the message's UID (the outbox row's sop_instance_uid): one per (job, destination)
+    path: Path
+
+
+def write_messages(
+    outbox_dir: Path,
+    job: Job,
+    result: AnalysisResult,
+    sources: Sequence[Dataset],
+    identity: OutputIdentity,
+    destinations: Sequence[DestinationSettings],
+    now: datetime,
+) -> list[WrittenMessage]:
+    """One HL7 ORU^R01 or FHIR transaction Bundle per message destination (hl7, fhir) for a
+    finished job, written durably under ``outbox_dir/<job>/`` like the DICOM outputs. The
+    message UID derives from the job key, the model version and the destination, so a retried
+    job writes the same message and the outbox holds it once."""
+    from pydicom.uid import generate_uid
+
+    from node.send import StudyContext
+
+    wanted = [d for d in destinations if d.takes_messages]
+    if not wanted or not sources:
+        return []
+    study = StudyContext.from_dataset(sources[0], result.study_uid)
+    urgent = any(f.triage and f.positive and not f.normal for f in result.findings)
+    folder = outbox_dir / str(job.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dest in wanted:
+        seed = [job.key, result.algorithm.version, dest.kind, dest.name]
+        uid = generate_uid(prefix=identity.uid_root, entropy_srcs=seed)
+        try:
+            if dest.kind == "hl7":
+                from node.send.hl7 import build_oru
+
+                body = build_oru(result, study, identity, dest.hl7, uid, urgent, now).encode("utf-8")
+                final = folder / f"hl7-{uid}.hl7"
+            else:
+                from node.send.fhir import build_bundle
+
+                bundle = build_bundle(result, study, identity, uid, now)
+                body = json.dumps(bundle, ensure_ascii=False).encode("utf-8")
+                final = folder / f"fhir-{uid}.json"
+        except ValueError as exc:  # pydantic's ValidationError too: left out, the other outputs go
+            log.warning("job %d: no %s message for %s: %s", job.id, dest.kind, dest.name, type(exc).__name__)
+            continue
+        tmp = folder / f".{uuid.uuid4().hex}.part"
+        with open(tmp, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        written.append(WrittenMessage(dest.name, dest.kind, uid, final))
+    fsync_dir(folder)
+    fsync_dir(outbox_dir)
+    return written
+
+
+def queue_messages(
+    session: Session, job: Job, messages: Sequence[WrittenMessage], data_dir: Path, now: datetime
+) -> int:
+    """One outbox row per written message (each is for one destination)."""
+    for message in messages:
+        session.add(
+            OutboxItem(
+                job_id=job.id or 0,
+                destination=message.destination,
+                kind=message.kind,
+                sop_class_uid="",
+                sop_instance_uid=message.uid,
+                path=str(message.path.relative_to(data_dir)),
+                sha256=file_sha256(message.path),
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+    return len(messages)
 
 
 def queue_outputs(
@@ -62,12 +154,15 @@ def queue_outputs(
     data_dir: Path,
     now: datetime,
 ) -> int:
-    """One outbox row per (file, destination); parametric maps, presentation states and key object
-    selections only where the destination wants them."""
+    """One outbox row per (file, destination) for the destinations that take DICOM objects (dicom,
+    dicomweb); parametric maps, presentation states and key object selections only where the
+    destination wants them."""
     rows = 0
     for kind, ds, path in files:
         digest = file_sha256(path)  # just written (in the page cache): checked before each send
         for dest in destinations:
+            if not dest.takes_objects:
+                continue
             if kind == "pm" and not dest.parametric_map:
                 continue
             if (kind == "gsps" and not dest.presentation_state) or (kind == "kos" and not dest.key_objects):
@@ -138,7 +233,7 @@ def deliver_due(
                 delivered += 1
             else:
                 item.last_error = outcome.detail[:512]
-                if item.attempts >= settings.max_attempts:
+                if item.attempts >= settings.max_attempts or outcome.permanent:
                     item.state = OutboxState.FAILED
                     log.error(
                         "output %s to %s parked after %d attempts: %s",
