@@ -109,9 +109,25 @@ class Node:
 
 
 def load_models(settings: Settings) -> Models:
-    """Load every manifest, open and warm one ONNX Runtime session per model."""
+    """Load every manifest, open and warm one session per model: ONNX Runtime in this process, or
+    (``models.backend: triton``) a client of the Triton servers in ``models.triton``."""
     cfg = settings.models
     registry = load_registry(cfg.directory, strict=cfg.strict)
+    if cfg.backend == "triton":
+        from node.inference.triton import TritonConfig, create_triton_session
+
+        tls = cfg.triton.tls
+        triton = TritonConfig(
+            urls=tuple(cfg.triton.urls),
+            timeout_s=cfg.triton.timeout_s,
+            ca_file=tls.ca_file,
+            cert_file=tls.cert_file,
+            key_file=tls.key_file,
+            check_hostname=tls.check_hostname,
+            max_batch=cfg.max_batch,
+        )
+        remote = {mid: create_triton_session(model, triton) for mid, model in registry.models.items()}
+        return Models(registry=registry, sessions=remote)  # type: ignore[arg-type]  # ModelSession's interface
     runtime = RuntimeConfig(
         providers=tuple(cfg.providers), intra_op_threads=cfg.intra_op_threads, max_batch=cfg.max_batch
     )
