@@ -134,6 +134,15 @@ class NodeMetrics:
         self.cstore_status = Counter(
             f"{PREFIX}_cstore_responses", "C-STORE responses sent, by status", ["status"], registry=r
         )
+        self.stow_status = Counter(
+            f"{PREFIX}_stow_instance_responses",
+            "STOW-RS instances answered, by status (0x0000 stored, else the failure reason)",
+            ["status"],
+            registry=r,
+        )
+        self.stow_requests = Counter(
+            f"{PREFIX}_stow_requests", "STOW-RS requests answered, by HTTP status", ["code"], registry=r
+        )
         self.stage_seconds = Histogram(
             f"{PREFIX}_job_stage_seconds",
             "Seconds per job stage (assemble_wait, queued, verifying, preprocessing, inferring, writing)",
@@ -193,18 +202,23 @@ class NodeMetrics:
         """An association was accepted or rejected (outcome says which and why)."""
         self.associations.labels(self.ae_label(calling_ae), outcome).inc()
 
-    def stored(self, calling_ae: str, size: int, new: bool) -> None:
-        """An instance was answered with success (stored now, or already stored)."""
+    def stored(self, calling_ae: str, size: int, new: bool, stow: bool = False) -> None:
+        """An instance was answered with success (stored now, or already stored); ``stow``: it
+        came over STOW-RS (``calling_ae`` then names that source, e.g. STOW-RS)."""
         ae = self.ae_label(calling_ae)
         self.instances.labels(ae, "stored" if new else "duplicate").inc()
         if new:
             self.bytes.labels(ae).inc(size)
-        self.cstore_status.labels("0x0000").inc()
+        (self.stow_status if stow else self.cstore_status).labels("0x0000").inc()
 
-    def refused(self, calling_ae: str, status: int) -> None:
-        """An instance was answered with a failure status."""
+    def refused(self, calling_ae: str, status: int, stow: bool = False) -> None:
+        """An instance was answered with a failure status (``stow``: over STOW-RS)."""
         self.instances.labels(self.ae_label(calling_ae), "refused").inc()
-        self.cstore_status.labels(f"0x{status:04X}").inc()
+        (self.stow_status if stow else self.cstore_status).labels(f"0x{status:04X}").inc()
+
+    def stow_request(self, code: int) -> None:
+        """A STOW-RS request was answered with HTTP status ``code``."""
+        self.stow_requests.labels(str(code)).inc()
 
     # -- runner ------------------------------------------------------------------------------
     def job_ended(

@@ -175,6 +175,11 @@ class WebSettings(_Section):
     )
     max_upload_mb: float = Field(64.0, gt=0, description="largest upload to POST /api/v1/infer (413 above)")
     infer_timeout_s: float = Field(60.0, gt=0, description="POST /api/v1/infer gives up after this (504)")
+    max_stow_mb: float = Field(
+        2048.0,
+        gt=0,
+        description="largest request body to STOW-RS POST /dicomweb/studies (413 above); streamed to disk",
+    )
     heatmap_ttl_s: float = Field(600.0, gt=0, description="how long an inference heatmap PNG stays available")
     allowed_hosts: list[str] = Field(
         default_factory=list,

@@ -36,7 +36,7 @@ from sqlmodel import Session, select
 from node.store import repo
 from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
 from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study, utcnow
-from node.web import auth
+from node.web import auth, dicomweb
 from node.web.guard import WebGuard
 from node.web.health import database_writable
 from node.web.infer import InferRefused, PngStore, dicom_to_png, infer
@@ -661,6 +661,13 @@ def create_web_app(node: Node) -> FastAPI:
     """Build the FastAPI application for a node: API docs (Swagger UI at /api/docs, ReDoc at
     /api/redoc) from a local package, never a CDN; bodies limited while they are read."""
     upload_limit = upload_body_limit(node)
+    stow_limit = dicomweb.stow_body_limit(node)
+
+    def body_limit(path: str) -> int:
+        if path == INFER_PATH:
+            return upload_limit
+        return stow_limit if dicomweb.is_stow_path(path) else FORM_BODY_LIMIT
+
     app = FastAPIOffline(
         title="pacs-node",
         version=node.version,
@@ -674,7 +681,7 @@ def create_web_app(node: Node) -> FastAPI:
     app.add_middleware(
         WebGuard,
         web=node.settings.web,
-        body_limit=lambda path: upload_limit if path == INFER_PATH else FORM_BODY_LIMIT,
+        body_limit=body_limit,
         docs_paths=["/api/docs", "/api/redoc"],
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -704,6 +711,7 @@ def create_web_app(node: Node) -> FastAPI:
 
     app.include_router(_api(node, heatmaps))
     app.include_router(_pages(node))
+    app.include_router(dicomweb.router(node))
     from node.web.metrics import router as metrics_router
 
     app.include_router(metrics_router)
