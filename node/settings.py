@@ -428,7 +428,7 @@ class DestinationSettings(_Section):
             raise ValueError(f"{where}: password without username")
         if self.token is not None and self.username is not None:
             raise ValueError(f"{where}: choose basic (username/password) or bearer (token), not both")
-        if not self.takes_messages and self.hl7 != Hl7Settings():
+        if self.kind != "hl7" and self.hl7 != Hl7Settings():
             raise ValueError(f"{where}: the hl7 section is for kind hl7 only")
         return self
 
