@@ -2,8 +2,10 @@
 # Install the Debian packages the tests use as real peers, when missing: DCMTK (storescu, echoscu,
 # storescp, dsrdump), dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin (the PACS in end-to-end
 # tests, read by OHIF) and PixelMed
-# (the SR validator, with a JDK), Chromium (headless, for the page tests) and PostgreSQL (a
-# throw-away server on loopback for the database tests). Needs root for apt-get; otherwise says what to run.
+# (the SR validator, with a JDK), Chromium (headless, for the page tests), PostgreSQL (a
+# throw-away server on loopback for the database tests), rsyslog with its TLS driver (the audit
+# record repository of tests/audit) and Prometheus (promtool, for the alerting rules). Needs root
+# for apt-get; otherwise says what to run.
 set -euo pipefail
 missing=()
 command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
@@ -14,6 +16,9 @@ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orth
 command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)  # runs the SR validator launcher from source
 command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)  # renders the status pages in tests
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)  # the suite also runs against PostgreSQL
+command -v rsyslogd >/dev/null 2>&1 || [ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)  # the audit repository (tests/audit)
+compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || missing+=(rsyslog-gnutls)  # its TLS driver (RFC 5425)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool: deploy/prometheus/alerts.yml and its tests
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (apt-get)" >&2

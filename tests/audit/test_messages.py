@@ -18,7 +18,9 @@ from node.settings import load_settings
 from tests.audit.conftest import assert_valid, validator
 
 SOURCE = m.AuditSource("PACSNODE@node.example", "HOSPITAL")
-NODE = m.Participant("PACSNODE@node.example", False, (m.ROLE_DESTINATION,), m.aetitles("PACSNODE"), "", "10.1.2.3")
+NODE = m.Participant(
+    "PACSNODE@node.example", False, (m.ROLE_DESTINATION,), m.aetitles("PACSNODE"), "", "10.1.2.3"
+)
 PEER = m.Participant("MODALITY", True, (m.ROLE_SOURCE,), m.aetitles("MODALITY"), "", "192.0.2.7")
 STUDY = m.study("1.2.3.4", {"1.2.840.10008.5.1.4.1.1.2": 3, "1.2.840.10008.5.1.4.1.1.7": 1}, ["ACC1"])
 PATIENT = m.patient("PID-1", "Doe^Jane")
@@ -104,7 +106,9 @@ def test_event_datetime_is_utc_with_zone() -> None:
 
 def test_rfc5424_header_and_rfc5425_framing() -> None:
     when = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
-    msg = format_message(b"<x/>", app_name="pacs-node", msgid="DICOM+RFC3881", hostname="h", procid="42", when=when)
+    msg = format_message(
+        b"<x/>", app_name="pacs-node", msgid="DICOM+RFC3881", hostname="h", procid="42", when=when
+    )
     assert msg == b"<85>1 2026-03-04T05:06:07.000Z h pacs-node 42 DICOM+RFC3881 - " + BOM + b"<x/>"
     spaced = format_message(b"", app_name="pacs node", msgid="", hostname="", procid="")
     assert spaced.split(b" ")[2:7] == [b"-", b"pacsnode", b"-", b"-", b"-"]
@@ -121,7 +125,9 @@ def test_settings_defaults_and_checks(tmp_path: Path) -> None:
         load_settings(None, audit={"enabled": True, "tls_cert_file": str(tmp_path / "c.pem")})
     with pytest.raises(ConfigError, match="transport"):
         load_settings(None, audit={"transport": "http"})
-    enabled = build_audit(load_settings(None, audit={"enabled": True, "transport": "udp", "source_id": "SRC"}))
+    enabled = build_audit(
+        load_settings(None, audit={"enabled": True, "transport": "udp", "source_id": "SRC"})
+    )
     assert enabled.enabled and enabled.source.source_id == "SRC" and enabled.sender is not None
     assert enabled.sender.port == 514
 

@@ -43,8 +43,10 @@ def _event(r: Received) -> tuple[str, str, str]:
     root = assert_valid(r.xml)
     ident = root.find("EventIdentification")
     kind = ident.find("EventTypeCode")
-    return ident.find("EventID").get("originalText"), kind.get("originalText") if kind is not None else "", (
-        ident.get("EventActionCode") or ""
+    return (
+        ident.find("EventID").get("originalText"),
+        kind.get("originalText") if kind is not None else "",
+        (ident.get("EventActionCode") or ""),
     )
 
 
@@ -64,7 +66,9 @@ def _wait_sent(node: Node, timeout: float = 120.0) -> list[OutboxItem]:
 def _login_logout(node: Node) -> None:
     client = TestClient(node.web_app(), client=("127.0.0.7", 50000), follow_redirects=False)
     csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)  # type: ignore[union-attr]
-    assert client.post("/login", data={"token": "wrong", "csrf": csrf}).headers["location"] == "/login?error=1"
+    assert (
+        client.post("/login", data={"token": "wrong", "csrf": csrf}).headers["location"] == "/login?error=1"
+    )
     assert client.post("/login", data={"token": TOKEN, "csrf": csrf}).status_code == 303
     assert client.post("/logout", data={"csrf": csrf}).status_code == 303
 
@@ -80,7 +84,13 @@ def _life(folder: Path, audit: dict, caplog: pytest.LogCaptureFixture) -> tuple[
         models={"directory": str(_models(folder)), "providers": ["CPUExecutionProvider"]},
         assembly={"series_quiet_s": 0.5, "poll_interval_s": 0.1},
         destinations=[
-            {"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": dest_port, "parametric_map": False}
+            {
+                "name": "pacs",
+                "ae_title": "DEST",
+                "host": "127.0.0.1",
+                "port": dest_port,
+                "parametric_map": False,
+            }
         ],
         outputs={"send_to": "all"},
         web={"tokens": [{"name": "it-admin", "sha256": hash_token(TOKEN), "role": "admin"}]},
@@ -98,7 +108,16 @@ def _life(folder: Path, audit: dict, caplog: pytest.LogCaptureFixture) -> tuple[
         evil.add_requested_context(CT_IMAGE)
         assert not evil.associate("127.0.0.1", node.scp.port, ae_title="PACSNODE").is_established
         subprocess.run(
-            [storescu, "-aet", "MODALITY", "-aec", "PACSNODE", "127.0.0.1", str(node.scp.port), *map(str, files)],
+            [
+                storescu,
+                "-aet",
+                "MODALITY",
+                "-aec",
+                "PACSNODE",
+                "127.0.0.1",
+                str(node.scp.port),
+                *map(str, files),
+            ],
             check=True,
             capture_output=True,
             timeout=60,
@@ -111,7 +130,9 @@ def _life(folder: Path, audit: dict, caplog: pytest.LogCaptureFixture) -> tuple[
     return values, truth, node
 
 
-def _check(rs: Rsyslog, values: list[str], truth: object, caplog: pytest.LogCaptureFixture, inputs: set[str]) -> None:
+def _check(
+    rs: Rsyslog, values: list[str], truth: object, caplog: pytest.LogCaptureFixture, inputs: set[str]
+) -> None:
     got = rs.wait(8)
     time.sleep(0.5)  # anything more would show up now
     got = rs.messages()
@@ -146,7 +167,9 @@ def _check(rs: Rsyslog, values: list[str], truth: object, caplog: pytest.LogCapt
     assert sum(int(s.get("NumberOfInstances")) for s in study.iter("SOPClass")) == len(
         list(rs.out.parent.parent.glob("study/*.dcm"))
     )
-    assert (patient.get("ParticipantObjectID"), patient.findtext("ParticipantObjectName")) == tuple(values[:2])
+    assert (patient.get("ParticipantObjectID"), patient.findtext("ParticipantObjectName")) == tuple(
+        values[:2]
+    )
     assert root.find(".//Accession").get("Number") == values[2]
 
     exported = by_kind[("DICOM Instances Transferred", "", "R")]
@@ -155,7 +178,9 @@ def _check(rs: Rsyslog, values: list[str], truth: object, caplog: pytest.LogCapt
         root = assert_valid(r.xml)
         assert root.find("EventIdentification").get("EventOutcomeIndicator") == "0"
         sender, receiver = root.findall("ActiveParticipant")
-        assert sender.get("UserIsRequestor") == "true" and sender.find("RoleIDCode").get("csd-code") == "110153"
+        assert (
+            sender.get("UserIsRequestor") == "true" and sender.find("RoleIDCode").get("csd-code") == "110153"
+        )
         assert receiver.get("UserID") == "DEST" and receiver.find("RoleIDCode").get("csd-code") == "110152"
         study, patient = root.findall("ParticipantObjectIdentification")
         exported_studies.add(study.get("ParticipantObjectID"))
@@ -164,7 +189,10 @@ def _check(rs: Rsyslog, values: list[str], truth: object, caplog: pytest.LogCapt
 
     logins = [assert_valid(r.xml) for r in by_kind[("User Authentication", "Login", "E")]]
     outcomes = sorted(
-        (x.find("EventIdentification").get("EventOutcomeIndicator"), x.find("ActiveParticipant").get("UserID"))
+        (
+            x.find("EventIdentification").get("EventOutcomeIndicator"),
+            x.find("ActiveParticipant").get("UserID"),
+        )
         for x in logins
     )
     assert outcomes == [("0", "it-admin"), ("4", "(unknown)")]
