@@ -199,13 +199,19 @@ def deliver_due(
     """Send what is due, one batch per destination; update rows and the jobs they finish.
     An output whose file is missing or changed since it was written is not sent: it is parked
     as failed at once, with the reason (``on_damaged`` is called for each). Returns the number
-    of outputs delivered."""
+    of outputs delivered.
+
+    The rows are claimed with a row lock (FOR UPDATE SKIP LOCKED) held until the caller commits
+    the outcome: a sender on another node skips them and, once committed, finds them sent. A node
+    that dies mid-send releases them with its connection; they are sent again (at least once).
+    On SQLite (one node, one sender thread) the lock clause is left out."""
     due = list(
         session.exec(
             select(OutboxItem)
             .where(OutboxItem.state == OutboxState.PENDING, col(OutboxItem.next_attempt_at) <= now)
             .order_by(col(OutboxItem.id))
             .limit(batch)
+            .with_for_update(skip_locked=True)
         )
     )
     by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
@@ -254,7 +260,7 @@ def deliver_due(
                 outcomes[0].detail,
             )
     session.flush()
-    for job_id in {i.job_id for i in due}:
+    for job_id in sorted({i.job_id for i in due}):  # in id order: senders lock jobs in one order
         settle_job(session, job_id, now)
     return delivered
 
@@ -279,8 +285,10 @@ def _intact(
 
 
 def settle_job(session: Session, job_id: int, now: datetime) -> None:
-    """A sending job is done when all its outputs are sent, failed when some are parked."""
-    job = session.get(Job, job_id)
+    """A sending job is done when all its outputs are sent, failed when some are parked. The job
+    row is locked first, so that of two senders that each delivered part of its outputs the later
+    one sees the other's outcome once that commits (and settles it)."""
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
     if job is None or job.state != JobState.SENDING:
         return
     states = list(

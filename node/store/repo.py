@@ -310,6 +310,22 @@ def due_notifications(session: Session, now: datetime, limit: int = 20) -> list[
     return list(session.exec(query))
 
 
+def claim_notification(session: Session, now: datetime, skip: Collection[str] = ()) -> Study | None:
+    """The next due notification (not in ``skip``), locked until the caller commits its outcome
+    (FOR UPDATE SKIP LOCKED: a notifier on another node takes another one, and finds this one
+    sent once committed). SQLite: no lock clause (one node)."""
+    query = (
+        select(Study)
+        .where(Study.notify_state == "pending", col(Study.notify_next_at) <= now)
+        .order_by(col(Study.notify_next_at))
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if skip:
+        query = query.where(col(Study.study_uid).not_in(list(skip)))
+    return session.exec(query).first()
+
+
 # ------------------------------------------------------------------------------ lists for the pages
 def list_jobs(session: Session, limit: int = 100, offset: int = 0, state: str | None = None) -> list[Job]:
     """Jobs, most recent first."""

@@ -135,14 +135,18 @@ class WebhookNotifier:
             self._stop.wait(self._interval)
 
     def deliver_due(self) -> int:
-        """One pass: try every due notification once; return how many were delivered."""
+        """One pass: try every due notification once; return how many were delivered. Each is
+        claimed with a row lock held while it is posted and its outcome committed, so that
+        notifiers on several nodes never post one study twice."""
         cfg = self._settings.webhook
         delivered = 0
-        with Session(self._engine) as session:
-            due = repo.due_notifications(session, utcnow())
-            for study in due:
-                if self._stop.is_set():
+        tried: set[str] = set()
+        while not self._stop.is_set():
+            with Session(self._engine) as session:
+                study = repo.claim_notification(session, utcnow(), tried)
+                if study is None:
                     break
+                tried.add(study.study_uid)
                 now = utcnow()
                 body = json.dumps(payload(session, self._settings, study, now)).encode()
                 study.notify_attempts += 1
