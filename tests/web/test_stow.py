@@ -256,9 +256,12 @@ def test_stored_instances_are_routed_and_analysed_like_c_store_ones(make_node, t
 def test_unsupported_transfer_syntax_and_meta_mismatch(stow_node, tmp_path):
     node, url = stow_node
     odd = fresh_copy(sample_file("CT_small.dcm"), tmp_path / "odd.dcm")
-    ds = pydicom.dcmread(odd)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: not accepted by the SCP either
-    ds.save_as(tmp_path / "mpeg.dcm")
+    raw = odd.read_bytes()
+    head = raw[:400]
+    assert pydicom.dcmread(odd).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    # a transfer syntax the SCP would not accept either (same length: the meta group stays valid)
+    unknown = head.replace(b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.99", 1) + raw[400:]
+    (tmp_path / "mpeg.dcm").write_bytes(unknown)
     mismatch = pydicom.dcmread(odd)
     mismatch.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     mismatch.save_as(tmp_path / "mismatch.dcm")
