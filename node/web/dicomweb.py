@@ -17,7 +17,7 @@ does not match, C000 cannot understand, 0122 SOP class not supported, 0111 dupli
 C122 transfer syntax not supported). 200: all stored, 202: some failed, 409: all failed. An
 instance of another study than the one the path names fails with A900. 400: a malformed request
 (the detail names what), 406: an Accept the node cannot answer, 413: too large, 415: not
-multipart/related of application/dicom.
+multipart/related of application/dicom, 503: the spool's disk is below its watermark.
 
 Who may store: when ``web.tokens`` is configured, a token of the admin role, presented as
 ``Authorization: Bearer <token>`` or as the password of HTTP Basic (what PACS DICOMweb clients
@@ -47,6 +47,7 @@ from starlette.requests import ClientDisconnect
 from node.dicom import status
 from node.dicom.ingest import Part10Instance, Part10Refused
 from node.dicom.scp import TRANSFER_SYNTAXES
+from node.dicom.spool import SpoolFullError
 from node.web import auth
 
 if TYPE_CHECKING:
@@ -304,6 +305,18 @@ def store_response(outcomes: list[_Outcome]) -> tuple[int, dict[str, Any]]:
     return code, response.to_json_dict()
 
 
+def _check_room(node: Node, request: Request) -> None:
+    """503 when buffering the body would take the spool's disk below its watermark
+    (``storage.min_free_mb``): every instance would be refused as out of resources anyway."""
+    declared = request.headers.get("content-length", "").strip()
+    try:
+        node.spool.check_space(int(declared) if declared.isdigit() else 0)
+    except SpoolFullError as exc:
+        raise BadRequest(503, f"the node is out of disk space: {exc}") from exc
+    except OSError as exc:
+        raise BadRequest(503, f"the node cannot check its disk space: {exc.strerror}") from exc
+
+
 async def _read_body(request: Request, reader: _BodyReader, limit: int) -> None:
     """Stream the body into ``reader``, 413 once it passes ``limit`` bytes."""
     loop = asyncio.get_running_loop()
@@ -340,6 +353,7 @@ async def _stow(node: Node, request: Request, study_uid: str | None) -> Response
         if not study_uid or len(study_uid) > 64:
             raise BadRequest(400, "the study UID in the path is empty or longer than 64 characters")
     node.spool.tmp_dir.mkdir(parents=True, exist_ok=True)
+    _check_room(node, request)
     reader = _BodyReader(boundary, str(node.spool.tmp_dir))
     try:
         try:
@@ -384,6 +398,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"description": "no instance stored (FailedSOPSequence says why for each)"},
     413: {"description": "the body is larger than web.max_stow_mb"},
     415: {"description": 'not multipart/related; type="application/dicom"'},
+    503: {"description": "the node's disk is below storage.min_free_mb"},
 }
 _BODY = {
     "requestBody": {

@@ -274,3 +274,15 @@ def test_unsupported_transfer_syntax_and_meta_mismatch(stow_node, tmp_path):
     answer = pydicom.Dataset.from_json(rsp.json())
     assert [r for _, r in uids(answer, "FailedSOPSequence")] == [0xC122, 0xC000]
     assert not rows(node)
+
+
+def test_a_full_spool_disk_is_503_before_the_body_is_buffered(make_node, tmp_path):
+    node = make_node(storage={"min_free_mb": 2**40})  # no disk has that much free
+    for url in _serve(node):
+        (path,) = make_series(tmp_path / "a", 1)
+        rsp = httpx.post(
+            f"{url}/dicomweb/studies", content=body(path.read_bytes()), headers={"Content-Type": RELATED}
+        )
+        assert rsp.status_code == 503
+        assert "disk space" in rsp.json()["detail"]
+    assert not rows(node)
