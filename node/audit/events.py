@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydicom.errors import InvalidDicomError
+
 from node.audit import messages as m
 from node.audit.syslog import SyslogSender
 
@@ -47,6 +49,17 @@ def _read_patient(path: Path) -> tuple[str, str, str, str]:
             return ""
 
     return text("StudyInstanceUID"), text("PatientID"), text("PatientName"), text("AccessionNumber")
+
+
+def _destination_peer(destination: DestinationSettings) -> tuple[str, str]:
+    """(UserID, network access point) of a destination: its AE title (C-STORE) or URL (STOW-RS),
+    its host."""
+    from urllib.parse import urlsplit
+
+    url = getattr(destination, "url", None) or ""
+    user = getattr(destination, "ae_title", None) or url or destination.name
+    host = getattr(destination, "host", None) or (urlsplit(url).hostname if url else "") or ""
+    return str(user), str(host)
 
 
 @dataclass
@@ -135,7 +148,7 @@ class AuditTrail:
             user_id=aet.strip() or "(no AE title)",
             requestor=requestor,
             roles=(role,),
-            alternative_user_id=m.aetitles(aet),
+            alternative_user_id="" if "://" in aet else m.aetitles(aet),
             address=address,
         )
 
@@ -204,7 +217,7 @@ class AuditTrail:
         if study.sample is not None:
             try:
                 _, patient_id, patient_name, accession = _read_patient(study.sample)
-            except (OSError, ValueError) as exc:  # the file went away: the message still goes
+            except (OSError, ValueError, InvalidDicomError) as exc:  # gone: the message still goes
                 log.warning("audit: patient attributes unreadable (%s)", type(exc).__name__)
         return m.instances_transferred(
             "C",
@@ -253,7 +266,7 @@ class AuditTrail:
         for outgoing, outcome in pairs:
             try:
                 study_uid, patient_id, patient_name, accession = _read_patient(outgoing.path)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, InvalidDicomError) as exc:
                 log.warning("audit: an exported file is unreadable (%s)", type(exc).__name__)
                 study_uid = patient_id = patient_name = accession = ""
             entry = by_patient.setdefault(
@@ -277,7 +290,7 @@ class AuditTrail:
             body = m.instances_transferred(
                 "R",
                 self._node(True, (m.ROLE_SOURCE,)),
-                self._peer(destination.ae_title, destination.host, False, m.ROLE_DESTINATION),
+                self._peer(*_destination_peer(destination), False, m.ROLE_DESTINATION),
                 self.source,
                 [
                     m.study(uid, classes, [entry["accession"][uid]])
@@ -291,8 +304,9 @@ class AuditTrail:
             self.sender.submit(body)
 
     def wrap(self, settings: DestinationSettings, destination: Destination) -> Destination:
-        """``destination`` with an audit message after each batch (itself when disabled)."""
-        if self.sender is None:
+        """``destination`` with an audit message after each batch; itself when disabled, or when
+        it takes study-level messages (HL7, FHIR) rather than DICOM instances."""
+        if self.sender is None or not getattr(settings, "takes_objects", True):
             return destination
         return AuditedDestination(destination, settings, self)
 

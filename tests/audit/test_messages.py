@@ -175,3 +175,68 @@ def test_a_full_queue_drops_the_oldest_and_a_bad_builder_is_skipped() -> None:
         raise ValueError("PID-SECRET")
 
     assert sender._body(broken) is None and sender.failed == 1
+
+
+class _Collect:
+    """A sender stand-in: builders run at once, bodies kept."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def submit(self, item: object) -> None:
+        body = item() if callable(item) else item
+        if body is not None:
+            self.bodies.append(body)  # type: ignore[arg-type]
+
+
+def test_results_exported_outcomes_per_batch_and_messages_kinds_skipped(tmp_path: Path) -> None:
+    """One message per patient of a batch: 0 all taken, 4 some refused, 8 none; a file that is
+    not DICOM still gives a valid message; HL7/FHIR destinations are not wrapped."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from node.send import Delivery, OutgoingFile
+    from node.settings import DestinationSettings
+
+    def sr(name: str, patient_id: str) -> Path:
+        ds = pydicom.Dataset()
+        ds.PatientID, ds.PatientName, ds.StudyInstanceUID = patient_id, "Doe^Jane", "1.2.3"
+        ds.AccessionNumber, ds.SOPClassUID, ds.SOPInstanceUID = (
+            "ACC9",
+            "1.2.840.10008.5.1.4.1.1.88.34",
+            generate_uid(),
+        )
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+            ds.SOPClassUID,
+            ds.SOPInstanceUID,
+        )
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    collect = _Collect()
+    trail = AuditTrail(collect, "SRC", "PACSNODE")  # type: ignore[arg-type]
+    dest = DestinationSettings(name="pacs", ae_title="PACS", host="10.0.0.9", port=104)
+    files = [OutgoingFile(sr(f"{i}.dcm", "P1"), "1.2.840.10008.5.1.4.1.1.88.34", "") for i in range(2)]
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    for oks, expected in (((True, True), "0"), ((True, False), "4"), ((False, False), "8")):
+        collect.bodies.clear()
+        trail.results_exported(dest, files, [Delivery(f.path, ok) for f, ok in zip(files, oks, strict=True)])
+        (body,) = collect.bodies
+        root = assert_valid(body)
+        assert root.find("EventIdentification").get("EventOutcomeIndicator") == expected
+        assert root.find("EventIdentification").get("EventActionCode") == "R"
+        receiver = root.findall("ActiveParticipant")[1]
+        assert (receiver.get("UserID"), receiver.get("NetworkAccessPointID")) == ("PACS", "10.0.0.9")
+    collect.bodies.clear()
+    trail.results_exported(dest, [OutgoingFile(junk, "1.2.3", "")], [Delivery(junk, True)])
+    assert_valid(collect.bodies[0])
+    hl7 = DestinationSettings(name="ris", kind="hl7", host="ris", port=2575)
+    inner = type("Inner", (), {"name": "x"})()
+    assert trail.wrap(hl7, inner) is inner  # type: ignore[arg-type]
+    assert trail.wrap(dest, inner) is not inner  # type: ignore[arg-type]
+    assert AuditTrail.disabled().wrap(dest, inner) is inner  # type: ignore[arg-type]
