@@ -368,6 +368,26 @@ class Hl7Settings(_Section):
     timeout_s: float = Field(30.0, gt=0, description="connect, send and wait for the ACK")
 
 
+class ClusterSettings(_Section):
+    """Several node processes on one PostgreSQL database (docs/scale.md)."""
+
+    node_id: str = Field(
+        "",
+        max_length=64,
+        description="this process's id, stable across restarts (its interrupted jobs are requeued at "
+        "start); empty: the host name. Give each process on one host its own id",
+    )
+    storage_id: str = Field(
+        "",
+        max_length=64,
+        description="identity of the data folder; empty: the id kept in data_dir/.storage-id (made "
+        "once). Nodes sharing a database must share the data folder (NAS) until object storage lands",
+    )
+    lease_s: float = Field(
+        30.0, ge=1, le=3600, description="a running job's claim; renewed every lease_s/3 by its node"
+    )
+
+
 class DestinationSettings(_Section):
     """A peer that receives the node's results. ``kind`` says how and what:
 
@@ -562,6 +582,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @classmethod
     def settings_customise_sources(

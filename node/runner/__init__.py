@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -32,7 +32,7 @@ from node.runner import jobs, outbox
 from node.runner.analyse import Stopwatch, analyse
 from node.send import Destination
 from node.settings import DestinationSettings, Settings
-from node.store import repo
+from node.store import cluster, repo
 from node.store.integrity import IntegrityError
 from node.store.tables import Job, JobState, Series, utcnow
 from node.types import AnalysisResult, OutputIdentity
@@ -48,6 +48,8 @@ _STAGE_STATE = {
     "inferring": JobState.INFERRING,
     "writing": JobState.WRITING,
 }
+#: The runner's parts: routing (receiver role), running jobs (worker), the outbox (sender).
+PARTS = ("scheduler", "workers", "sender")
 
 
 @dataclass
@@ -184,8 +186,11 @@ class Runner:
         destinations: Mapping[str, tuple[DestinationSettings, Destination]],
         metrics: NodeMetrics | None = None,
         preparer: Preparer | None = None,
+        node_id: str = "",
     ) -> None:
         self._engine = engine
+        self._node_id = node_id or cluster.node_id(settings.cluster.node_id)  # owner of its job claims
+        self._lease_s = settings.cluster.lease_s
         self._preparer = preparer  # decodes in child processes (limits.decode_memory_mib); None: here
         self._metrics = metrics or NodeMetrics()
         self._settings = settings
@@ -203,8 +208,14 @@ class Runner:
         self._wake_sender = threading.Event()
         self._started_at: datetime | None = None
 
-    def start(self) -> None:
-        """Resume interrupted jobs, then start the scheduler, workers and sender."""
+    @property
+    def node_id(self) -> str:
+        """The id its job claims carry."""
+        return self._node_id
+
+    def start(self, parts: Collection[str] = PARTS) -> None:
+        """Resume this node's interrupted jobs, then start the heartbeat and ``parts`` (the
+        scheduler, workers and sender by default)."""
         self._stop.clear()
         self._started_at = utcnow()
         # import the output writers now (highdicom takes ~0.3 s), not in the first job's time to result
@@ -213,10 +224,15 @@ class Runner:
         import node.outputs.sr  # noqa: F401
 
         with Session(self._engine) as session:
-            jobs.requeue_interrupted(session, utcnow(), self._settings.runner.max_attempts)
+            jobs.requeue_interrupted(session, utcnow(), self._settings.runner.max_attempts, self._node_id)
             session.commit()
-        targets = [("scheduler", self._schedule_loop), ("sender", self._send_loop)]
-        targets += [(f"worker-{i}", self._work_loop) for i in range(self._settings.runner.workers)]
+        targets = [("heartbeat", self._heartbeat_loop)]
+        if "scheduler" in parts:
+            targets.append(("scheduler", self._schedule_loop))
+        if "sender" in parts:
+            targets.append(("sender", self._send_loop))
+        if "workers" in parts:
+            targets += [(f"worker-{i}", self._work_loop) for i in range(self._settings.runner.workers)]
         for name, target in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -230,6 +246,22 @@ class Runner:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+
+    # -- heartbeat: leases of this node's jobs, jobs of nodes that died ---------------------
+    def heartbeat(self) -> None:
+        """Renew the lease of every job this node runs, record that it is alive, and requeue
+        running jobs whose lease expired (their node died: any node takes them back)."""
+        now = utcnow()
+        with Session(self._engine) as session:
+            jobs.renew_leases(session, self._node_id, now, self._lease_s)
+            cluster.heartbeat(session, self._node_id, now)
+            session.commit()
+            if jobs.reclaim_expired(session, now, self._settings.runner.max_attempts):
+                self._wake_workers.set()
+            session.commit()
+
+    def _heartbeat_loop(self) -> None:
+        self._loop(self.heartbeat, self._lease_s / 3)
 
     # -- scheduler: assembly, routing, job creation ------------------------------------------
     def tick(self) -> None:
@@ -278,7 +310,7 @@ class Runner:
     def work_once(self) -> bool:
         """Claim and run one job; False when none is due."""
         with self._claim_lock, Session(self._engine, expire_on_commit=False) as session:
-            job = jobs.claim_job(session, utcnow())
+            job = jobs.claim_job(session, utcnow(), self._node_id, self._lease_s)
             session.commit()
             if job is None:
                 return False
@@ -383,7 +415,10 @@ class Runner:
         dests = outbox.choose_destinations(settings.destinations, settings.outputs.send_to, calling)
         now = utcnow()
         with Session(self._engine) as session:
-            fresh = session.get(Job, job.id)
+            fresh = session.get(Job, job.id, with_for_update=True)
+            if not jobs.still_owned(fresh, self._node_id):  # stalled past its lease: another node has it
+                log.warning("job %d: its lease was taken over while it ran; its outputs are dropped", job.id)
+                return
             assert fresh is not None
             rows = outbox.queue_outputs(session, fresh, written, dests, self._data_dir, now)
             rows += outbox.queue_messages(session, fresh, messages, self._data_dir, now)
@@ -412,8 +447,9 @@ class Runner:
         log.error("job %d (%s) failed: %s", job.id, job.model_id, error)
         self._metrics.job_ended(job.model_id, JobState.FAILED, watch.timings, watch.batches)
         with Session(self._engine) as session:
-            fresh = session.get(Job, job.id)
-            if fresh is not None:
+            fresh = session.get(Job, job.id, with_for_update=True)
+            if jobs.still_owned(fresh, self._node_id):
+                assert fresh is not None
                 jobs.finish(session, fresh, JobState.FAILED, utcnow(), watch.timings, error=error)
                 session.commit()
 
@@ -426,8 +462,9 @@ class Runner:
         )
         self._metrics.job_ended(job.model_id, "retry", watch.timings, watch.batches)
         with Session(self._engine) as session:
-            fresh = session.get(Job, job.id)
-            if fresh is not None:
+            fresh = session.get(Job, job.id, with_for_update=True)
+            if jobs.still_owned(fresh, self._node_id):
+                assert fresh is not None
                 delay = self._settings.runner.retry_backoff_s * 2 ** (job.attempts - 1)
                 jobs.retry_later(session, fresh, utcnow(), delay, error)
                 session.commit()

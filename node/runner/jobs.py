@@ -14,6 +14,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, or_, update
+from sqlalchemy.exc import IntegrityError as RowConflict
 from sqlmodel import Session, col, select
 
 from node.errors import DecodeError
@@ -91,19 +92,23 @@ def _new_job(
             return False
         key = f"{key}#{len(jobs) + 1}"
         log.info("job %d (%s): more instances arrived after it ran; revision %s", last.id, model_id, key)
-    session.add(
-        Job(
-            key=key,
-            model_id=model_id,
-            rule=rule,
-            level=level,
-            study_uid=study_uid,
-            series_uids="\\".join(series),
-            created_at=now,
-            updated_at=now,
-            not_before=now,
-        )
+    job = Job(
+        key=key,
+        model_id=model_id,
+        rule=rule,
+        level=level,
+        study_uid=study_uid,
+        series_uids="\\".join(series),
+        created_at=now,
+        updated_at=now,
+        not_before=now,
     )
+    try:  # idempotent on the key: another node may have created it a moment ago
+        with session.begin_nested():
+            session.add(job)
+    except RowConflict:
+        log.info("job %s was created by another node", key)
+        return False
     return True
 
 
@@ -182,7 +187,16 @@ def route_complete_series(
     """Route every complete, not yet routed series; create its jobs (series/image level).
     Returns the number of series routed or recorded as not routed (not those left complete
     until a running job of theirs has finished)."""
-    pending = list(session.exec(select(Series).where(Series.state == SeriesState.COMPLETE)))
+    # claimed by a row lock held until the caller commits: another node's pass skips these series
+    # (SKIP LOCKED) and, once committed, no longer finds them complete; a no-op on SQLite (one node)
+    pending = list(
+        session.exec(
+            select(Series)
+            .where(Series.state == SeriesState.COMPLETE)
+            .order_by(col(Series.series_uid))
+            .with_for_update(skip_locked=True)
+        )
+    )
     waiting = 0
     for series in pending:
         decision = _decide(rules, spool_root, series, session)
@@ -242,6 +256,10 @@ def create_study_jobs(session: Session, now: datetime) -> int:
         .distinct()
     )
     for study_uid in list(studies):
+        # one node at a time per study (the lock is held until the caller commits); others skip it
+        locked = select(Study.study_uid).where(Study.study_uid == study_uid).with_for_update(skip_locked=True)
+        if session.exec(locked).first() is None:
+            continue
         series = repo.study_series(session, study_uid)
         if any(s.state in (SeriesState.RECEIVING, SeriesState.COMPLETE) for s in series):
             continue  # wait until every series of the study is routed
@@ -255,8 +273,10 @@ def create_study_jobs(session: Session, now: datetime) -> int:
     return created
 
 
-def claim_job(session: Session, now: datetime) -> Job | None:
-    """Take the oldest queued job that is due; None when there is none. The caller commits."""
+def claim_job(session: Session, now: datetime, owner: str = "", lease_s: float = 30.0) -> Job | None:
+    """Take the oldest queued job that is due for ``owner`` (a node id), with a lease of
+    ``lease_s`` that its heartbeat renews (:func:`renew_leases`); None when there is none. The
+    caller commits."""
     job = session.exec(
         select(Job)
         .where(Job.state == JobState.QUEUED, col(Job.not_before) <= now)
@@ -270,7 +290,13 @@ def claim_job(session: Session, now: datetime) -> Job | None:
         update(Job)
         .where(col(Job.id) == job.id, Job.state == JobState.QUEUED)
         .values(
-            state=JobState.PREPROCESSING, attempts=Job.attempts + 1, started_at=now, updated_at=now, error=""
+            state=JobState.PREPROCESSING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            updated_at=now,
+            error="",
+            owner=owner,
+            lease_until=now + timedelta(seconds=lease_s),
         )
     )
     if claimed.rowcount != 1:
@@ -314,29 +340,64 @@ def retry_later(session: Session, job: Job, now: datetime, delay_s: float, error
     session.add(job)
 
 
-def requeue_interrupted(session: Session, now: datetime, max_attempts: int) -> int:
-    """Jobs a stopped process left mid-way go back to the queue (their outputs are deterministic),
-    except those that have used every attempt: they fail instead, so a job that takes the process
-    down each time it runs (memory, a crash in a native library) does not do so for ever. The
-    caller commits. Returns how many were requeued."""
-    exhausted = select(Job.id).where(col(Job.state).in_(ACTIVE_JOB_STATES), col(Job.attempts) >= max_attempts)
-    ids = list(session.exec(exhausted))
-    if ids:
-        error = f"interrupted {max_attempts} times: the node stopped while each attempt ran"
+def _requeue(session: Session, where: list, now: datetime, max_attempts: int, why: str) -> int:
+    """Active jobs matching ``where`` back to the queue, or failed when they used every attempt."""
+    active = col(Job.state).in_(ACTIVE_JOB_STATES)
+    exhausted = list(session.exec(select(Job.id).where(active, *where, col(Job.attempts) >= max_attempts)))
+    if exhausted:
+        error = f"interrupted {max_attempts} times: {why} while each attempt ran"
         session.exec(  # type: ignore[call-overload]
             update(Job)
-            .where(col(Job.id).in_(ids), col(Job.state).in_(ACTIVE_JOB_STATES))
-            .values(state=JobState.FAILED, error=error, updated_at=now, finished_at=now)
+            .where(col(Job.id).in_(exhausted), active)
+            .values(state=JobState.FAILED, error=error, updated_at=now, finished_at=now, lease_until=None)
         )
-        log.error("%d interrupted jobs failed: they had used all %d attempts", len(ids), max_attempts)
+        log.error("%d interrupted jobs failed: they had used all %d attempts", len(exhausted), max_attempts)
     result = session.exec(  # type: ignore[call-overload]
         update(Job)
-        .where(col(Job.state).in_(ACTIVE_JOB_STATES))
-        .values(state=JobState.QUEUED, not_before=now, updated_at=now)
+        .where(active, *where)
+        .values(state=JobState.QUEUED, not_before=now, updated_at=now, owner="", lease_until=None)
     )
-    if result.rowcount:
-        log.info("resuming %d interrupted jobs", result.rowcount)
     return int(result.rowcount)
+
+
+def requeue_interrupted(session: Session, now: datetime, max_attempts: int, owner: str = "") -> int:
+    """At start: the jobs this node (``owner``) left mid-way go back to the queue (their outputs
+    are deterministic), except those that have used every attempt: they fail instead, so a job
+    that takes the process down each time it runs (memory, a crash in a native library) does not
+    do so for ever. Jobs running on other nodes are left alone (they come back through
+    :func:`reclaim_expired` if their node is gone); jobs from before leases existed (no owner)
+    count as this node's. The caller commits. Returns how many were requeued."""
+    mine = or_(Job.owner == owner, Job.owner == "")
+    count = _requeue(session, [mine], now, max_attempts, "the node stopped")
+    if count:
+        log.info("resuming %d interrupted jobs", count)
+    return count
+
+
+def reclaim_expired(session: Session, now: datetime, max_attempts: int) -> int:
+    """Any node, now and then: running jobs whose lease expired (their node died or lost the
+    database) go back to the queue, or fail once they used every attempt. The caller commits."""
+    expired = col(Job.lease_until) < now
+    count = _requeue(session, [expired], now, max_attempts, "its node stopped")
+    if count:
+        log.warning("%d jobs whose node stopped renewing their lease were requeued", count)
+    return count
+
+
+def renew_leases(session: Session, owner: str, now: datetime, lease_s: float) -> int:
+    """The heartbeat: extend the lease of every job ``owner`` is running. The caller commits."""
+    result = session.exec(  # type: ignore[call-overload]
+        update(Job)
+        .where(Job.owner == owner, col(Job.state).in_(ACTIVE_JOB_STATES))
+        .values(lease_until=now + timedelta(seconds=lease_s))
+    )
+    return int(result.rowcount)
+
+
+def still_owned(job: Job | None, owner: str) -> bool:
+    """True when ``job`` (read afresh) is still running under ``owner``'s claim: its lease was not
+    taken over by another node after this one stalled."""
+    return job is not None and job.state in ACTIVE_JOB_STATES and job.owner == owner
 
 
 def job_files(session: Session, job: Job, spool_root: Path) -> list[Path]:

@@ -171,6 +171,10 @@ class Job(SQLModel, table=True):
     not_before: datetime = Field(sa_column=_ts(), description="earliest time to (re)try")
     started_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     finished_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    # the node running it (cluster.node_id) and until when its claim holds; the runner's heartbeat
+    # renews the lease, and any node requeues a running job whose lease expired (the node died)
+    owner: str = Field(default="", max_length=64)
+    lease_until: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
 
 
 class OutboxState(StrEnum):
@@ -227,3 +231,18 @@ class DuplicateEvent(SQLModel, table=True):
     action: str = Field(max_length=16)
     sha256: str | None = Field(default=None, max_length=64, description="of the new copy")
     byte_size: int = Field(default=0, sa_type=BigInteger)
+
+
+class ClusterNode(SQLModel, table=True):
+    """A node process sharing the database: what it runs, which data folder it sees, when it last
+    renewed its leases (its heartbeat). Nodes whose data folders differ must not share a database
+    until object storage lands (see docs/scale.md)."""
+
+    node_id: str = Field(primary_key=True, max_length=64)
+    storage_id: str = Field(max_length=64, description="identity of the data folder it uses")
+    role: str = Field(default="all", max_length=16)
+    hostname: str = Field(default="", max_length=255)
+    version: str = Field(default="", max_length=32)
+    started_at: datetime = Field(sa_column=_ts())
+    heartbeat_at: datetime = Field(sa_column=_ts())
+    stopped_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
