@@ -26,12 +26,21 @@ from node.runner import Models, Runner
 from node.runner.one_file import Outcome, analyse_upload
 from node.send import make_destination
 from node.settings import Settings
+from node.store import cluster
 from node.store.db import make_engine, ping
 from node.store.orphans import sweep_orphans
+from node.store.tables import utcnow
 from node.types import OutputIdentity
 from node.web.webhook import WebhookNotifier
 
 log = logging.getLogger(__name__)
+#: What each role of ``pacs-node serve --role`` runs (the heartbeat and the web pages run in all).
+ROLE_PARTS: dict[str, tuple[str, ...]] = {
+    "all": ("receiver", "scheduler", "workers", "sender"),
+    "receiver": ("receiver", "scheduler"),  # the DICOM listener, the committer, assembly and routing
+    "worker": ("workers",),
+    "sender": ("sender",),  # the outbox and the webhook notifications
+}
 
 
 @dataclass
@@ -51,18 +60,37 @@ class Node:
     preparer: PreparePool | None = None  # decoding in child processes; None: in this process
     started_at: float = field(default_factory=time.time)
     version: str = __version__
+    role: str = "all"
     audit: AuditTrail = field(default_factory=AuditTrail.disabled)
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """What this node's role runs (see ROLE_PARTS)."""
+        return ROLE_PARTS[self.role]
+
     def start(self) -> None:
-        """Prepare the spool (set aside files no row points to), then start committing, listening
-        and the runner."""
-        self.spool.prepare(self.settings.storage.orphan_grace_s)
+        """Register in the cluster (refused when the running nodes see another data folder); a
+        receiver prepares the spool (sets aside files no row points to) and starts committing
+        and listening; then the runner's parts of the role."""
         storage = self.settings.storage
-        sweep_orphans(self.engine, self.spool.root, storage.data_dir / "quarantine", storage.orphan_grace_s)
-        self.committer.start()
-        self.scp.start()
-        self.runner.start()
-        if self.notifier is not None:
+        cluster.register(
+            self.engine,
+            self.runner.node_id,
+            cluster.storage_id(storage.data_dir, self.settings.cluster.storage_id),
+            self.role,
+            self.version,
+            utcnow(),
+            self.settings.cluster.lease_s,
+        )
+        if "receiver" in self.parts:
+            self.spool.prepare(storage.orphan_grace_s)
+            sweep_orphans(
+                self.engine, self.spool.root, storage.data_dir / "quarantine", storage.orphan_grace_s
+            )
+            self.committer.start()
+            self.scp.start()
+        self.runner.start([p for p in self.parts if p != "receiver"])
+        if self.notifier is not None and "sender" in self.parts:
             self.notifier.start()
         self.started_at = time.time()
         self.audit.open()  # Application Start
@@ -87,6 +115,10 @@ class Node:
         self.committer.stop()
         if self.preparer is not None:
             self.preparer.close()
+        try:
+            cluster.stopped(self.engine, self.runner.node_id, utcnow())
+        except Exception:  # the database is gone: the heartbeat going stale says the same
+            log.warning("could not record the stop in the database", exc_info=True)
         self.audit.shutdown()  # Application Stop
         self.engine.dispose()
 
@@ -94,12 +126,14 @@ class Node:
         """Readiness of each dependency: the database answers, the DICOM port listens and has a
         free association slot, and the spool's disk is above its watermark (below it every
         C-STORE is refused)."""
-        return {
-            "database": ping(self.engine),
-            "dicom": self.scp.is_listening(),
-            "dicom_slots": self.scp.has_free_slot(),
-            "disk": self.spool.has_room(),
-        }
+        checks = {"database": ping(self.engine)}
+        if "receiver" in self.parts:  # the other roles do not listen
+            checks.update(
+                dicom=self.scp.is_listening(),
+                dicom_slots=self.scp.has_free_slot(),
+                disk=self.spool.has_room(),
+            )
+        return checks
 
     def web_app(self) -> FastAPI:
         """The FastAPI application bound to this node."""
@@ -147,11 +181,29 @@ def output_identity(settings: Settings) -> OutputIdentity:
     )
 
 
-def build_node(settings: Settings) -> Node:
-    """Wire a node from settings; nothing listens until ``start()``."""
+def check_role(settings: Settings, role: str) -> None:
+    """Raise ConfigError for an unknown role, or a role other than ``all`` on SQLite: the roles
+    of one deployment share their state through one PostgreSQL database."""
+    if role not in ROLE_PARTS:
+        raise ConfigError(f"unknown role {role!r}: one of {', '.join(ROLE_PARTS)}")
+    if role != "all" and settings.storage.url.startswith("sqlite"):
+        raise ConfigError(
+            f"role {role!r} needs the other roles' database: set storage.database_url to a shared "
+            "PostgreSQL database (postgresql+psycopg://...); on SQLite one process runs every role "
+            "(--role all, the default)"
+        )
+
+
+def build_node(settings: Settings, role: str = "all") -> Node:
+    """Wire a node from settings for ``role`` (all, receiver, worker, sender); nothing listens
+    until ``start()``."""
+    check_role(settings, role)
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     rules = load_rules(settings.routing.rules_file)
-    models = load_models(settings)
+    if role == "sender":  # sends what workers wrote: no model session needed
+        models = Models(load_registry(settings.models.directory, strict=settings.models.strict), {})
+    else:
+        models = load_models(settings)
     known = set(models.registry.models) | set(models.registry.refused)
     try:
         check_models(rules, known)
@@ -199,6 +251,7 @@ def build_node(settings: Settings) -> Node:
         notifier,
         metrics,
         preparer=preparer,
+        role=role,
         audit=audit,
     )
 

@@ -59,7 +59,16 @@ def _root(
 
 
 @app.command()
-def serve(config: ConfigOpt = None) -> None:
+def serve(
+    config: ConfigOpt = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            help="all: one process does everything (default); receiver: DICOM listener, assembly "
+            "and routing; worker: runs jobs; sender: the outbox and webhooks (PostgreSQL only)"
+        ),
+    ] = "all",
+) -> None:
     """Run the node: DICOM listener, assembly and the status page, until SIGINT/SIGTERM."""
     from node.app import build_node
     from node.settings import load_settings
@@ -71,7 +80,7 @@ def serve(config: ConfigOpt = None) -> None:
         raise typer.Exit(2) from exc
     setup_logging(settings.logging.level)
     try:
-        node = build_node(settings)
+        node = build_node(settings, role)
         node.start()
     except (NodeError, OSError) as exc:
         log.error("cannot start: %s", exc)
