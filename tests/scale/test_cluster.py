@@ -133,3 +133,17 @@ def test_killed_worker_loses_its_job_after_the_lease_and_it_finishes_once(tmp_pa
         for p in procs:
             p.stop()
         dest.stop()
+
+
+def test_a_node_on_a_separate_data_folder_is_refused_at_start(tmp_path, postgres):
+    db = postgres.new_database()
+    a = NodeProcess(node_config(tmp_path / "a", "node-a", db, tmp_path / "data-a", free_port(), "", 5.0))
+    try:
+        a.wait_listening()
+        b = NodeProcess(node_config(tmp_path / "b", "node-b", db, tmp_path / "data-b", free_port(), "", 5.0))
+        assert b.proc.wait(120) == 1
+        assert "must share storage.data_dir (a NAS mount)" in b.text()
+        assert "node-a" in b.text().split("must share")[0]  # names the running node
+        assert query_db(db, "select node_id from clusternode") == [("node-a",)]
+    finally:
+        a.stop()
