@@ -327,7 +327,7 @@ class Runner:
         if state is None:
             return
         with Session(self._engine) as session:
-            jobs.set_state(session, job_id, state, utcnow())
+            jobs.set_state(session, job_id, state, utcnow(), self._node_id)
             session.commit()
 
     def _run_job(self, job: Job) -> None:

@@ -305,9 +305,12 @@ def claim_job(session: Session, now: datetime, owner: str = "", lease_s: float =
     return job
 
 
-def set_state(session: Session, job_id: int, state: str, now: datetime) -> None:
-    """Record the stage a job is in."""
-    session.exec(update(Job).where(col(Job.id) == job_id).values(state=state, updated_at=now))  # type: ignore[call-overload]
+def set_state(session: Session, job_id: int, state: str, now: datetime, owner: str | None = None) -> None:
+    """Record the stage a job is in (with ``owner``: only while that node still holds it)."""
+    query = update(Job).where(col(Job.id) == job_id)
+    if owner is not None:
+        query = query.where(Job.owner == owner, col(Job.state).in_(ACTIVE_JOB_STATES))
+    session.exec(query.values(state=state, updated_at=now))  # type: ignore[call-overload]
 
 
 def finish(

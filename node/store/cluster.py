@@ -74,9 +74,19 @@ def register(
                 f"database (storage id {storage} vs {others[0].storage_id}): nodes sharing a database "
                 "must share storage.data_dir (a NAS mount) until object storage lands; see docs/scale.md"
             )
-        row = session.get(ClusterNode, node) or ClusterNode(
-            node_id=node, storage_id=storage, started_at=now, heartbeat_at=now
-        )
+        row = session.get(ClusterNode, node)
+        if (
+            row is not None
+            and row.stopped_at is None
+            and row.heartbeat_at >= now - timedelta(seconds=lease_s)
+        ):
+            log.warning(
+                "node id %s renewed its heartbeat %.0f s ago and recorded no stop: this node was killed "
+                "a moment ago, or another process runs with the same cluster.node_id (give each its own)",
+                node,
+                (now - row.heartbeat_at).total_seconds(),
+            )
+        row = row or ClusterNode(node_id=node, storage_id=storage, started_at=now, heartbeat_at=now)
         row.storage_id, row.role, row.hostname, row.version = (
             storage,
             role,
