@@ -344,3 +344,32 @@ class StoreSCP:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+def make_test_engine(tmp_path: Path):  # noqa: ANN201 - a SQLAlchemy Engine
+    """The test database: PostgreSQL under PACS_NODE_TEST_DATABASE=postgresql, else SQLite in tmp_path."""
+    from node.store.db import make_engine
+
+    return make_engine(DATABASE_FACTORY() if DATABASE_FACTORY else f"sqlite:///{tmp_path / 'node.db'}")
+
+
+def add_job(session, *, key: str, state: str | None = None, **fields: object):  # noqa: ANN001, ANN201
+    """Insert and return one Job row (model m, series level, study 1.2 unless given), committed."""
+    from node.store.tables import Job, JobState, utcnow
+
+    now = utcnow()
+    values: dict[str, object] = {
+        "model_id": "m",
+        "level": "series",
+        "study_uid": "1.2",
+        "series_uids": "1.2.3",
+        "created_at": now,
+        "updated_at": now,
+        "not_before": now,
+    }
+    values.update(fields)
+    job = Job(key=key, state=state or JobState.WRITING, **values)
+    session.add(job)
+    session.commit()
+    session.refresh(job)
+    return job

@@ -24,7 +24,7 @@ from node.settings import DestinationSettings, load_settings
 from node.store.db import make_engine
 from node.store.tables import Instance, Job, JobState, OutboxItem, OutboxState, Series, SeriesState, utcnow
 from node.synth import generate_study
-from tests.helpers import StoreSCP, analysing_config, free_port, need, wait_for
+from tests.helpers import StoreSCP, add_job, analysing_config, free_port, need, wait_for
 
 pytestmark = pytest.mark.slow
 WHICH = "instance 1 of 1 of the series (Instance Number 1)"
@@ -199,20 +199,7 @@ def test_output_damaged_in_the_outbox_is_parked_not_sent(tmp_path):
     bad.write_bytes(b"bad output")
     dest = DestinationSettings(name="pacs", ae_title="DEST", host="127.0.0.1", port=free_port())
     with Session(engine) as s:
-        job = Job(
-            key="m|series|1",
-            model_id="m",
-            level="series",
-            study_uid="1",
-            series_uids="1.1",
-            state=JobState.SENDING,
-            created_at=now,
-            updated_at=now,
-            not_before=now,
-        )
-        s.add(job)
-        s.commit()
-        s.refresh(job)
+        job = add_job(s, key="m|series|1", study_uid="1", series_uids="1.1", state=JobState.SENDING)
         files = [("sr", _Uids("1.2.1"), good), ("sc", _Uids("1.2.2"), bad)]
         assert outbox.queue_outputs(s, job, files, [dest], tmp_path, now) == 2  # type: ignore[arg-type]
         s.commit()

@@ -19,7 +19,8 @@ from node.outputs.sr import build_sr
 from node.runner import build_outputs, outbox
 from node.settings import DestinationSettings, Settings
 from node.store.db import make_engine
-from node.store.tables import Job, JobState, OutboxItem, utcnow
+from node.store.tables import OutboxItem, utcnow
+from tests.helpers import add_job
 from tests.outputs.conftest import Case
 from tests.outputs.fabricate import IDENTITY, PNEUMONIA, PRIVATE_CODE, Spot, make_result, score
 from tests.outputs.test_real_sources import REAL_FILES, our_errors, real, result_for
@@ -199,20 +200,13 @@ def test_outbox_sends_states_and_kos_only_where_wanted(cases: dict[str, Case], t
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
     now = utcnow()
     with Session(engine) as s:
-        job = Job(
+        job = add_job(
+            s,
             key="m|image|1",
-            model_id="m",
             level="image",
             study_uid=case.result.study_uid,
             series_uids=case.result.series_uids[0],
-            state=JobState.WRITING,
-            created_at=now,
-            updated_at=now,
-            not_before=now,
         )
-        s.add(job)
-        s.commit()
-        s.refresh(job)
         written = outbox.write_output_files(tmp_path / "outbox", job.id or 0, out)
         outbox.queue_outputs(s, job, written, settings.destinations, tmp_path, now)
         s.commit()

@@ -16,7 +16,6 @@ from sqlmodel import Session, select
 from node.runner import outbox
 from node.send.cstore import CStoreDestination
 from node.settings import DestinationSettings
-from node.store.db import make_engine
 from node.store.repo import requeue_failed_jobs
 from node.store.tables import Job, JobState, OutboxItem, OutboxState, utcnow
 from tests import helpers
@@ -36,26 +35,9 @@ def _outputs(data_dir: Path, count: int) -> list[tuple[str, pydicom.Dataset]]:
 
 @pytest.fixture
 def store(tmp_path):
-    engine = make_engine(
-        helpers.DATABASE_FACTORY() if helpers.DATABASE_FACTORY else f"sqlite:///{tmp_path / 'node.db'}"
-    )
-    now = utcnow()
+    engine = helpers.make_test_engine(tmp_path)
     with Session(engine) as s:
-        job = Job(
-            key="m|series|1.2.3",
-            model_id="m",
-            level="series",
-            study_uid="1.2",
-            series_uids="1.2.3",
-            state=JobState.WRITING,
-            created_at=now,
-            updated_at=now,
-            not_before=now,
-        )
-        s.add(job)
-        s.commit()
-        s.refresh(job)
-        return engine, job.id
+        return engine, helpers.add_job(s, key="m|series|1.2.3").id
 
 
 def _queue(engine, job_id: int, data_dir: Path, dest: DestinationSettings, count: int) -> None:

@@ -32,27 +32,11 @@ from node.store.tables import (
     StudyState,
     utcnow,
 )
-from tests.helpers import REPO, write_config
+from tests.helpers import REPO, add_job, write_config
 
 
 def _job(s: Session, key: str, state: str = JobState.QUEUED, **extra: object) -> Job:
-    now = utcnow()
-    job = Job(
-        key=key,
-        model_id="m",
-        level="series",
-        study_uid="1.2",
-        series_uids=key,
-        state=state,
-        created_at=now,
-        updated_at=now,
-        not_before=now,
-        **extra,
-    )
-    s.add(job)
-    s.commit()
-    s.refresh(job)
-    return job
+    return add_job(s, key=key, state=state, series_uids=key, **extra)
 
 
 @pytest.fixture

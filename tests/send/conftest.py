@@ -16,7 +16,6 @@ from pydicom.uid import generate_uid
 from sqlmodel import Session, select
 
 from node.runner import outbox
-from node.store.db import make_engine
 from node.store.tables import Job, JobState, OutboxItem, utcnow
 from node.types import AlgorithmIdentity, AnalysisResult, Code, LabelScore, OutputIdentity
 from tests import helpers
@@ -27,26 +26,9 @@ from tests.orthanc import _dicomweb_plugin
 @pytest.fixture
 def store(tmp_path):
     """(engine, job id) with one job in state WRITING."""
-    engine = make_engine(
-        helpers.DATABASE_FACTORY() if helpers.DATABASE_FACTORY else f"sqlite:///{tmp_path / 'node.db'}"
-    )
-    now = utcnow()
+    engine = helpers.make_test_engine(tmp_path)
     with Session(engine) as s:
-        job = Job(
-            key="chest|series|1.2.3",
-            model_id="chest",
-            level="series",
-            study_uid="1.2",
-            series_uids="1.2.3",
-            state=JobState.WRITING,
-            created_at=now,
-            updated_at=now,
-            not_before=now,
-        )
-        s.add(job)
-        s.commit()
-        s.refresh(job)
-        return engine, job.id
+        return engine, helpers.add_job(s, key="chest|series|1.2.3", model_id="chest").id
 
 
 def stand_in_outputs(seed: str, count: int) -> list[tuple[str, pydicom.Dataset]]:
