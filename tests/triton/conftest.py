@@ -177,10 +177,11 @@ def triton_server(
         assert process.stdout is not None
         for line in process.stdout:
             server.lines.append(line.rstrip())
-            if line.startswith("READY"):
+            if "PYTRITON-SPEC-READY" in line:  # anywhere: tritonserver's log shares the pipe
                 ready.set()
-            elif line.startswith("BATCHES "):
-                server.batches.update(json.loads(line[len("BATCHES ") :]))
+            elif "PYTRITON-SPEC-BATCHES " in line:
+                marker = "PYTRITON-SPEC-BATCHES "
+                server.batches.update(json.loads(line[line.index(marker) + len(marker) :]))
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

@@ -8,7 +8,7 @@ SPEC.json: ``{"http_port": int, "grpc_port": int, "metrics_port": int, "models":
 "input": {"name", "dtype", "dims"}, "outputs": [{"name", "dtype", "dims"}], "max_batch_size"}],
 "failing": [{"name", "message", "input": {...}, "outputs": [...]}]}``. A "failing" model raises
 its message from its inference function (a server-side error the client must pass on). Prints
-``READY`` on stdout once the server answers, then serves until SIGTERM.
+``PYTRITON-SPEC-READY`` on stdout once the server answers, then serves until SIGTERM.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ from pytriton.triton import Triton, TritonConfig
 
 log = logging.getLogger("pytriton_server")
 _DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
+
+
+#: markers the test fixture looks for anywhere in a line (tritonserver's own log lines are
+#: interleaved with ours on the same pipe, even inside a line)
+READY = "PYTRITON-SPEC-READY"
+BATCHES = "PYTRITON-SPEC-BATCHES "
 
 
 def _tensor(spec: dict[str, Any]) -> Tensor:
@@ -103,10 +109,10 @@ def main() -> None:
                 config=ModelConfig(max_batch_size=m["max_batch_size"]),
             )
         triton.run()
-        print("READY", flush=True)
+        print(f"\n{READY}", flush=True)  # own line: tritonserver writes to the same pipe
         stop.wait()
         sizes = {m["name"]: m.get("_sizes", []) for m in spec["models"]}
-        print("BATCHES " + json.dumps(sizes), flush=True)
+        print(f"\n{BATCHES}" + json.dumps(sizes), flush=True)
 
 
 if __name__ == "__main__":
