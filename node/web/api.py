@@ -82,7 +82,9 @@ TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 STATIC = Path(__file__).parent / "static"
 #: The largest row id and offset the database takes (SQLite and PostgreSQL integers are 64-bit).
 MAX_INT = 2**63 - 1
-JobId = Annotated[int, PathParam(ge=0, le=MAX_INT, description="a job's id")]
+#: the id columns are SQL INTEGER: 32 bits on PostgreSQL (a larger id is a 422, not a database error)
+MAX_ID = 2**31 - 1
+JobId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="a job's id")]
 Offset = Annotated[int, Query(ge=0, le=MAX_INT)]
 #: Largest body of a request other than the upload (the forms: sign-in, retry). Set on the routers,
 #: not the app: an app-wide limit would replace the guard's own 413 answers with a plain-text one.
@@ -601,7 +603,7 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
     def retry_form(
         request: Request,
         db: SessionDep,
-        job_id: Annotated[int | None, Form(ge=0, le=MAX_INT)] = None,
+        job_id: Annotated[int | None, Form(ge=0, le=MAX_ID)] = None,
         back: Annotated[str, Form()] = "/",
         csrf: Annotated[str, Form()] = "",
     ) -> RedirectResponse:
