@@ -116,21 +116,14 @@ def analyse(
     (the node's :class:`~node.inference.isolate.PreparePool`) decodes and prepares the files in
     a child process under a memory and time limit; None: in this process."""
     manifest = model.manifest
-    if manifest.kind == "segmentation":
-        return _analyse_segmentation(
-            model,
-            session,
-            files,
-            level=level,
-            uid_seed=uid_seed,
-            watch=watch,
-            budget=budget,
-            preparer=preparer,
-        )
-    if manifest.input.is_volume:  # a volume classifier: the series as one NCDHW input
-        from node.runner.volume import analyse_volume
-
-        return analyse_volume(
+    if manifest.kind == "segmentation" or manifest.input.is_volume:
+        # per-pixel models (node.runner.segment) and volume classifiers (node.runner.volume), both
+        # imported here: they use this module
+        if manifest.kind == "segmentation":
+            from node.runner.segment import analyse_segmentation as other
+        else:  # a volume classifier: the series as one NCDHW input
+            from node.runner.volume import analyse_volume as other
+        return other(
             model,
             session,
             files,
@@ -307,33 +300,3 @@ def _images_to_show(manifest: Manifest, probs: np.ndarray, count: int) -> list[i
         suspicion = probs[:, [i for i, lb in enumerate(manifest.labels) if not lb.normal]].max(axis=1)
         return sorted(top_slices(suspicion, keep))
     return list(range(count))
-
-
-# ------------------------------------------------------------------------------------------------
-# Segmentation models (``kind: segmentation``): node.runner.segment (2-D per frame, 3-D sliding window)
-
-
-def _analyse_segmentation(
-    model: LoadedModel,
-    session: ModelSession,
-    files: Sequence[Path],
-    *,
-    level: str,
-    uid_seed: str,
-    watch: Stopwatch,
-    budget: Budget = DEFAULT_BUDGET,
-    preparer: Preparer | None = None,
-) -> tuple[AnalysisResult, list[Dataset]]:
-    """See :func:`node.runner.segment.analyse_segmentation` (imported here: it uses this module)."""
-    from node.runner.segment import analyse_segmentation
-
-    return analyse_segmentation(
-        model,
-        session,
-        files,
-        level=level,
-        uid_seed=uid_seed,
-        watch=watch,
-        budget=budget,
-        preparer=preparer,
-    )
