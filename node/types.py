@@ -1,4 +1,6 @@
-"""Values passed between the node's stages: frozen dataclasses, no behaviour beyond small helpers.
+"""Values passed between the node's stages: frozen dataclasses, no behaviour beyond small helpers;
+and what a job records in the database (its result and timings): pydantic models, read with
+``JobResult.model_validate_json`` and written with ``model_dump_json``.
 
 Coordinates: images are indexed (row, col) with pixel centres at integer positions, as numpy
 indexes them. Boxes are (row_min, col_min, row_max, col_max), inclusive, in source-image pixels.
@@ -8,8 +10,12 @@ Polygons are lists of (row, col). (DICOM SR SCOORD wants (column, row): swap whe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, RootModel, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field as PydanticField
 
 #: VOI LUT Function values the node applies (PS3.3 C.11.2.1.3); absent means LINEAR.
 VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
@@ -411,3 +417,95 @@ class SegmentationResult:
     def present(self) -> tuple[SegmentSummary, ...]:
         """The segments that have pixels."""
         return tuple(s for s in self.segments if s.present)
+
+
+# --------------------------------------------------------------------------- job results (stored)
+class OutputKind(StrEnum):
+    """The kind of an output a job writes (``OutboxItem.kind``, file name prefix in the outbox)."""
+
+    SR = "sr"
+    SC = "sc"
+    PM = "pm"
+    GSPS = "gsps"
+    KOS = "kos"
+    SEG = "seg"
+    HL7 = "hl7"  # an HL7 v2 ORU message
+    FHIR = "fhir"  # a FHIR Bundle
+
+
+class Finding(BaseModel):
+    """One label's aggregated result as a job records it (rounded to 4 decimals)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    label: str
+    probability: float
+    positive: bool
+    #: Results written before the "no finding" class and triage flags were recorded lack them.
+    normal: bool = False
+    triage: bool = False
+
+
+class JobOutput(BaseModel):
+    """One output object a job wrote (an SOP instance; messages are not listed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: OutputKind
+    sop_instance_uid: str
+
+
+class Segment(BaseModel):
+    """One segment of a segmentation model's result, with its measurements (mm, 2 decimals)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    label: str
+    pixels: int
+    frames: int  # frames with pixels
+    area_mm2: float | None = None
+    volume_mm3: float | None = None
+
+
+class JobResult(BaseModel):
+    """What a finished analysis records on its job row (``Job.result``, JSON): read it with
+    ``JobResult.model_validate_json``, write it with :meth:`to_json`. Keys it does not know (a
+    newer node's) are kept; ``segments`` is present only for a segmentation model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = ""
+    version: str = ""
+    images: int | None = None  # instances analysed; None: not recorded
+    frames: int | None = None  # frames scored (results from before frames were counted lack it)
+    findings: list[Finding] = PydanticField(default_factory=list)
+    outputs: list[JobOutput] = PydanticField(default_factory=list)
+    segments: list[Segment] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_segments(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.segments is None:
+            data.pop("segments", None)
+        return data
+
+    def to_json(self) -> str:
+        """The stored form (``model_dump_json``)."""
+        return self.model_dump_json()
+
+    def output_uids(self, kind: OutputKind) -> list[str]:
+        """SOP Instance UIDs of the outputs of one kind."""
+        return [o.sop_instance_uid for o in self.outputs if o.kind == kind]
+
+
+class JobTimings(RootModel[dict[str, float]]):
+    """Seconds a job spent in each stage (``Job.timings``, JSON object: stage name -> seconds,
+    rounded to 4 decimals): "queued", "verifying", "decoding", "preprocessing", "inferring",
+    "writing", ... (the runner's stopwatch names the stages)."""
+
+    root: dict[str, float] = PydanticField(default_factory=dict)
+
+    @classmethod
+    def of(cls, timings: dict[str, float]) -> JobTimings:
+        """The stored form of a stopwatch's timings (rounded to 4 decimals)."""
+        return cls({k: round(v, 4) for k, v in timings.items()})
