@@ -34,6 +34,7 @@ from typing import Literal
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from node.dicom import status
 from node.dicom.spool import Chunk, Spool
 from node.errors import IngestError, StoreError
 from node.store.integrity import chunks_dataset_sha256, chunks_sha256, dataset_sha256, file_sha256
@@ -49,8 +50,6 @@ from node.store.tables import DuplicateAction, DuplicateEvent
 
 log = logging.getLogger(__name__)
 
-#: PS3.7 Annex C general status 0111H, Failure: Duplicate SOP Instance.
-DUPLICATE_SOP_INSTANCE = 0x0111
 DuplicatePolicy = Literal["keep_first", "keep_last", "refuse"]
 
 
@@ -128,7 +127,7 @@ class IngestCommitter:
                 self._remove_unrecorded(beside, record.sop_instance_uid)
             raise StoreError(f"could not commit the instance: {pending.error}") from pending.error
         if pending.refused is not None:
-            raise IngestError(DUPLICATE_SOP_INSTANCE, pending.refused)
+            raise IngestError(status.DUPLICATE_SOP_INSTANCE, pending.refused)
         return pending.new
 
     def recorded_path(self, sop_instance_uid: str) -> str | None:

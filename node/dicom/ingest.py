@@ -33,9 +33,6 @@ from node.store.tables import utcnow
 
 log = logging.getLogger(__name__)
 
-#: PS3.18 Table 10.5.3-2 (Store Instances Response failure reasons) beside the C-STORE ones:
-#: the transfer syntax of a Part 10 file sent over STOW-RS is not one the node accepts.
-TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 _PREAMBLE_AND_PREFIX = 132
 
 
@@ -152,7 +149,7 @@ class InstanceFiler:
             raise Part10Refused(status.CANNOT_UNDERSTAND, "File Meta group has no Transfer Syntax UID", known)
         if syntax not in transfer_syntaxes:
             raise Part10Refused(
-                TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {syntax[:64]} is not supported", known
+                status.TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {syntax[:64]} is not supported", known
             )
         try:
             header = inspect_dataset(io.BytesIO(data[offset:]), UID(syntax), budget.max_inflated_bytes)

@@ -144,7 +144,7 @@ def _send_batch(
                 continue
             rsp = assoc.send_c_store(item.path)
             code = int(rsp.Status) if "Status" in rsp else None
-            if code == status.SUCCESS or (code is not None and code & 0xF000 == 0xB000):
+            if code is not None and status.stored(code):
                 report.sent.append(item.path)
             else:
                 comment = str(rsp.get("ErrorComment", "")) if code is not None else "no response"

@@ -106,7 +106,7 @@ class CStoreDestination:
         if "Status" not in rsp:
             return Delivery(item.path, False, "no response (timeout or abort)")
         code = int(rsp.Status)
-        if code == status.SUCCESS or code & 0xF000 == 0xB000:
+        if status.stored(code):
             return Delivery(item.path, True, status.name(code))
         comment = str(rsp.get("ErrorComment", ""))
         return Delivery(item.path, False, f"{status.name(code)} {comment}".strip())

@@ -17,6 +17,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from node.dicom import status
 from node.metrics import NodeMetrics
 from node.send import Delivery, OutgoingFile
 from node.send.http import describe_status, is_permanent, session_for
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 #: Failure Reasons (PS3.18 Table I.2-1 / PS3.4 C-STORE statuses) that a resend cannot cure.
 #: 0x0122 SOP class not supported, 0xA900 data set does not match the SOP class, 0xC000 cannot
 #: understand; out of resources (0xA7xx), not authorised (0x0124) and processing failures are retried.
-_PERMANENT_REASONS = frozenset({0x0122, 0xA900, 0xC000})
+_PERMANENT_REASONS = frozenset(
+    {status.SOP_CLASS_NOT_SUPPORTED, status.DATASET_DOES_NOT_MATCH_SOP_CLASS, status.CANNOT_UNDERSTAND}
+)
 
 
 class StowDestination:
@@ -108,7 +111,7 @@ class StowDestination:
             return
         stored = {str(item.ReferencedSOPInstanceUID) for item in answer.get("ReferencedSOPSequence", [])}
         failed = {
-            str(item.ReferencedSOPInstanceUID): int(item.get("FailureReason", 0x0110))
+            str(item.ReferencedSOPInstanceUID): int(item.get("FailureReason", status.PROCESSING_FAILURE))
             for item in answer.get("FailedSOPSequence", [])
         }
         for uid, index in uids.items():
