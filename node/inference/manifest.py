@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from node.errors import ManifestError
-from node.inference.preprocess import WINDOW_PRESETS
+from node.inference.preprocess import COLOUR_OPS, GREY_OPS, WINDOW_PRESETS
 
 _MISSING = object()
 
@@ -285,6 +285,47 @@ class ReplicateChannelsStep(_Strict):
     channels: int = Field(default=3, ge=2)
 
 
+# Colour ops (issue 20): they work on (H, W, 3) RGB images holding 0..255 (decode.py converts
+# YBR and PALETTE COLOR to RGB). Conventions agreed with the phantom/model work: fundus (OP),
+# dermoscopy (XC/DMS) and blood-smear microscopy (SM/GM) manifests take input [null, 3, H, W]
+# NCHW float32 and use these ops with resize and a per-channel normalize (3 means, 3 stds).
+
+
+# Choices made beyond the agreed names and defaults: circular_crop's ``margin`` is a fraction of
+# the disc's diameter added on each side; a disc cut off by one edge of the frame is placed flush
+# with the field of view's other end; illumination_correction's sigma is ``sigma_fraction`` x the
+# image's shorter side (after circular_crop: the disc's diameter).
+
+
+class CircularCropStep(_Strict):
+    """Crop to the fundus field-of-view disc: pixels whose luminance (ITU-R BT.601) exceeds
+    ``threshold`` x the image's maximum luminance form the disc; the crop is the square around its
+    bounding box (side = the larger extent, the diameter, x (1 + 2 ``margin``); centred, except
+    that a disc cut off by one image edge sits flush with the box's other end), padded with 0
+    where it leaves the image, and every pixel outside the inscribed circle is set to 0. The crop
+    is an offset in the geometry, so heatmaps land where the model looked."""
+
+    op: Literal["circular_crop"]
+    threshold: float = Field(default=0.04, ge=0, lt=1)
+    margin: float = Field(default=0.0, ge=0, le=1)
+
+
+class ClaheLuminanceStep(_Strict):
+    """CLAHE (OpenCV) on the L channel of CIE Lab (OpenCV's 8-bit Lab), colour kept."""
+
+    op: Literal["clahe_luminance"]
+    clip_limit: float = Field(default=2.0, gt=0)
+    tile_grid: int = Field(default=8, ge=1, le=64)
+
+
+class IlluminationCorrectionStep(_Strict):
+    """Graham's background subtraction per channel: ``4 * (I - G) + 128`` clipped to 0..255, G the
+    image blurred by a Gaussian of sigma ``sigma_fraction`` x the image's shorter side."""
+
+    op: Literal["illumination_correction"]
+    sigma_fraction: float = Field(default=0.1, gt=0, le=1)
+
+
 Step = Annotated[
     ModalityLutStep
     | WindowStep
@@ -296,7 +337,10 @@ Step = Annotated[
     | ResizeStep
     | LetterboxStep
     | NormalizeStep
-    | ReplicateChannelsStep,
+    | ReplicateChannelsStep
+    | CircularCropStep
+    | ClaheLuminanceStep
+    | IlluminationCorrectionStep,
     Field(discriminator="op"),
 ]
 
@@ -515,6 +559,7 @@ class Manifest(_Strict):
             seen_names[label.name] = i
             seen_index[label.index] = i
         normals = [i for i, label in enumerate(self.labels) if label.normal]
+        self._channel_checks()
         if self.input.layout == "NCDHW":
             if self.kind == "segmentation":
                 if self.segmentation is None or self.segmentation.dimensions != 3:
@@ -564,6 +609,48 @@ class Manifest(_Strict):
                     "heatmap.patch_size", f"must equal the input's spatial size ({h}, {w})", [ph, pw]
                 )
         return self
+
+    def _channel_checks(self) -> None:
+        """Greyscale and colour steps do not mix: the steps are followed from the first, the image
+        being greyscale after a greyscale op (RGB after ``replicate_channels`` or ``to_8bit``
+        ``mix``) and RGB after a colour op; a colour op needs a 3-channel input, and a
+        ``normalize`` gives 1 value or one per input channel."""
+        channels = self.input.channels
+        state: str | None = None  # None: either (not known yet), "grey", "colour"
+        where = ""
+        for i, step in enumerate(self.preprocessing):
+            op = step.op
+            if op in COLOUR_OPS:
+                if channels != 3:
+                    raise FieldProblem(
+                        f"preprocessing.{i}.op",
+                        f"{op} works on RGB images; the model input has {channels} channel(s)"
+                        " (input.shape needs 3 channels)",
+                        op,
+                    )
+                if state == "grey":
+                    raise FieldProblem(
+                        f"preprocessing.{i}.op",
+                        f"{op} works on RGB images; {where} reads greyscale values",
+                        op,
+                    )
+                state, where = "colour", f"preprocessing.{i} ({op})"
+            elif op in GREY_OPS:
+                if state == "colour":
+                    raise FieldProblem(
+                        f"preprocessing.{i}.op",
+                        f"{op} works on greyscale images; {where} works on RGB",
+                        op,
+                    )
+                state, where = "grey", f"preprocessing.{i} ({op})"
+                if op == "replicate_channels" or (op == "to_8bit" and step.method == "mix"):
+                    state = "replicated"  # RGB from grey: neither a grey nor a colour op follows
+            elif op == "normalize" and len(step.mean) not in (1, channels):
+                raise FieldProblem(
+                    f"preprocessing.{i}.mean",
+                    f"needs 1 value or one per input channel ({channels})",
+                    step.mean,
+                )
 
     def _segmentation_checks(self, normals: list[int]) -> None:
         """The cross-field rules of ``kind: segmentation`` (see :class:`SegmentationSpec`)."""

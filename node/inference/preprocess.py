@@ -431,6 +431,99 @@ def replicate_channels(img: np.ndarray, channels: int = 3) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
+# Colour ops: (H, W, 3) RGB holding 0..255
+
+
+def _rgb_u8(img: np.ndarray) -> np.ndarray:
+    """An RGB image holding 0..255 as uint8 (rounded half up, clipped)."""
+    if img.dtype == np.uint8:
+        return np.ascontiguousarray(img)
+    return np.clip(np.floor(img.astype(np.float64) + 0.5), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    """The square a fundus field-of-view disc fits in: top-left corner (may lie outside the
+    image, which is then padded) and side, in source pixels; the disc is the inscribed circle."""
+
+    top: int
+    left: int
+    side: int
+
+
+def field_of_view(img: np.ndarray, threshold: float = 0.04, margin: float = 0.0) -> FieldOfView:
+    """Where the field-of-view disc of an RGB fundus photograph is: the bounding box of the pixels
+    whose BT.601 luminance exceeds ``threshold`` x the maximum luminance, made square (side = its
+    larger extent, the disc's diameter, x (1 + 2 ``margin``)) around the disc: centred on the box,
+    except along an axis where the box is shorter and touches one image edge (a disc cut off by
+    the frame), where the disc is placed flush with the box's other end."""
+    lum = cv2.cvtColor(_rgb_u8(img), cv2.COLOR_RGB2GRAY)
+    top_lum = int(lum.max())
+    mask = lum > threshold * top_lum
+    if top_lum == 0 or not mask.any():
+        raise PreprocessError("circular_crop found no field of view: the image is black")
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    extent = max(r1 - r0, c1 - c0)
+    side = max(1, round(extent * (1.0 + 2.0 * margin)))
+    h, w = lum.shape
+    top = _disc_start(r0, r1, h, extent) - (side - extent) // 2
+    left = _disc_start(c0, c1, w, extent) - (side - extent) // 2
+    return FieldOfView(top=top, left=left, side=side)
+
+
+def _disc_start(lo: int, hi: int, n: int, extent: int) -> int:
+    """Where a disc of diameter ``extent`` starts on an axis where the field of view spans
+    [lo, hi) of n pixels: centred, unless the span is shorter and touches one edge of the image
+    (a disc cut off there), then flush with its other end."""
+    if hi - lo < extent and lo == 0 and hi < n:
+        return hi - extent
+    if hi - lo < extent and hi == n and lo > 0:
+        return lo
+    return (lo + hi - extent) // 2
+
+
+def circular_crop(img: np.ndarray, fov: FieldOfView) -> np.ndarray:
+    """The square ``fov`` cut out of ``img`` (zero-padded where it leaves the image), every pixel
+    outside its inscribed circle set to 0; float32 (side, side, channels)."""
+    h, w = img.shape[:2]
+    side = fov.side
+    out = np.zeros((side, side, *img.shape[2:]), dtype=np.float32)
+    y0, x0 = max(fov.top, 0), max(fov.left, 0)
+    y1, x1 = min(fov.top + side, h), min(fov.left + side, w)
+    if y1 > y0 and x1 > x0:
+        out[y0 - fov.top : y1 - fov.top, x0 - fov.left : x1 - fov.left] = img[y0:y1, x0:x1]
+    centre = (side - 1) / 2.0
+    yy, xx = np.ogrid[:side, :side]
+    outside = (yy - centre) ** 2 + (xx - centre) ** 2 > (side / 2.0) ** 2
+    out[outside] = 0.0
+    return out
+
+
+def clahe_luminance(img: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """CLAHE (OpenCV) on the L channel of OpenCV's 8-bit CIE Lab, a and b kept; RGB float32 out."""
+    lab = cv2.cvtColor(_rgb_u8(img), cv2.COLOR_RGB2LAB)
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid), int(tile_grid)))
+    lab[..., 0] = op.apply(np.ascontiguousarray(lab[..., 0]))
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB).astype(np.float32)
+
+
+def illumination_correction(img: np.ndarray, sigma_fraction: float = 0.1) -> np.ndarray:
+    """Graham's local average subtraction per channel: ``4 * (I - G) + 128`` clipped to 0..255,
+    ``G`` the image blurred by a Gaussian (OpenCV, reflect-101 borders) of sigma
+    ``sigma_fraction`` x the shorter side; float32 out."""
+    f = _f32(img)
+    sigma = float(sigma_fraction) * min(f.shape[0], f.shape[1])
+    if sigma <= 0:
+        raise PreprocessError(f"illumination_correction sigma must be > 0 (found {sigma})")
+    background = cv2.GaussianBlur(f, (0, 0), sigmaX=sigma, sigmaY=sigma)
+    if background.ndim == 2 and f.ndim == 3:
+        background = background[..., np.newaxis]
+    return np.clip(4.0 * (f - background) + 128.0, 0.0, 255.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
 # Patch tiling and stitching
 
 
@@ -516,6 +609,32 @@ def _require_gray(state: _State, op: str) -> None:
         raise PreprocessError(f"{op} needs a single-channel image (found {state.image.shape[-1]} channels)")
 
 
+def _is_colour(state: _State) -> bool:
+    return state.image.ndim == 3 and state.image.shape[-1] != 1
+
+
+def _require_grey_source(state: _State, op: str, header: ImageHeader) -> None:
+    """The greyscale pipeline's ops refuse a colour image, naming the image's colour."""
+    if _is_colour(state):
+        raise PreprocessError(
+            f"{op} works on greyscale images; this image is colour ({header.photometric_interpretation}, "
+            f"stored as {header.stored_photometric_interpretation}, {state.image.shape[-1]} channels): "
+            "the model's preprocessing is for greyscale images"
+        )
+
+
+def _require_colour(state: _State, op: str) -> None:
+    """The colour ops need an RGB image (H, W, 3) holding 0..255."""
+    if state.image.ndim != 3 or state.image.shape[-1] != 3:
+        channels = 1 if state.image.ndim == 2 else state.image.shape[-1]
+        raise PreprocessError(f"{op} works on RGB images; this image has {channels} channel(s)")
+    if state.value_range != (0.0, 255.0):
+        raise PreprocessError(
+            f"{op} needs 8-bit RGB values (0..255); the image's value range is {state.value_range}"
+            " (place it before normalize)"
+        )
+
+
 def _require_8bit(state: _State, op: str) -> None:
     if state.value_range != (0.0, 255.0):
         raise PreprocessError(f"{op} needs an 8-bit image: apply window or to_8bit first")
@@ -532,13 +651,18 @@ def _resized(state: _State, img: np.ndarray, sy: float, sx: float, oy: float, ox
     return replace(state, image=img, geometry=geom)
 
 
+#: Ops that read greyscale stored values (the DICOM greyscale pipeline): refused on colour.
+GREY_OPS = frozenset({"modality_lut", "window", "invert_monochrome1", "to_8bit", "replicate_channels"})
+#: Ops that need an RGB image (H, W, 3) holding 0..255.
+COLOUR_OPS = frozenset({"circular_crop", "clahe_luminance", "illumination_correction"})
+
+
 def _apply_step(state: _State, step: Any, header: ImageHeader, index: int) -> _State:
     op = step.op
     img = state.image
+    if op in GREY_OPS:
+        _require_grey_source(state, op, header)
     if op == "modality_lut":
-        if img.ndim == 3:
-            log.debug("modality_lut skipped for a colour image")
-            return state
         lo, hi = _require_range(state, op)
         if header.modality_lut is not None:
             out, out_range = header_modality(img, header)
@@ -603,6 +727,16 @@ def _apply_step(state: _State, step: Any, header: ImageHeader, index: int) -> _S
         )
     if op == "replicate_channels":
         return replace(state, image=replicate_channels(img, step.channels))
+    if op == "circular_crop":
+        _require_colour(state, op)
+        fov = field_of_view(img, step.threshold, step.margin)
+        return _resized(state, circular_crop(img, fov), 1.0, 1.0, float(-fov.top), float(-fov.left))
+    if op == "clahe_luminance":
+        _require_colour(state, op)
+        return replace(state, image=clahe_luminance(img, step.clip_limit, step.tile_grid))
+    if op == "illumination_correction":
+        _require_colour(state, op)
+        return replace(state, image=illumination_correction(img, step.sigma_fraction))
     raise PreprocessError(f"step {index}: unknown op {op!r}")
 
 
