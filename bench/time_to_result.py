@@ -17,7 +17,6 @@ state, not its first study after a start (one-time costs: imports, first-use cac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sqlite3
@@ -32,6 +31,7 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.synth import generate_study  # noqa: E402
+from node.types import JobTimings  # noqa: E402
 from tests.helpers import analysing_config, free_port, wait_port  # noqa: E402
 
 SR_CLASSES = {
@@ -88,7 +88,7 @@ def breakdown(db: Path, study_uid: str, sr_uid: str, deadline: float) -> dict[st
         if time.monotonic() > deadline:
             raise TimeoutError("job/outbox rows not final")
         time.sleep(0.1)
-    timings = json.loads(job[1] or "{}")
+    timings = JobTimings.model_validate_json(job[1] or "{}").root
     created, finished = ts(job[2]), ts(job[3])
     out = {"model": job[4], "assembly": created - ts(series_rx[0])}
     out.update({k: float(v) for k, v in timings.items()})

@@ -35,7 +35,7 @@ from node.settings import DestinationSettings, Settings
 from node.store import cluster, repo
 from node.store.integrity import IntegrityError
 from node.store.tables import Job, JobState, Series, utcnow
-from node.types import AnalysisResult, OutputIdentity
+from node.types import AnalysisResult, Finding, JobOutput, JobResult, OutputIdentity, Segment
 
 log = logging.getLogger(__name__)
 # Errors caused by the data (or the model files), which a retry would only repeat: the job fails at
@@ -382,36 +382,37 @@ class Runner:
             log.exception("job %d (%s) failed unexpectedly", job.id, job.model_id)
             self._fail(job, watch, "unexpected " + describe_error(exc, sources))
             return
-        summary = {
-            "model": result.algorithm.model_id,
-            "version": result.algorithm.version,
-            "images": len(files),
-            "frames": result.frames_analysed,
-            "findings": [
-                {
-                    "label": f.label,
-                    "probability": round(f.probability, 4),
-                    "positive": f.positive,
-                    "normal": f.normal,
-                    "triage": f.triage,
-                }
+        summary = JobResult(
+            model=result.algorithm.model_id,
+            version=result.algorithm.version,
+            images=len(files),
+            frames=result.frames_analysed,
+            findings=[
+                Finding(
+                    label=f.label,
+                    probability=round(f.probability, 4),
+                    positive=f.positive,
+                    normal=f.normal,
+                    triage=f.triage,
+                )
                 for f in result.findings
             ],
-            "outputs": [
-                {"kind": kind, "sop_instance_uid": str(ds.SOPInstanceUID)} for kind, ds, _ in written
+            outputs=[
+                JobOutput(kind=kind, sop_instance_uid=str(ds.SOPInstanceUID)) for kind, ds, _ in written
             ],
-        }
-        if result.segmentation is not None:
-            summary["segments"] = [
-                {
-                    "label": s.label,
-                    "pixels": s.pixels,
-                    "frames": s.frames_with_pixels,
-                    "area_mm2": None if s.area_mm2 is None else round(s.area_mm2, 2),
-                    "volume_mm3": None if s.volume_mm3 is None else round(s.volume_mm3, 2),
-                }
+            segments=None
+            if result.segmentation is None
+            else [
+                Segment(
+                    label=s.label,
+                    pixels=s.pixels,
+                    frames=s.frames_with_pixels,
+                    area_mm2=None if s.area_mm2 is None else round(s.area_mm2, 2),
+                    volume_mm3=None if s.volume_mm3 is None else round(s.volume_mm3, 2),
+                )
                 for s in result.segmentation.segments
-            ]
+            ],
+        )
         dests = outbox.choose_destinations(settings.destinations, settings.outputs.send_to, calling)
         now = utcnow()
         with Session(self._engine) as session:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from node.store.tables import (
     Study,
     StudyState,
 )
+from node.types import JobResult, JobTimings
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def _more_instances_than(session: Session, job: Job, series_uids: list[str]) -> 
     replaced = select(Instance.sop_instance_uid).where(in_series, col(Instance.replaced_at) > since).limit(1)
     if session.exec(replaced).first() is not None:  # a copy replaced one it analysed (keep_last)
         return True
-    analysed = json.loads(job.result).get("images") if job.result else None
+    recorded = job.recorded_result()
+    analysed = recorded.images if recorded is not None else None
     if analysed is not None:
         return int(session.exec(select(func.count()).select_from(Instance).where(in_series)).one()) > analysed
     later = select(Instance.sop_instance_uid).where(in_series, col(Instance.received_at) > since).limit(1)
@@ -319,15 +320,15 @@ def finish(
     state: str,
     now: datetime,
     timings: dict[str, float],
-    result: dict | None = None,
+    result: JobResult | None = None,
     error: str = "",
 ) -> None:
     """Record the end of a job's processing (sending, done or failed)."""
     job.state = state
     job.updated_at = now
-    job.timings = json.dumps({k: round(v, 4) for k, v in timings.items()})
+    job.timings = JobTimings.of(timings).model_dump_json()
     if result is not None:
-        job.result = json.dumps(result)
+        job.result = result.to_json()
     job.error = error[:1024]
     if state in (JobState.DONE, JobState.FAILED):
         job.finished_at = now

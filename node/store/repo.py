@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -184,12 +183,12 @@ def study_triage(
     the highest probability among the labels flagged for triage (``triage_labels``: model id ->
     label names; None when the models flag none).
     """
-    done = [(j.model_id, json.loads(j.result)) for j in jobs if j.result]
+    done = [(j.model_id, r) for j in jobs if (r := j.recorded_result()) is not None]
     if not done:
         return None, None
-    findings = [(model, f) for model, r in done for f in r.get("findings", [])]
-    urgent = any(f.get("triage") for _, f in findings)
-    flagged = [float(f["probability"]) for m, f in findings if f["label"] in triage_labels.get(m, ())]
+    findings = [(model, f) for model, r in done for f in r.findings]
+    urgent = any(f.triage for _, f in findings)
+    flagged = [f.probability for m, f in findings if f.label in triage_labels.get(m, ())]
     return (Priority.URGENT if urgent else Priority.ROUTINE), max(flagged, default=None)
 
 

@@ -13,6 +13,8 @@ from sqlalchemy import BigInteger, Column, Index, UniqueConstraint
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
+from node.types import JobResult, JobTimings
+
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (the only kind of time the store holds)."""
@@ -175,6 +177,14 @@ class Job(SQLModel, table=True):
     # renews the lease, and any node requeues a running job whose lease expired (the node died)
     owner: str = Field(default="", max_length=64)
     lease_until: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+    def recorded_result(self) -> JobResult | None:
+        """What its analysis recorded (:class:`node.types.JobResult`); None before it finished one."""
+        return JobResult.model_validate_json(self.result) if self.result else None
+
+    def stage_timings(self) -> dict[str, float]:
+        """Seconds it spent in each stage (:class:`node.types.JobTimings`)."""
+        return JobTimings.model_validate_json(self.timings or "{}").root
 
 
 class OutboxState(StrEnum):

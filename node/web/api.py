@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import shutil
 import socket
 import subprocess
@@ -36,6 +35,7 @@ from sqlmodel import Session, select
 from node.store import repo
 from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
 from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study, utcnow
+from node.types import JobResult, OutputKind
 from node.web import auth, dicomweb
 from node.web.guard import WebGuard
 from node.web.health import database_writable
@@ -126,21 +126,21 @@ def _series_out(series: Series) -> SeriesOut:
 
 
 def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
-    result = json.loads(job.result) if job.result else {}
+    result = job.recorded_result() or JobResult()
     return JobOut(
         id=job.id or 0,
         model_id=job.model_id,
-        model_version=str(result.get("version", "")),
+        model_version=result.version,
         rule=job.rule,
         level=job.level,
         series_uids=[u for u in job.series_uids.split("\\") if u],
         state=job.state,
         attempts=job.attempts,
         error=job.error,
-        images=result.get("images"),
-        frames=result.get("frames"),
-        timings=json.loads(job.timings or "{}"),
-        findings=[FindingOut.model_validate(f) for f in result.get("findings", [])],
+        images=result.images,
+        frames=result.frames,
+        timings=job.stage_timings(),
+        findings=[FindingOut.model_validate(f, from_attributes=True) for f in result.findings],
         outputs=[OutputOut.model_validate(o, from_attributes=True) for o in outputs],
         created_at=job.created_at,
         updated_at=job.updated_at,
@@ -159,8 +159,8 @@ def _study_jobs(db: Session, study_uid: str) -> list[JobOut]:
 
 def _sc_outputs(job: Job) -> list[str]:
     """SOP Instance UIDs of a job's heatmap secondary captures (from its recorded result)."""
-    result = json.loads(job.result) if job.result else {}
-    return [o["sop_instance_uid"] for o in result.get("outputs", []) if o.get("kind") == "sc"]
+    result = job.recorded_result()
+    return result.output_uids(OutputKind.SC) if result is not None else []
 
 
 def analysis_summary(series: list[Series], jobs: list[JobOut]) -> tuple[str, str]:

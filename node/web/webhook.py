@@ -60,18 +60,18 @@ def payload(session: Session, settings: Settings, study: Study, now: datetime) -
     """The JSON notification of one urgent study (no patient identifiers unless allowed)."""
     findings = []
     for job in repo.study_jobs(session, study.study_uid):
-        if not job.result:
+        result = job.recorded_result()
+        if result is None:
             continue
-        result = json.loads(job.result)
-        for f in result.get("findings", []):
+        for f in result.findings:
             findings.append(
                 {
                     "model": job.model_id,
-                    "model_version": result.get("version", ""),
-                    "label": f["label"],
-                    "probability": f["probability"],
-                    "positive": f["positive"],
-                    "triage": f["triage"],
+                    "model_version": result.version,
+                    "label": f.label,
+                    "probability": f.probability,
+                    "positive": f.positive,
+                    "triage": f.triage,
                 }
             )
     body: dict[str, Any] = {

@@ -243,8 +243,9 @@ def test_real_file_outcome(corpus: dict[str, Outcome], name: str) -> None:
     assert "SR" in kinds, f"no SR came back: {where}"
     assert "SC" in kinds, f"no heatmap capture came back: {where}"
     for job in outcome.jobs:
-        result = json.loads(job.result)
-        analysed = int(result.get("frames", result.get("images", 0)))
+        result = job.recorded_result()
+        assert result is not None, where
+        analysed = result.frames if result.frames is not None else (result.images or 0)
         assert analysed >= outcome.case.frames, (
             f"{analysed} of {outcome.case.frames} frames analysed: {where}"
         )

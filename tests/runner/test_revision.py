@@ -3,7 +3,6 @@ a revision job with its own output UIDs; the first job and its outputs stay as t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -41,16 +40,16 @@ def test_late_instances_are_analysed_by_a_revision_job(make_node, tmp_path):
     for f in files[:3]:
         assert raw_store_file(node.scp.port, f) == 0
     (first,) = _wait_done(node, 1)
-    assert json.loads(first.result)["images"] == 3
+    assert first.recorded_result().images == 3
 
     for f in files[3:]:  # the rest of the series, after it was analysed
         assert raw_store_file(node.scp.port, f) == 0
     first_again, revision = _wait_done(node, 2)
     assert revision.key == f"{first.key}#2" and revision.series_uids == series
-    assert json.loads(revision.result)["images"] == 5
+    assert revision.recorded_result().images == 5
     assert (first_again.result, first_again.finished_at) == (first.result, first.finished_at)
-    first_uids = {o["sop_instance_uid"] for o in json.loads(first.result)["outputs"]}
-    second_uids = {o["sop_instance_uid"] for o in json.loads(revision.result)["outputs"]}
+    first_uids = {o.sop_instance_uid for o in first.recorded_result().outputs}
+    second_uids = {o.sop_instance_uid for o in revision.recorded_result().outputs}
     assert first_uids and second_uids and not first_uids & second_uids  # new UIDs for the new result
 
     for f in files:  # everything again: duplicates only, nothing new to analyse
