@@ -1,5 +1,5 @@
 """Shared helpers for the reference models: model specs, phantom data through the node's own
-preprocessing, manifest writing and a ROC AUC (the CNN and its export are in ``net.py``, the
+preprocessing and manifest writing (the CNN and its export are in ``net.py``, the
 node-path evaluation in ``evaluate.py``).
 
 Every tensor a model sees in training is produced by ``node.inference.preprocess.run_steps`` with
@@ -379,24 +379,3 @@ def box_in_model(box: Any, geom: Any) -> tuple[float, float, float, float]:
     x0 = box.x0 * geom.scale_x + geom.offset_x
     x1 = box.x1 * geom.scale_x + geom.offset_x
     return y0, x0, y1, x1
-
-
-def auc(y: np.ndarray, s: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney, ties count half); NaN when a class is missing."""
-    y = np.asarray(y).astype(bool)
-    s = np.asarray(s, dtype=np.float64)
-    pos, neg = s[y], s[~y]
-    if pos.size == 0 or neg.size == 0:
-        return float("nan")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    allv = np.concatenate([pos, neg])[order]
-    ranks = np.empty_like(order, dtype=np.float64)
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    rpos = ranks[: pos.size].sum()
-    return float((rpos - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size))

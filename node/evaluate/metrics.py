@@ -1,12 +1,14 @@
 """Binary classification metrics from labels, scores and decisions, with bootstrap intervals.
 
-Every ratio whose denominator is zero (e.g. sensitivity when there is no positive case) is NaN, never
-a division error; balanced accuracy is the mean of the defined ones among sensitivity and specificity.
+ROC and AUC are scikit-learn's, the bootstrap's ranks SciPy's. Every ratio whose denominator is
+zero (e.g. sensitivity when there is no positive case) is NaN, never a division error; balanced
+accuracy is the mean of the defined ones among sensitivity and specificity.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -100,20 +102,15 @@ def confusion(truth: Sequence[bool] | np.ndarray, predicted: Sequence[bool] | np
 
 
 def auc(truth: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney statistic (ties count half); NaN when a class is missing."""
+    """ROC AUC (scikit-learn's; ties count half, as in the Mann-Whitney statistic); NaN when a class
+    is missing."""
     y = np.asarray(truth, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if not y.any() or y.all():
         return math.nan
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    for start, count in zip(first, counts, strict=True):
-        ranks[order[start : start + count]] = start + (count + 1) / 2.0
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
 
 
 def roc_curve(
@@ -121,16 +118,19 @@ def roc_curve(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false-positive rates, true-positive rates, thresholds), from (0, 0) at +inf to (1, 1).
 
-    Predicting positive when ``score >= threshold``; NaN rates for an absent class."""
+    Predicting positive when ``score >= threshold``, one point per distinct score (scikit-learn's
+    curve without dropping collinear points); NaN rates for an absent class."""
     y = np.asarray(truth, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
-    thresholds = np.concatenate([[np.inf], np.unique(s)[::-1]])
-    n_pos, n_neg = y.sum(), (~y).sum()
-    tpr = np.array([np.sum(y & (s >= t)) for t in thresholds], dtype=np.float64)
-    fpr = np.array([np.sum(~y & (s >= t)) for t in thresholds], dtype=np.float64)
-    tpr = tpr / n_pos if n_pos else np.full_like(tpr, np.nan)
-    fpr = fpr / n_neg if n_neg else np.full_like(fpr, np.nan)
-    return fpr, tpr, thresholds
+    if y.size == 0:
+        return np.array([np.nan]), np.array([np.nan]), np.array([np.inf])
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # an absent class: NaN rates
+        fpr, tpr, thresholds = sk_roc_curve(y, s, drop_intermediate=False)
+    return fpr.astype(np.float64), tpr.astype(np.float64), thresholds.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,42 @@ def all_metrics(truth: np.ndarray, scores: np.ndarray, predicted: np.ndarray) ->
     return out
 
 
+#: Resampled cases held in memory at once by :func:`bootstrap_intervals` (resamples x cases).
+_BOOT_CELLS = 2_000_000
+
+
+def _ratios(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _resampled_metrics(y: np.ndarray, s: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric of each row of resampled cases (rows of ``y``, ``s``, ``p``), NaN where
+    undefined: the same figures :func:`all_metrics` gives one row, for all rows at once."""
+    from scipy.stats import rankdata
+
+    tp = np.sum(p & y, axis=1).astype(np.float64)
+    fp = np.sum(p & ~y, axis=1).astype(np.float64)
+    tn = np.sum(~p & ~y, axis=1).astype(np.float64)
+    fn = np.sum(~p & y, axis=1).astype(np.float64)
+    sens, spec = _ratios(tp, tp + fn), _ratios(tn, tn + fp)
+    balanced = np.where(np.isnan(sens), spec, np.where(np.isnan(spec), sens, (sens + spec) / 2))
+    n_pos = tp + fn
+    n_neg = tn + fp
+    rank_sum = np.sum(rankdata(s, axis=1) * y, axis=1)  # average ranks over ties
+    return {
+        "accuracy": _ratios(tp + tn, tp + fp + tn + fn),
+        "sensitivity": sens,
+        "specificity": spec,
+        "ppv": _ratios(tp, tp + fp),
+        "npv": _ratios(tn, tn + fn),
+        "balanced_accuracy": balanced,
+        "f1": _ratios(2 * tp, 2 * tp + fp + fn),
+        "auc": _ratios(rank_sum - n_pos * (n_pos + 1) / 2.0, n_pos * n_neg),
+    }
+
+
 def bootstrap_intervals(
     truth: Sequence[bool] | np.ndarray,
     scores: Sequence[float] | np.ndarray,
@@ -179,7 +215,8 @@ def bootstrap_intervals(
     """Percentile bootstrap intervals (cases resampled with replacement) for every metric.
 
     Resamples where a metric is undefined (NaN) are left out of its interval; a metric undefined in
-    every resample gets (NaN, NaN)."""
+    every resample gets (NaN, NaN). The resamples are computed together (in blocks of at most
+    ``_BOOT_CELLS`` cases), not one by one."""
     y = np.asarray(truth, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
     p = np.asarray(predicted, dtype=bool)
@@ -187,16 +224,18 @@ def bootstrap_intervals(
     if n == 0 or n_boot <= 0:
         return {name: (math.nan, math.nan) for name in METRIC_NAMES}
     rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        for name, value in all_metrics(y[idx], s[idx], p[idx]).items():
-            if not math.isnan(value):
-                samples[name].append(value)
+    block = max(1, min(n_boot, _BOOT_CELLS // n))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
+    for start in range(0, n_boot, block):
+        idx = rng.integers(0, n, (min(block, n_boot - start), n))
+        for name, values in _resampled_metrics(y[idx], s[idx], p[idx]).items():
+            parts[name].append(values)
     alpha = (1.0 - level) / 2.0
     out = {}
-    for name, values in samples.items():
-        if values:
+    for name in METRIC_NAMES:
+        values = np.concatenate(parts[name])
+        values = values[~np.isnan(values)]
+        if values.size:
             lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
             out[name] = (float(lo), float(hi))
         else:
