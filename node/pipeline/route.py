@@ -119,6 +119,8 @@ class RouteHeader:
     series_description: str | None = None
     protocol_name: str | None = None
     study_description: str | None = None
+    #: The codes of the top-level AnatomicRegionSequence, as (scheme, value, meaning).
+    anatomic_codes: tuple[tuple[str, str, str], ...] = ()
     #: The body region the header names (BodyPartExamined, anatomy codes, descriptions).
     region: RegionEvidence = UNKNOWN_HEADER
     #: Looks at the pixels when the header names no region (set by :func:`with_pixel_region`);
@@ -135,6 +137,8 @@ class RouteHeader:
         """A field as text (ImageType joined with backslashes); None when absent."""
         if field == "image_type":
             return "\\".join(self.image_type) or None
+        if field == "anatomic_region":
+            return ", ".join(f"{m or v} ({s} {v})" for s, v, m in self.anatomic_codes) or None
         return getattr(self, field)
 
 
@@ -184,6 +188,27 @@ def _image_type(ds: Dataset) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split("\\") if part.strip())
 
 
+def _anatomic_codes(ds: Dataset) -> tuple[tuple[str, str, str], ...]:
+    """(scheme, value, meaning) of each item of the top-level AnatomicRegionSequence."""
+    try:
+        items = list(ds.get("AnatomicRegionSequence") or [])
+    except _VALUE_ERRORS as exc:
+        log.warning(
+            "routing: AnatomicRegionSequence cannot be read (%s); treated as missing", type(exc).__name__
+        )
+        return ()
+    codes = []
+    for item in items:
+        if not isinstance(item, Dataset):
+            continue
+        value = _text(item, "CodeValue") or _text(item, "LongCodeValue") or _text(item, "URNCodeValue")
+        if value:
+            codes.append(
+                ((_text(item, "CodingSchemeDesignator") or ""), value, _text(item, "CodeMeaning") or "")
+            )
+    return tuple(codes)
+
+
 def route_header_from_dataset(ds: Dataset) -> RouteHeader:
     """The routing header of a dataset (pixel data not needed: read with ``stop_before_pixels``).
 
@@ -204,6 +229,7 @@ def route_header_from_dataset(ds: Dataset) -> RouteHeader:
         series_description=_text(ds, "SeriesDescription"),
         protocol_name=_text(ds, "ProtocolName"),
         study_description=_text(ds, "StudyDescription"),
+        anatomic_codes=_anatomic_codes(ds),
         region=header_region(ds),
     )
 
@@ -282,6 +308,30 @@ def _check_image_type_any(wanted: Sequence[str], header: RouteHeader) -> _Outcom
     return _Outcome(False, f"ImageType {shown} contains none of {shown_wanted}", "image_type")
 
 
+def _check_anatomic_region(expected: Sequence[str], header: RouteHeader) -> _Outcome:
+    """Does an item of AnatomicRegionSequence carry one of ``expected`` (``SCHEME:VALUE`` or a
+    bare value)?"""
+    shown_expected = _list_text(list(expected), "anatomic_region")
+    if not header.anatomic_codes:
+        return _Outcome(
+            False, f"AnatomicRegionSequence missing, expected one of {shown_expected}", "anatomic_region"
+        )
+    for scheme, value, meaning in header.anatomic_codes:
+        for code in expected:
+            want_scheme, _, want_value = code.rpartition(":")
+            if _norm(want_value) == _norm(value) and (not want_scheme or _norm(want_scheme) == _norm(scheme)):
+                return _Outcome(
+                    True,
+                    f"AnatomicRegionSequence has {meaning or value} ({scheme} {value})",
+                    "anatomic_region",
+                )
+    return _Outcome(
+        False,
+        f"AnatomicRegionSequence {header.value('anatomic_region')} not in {shown_expected}",
+        "anatomic_region",
+    )
+
+
 def _check_body_region(expected: Sequence[str], header: RouteHeader) -> _Outcome:
     evidence = header.body_region()
     if not evidence.known:
@@ -358,6 +408,8 @@ def _checks(condition: Condition, header: RouteHeader) -> Iterator[_Outcome]:
         yield _check_image_type(condition.image_type, header)
     if condition.image_type_any is not None:
         yield _check_image_type_any(condition.image_type_any, header)
+    if condition.anatomic_region is not None:
+        yield _check_anatomic_region(condition.anatomic_region, header)
     for field in REGEX_FIELDS:
         if getattr(condition, field) is not None:
             yield _search(condition, field, field, header)

@@ -21,6 +21,9 @@ A condition is a mapping whose fields are all required to hold (AND):
   OTHER, derived by :mod:`node.pipeline.region` from BodyPartExamined, AnatomicRegionSequence /
   FrameAnatomySequence codes, the descriptions and, for CT and MR naming none, the pixels. An
   unknown region never holds. Checked last, so the pixels are read only when all else holds.
+- ``anatomic_region``: one code or a list ("any of"), each ``SCHEME:VALUE`` (e.g.
+  ``SCT:39937001``, Skin) or a bare code value; holds when an item of the top-level
+  AnatomicRegionSequence carries one of them (scheme and value compared case-insensitively).
 - ``series_description``, ``protocol_name``, ``study_description``: a regular expression (or a
   list: any of them), searched anywhere in the text, case-insensitive unless ``case_sensitive:
   true``. ``any_description``: the same, holding when any of the three descriptions matches.
@@ -64,6 +67,7 @@ HEADER_FIELDS: dict[str, str] = {
     "series_description": "SeriesDescription",
     "protocol_name": "ProtocolName",
     "study_description": "StudyDescription",
+    "anatomic_region": "AnatomicRegionSequence",
 }
 HeaderField = Literal[
     "modality",
@@ -75,6 +79,7 @@ HeaderField = Literal[
     "series_description",
     "protocol_name",
     "study_description",
+    "anatomic_region",
 ]
 Grouping = Literal["image", "series", "study"]
 #: The regions :mod:`node.pipeline.region` derives (upper case, as written in the rules).
@@ -105,6 +110,12 @@ def _upper_list(value: Any) -> Any:
 Value = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
 ValueList = Annotated[list[Value], BeforeValidator(_as_list), Field(min_length=1)]
 PatternList = Annotated[list[Annotated[str, StringConstraints(min_length=1)]], BeforeValidator(_as_list)]
+_CODE_PATTERN = r"^(?:[A-Za-z0-9_.-]{1,16}:)?[A-Za-z0-9_.-]{1,64}$"
+CodeList = Annotated[
+    list[Annotated[str, StringConstraints(strip_whitespace=True, pattern=_CODE_PATTERN)]],
+    BeforeValidator(_as_list),
+    Field(min_length=1),
+]
 ModelId = Annotated[str, StringConstraints(pattern=_MODEL_ID_PATTERN, max_length=64)]
 
 
@@ -122,6 +133,7 @@ class Condition(_Strict):
     laterality: ValueList | None = None
     image_type: ValueList | None = None
     image_type_any: ValueList | None = None
+    anatomic_region: CodeList | None = None
     body_region: Annotated[list[BodyRegion], BeforeValidator(_upper_list), Field(min_length=1)] | None = None
     series_description: PatternList | None = None
     protocol_name: PatternList | None = None

@@ -88,11 +88,24 @@ def routed_to(decision: RouteDecision) -> tuple[str | None, tuple[str, ...], str
 # ------------------------------------------------------------------------------ shipped defaults
 
 
-def test_shipped_rules_load_and_name_the_four_models(rules):
+COLOUR_MODELS = [
+    "fundus-dr",
+    "derm-lesion",
+    "smear-malaria",
+]  # issue 20 (tests/pipeline/test_route_colour.py)
+
+
+def test_shipped_rules_load_and_name_the_seven_models(rules):
     assert rules.source == str(SHIPPED)
-    assert {m for r in rules.rules for m in r.models} == {"mammo", "cxr", "ct-liver", "mr-brain"}
+    assert {m for r in rules.rules for m in r.models} == {
+        "mammo",
+        "cxr",
+        "ct-liver",
+        "mr-brain",
+        *COLOUR_MODELS,
+    }
     assert all(r.enabled for r in rules.rules)
-    check_models(rules, ["mammo", "cxr", "ct-liver", "mr-brain"])  # no error
+    check_models(rules, ["mammo", "cxr", "ct-liver", "mr-brain", *COLOUR_MODELS])  # no error
 
 
 @pytest.mark.parametrize(("laterality", "view"), [("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")])
@@ -634,10 +647,10 @@ def test_missing_rules_file_is_a_config_error(tmp_path):
 
 def test_check_models_names_the_rule_with_an_unknown_model(rules):
     with pytest.raises(ConfigError) as info:
-        check_models(rules, ["cxr", "ct-liver", "mr-brain"])
+        check_models(rules, ["cxr", "ct-liver", "mr-brain", *COLOUR_MODELS])
     message = str(info.value)
     assert message.startswith(f"{SHIPPED}: rules.0 (mammo): models.0: unknown model id 'mammo'")
-    assert message.endswith("(known models: ct-liver, cxr, mr-brain)")
+    assert message.endswith("(known models: ct-liver, cxr, derm-lesion, fundus-dr, mr-brain, smear-malaria)")
 
 
 def test_check_models_ignores_disabled_rules():
@@ -693,7 +706,7 @@ def test_rule_tester_walks_folders_and_shows_the_trace(rules, tmp_path):
         "    exclude 'derived-secondary': no "
         "(ImageType ORIGINAL\\PRIMARY does not contain DERIVED\\SECONDARY)"
     )
-    assert trace[-1] == "    rule 'mr-brain-by-region': no (Modality CT not in [MR])"
+    assert trace[-1] == "    rule 'blood-smear': no (Modality CT not in [SM, GM])"
     assert len(trace) == len(rules.exclusions) + len(rules.rules)
 
 
