@@ -1,8 +1,10 @@
-"""Synthetic DICOM phantoms with known lesions (chest radiographs, mammograms, abdominal CT, brain MR).
+"""Synthetic DICOM phantoms with known lesions (chest radiographs, mammograms, abdominal CT, brain MR,
+colour fundus photographs, dermoscopy, blood smear microscopy).
 
 Used to train the reference models, and by tests, benchmarks and demos. Two layers:
 
-- in memory: :func:`render_study` (or ``render_cxr``/``render_mammo``/``render_ct``/``render_mr``)
+- in memory: :func:`render_study` (or ``render_cxr``/``render_mammo``/``render_ct``/``render_mr``/
+  ``render_fundus``/``render_derm``/``render_smear``)
   returns a :class:`RenderedStudy` of stored pixel arrays, header values and lesion masks/boxes;
 - on disk: :func:`generate_study` / :func:`generate_studies` write DICOM Part 10 files, lesion
   masks and a ``truth.json`` per study (see :mod:`node.synth.truth`).
@@ -18,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .ct import render_ct
     from .cxr import render_cxr
+    from .derm import render_derm
+    from .fundus import render_fundus
     from .labels import KINDS, LABELS, label_choices
     from .mammo import render_mammo
     from .mr import render_mr
     from .rendered import Box, Lesion, RenderedImage, RenderedStudy
+    from .smear import render_smear
     from .study import generate_studies, generate_study, render_study, study_labels
     from .truth import InstanceTruth, StudyTruth
 
@@ -30,6 +35,9 @@ if TYPE_CHECKING:
 _HOMES = {
     "render_ct": "ct",
     "render_cxr": "cxr",
+    "render_derm": "derm",
+    "render_fundus": "fundus",
+    "render_smear": "smear",
     "KINDS": "labels",
     "LABELS": "labels",
     "label_choices": "labels",
@@ -71,8 +79,11 @@ __all__ = [
     "label_choices",
     "render_ct",
     "render_cxr",
+    "render_derm",
+    "render_fundus",
     "render_mammo",
     "render_mr",
+    "render_smear",
     "render_study",
     "study_labels",
 ]

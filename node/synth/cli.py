@@ -17,10 +17,16 @@ class Kind(StrEnum):
     mammo = "mammo"
     ct = "ct"
     mr = "mr"
+    fundus = "fundus"
+    derm = "derm"
+    smear = "smear"
+
+
+_PHOTO = (Kind.fundus, Kind.derm, Kind.smear)
 
 
 def synth(
-    kind: Annotated[Kind, typer.Argument(help="Phantom kind: cxr, mammo, ct or mr.")],
+    kind: Annotated[Kind, typer.Argument(help="Phantom kind: cxr, mammo, ct, mr, fundus, derm or smear.")],
     count: Annotated[int, typer.Option("--count", "-n", min=0, help="Number of studies to write.")] = 10,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output directory; one sub-directory per study.")
@@ -30,15 +36,26 @@ def synth(
         str | None,
         typer.Option(
             help="Force a label (cxr: tuberculosis, pneumonia, tuberculosis+pneumonia or none; mammo/ct: "
-            "normal, benign, malignant; mr: normal, tumour). Default: balanced random labels."
+            "normal, benign, malignant; mr: normal, tumour; fundus: normal, referable_dr; derm: naevus, "
+            "melanoma; smear: normal, plasmodium). Default: balanced random labels."
         ),
     ] = None,
     scale: Annotated[
         float | None, typer.Option(min=0.05, max=2.0, help="cxr/mammo: image size factor (e.g. 0.25).")
     ] = None,
     slices: Annotated[int | None, typer.Option(min=1, help="ct/mr: slices per series.")] = None,
-    size: Annotated[int | None, typer.Option(min=32, help="ct/mr: rows = columns per slice.")] = None,
+    size: Annotated[
+        int | None, typer.Option(min=32, help="ct/mr: rows = columns per slice; fundus/derm/smear: side.")
+    ] = None,
     modality: Annotated[str | None, typer.Option(help="cxr: CR or DX (default random).")] = None,
+    laterality: Annotated[str | None, typer.Option(help="fundus: R or L (default random).")] = None,
+    jpeg: Annotated[
+        bool | None,
+        typer.Option(
+            "--jpeg/--no-jpeg",
+            help="fundus/derm/smear: JPEG baseline (YBR_FULL_422) instead of uncompressed RGB.",
+        ),
+    ] = None,
     sequence: Annotated[str | None, typer.Option(help="mr: T2, FLAIR or T1C (default random).")] = None,
     region: Annotated[
         str | None,
@@ -72,8 +89,10 @@ def synth(
     per_kind = {
         "scale": (scale, {Kind.cxr, Kind.mammo}),
         "slices": (slices, {Kind.ct, Kind.mr}),
-        "size": (size, {Kind.ct, Kind.mr}),
+        "size": (size, {Kind.ct, Kind.mr, *_PHOTO}),
         "modality": (modality, {Kind.cxr}),
+        "laterality": (laterality, {Kind.fundus}),
+        "jpeg": (jpeg, set(_PHOTO)),
         "sequence": (sequence, {Kind.mr}),
         "region": (region, {Kind.ct, Kind.mr}),
         "body_part": (body_part, {Kind.ct, Kind.mr}),

@@ -261,12 +261,13 @@ def add_image_pixel(ds: Dataset, image: RenderedImage, voi: bool = True) -> None
     ds.PixelData = np.ascontiguousarray(px, dtype=px.dtype.newbyteorder("<")).tobytes()
 
 
-def write_part10(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` as a DICOM Part 10 file (preamble, file meta, explicit VR little endian)."""
+def write_part10(ds: Dataset, path: Path, transfer_syntax: str | None = None) -> None:
+    """Write ``ds`` as a DICOM Part 10 file (preamble, file meta, explicit VR little endian unless
+    ``transfer_syntax`` names the encapsulated syntax its Pixel Data is already in)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     meta.SourceApplicationEntityTitle = "SYNTH"

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-KINDS: tuple[str, ...] = ("cxr", "mammo", "ct", "mr")
+KINDS: tuple[str, ...] = ("cxr", "mammo", "ct", "mr", "fundus", "derm", "smear")
 
 #: Study-level labels per kind. ``cxr`` is multi-label (a study may carry none, either or both);
 #: the other kinds carry exactly one label.
@@ -15,6 +15,9 @@ LABELS: dict[str, tuple[str, ...]] = {
     "mammo": ("normal", "benign", "malignant"),
     "ct": ("normal", "benign", "malignant"),
     "mr": ("normal", "tumour"),
+    "fundus": ("normal", "referable_dr"),
+    "derm": ("naevus", "melanoma"),
+    "smear": ("normal", "plasmodium"),
 }
 
 MULTI_LABEL: frozenset[str] = frozenset({"cxr"})

@@ -18,10 +18,14 @@ from pydicom.dataset import Dataset
 from .common import StudyContext, make_study_context, write_part10
 from .ct import ct_datasets, render_ct
 from .cxr import cxr_datasets, render_cxr
+from .derm import derm_datasets, render_derm
+from .fundus import fundus_datasets, render_fundus
 from .labels import MULTI_LABEL, LabelRequest, balanced_labels, check_kind, normalise_labels, random_labels
 from .mammo import mammo_datasets, render_mammo
 from .mr import mr_datasets, render_mr
+from .photo import transfer_syntax
 from .rendered import RenderedStudy
+from .smear import render_smear, smear_datasets
 from .texture import derive_seed, rng_stream
 from .truth import InstanceTruth, StudyTruth
 
@@ -42,6 +46,9 @@ _KINDS: dict[str, _Kind] = {
     "mammo": _Kind(render_mammo, mammo_datasets, "MG SCREENING BILATERAL", "Synth Mammography", sex="F"),
     "ct": _Kind(render_ct, ct_datasets, "CT ABDOMEN WITH CONTRAST", "Synth CT"),
     "mr": _Kind(render_mr, mr_datasets, "MR BRAIN", "Synth MR 1.5T"),
+    "fundus": _Kind(render_fundus, fundus_datasets, "OP COLOUR FUNDUS PHOTOGRAPHY", "Synth Fundus Camera"),
+    "derm": _Kind(render_derm, derm_datasets, "XC DERMOSCOPY SKIN LESION", "Synth Dermatoscope"),
+    "smear": _Kind(render_smear, smear_datasets, "GM PERIPHERAL BLOOD SMEAR", "Synth Light Microscope"),
 }
 
 
@@ -73,7 +80,8 @@ def study_labels(kind: str, seed: int, label: LabelRequest = None) -> tuple[str,
 
 def render_study(kind: str, seed: int, label: LabelRequest = None, **options: Any) -> RenderedStudy:
     """Render a study of ``kind`` in memory (no DICOM): see ``render_cxr``/``render_mammo``/
-    ``render_ct``/``render_mr`` for the options each kind takes (sizes, slices, ...)."""
+    ``render_ct``/``render_mr``/``render_fundus``/``render_derm``/``render_smear`` for the options
+    each kind takes (sizes, slices, ...)."""
     kind = check_kind(kind)
     return _KINDS[kind].render(seed, study_labels(kind, seed, label), **options)
 
@@ -119,7 +127,7 @@ def generate_study(
         stem = f"{ds.Modality}{int(ds.SeriesNumber):02d}_{int(ds.InstanceNumber):04d}"
         if "view" in image.attributes:
             stem += f"_{image.attributes['laterality']}{image.attributes['view']}"
-        write_part10(ds, out / f"{stem}.dcm")
+        write_part10(ds, out / f"{stem}.dcm", transfer_syntax(ds))
         mask_name = None
         if write_masks and image.boxes:
             mask_name = f"masks/{stem}.png"

@@ -5,7 +5,7 @@
     {
       "format": "pacs-node-synth-truth/1",
       "generator": "pacs-node <version>",
-      "kind": "ct",                       # cxr | mammo | ct | mr
+      "kind": "ct",                       # cxr | mammo | ct | mr | fundus | derm | smear
       "seed": 42,                         # generate_study(kind, dir, seed=42, label=labels) rebuilds it
       "labels": ["malignant"],            # study labels (cxr: subset of tuberculosis/pneumonia, may be [])
       "study_instance_uid": "...", "accession_number": "...", "patient_id": "SYN00000042",
