@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
@@ -34,13 +33,18 @@ Item = Path | Dataset
 
 
 def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
-    """One frame windowed for display as uint8, with the transforms the ``modality_lut`` and
-    ``window`` steps use (pydicom's: Modality LUT or rescale, then VOI LUT or the window with its
-    VOILUTFunction), else the 0.5-99.5 percentiles. ``image.header`` is that frame's header."""
+    """One frame for display as uint8: a greyscale frame (rows, cols) windowed with the
+    transforms the ``modality_lut`` and ``window`` steps use (pydicom's: Modality LUT or rescale,
+    then VOI LUT or the window with its VOILUTFunction), else the 0.5-99.5 percentiles; a colour
+    frame (decoded to RGB) as it is, (rows, cols, 3) RGB (16-bit colour scaled to 8 bits).
+    ``image.header`` is that frame's header."""
     header = image.header
     pixels = image.frame(frame)
-    if pixels.ndim == 3:  # colour: show as grey
-        return cv2.cvtColor(np.clip(pixels, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    if pixels.ndim == 3:  # colour (YBR and palette already RGB): the photograph itself
+        if pixels.dtype.itemsize > 1 or not np.issubdtype(pixels.dtype, np.integer):
+            top = float(2**header.bits_stored - 1) if np.issubdtype(pixels.dtype, np.integer) else 255.0
+            pixels = np.floor(pixels.astype(np.float64) * (255.0 / max(top, 1.0)) + 0.5)
+        return np.ascontiguousarray(np.clip(pixels, 0, 255).astype(np.uint8))
     usable = header.voi_lut is not None or (header.window_width is not None and header.window_width > 1)
     if usable and np.issubdtype(pixels.dtype, np.integer) and pixels.dtype.itemsize <= 2:
         # every stored value the dtype holds through the very same transforms, then one look-up

@@ -2,7 +2,8 @@
 
 For each shown image (``ImageResult`` with a display image and heatmaps) one SC per label to show:
 the labels found positive (in the image or in the aggregated findings), or else the label with the
-highest score. Each SC is the windowed source image in grey with the heatmap blended over it where
+highest score. Each SC is the windowed source image in grey (a colour source - fundus, dermoscopy,
+microscopy, ultrasound - in its own RGB colours) with the heatmap blended over it where
 the map is high (matplotlib's perceptual *inferno* colour map, via OpenCV), the hotspot outlined
 for positive labels, a colour legend on the right and a text band below: the finding and its
 score, the model, and for research models the line "RESEARCH USE ONLY - NOT FOR DIAGNOSIS".
@@ -132,16 +133,21 @@ def _score_for(label: str, image: ImageResult, result: AnalysisResult) -> LabelS
 def render_overlay(
     display: np.ndarray, heatmap: Heatmap, score: LabelScore | None, algorithm: AlgorithmIdentity
 ) -> tuple[np.ndarray, float]:
-    """The RGB picture (uint8, rows x cols x 3) and the scale factor applied to the source image."""
+    """The RGB picture (uint8, rows x cols x 3) and the scale factor applied to the source image.
+
+    ``display`` is the windowed greyscale image (rows, cols) or a colour photograph (rows, cols,
+    3) RGB, which the heatmap is blended over in its own colours."""
     grey = np.asarray(display)
-    if grey.ndim != 2 or grey.size == 0:
-        raise OutputError(f"display image must be 2-D, found shape {grey.shape}")
+    if grey.size == 0 or not (grey.ndim == 2 or (grey.ndim == 3 and grey.shape[2] == 3)):
+        raise OutputError(
+            f"display image must be (rows, cols) or (rows, cols, 3) RGB, found shape {grey.shape}"
+        )
     grey = grey.astype(np.uint8, copy=False)
     values = np.nan_to_num(np.asarray(heatmap.values, dtype=np.float32), nan=0.0)
     if values.ndim != 2:
         raise OutputError(f"heatmap {heatmap.label!r} must be 2-D, found shape {values.shape}")
-    rows, cols = grey.shape
-    if values.shape != grey.shape:
+    rows, cols = grey.shape[:2]
+    if values.shape != grey.shape[:2]:
         values = cv2.resize(values, (cols, rows), interpolation=cv2.INTER_LINEAR)
     values = np.clip(values, 0.0, 1.0)
 
@@ -157,7 +163,7 @@ def render_overlay(
         grey = cv2.resize(grey, (width, height), interpolation=interp)
         values = cv2.resize(values, (width, height), interpolation=interp)
 
-    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB).astype(np.float32)
+    base = (grey if grey.ndim == 3 else cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)).astype(np.float32)
     colour = _colormap(values)
     alpha = (ALPHA * np.clip((values - LOW) / (HIGH - LOW), 0.0, 1.0))[..., None]
     picture = np.clip(base * (1.0 - alpha) + colour * alpha + 0.5, 0, 255).astype(np.uint8)
@@ -308,9 +314,14 @@ def _sc_dataset(
     sc.RecognizableVisualFeatures = "YES"
     sc.LossyImageCompression = "01" if str(ref.get("LossyImageCompression", "00")) == "01" else "00"
     resized = "" if scale == 1.0 else f"; source resampled by {scale:.3g}"
+    over = (
+        "the colour source image"
+        if int(ref.get("SamplesPerPixel") or 1) == 3
+        else "the windowed source image"
+    )
     sc.DerivationDescription = ascii_text(
         f"{heatmap.method} heatmap of '{heatmap.label}' by {algorithm.name} {algorithm.version} "
-        f"blended over the windowed source image{resized}; legend and text burned in",
+        f"blended over {over}{resized}; legend and text burned in",
         1024,
     )
     derivation = [explanation_concept(heatmap.method)]

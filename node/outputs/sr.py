@@ -10,6 +10,7 @@ Structure (highdicom templates)::
       Imaging Measurements
         one Measurement Group (TID 1501) per finding, each with:
           Tracking Identifier + Tracking UID (TID 4108), Finding (the label's code),
+          Finding Site for photographs (OP, DMS, XC, SM, GM; see ``finding_site``),
           Algorithm Identification (TID 4019: name, version, parameters),
           the probability as a NUM (UCUM "1"), a qualitative evaluation
           <label code> = Present | Absent (at the manifest threshold), and
@@ -104,7 +105,24 @@ IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 #: CID 29 "Acquisition Modality" by modality (the code values are the Modality values)
 _CID29 = {getattr(codes.cid29, name).value: getattr(codes.cid29, name) for name in codes.cid29.dir()}
 
-_MALIGNANCY_WORDS = ("malignan", "cancer", "carcinoma")
+_MALIGNANCY_WORDS = ("malignan", "cancer", "carcinoma", "melanoma")
+
+#: Photographic modalities (issue 20) whose findings carry a Finding Site: the source's
+#: AnatomicRegionSequence, else the default here (fundus: the retina; dermoscopy: skin).
+#: Microscopy (SM/GM) defaults to blood only when a description names blood (a smear).
+_PHOTOGRAPHIC_SITES: dict[str, hd.sr.CodedConcept | None] = {
+    "OP": hd.sr.CodedConcept("5665001", "SCT", "Retina"),
+    "DMS": hd.sr.CodedConcept("39937001", "SCT", "Skin"),
+    "XC": None,
+    "SM": None,
+    "GM": None,
+}
+BLOOD = hd.sr.CodedConcept("87612001", "SCT", "Blood")
+_LATERALITY = {
+    "R": hd.sr.CodedConcept("24028007", "SCT", "Right"),
+    "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),
+    "B": hd.sr.CodedConcept("51440002", "SCT", "Bilateral"),
+}
 #: Polygons longer than this are simplified (a viewer draws them; a few hundred points is plenty).
 _MAX_POLYGON_POINTS = 256
 
@@ -282,6 +300,35 @@ def procedure_reported(source: Dataset) -> hd.sr.CodedConcept:
     return _DEFAULT_PROCEDURES.get(modality, IMAGING_PROCEDURE)
 
 
+def finding_site(source: Dataset) -> hd.sr.FindingSite | None:
+    """Where a finding on a photographic source (OP, DMS, XC, SM, GM) is: the first complete item
+    of its AnatomicRegionSequence, else the modality's default (OP: retina, DMS: skin; SM/GM:
+    blood when a description names blood), with ImageLaterality (else Laterality) R/L/B as the
+    laterality; None for other modalities or when nothing says where (nothing is guessed)."""
+    modality = str(source.get("Modality") or "").strip().upper()
+    if modality not in _PHOTOGRAPHIC_SITES:
+        return None
+    site = None
+    for item in source.get("AnatomicRegionSequence") or []:
+        value, scheme, meaning = (item.get(k) for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning"))
+        if value and scheme and meaning:
+            site = hd.sr.CodedConcept(str(value), str(scheme), ascii_text(str(meaning), 64) or str(value))
+            break
+    if site is None:
+        site = _PHOTOGRAPHIC_SITES[modality]
+    if site is None and modality in ("SM", "GM"):
+        described = " ".join(str(source.get(k) or "") for k in ("SeriesDescription", "StudyDescription"))
+        site = BLOOD if "blood" in described.lower() else None
+    if site is None:
+        return None
+    side = str(source.get("ImageLaterality") or source.get("Laterality") or "").strip().upper()
+    try:
+        return hd.sr.FindingSite(anatomic_location=site, laterality=_LATERALITY.get(side))
+    except (ValueError, TypeError) as exc:  # a code highdicom refuses: left out, as optional values are
+        log.info("finding site %s left out: %s", site.value, exc)
+        return None
+
+
 def probability_concept(finding: LabelScore) -> hd.sr.CodedConcept:
     """(111047, DCM, "Probability of cancer") for a malignancy label, else (122157, DCM, "Probability")."""
     text = f"{finding.label} {finding.code.meaning}".lower()
@@ -322,10 +369,12 @@ def _measurement_group(
         unit=NO_UNITS,
         referenced_coordinates=[region],
     )
+    site = finding_site(source)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=finding_code,
         algorithm_id=algorithm_id,
+        finding_sites=[site] if site is not None else None,
         measurements=[measurement],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding_code, value=PRESENT)],
     )
