@@ -4,21 +4,14 @@ marked TODO (the node refuses the manifest, naming the field, until each TODO is
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
+from node.files import sha256_file
+
 TODO = "TODO"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dump(data: object) -> str:
@@ -91,7 +84,7 @@ def scaffold_manifest(
                 "framework": framework,
             }
         },
-        "model": {"model": {"file": onnx_path.name, "sha256": _sha256(onnx_path)}},
+        "model": {"model": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}},
         "input": {
             "input": {
                 "name": input_name,

@@ -9,7 +9,6 @@ the manifest's own steps, so training preprocessing equals serving preprocessing
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from node.files import sha256_file
 from node.inference.manifest import Manifest, parse_manifest
 from node.inference.preprocess import run_steps
 from node.synth import RenderedImage, RenderedStudy, render_study
@@ -265,11 +265,6 @@ def manifest(spec: Spec) -> Manifest:
     return parse_manifest(manifest_dict(spec), f"spec {spec.id}")
 
 
-def sha256_bytes(path: Path) -> str:
-    """Hex sha256 of a file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_manifest(
     spec: Spec,
     metrics: dict[str, float],
@@ -282,7 +277,7 @@ def write_manifest(
     ``overrides`` go to :func:`manifest_dict` (thresholds, training_script, created, heatmap).
     """
     onnx_path = spec.model_dir / "model.onnx"
-    data_dict = manifest_dict(spec, sha256_bytes(onnx_path), metrics, data, seed, **overrides)
+    data_dict = manifest_dict(spec, sha256_file(onnx_path), metrics, data, seed, **overrides)
     parse_manifest(data_dict, f"{spec.id} manifest")
     out = spec.model_dir / "manifest.yaml"
     header = (

@@ -37,10 +37,10 @@ from models.train.common import (  # noqa: E402
     SYNTHETIC,
     TRAIN_SEED,
     header_for,
-    sha256_bytes,
     study_seeds,
 )
 from models.train.net import UNet, export_unet_onnx  # noqa: E402
+from node.files import sha256_file  # noqa: E402
 from node.inference.manifest import Manifest, parse_manifest  # noqa: E402
 from node.inference.postprocess import dice, pixel_probabilities, segment_masks  # noqa: E402
 from node.inference.preprocess import run_steps  # noqa: E402
@@ -265,7 +265,7 @@ def evaluate(onnx_path: Path, man: Manifest, seed: int, n: int) -> dict[str, flo
 
 def write_manifest(metrics: dict[str, float], data: str, script: str) -> Path:
     """``manifest.yaml`` beside the exported model, with its sha256 (validated first)."""
-    data_dict = manifest_dict(sha256_bytes(MODEL_DIR / "model.onnx"), metrics, data, script)
+    data_dict = manifest_dict(sha256_file(MODEL_DIR / "model.onnx"), metrics, data, script)
     parse_manifest(data_dict, f"{MODEL_ID} manifest")
     out = MODEL_DIR / "manifest.yaml"
     header = (

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal
 
+from node.backoff import backoff_s
+
 log = logging.getLogger(__name__)
 
 Transport = Literal["udp", "tcp", "tls"]
@@ -166,7 +168,7 @@ class SyslogSender:
         self._disconnect()
 
     def _run(self) -> None:
-        delay = 0.5
+        failures = 0  # in a row
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -180,12 +182,14 @@ class SyslogSender:
                 if body is not None:
                     self._send(body)
                     self.sent += 1
-                delay = 0.5
+                failures = 0
                 with self._cond:
                     if self._queue and self._queue[0] is item:
                         self._queue.popleft()
             except OSError as exc:  # the repository is away: keep the message, try again later
                 self._disconnect()
+                failures += 1
+                delay = backoff_s(0.5, failures, self._retry_max)
                 log.warning(
                     "audit: cannot send to %s %s:%d (%s); retrying in %.1f s",
                     self.transport,
@@ -198,7 +202,6 @@ class SyslogSender:
                     self._busy = False
                     self._cond.notify_all()
                     self._cond.wait_for(lambda: self._closing, timeout=delay)
-                delay = min(self._retry_max, delay * 2)
                 continue
             finally:
                 with self._cond:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from node.errors import StoreError
+from node.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,6 @@ def safe_name(uid: str) -> str:
     if _SAFE_UID.match(uid) and uid.strip("."):
         return uid
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:

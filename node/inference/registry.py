@@ -8,7 +8,6 @@ ones and reports the refused ones, ``strict=True`` refuses to start.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from types import MappingProxyType
 import onnxruntime as ort
 
 from node.errors import ManifestError
+from node.files import sha256_file
 from node.inference.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -88,15 +88,6 @@ class Registry:
             if reason:
                 raise ManifestError(f"model {model_id!r} was refused at start-up: {reason}") from None
             raise ManifestError(f"no model {model_id!r} (loaded: {sorted(self.models)})") from None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def graph_signature(onnx_path: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -59,12 +59,14 @@ __all__ = [
     "RouteHeader",
     "Rule",
     "RuleSet",
+    "UnreadableHeader",
     "check_models",
     "explain_files",
     "explain_report",
     "format_decision",
     "load_rules",
     "parse_rules",
+    "read_route_dataset",
     "route",
     "route_header_from_dataset",
     "with_pixel_region",
@@ -554,20 +556,36 @@ def _unreadable(reason: str) -> RouteDecision:
     return RouteDecision(None, (), None, f"not routed: {reason}")
 
 
+class UnreadableHeader(ValueError):
+    """A file's routing header cannot be read; the message says why, for a route note."""
+
+
+def read_route_dataset(path: Path) -> Dataset:
+    """The routing attributes (:data:`ROUTE_KEYWORDS`) of a DICOM file, pixel data not read.
+
+    Raises :class:`UnreadableHeader` naming the reason for anything pydicom cannot read: not DICOM,
+    missing, unreadable, or truncated or malformed inside its header (pydicom raises EOFError,
+    struct.error, BytesLengthException and others there)."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ROUTE_KEYWORDS))
+    except InvalidDicomError:
+        raise UnreadableHeader("not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
+    except FileNotFoundError:
+        raise UnreadableHeader("no such file") from None
+    except OSError as exc:
+        if exc.errno is None:  # pydicom's own "truncated file" errors
+            raise UnreadableHeader(f"not a readable DICOM file ({exc})"[:300]) from exc
+        raise UnreadableHeader(f"the file cannot be read ({exc.strerror})") from exc
+    except (EOFError, BytesLengthException, *_VALUE_ERRORS) as exc:
+        raise UnreadableHeader(f"not a readable DICOM file ({type(exc).__name__}: {exc})"[:300]) from exc
+
+
 def _decide_file(rules: RuleSet, path: Path) -> tuple[RouteDecision, bool]:
     """The decision for one file, and whether the file could be read as DICOM."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ROUTE_KEYWORDS))
-    except InvalidDicomError:
-        return _unreadable("not a DICOM file (no 'DICM' marker after the 128-byte preamble)"), False
-    except FileNotFoundError:
-        return _unreadable("no such file"), False
-    except OSError as exc:
-        if exc.errno is None:  # pydicom's own "truncated file" errors
-            return _unreadable(f"not a readable DICOM file ({exc})"[:300]), False
-        return _unreadable(f"the file cannot be read ({exc.strerror})"), False
-    except (EOFError, *_VALUE_ERRORS) as exc:
-        return _unreadable(f"not a readable DICOM file ({type(exc).__name__}: {exc})"[:300]), False
+        ds = read_route_dataset(path)
+    except UnreadableHeader as exc:
+        return _unreadable(str(exc)), False
     header = with_pixel_region(route_header_from_dataset(ds), lambda: region_from_files([path]))
     return route(rules, header), True
 

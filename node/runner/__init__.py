@@ -19,6 +19,7 @@ from pydicom.uid import UID
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from node.backoff import backoff_s
 from node.errors import ConfigError, DecodeError, ManifestError, NodeError, PreprocessError
 from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel, Registry
@@ -366,9 +367,17 @@ class Runner:
             )
             with watch.stage("writing"):
                 outputs = build_outputs(result, sources, self._identity, settings)
-                written = outbox.write_output_files(self._outbox_dir, job.id, outputs)
+                fsync = self._settings.storage.fsync
+                written = outbox.write_output_files(self._outbox_dir, job.id, outputs, fsync=fsync)
                 messages = outbox.write_messages(  # HL7 ORU / FHIR Bundle per message destination
-                    self._outbox_dir, job, result, sources, self._identity, settings.destinations, utcnow()
+                    self._outbox_dir,
+                    job,
+                    result,
+                    sources,
+                    self._identity,
+                    settings.destinations,
+                    utcnow(),
+                    fsync=fsync,
                 )
         except PERMANENT as exc:  # caused by the data: a retry would fail the same way
             if isinstance(exc, IntegrityError):
@@ -466,7 +475,7 @@ class Runner:
             fresh = session.get(Job, job.id, with_for_update=True)
             if jobs.still_owned(fresh, self._node_id):
                 assert fresh is not None
-                delay = self._settings.runner.retry_backoff_s * 2 ** (job.attempts - 1)
+                delay = backoff_s(self._settings.runner.retry_backoff_s, job.attempts)
                 jobs.retry_later(session, fresh, utcnow(), delay, error)
                 session.commit()
 

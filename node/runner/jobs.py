@@ -11,7 +11,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, or_, update
 from sqlalchemy.exc import IntegrityError as RowConflict
 from sqlmodel import Session, col, select
@@ -20,10 +19,11 @@ from node.errors import DecodeError
 from node.inference.decode import check_budget
 from node.pipeline.region import middle_paths, region_from_files
 from node.pipeline.route import (
-    ROUTE_KEYWORDS,
     RouteDecision,
     RouteHeader,
     RuleSet,
+    UnreadableHeader,
+    read_route_dataset,
     route,
     route_header_from_dataset,
     with_pixel_region,
@@ -135,8 +135,8 @@ def _decide(rules: RuleSet, spool_root: Path, series: Series, session: Session) 
             return decision
         return f"not routed: the series' files are damaged: {damage}"
     try:
-        ds = dcmread(first.path, stop_before_pixels=True, specific_tags=list(ROUTE_KEYWORDS))
-    except (InvalidDicomError, OSError, ValueError) as exc:
+        ds = read_route_dataset(first.path)
+    except UnreadableHeader as exc:
         return f"not routed: its first instance cannot be read ({exc})"
     checks = {f.path: f for f in stored}
     header = with_pixel_region(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +14,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from sqlmodel import Session, col, select
 
-from node.dicom.spool import fsync_dir
+from node.backoff import backoff_s
+from node.files import fsync_dir, write_atomically
 from node.send import Delivery, Destination, OutgoingFile
 from node.settings import DestinationSettings
 from node.store.integrity import IntegrityError, check_file, file_sha256
@@ -27,23 +26,25 @@ log = logging.getLogger(__name__)
 
 
 def write_output_files(
-    outbox_dir: Path, job_id: int, outputs: Sequence[tuple[str, Dataset]]
+    outbox_dir: Path, job_id: int, outputs: Sequence[tuple[str, Dataset]], *, fsync: bool = True
 ) -> list[tuple[str, Dataset, Path]]:
-    """Save each (kind, dataset) as a Part 10 file under ``outbox_dir/<job>/``, fsync'd; return paths."""
+    """Save each (kind, dataset) as a Part 10 file under ``outbox_dir/<job>/``, written atomically
+    and (``fsync``: ``storage.fsync``) fsync'd; return paths."""
     folder = outbox_dir / str(job_id)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for kind, ds in outputs:
         final = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"
-        tmp = folder / f".{uuid.uuid4().hex}.part"
-        ds.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        write_atomically(final, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True), fsync=fsync)
         written.append((kind, ds, final))
-    fsync_dir(folder)
-    fsync_dir(outbox_dir)
+    _sync_folders(folder, outbox_dir, fsync)
     return written
+
+
+def _sync_folders(folder: Path, outbox_dir: Path, fsync: bool) -> None:
+    if fsync:
+        fsync_dir(folder)
+        fsync_dir(outbox_dir)
 
 
 def choose_destinations(
@@ -78,9 +79,12 @@ def write_messages(
     identity: OutputIdentity,
     destinations: Sequence[DestinationSettings],
     now: datetime,
+    *,
+    fsync: bool = True,
 ) -> list[WrittenMessage]:
     """One HL7 ORU^R01 or FHIR transaction Bundle per message destination (hl7, fhir) for a
-    finished job, written durably under ``outbox_dir/<job>/`` like the DICOM outputs. The
+    finished job, written under ``outbox_dir/<job>/`` like the DICOM outputs (atomically,
+    fsync'd when ``fsync``). The
     message UID derives from the job key, the model version and the destination, so a retried
     job writes the same message and the outbox holds it once."""
     from pydicom.uid import generate_uid
@@ -113,15 +117,9 @@ def write_messages(
         except ValueError as exc:  # pydantic's ValidationError too: left out, the other outputs go
             log.warning("job %d: no %s message for %s: %s", job.id, dest.kind, dest.name, type(exc).__name__)
             continue
-        tmp = folder / f".{uuid.uuid4().hex}.part"
-        with open(tmp, "wb") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        write_atomically(final, lambda fh, body=body: fh.write(body), fsync=fsync)
         written.append(WrittenMessage(dest.name, dest.kind, uid, final))
-    fsync_dir(folder)
-    fsync_dir(outbox_dir)
+    _sync_folders(folder, outbox_dir, fsync)
     return written
 
 
@@ -185,7 +183,7 @@ def queue_outputs(
 
 
 def _backoff(dest: DestinationSettings, attempts: int) -> timedelta:
-    return timedelta(seconds=min(dest.backoff_max_s, dest.backoff_initial_s * 2 ** max(0, attempts - 1)))
+    return timedelta(seconds=backoff_s(dest.backoff_initial_s, attempts, dest.backoff_max_s))
 
 
 def deliver_due(

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from node.errors import StoreError
+from node.files import sha256_file
 
 Chunk = bytes | bytearray | memoryview
 _PART10_HEADER = 128 + 4  # preamble and "DICM"
@@ -33,8 +34,7 @@ def chunks_sha256(chunks: Iterable[Chunk]) -> str:
 def file_sha256(path: Path) -> str | None:
     """Hex SHA-256 of a file; None when it does not exist."""
     try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
+        return sha256_file(path)
     except FileNotFoundError:
         return None
 

@@ -25,6 +25,7 @@ import pydicom
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from node.backoff import backoff_s
 from node.settings import Settings
 from node.store import repo
 from node.store.tables import Study, utcnow
@@ -160,7 +161,7 @@ class WebhookNotifier:
                             "webhook for an urgent study failed after %d attempts", study.notify_attempts
                         )
                     else:
-                        delay = cfg.backoff_s * 2 ** (study.notify_attempts - 1)
+                        delay = backoff_s(cfg.backoff_s, study.notify_attempts)
                         study.notify_next_at = now + timedelta(seconds=delay)
                         log.warning(
                             "webhook attempt %d failed: %s", study.notify_attempts, study.notify_error

@@ -10,23 +10,20 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from node.files import sha256_file
+
 REPO = Path(__file__).resolve().parents[2]
 LIVER_DIR = REPO / "models" / "onnx" / "ct-liver-seg"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _write(folder: Path, manifest: dict[str, Any]) -> Path:
-    manifest["model"] = {"file": "model.onnx", "sha256": _sha256(folder / "model.onnx")}
+    manifest["model"] = {"file": "model.onnx", "sha256": sha256_file(folder / "model.onnx")}
     (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
     return folder
 
