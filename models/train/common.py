@@ -58,6 +58,7 @@ class Spec:
     widths: tuple[int, ...] = (8, 16, 32, 64)
     pool: str = "lse"  # CamNet head pooling: "lse" (smooth max, localises) or "avg"
     null_normal: bool = False  # the normal class's logit is a learned constant (no evidence map)
+    channels: int = 1  # model input channels (3: RGB photographs)
 
     @property
     def label_names(self) -> list[str]:
@@ -73,6 +74,9 @@ class Spec:
 
 
 _NORM = {"op": "normalize", "mean": [0.5], "std": [0.25], "max_pixel_value": 255.0}
+
+#: Phantom kinds that are single 8-bit RGB photographs (one image per study, one label each).
+PHOTO_KINDS = frozenset({"fundus", "derm", "smear"})
 
 SPECS: dict[str, Spec] = {
     "cxr": Spec(
@@ -191,6 +195,98 @@ SPECS: dict[str, Spec] = {
         routing={"modalities": ["MR"], "body_parts": ["BRAIN", "HEAD"]},
         render_options={"slices": 24, "size": 128},
     ),
+    "fundus-dr": Spec(
+        id="fundus-dr",
+        kind="fundus",
+        name="Colour fundus referable diabetic retinopathy reference classifier",
+        description="Colour fundus photograph classifier (normal / referable diabetic retinopathy: "
+        "microaneurysms, haemorrhages, hard exudates) after a circular field-of-view crop and "
+        "illumination correction, with an in-graph class activation map.",
+        intended_use=f"{RESEARCH} 45-degree colour fundus photographs (OP); demonstrates the node's "
+        "colour path.",
+        input_hw=(128, 128),
+        steps=[
+            {"op": "circular_crop", "threshold": 0.1, "margin": 0.0},
+            {"op": "illumination_correction", "sigma_fraction": 0.1},
+            {"op": "resize", "size": [128, 128], "interpolation": "area"},
+            {"op": "normalize", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "max_pixel_value": 255.0},
+        ],
+        multi_label=False,
+        labels=[
+            {"name": "normal", "code": NORMAL_CODE, "normal": True},
+            {
+                "name": "referable_dr",
+                "code": _code("4855003", "SCT", "Diabetic retinopathy"),
+                "triage": True,
+            },
+        ],
+        heatmap={"method": "cam", "normalize": "relu_max"},
+        aggregation={"level": "image", "method": "max", "keep_top_slices": 1},
+        routing={"modalities": ["OP"], "body_parts": ["EYE"]},
+        render_options={"size": 256},
+        null_normal=True,
+        channels=3,
+    ),
+    "derm-lesion": Spec(
+        id="derm-lesion",
+        kind="derm",
+        name="Dermoscopy melanoma / naevus reference classifier",
+        description="Dermoscopic photograph classifier (melanocytic naevus / melanoma: asymmetry, "
+        "irregular border, colour variegation) with an in-graph class activation map.",
+        intended_use=f"{RESEARCH} Dermoscopic photographs of one pigmented skin lesion (XC, VL "
+        "Photographic); demonstrates the node's colour path.",
+        input_hw=(128, 128),
+        steps=[
+            {"op": "resize", "size": [128, 128], "interpolation": "area"},
+            {
+                "op": "normalize",
+                "mean": [0.7, 0.55, 0.48],
+                "std": [0.18, 0.18, 0.18],
+                "max_pixel_value": 255.0,
+            },
+        ],
+        multi_label=False,
+        labels=[
+            {"name": "naevus", "code": _code("400096001", "SCT", "Melanocytic naevus"), "normal": True},
+            {"name": "melanoma", "code": _code("1162635006", "SCT", "Malignant melanoma"), "triage": True},
+        ],
+        heatmap={"method": "cam", "normalize": "relu_max"},
+        aggregation={"level": "image", "method": "max", "keep_top_slices": 1},
+        routing={"modalities": ["XC"], "body_parts": ["SKIN"]},
+        render_options={"size": 256},
+        null_normal=True,
+        channels=3,
+    ),
+    "smear-malaria": Spec(
+        id="smear-malaria",
+        kind="smear",
+        name="Blood smear Plasmodium (ring form) reference classifier",
+        description="Thin blood smear microscopy field classifier (normal / Plasmodium ring forms in "
+        "red cells) with an in-graph class activation map.",
+        intended_use=f"{RESEARCH} Single-frame light microscopy fields of Giemsa-stained thin blood "
+        "smears (GM, VL Microscopic); demonstrates the node's colour path.",
+        input_hw=(128, 128),
+        steps=[
+            {"op": "resize", "size": [128, 128], "interpolation": "area"},
+            {
+                "op": "normalize",
+                "mean": [0.85, 0.7, 0.72],
+                "std": [0.12, 0.16, 0.15],
+                "max_pixel_value": 255.0,
+            },
+        ],
+        multi_label=False,
+        labels=[
+            {"name": "normal", "code": NORMAL_CODE, "normal": True},
+            {"name": "plasmodium", "code": _code("61462000", "SCT", "Malaria"), "triage": True},
+        ],
+        heatmap={"method": "cam", "normalize": "relu_max"},
+        aggregation={"level": "image", "method": "max", "keep_top_slices": 1},
+        routing={"modalities": ["GM", "SM"], "body_parts": ["BLOOD"]},
+        render_options={"size": 256},
+        null_normal=True,
+        channels=3,
+    ),
 }
 
 
@@ -245,7 +341,12 @@ def manifest_dict(
             "framework": "torch 2.13 (CPU) -> ONNX opset 17",
         },
         "model": {"file": "model.onnx", "sha256": sha256},
-        "input": {"name": "image", "shape": [None, 1, *spec.input_hw], "dtype": "float32", "layout": "NCHW"},
+        "input": {
+            "name": "image",
+            "shape": [None, spec.channels, *spec.input_hw],
+            "dtype": "float32",
+            "layout": "NCHW",
+        },
         "preprocessing": spec.steps,
         "outputs": {
             "probabilities": "logits",
@@ -295,6 +396,7 @@ def write_manifest(
 def header_for(image: RenderedImage, modality: str, uid: str = "1.2.3.4") -> ImageHeader:
     """The ImageHeader the node's decoder would produce for a rendered image (training path)."""
     rows, cols = image.pixels.shape[:2]
+    colour = image.pixels.ndim == 3
     return ImageHeader(
         sop_instance_uid=uid,
         series_instance_uid=uid + ".1",
@@ -305,10 +407,10 @@ def header_for(image: RenderedImage, modality: str, uid: str = "1.2.3.4") -> Ima
         rows=int(rows),
         cols=int(cols),
         number_of_frames=1,
-        samples_per_pixel=1,
+        samples_per_pixel=3 if colour else 1,
         photometric_interpretation=image.photometric,
         stored_photometric_interpretation=image.photometric,
-        bits_allocated=16,
+        bits_allocated=8 if colour else 16,
         bits_stored=int(image.bits_stored),
         pixel_representation=1 if image.signed else 0,
         rescale_slope=float(image.rescale_slope),
@@ -319,7 +421,7 @@ def header_for(image: RenderedImage, modality: str, uid: str = "1.2.3.4") -> Ima
     )
 
 
-_MODALITY = {"cxr": "DX", "mammo": "MG", "ct": "CT", "mr": "MR"}
+_MODALITY = {"cxr": "DX", "mammo": "MG", "ct": "CT", "mr": "MR", "fundus": "OP", "derm": "XC", "smear": "GM"}
 
 
 def preprocess(spec: Spec, man: Manifest, image: RenderedImage, check_size: bool = True) -> ModelInput:

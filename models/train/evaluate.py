@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from models.train.common import (  # noqa: E402
     ONNX_ROOT,
+    PHOTO_KINDS,
     RESEARCH,
     SPECS,
     SYNTHETIC,
@@ -467,7 +468,7 @@ def model_card(
         )
     agg = manifest.aggregation
     agg_text = {
-        "image": "image level (one radiograph per job)",
+        "image": f"image level (one {'photograph' if spec.kind in PHOTO_KINDS else 'radiograph'} per job)",
         "study": f"study level: {agg.method} over the views of the study",
         "series": f"series level: {agg.method}"
         + (f" (k={agg.k})" if agg.k else "")
@@ -487,6 +488,14 @@ def model_card(
             "\nDecision accuracy over the classes (the most probable finding at or above its threshold, "
             f"else normal): {ev.class_accuracy():.3f}.\n"
         )
+    photo_note = (
+        "\n- The colour phantoms are drawn from a few simple shapes and colours (see the docstring of "
+        f"`node/synth/{spec.kind}.py`); real photographs vary in camera, stain, illumination, focus "
+        "and compression far beyond them, so held-out figures near 1.0 here say only that the model "
+        "learned the phantoms' cues."
+        if spec.kind in PHOTO_KINDS
+        else ""
+    )
     return f"""# Model card: {manifest.name} (`{manifest.id}` {manifest.version})
 
 > **{RESEARCH}** {SYNTHETIC} Every output the node produces with this model is labelled as
@@ -557,7 +566,7 @@ images.
 Reproduce: `{eval_cmd}` ({eval_seconds:.0f} s on 2 CPU cores).
 
 ## Limitations
-
+{photo_note}
 - Trained and evaluated on synthetic phantoms only; the phantoms are far simpler than real images
   (no real anatomy variants, artefacts, devices, implants or acquisition differences). Performance on
   real images is unknown and expected to be poor.

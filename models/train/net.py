@@ -91,11 +91,11 @@ class _Export(nn.Module):
         return self.net(x)
 
 
-def export_onnx(net: CamNet, path: Path, input_hw: tuple[int, int], with_cam: bool) -> None:
+def export_onnx(net: CamNet, path: Path, input_hw: tuple[int, int], with_cam: bool, in_ch: int = 1) -> None:
     """Export (batch axis dynamic, opset 17): outputs ``logits`` (N, C) [and ``cam`` (N, C, h, w)]."""
     net.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    dummy = torch.zeros(1, 1, *input_hw)
+    dummy = torch.zeros(1, in_ch, *input_hw)
     outputs = ["logits", "cam"] if with_cam else ["logits"]
     axes = {"image": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
     torch.onnx.export(

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from models.train.common import (  # noqa: E402
+    PHOTO_KINDS,
     SPECS,
     TRAIN_SEED,
     Spec,
@@ -102,6 +103,9 @@ def build_data(spec: Spec, seed: int, n: int, log_every: int = 200) -> tuple[np.
             mi = preprocess(spec, man, study.images[0])
             xs.append(mi.tensor[0])
             ys.append(np.array([1.0 if n_ in study.labels else 0.0 for n_ in spec.label_names], np.float32))
+        elif spec.kind in PHOTO_KINDS:  # one photograph per study, its class the study label
+            xs.append(preprocess(spec, man, study.images[0]).tensor[0])
+            ys.append(spec.label_names.index(study.labels[0]))
         elif spec.kind == "mammo":
             px, py = _mammo_patches(spec, man, study, rng)
             xs += px
@@ -137,7 +141,7 @@ def train(
     null = None
     if spec.null_normal:
         null = next(i for i, lb in enumerate(spec.labels) if lb.get("normal"))
-    net = CamNet(spec.n_out, spec.widths, pool=spec.pool, null_class=null)  # type: ignore[arg-type]
+    net = CamNet(spec.n_out, spec.widths, in_ch=spec.channels, pool=spec.pool, null_class=null)  # type: ignore[arg-type]
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     if spec.multi_label:
         loss_fn: nn.Module = nn.BCEWithLogitsLoss()
@@ -146,7 +150,7 @@ def train(
         weights = np.sqrt(counts.sum() / np.maximum(counts, 1))
         loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights / weights.mean(), dtype=torch.float32))
         print(f"  class counts {counts.astype(int).tolist()}")
-    flip_v = spec.kind == "mammo"
+    flip_v = spec.kind == "mammo" or spec.kind in PHOTO_KINDS
     flip_h = spec.kind != "ct"
     bs = 64
     n = len(x)
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     net, steps = train(spec, x, y, args.minutes * 60, args.seed, args.steps)
     t_train = time.time() - t1
     onnx_path = spec.model_dir / "model.onnx"
-    export_onnx(net, onnx_path, spec.input_hw, with_cam=spec.heatmap["method"] == "cam")
+    export_onnx(net, onnx_path, spec.input_hw, with_cam=spec.heatmap["method"] == "cam", in_ch=spec.channels)
     data = (
         f"{args.n} synthetic {spec.kind} phantom studies (node.synth, options {spec.render_options}, "
         f"seed {args.seed}) -> {len(x)} training examples; {steps} AdamW steps of batch 64 "
