@@ -23,7 +23,7 @@ from node.inference.runtime import RuntimeConfig, create_session
 from node.metrics import NodeMetrics
 from node.pipeline.route import RuleSet, check_models, load_rules
 from node.runner import Models, Runner
-from node.runner.one_file import Outcome, analyse_upload
+from node.runner.one_file import Outcome, Progress, analyse_upload
 from node.send import make_destination
 from node.settings import Settings
 from node.store import cluster
@@ -95,8 +95,11 @@ class Node:
         self.started_at = time.time()
         self.audit.open()  # Application Start
 
-    def analyse_upload(self, data: bytes, deadline: float) -> tuple[str, list[Outcome]]:
-        """One uploaded file through routing, the models and heatmap rendering (the inference API)."""
+    def analyse_upload(
+        self, data: bytes, deadline: float, progress: Progress | None = None
+    ) -> tuple[str, list[Outcome]]:
+        """One uploaded file through routing, the models and heatmap rendering (the inference API
+        and the "Analyse a file" page); ``progress`` is told each step as it starts."""
         return analyse_upload(
             self.rules,
             self.models,
@@ -104,6 +107,7 @@ class Node:
             deadline,
             budget=self.settings.limits.budget(),
             preparer=self.preparer,
+            progress=progress,
         )
 
     def stop(self) -> None:

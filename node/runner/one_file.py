@@ -4,6 +4,7 @@ heatmap rendering (the inference API's work; the runner is the place that chains
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -27,9 +28,25 @@ from node.runner.analyse import JobTimeout, Stopwatch, analyse
 from node.types import AnalysisResult
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Photometric interpretations the decoders take, with their samples per pixel (the retired
+#: HSV, ARGB and CMYK, and any other, are refused up front).
+_PHOTOMETRICS = {
+    "MONOCHROME1": 1,
+    "MONOCHROME2": 1,
+    "PALETTE COLOR": 1,
+    "RGB": 3,
+    "YBR_FULL": 3,
+    "YBR_FULL_422": 3,
+    "YBR_PARTIAL_420": 3,
+    "YBR_ICT": 3,
+    "YBR_RCT": 3,
+}
 
 #: One model's result and its rendered heatmap overlays as (label, RGB uint8 image).
 Outcome = tuple[AnalysisResult, list[tuple[str, np.ndarray]]]
+#: Told each step of an upload's analysis as (stage, one line for people): decoded, routed,
+#: preprocessing, inference, heatmap (the "Analyse a file" page streams them).
+Progress = Callable[[str, str], None]
 
 
 def _check_inflated(data: bytes, budget: Budget) -> None:
@@ -77,7 +94,28 @@ def parse_upload(data: bytes, budget: Budget = DEFAULT_BUDGET) -> Dataset:
             "unsupported_syntax",
             f"unsupported transfer syntax {ts} ({getattr(ts, 'name', ts)}): no decoder is installed",
         )
+    _check_photometric(ds)
     return ds
+
+
+def _check_photometric(ds: Dataset) -> None:
+    """Refuse a photometric interpretation no decoder takes, or one its samples per pixel contradict."""
+    if "PixelData" not in ds:  # float pixel data: greyscale by definition
+        return
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    samples = ds.get("SamplesPerPixel", 1) or 1
+    if photometric not in _PHOTOMETRICS:
+        raise UploadRefused(
+            "unsupported_photometric",
+            f"unsupported photometric interpretation {photometric[:16] or '(none)'!r}: the node decodes "
+            + ", ".join(_PHOTOMETRICS),
+        )
+    if samples != _PHOTOMETRICS[photometric]:
+        raise UploadRefused(
+            "unsupported_photometric",
+            f"photometric interpretation {photometric} with {samples} samples per pixel "
+            f"(it has {_PHOTOMETRICS[photometric]})",
+        )
 
 
 def analyse_upload(
@@ -87,12 +125,14 @@ def analyse_upload(
     deadline: float,
     budget: Budget = DEFAULT_BUDGET,
     preparer: Preparer | None = None,
+    progress: Progress | None = None,
 ) -> tuple[str, list[Outcome]]:
     """Route and analyse one uploaded file with every model its rule names; render its heatmaps.
     ``models`` is the runner's :class:`~node.runner.Models`. Nothing is inflated or decoded past
     ``budget`` (refused as ``over_budget``); ``preparer`` decodes and prepares it in a child
     process under the node's memory and time limits (over them: ``undecodable``, with the reason).
-    Raises :class:`UploadRefused`."""
+    ``progress`` is told each step as it starts. Raises :class:`UploadRefused`."""
+    tell = progress or (lambda stage, message: None)
     ds = parse_upload(data, budget)
     try:  # before routing, which may read the pixels of a CT or MR
         check_budget(ds, budget)
@@ -100,6 +140,7 @@ def analyse_upload(
         raise UploadRefused("over_budget", f"the image is refused: {redact(str(exc))}") from exc
     except DecodeError as exc:
         raise UploadRefused("undecodable", f"the pixel data cannot be decoded: {redact(str(exc))}") from exc
+    tell("decoded", _describe(ds))
     if rules is None:
         raise UploadRefused("no_rules", "the node has no routing rules loaded")
     # the same evidence as the pipeline: a CT or MR naming no body region is routed on its pixels
@@ -113,6 +154,7 @@ def analyse_upload(
             "not_loaded",
             f"rule '{decision.rule}' routes to {', '.join(decision.models)}, which is not loaded",
         )
+    tell("routed", f"rule '{decision.rule}' -> {', '.join(loaded)}: {decision.reason}")
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="pacs-node-infer-") as tmp:
         path = Path(tmp) / "upload.dcm"
@@ -125,7 +167,7 @@ def analyse_upload(
                     [path],
                     level="image",
                     uid_seed=f"infer|{model_id}|{ds.get('SOPInstanceUID', '')}",
-                    watch=Stopwatch(deadline=deadline),
+                    watch=Stopwatch(deadline=deadline, on_stage=_stage_teller(tell, model_id)),
                     budget=budget,
                     preparer=preparer,
                 )
@@ -141,8 +183,26 @@ def analyse_upload(
                 ) from exc
             except NodeError as exc:
                 raise UploadRefused("failed", f"{type(exc).__name__}: {redact(str(exc))}") from exc
+            tell("heatmap", f"{model_id}: rendering the heatmap overlays")
             outcomes.append((result, _overlays(result)))
     return decision.rule or "", outcomes
+
+
+def _describe(ds: Dataset) -> str:
+    """One line on what was decoded: modality, SOP class, size, colour, transfer syntax."""
+    sop = ds.get("SOPClassUID", "")
+    ts = ds.file_meta.get("TransferSyntaxUID", "")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return (
+        f"{ds.get('Modality', '') or 'no modality'}, {getattr(sop, 'name', sop) or 'no SOP class'}, "
+        f"{ds.get('Columns', '?')}x{ds.get('Rows', '?')}{f' x {frames} frames' if frames > 1 else ''}, "
+        f"{ds.get('PhotometricInterpretation', '?')}, {getattr(ts, 'name', ts)}"
+    )
+
+
+def _stage_teller(tell: Progress, model_id: str) -> Callable[[str], None]:
+    """The stopwatch's stage names as progress steps (``inferring`` is told as ``inference``)."""
+    return lambda stage: tell("inference" if stage == "inferring" else stage, model_id)
 
 
 def _overlays(result: AnalysisResult) -> list[tuple[str, np.ndarray]]:

@@ -36,7 +36,7 @@ from node.store import repo
 from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
 from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study, utcnow
 from node.types import JobResult, OutputKind
-from node.web import auth, dicomweb
+from node.web import analyse, auth, dicomweb
 from node.web.guard import WebGuard
 from node.web.health import database_writable
 from node.web.infer import InferRefused, PngStore, dicom_to_png, infer
@@ -668,6 +668,8 @@ def create_web_app(node: Node) -> FastAPI:
     def body_limit(path: str) -> int:
         if path == INFER_PATH:
             return upload_limit
+        if path == analyse.UPLOAD_PATH:
+            return analyse.upload_body_limit(node)
         return stow_limit if dicomweb.is_stow_path(path) else FORM_BODY_LIMIT
 
     app = FastAPIOffline(
@@ -714,6 +716,7 @@ def create_web_app(node: Node) -> FastAPI:
     app.include_router(_api(node, heatmaps))
     app.include_router(_pages(node))
     app.include_router(dicomweb.router(node))
+    app.include_router(analyse.router(node))
     from node.web.metrics import router as metrics_router
 
     app.include_router(metrics_router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,6 +92,7 @@ _STATUS = {
     "not_dicom": 400,
     "no_pixels": 422,
     "unsupported_syntax": 415,
+    "unsupported_photometric": 415,
     "no_rules": 503,
     "no_route": 422,
     "not_loaded": 422,
@@ -110,10 +112,17 @@ class ModelOutcome:
     heatmaps: list[tuple[str, str]]  # (label, png id)
 
 
-def infer(node: Node, data: bytes, store: PngStore, deadline: float) -> tuple[str, list[ModelOutcome]]:
-    """Have the node analyse one uploaded file; keep its heatmaps as PNGs; map refusals to HTTP."""
+def infer(
+    node: Node,
+    data: bytes,
+    store: PngStore,
+    deadline: float,
+    progress: Callable[[str, str], None] | None = None,
+) -> tuple[str, list[ModelOutcome]]:
+    """Have the node analyse one uploaded file; keep its heatmaps as PNGs; map refusals to HTTP.
+    ``progress`` is told each step as (stage, message) while it runs."""
     try:
-        rule, outcomes = node.analyse_upload(data, deadline)
+        rule, outcomes = node.analyse_upload(data, deadline, progress)
     except UploadRefused as exc:
         raise InferRefused(_STATUS.get(exc.reason, 500), exc.message) from exc
     return rule, [
