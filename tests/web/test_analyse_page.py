@@ -35,7 +35,7 @@ from node.settings import load_settings
 from node.store.tables import Job, JobState, Study, utcnow
 from node.synth import generate_study
 from node.web.analyse import STAGES, AnalysisStore
-from node.web.photo import KINDS, decode_photo, wrap_photo
+from node.web.photo import KINDS, PhotoRefused, decode_photo, wrap_photo
 from tests.helpers import REPO, add_job, free_port, sample_file, wait_port, write_config
 from tests.inference.conftest import example_manifest_dict, make_cam_model
 from tests.web.conftest import READ_TOKEN, TOKENS, chromium, cxr_models
@@ -291,6 +291,13 @@ def test_wrapped_photographs_are_valid_dicom(tmp_path):
     assert derm.AnatomicRegionSequence[0].CodeValue == "39937001"
     assert pydicom.dcmread(tmp_path / "microscopy.dcm").SeriesDescription == "blood smear"
     assert pydicom.dcmread(tmp_path / "fundus.dcm").ImageLaterality == "R"
+
+
+def test_picture_over_the_pixel_budget_is_refused_before_decoding():
+    with pytest.raises(PhotoRefused) as refused:
+        decode_photo(picture(size=(96, 64)), max_pixels=96 * 64 - 1)
+    assert refused.value.status == 413 and "96x64 pixels; the limit is 6143 pixels" in refused.value.message
+    assert decode_photo(picture(size=(96, 64)), max_pixels=96 * 64)[0].shape == (64, 96, 3)
 
 
 def test_exif_orientation_is_applied():
