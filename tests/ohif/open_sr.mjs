@@ -32,6 +32,17 @@ try {
   const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
   page.on('console', (m) => { if (m.type() === 'error') errors.push(`console: ${m.text()}`); });
+  // the pixel data requests (frames, bulk data), as diagnostics when the image is not shown
+  const t0 = Date.now();
+  result.frames = [];
+  const pixels = (r) => /\/frames\/|bulkdata|\/rendered/i.test(r.url());
+  page.on('request', (r) => { if (pixels(r)) result.frames.push(`${Date.now() - t0} ms sent ${r.url().slice(-60)}`); });
+  page.on('requestfinished', async (r) => {
+    if (!pixels(r)) return;
+    const resp = await r.response();
+    result.frames.push(`${Date.now() - t0} ms done ${resp ? resp.status() : '?'} ${r.url().slice(-60)}`);
+  });
+  page.on('requestfailed', (r) => { if (pixels(r)) result.frames.push(`${Date.now() - t0} ms FAILED ${r.failure()?.errorText} ${r.url().slice(-60)}`); });
   await page.goto(`${base}/viewer?StudyInstanceUIDs=${study}`, { waitUntil: 'networkidle', timeout: 90000 });
   result.steps.push('opened');
   await page.waitForTimeout(3000);
@@ -42,16 +53,24 @@ try {
     await skip.first().click();
     result.steps.push('tour skipped');
   } catch (e) { result.steps.push('no tour'); }
+  // the hanging protocol first shows the study's image in the viewport: wait until it is on screen
+  // before opening the SR. Opened earlier on a loaded machine, OHIF can set the SR's viewport up
+  // before its canvas has a size: the image is never drawn and the annotations collapse to a point.
+  const shown = `(${brightness.toString()})() > 20`;
+  try {
+    await page.waitForFunction(shown, null, { timeout: 90000, polling: 500 });
+    result.steps.push('image shown');
+  } catch (e) { result.steps.push('image not shown before opening the series'); }
   const sr = page.getByText(new RegExp(`^${process.env.OPEN_MODALITY || 'SR'}$`)).first();
   await sr.waitFor({ timeout: 30000 });
   await sr.dblclick();
   result.steps.push('SR opened');
+  result.srOpenedAt = Date.now() - t0;
   await page.waitForLoadState('networkidle');
   // wait until the image is on screen (decoding and rendering a 2k x 2k frame in software GL takes
   // a while on a loaded machine), then a little longer for the annotations
   try {
-    await page.waitForFunction(brightness, null, { timeout: 90000, polling: 500 });
-    await page.waitForFunction(`(${brightness.toString()})() > 20`, null, { timeout: 90000, polling: 500 });
+    await page.waitForFunction(shown, null, { timeout: 90000, polling: 500 });
   } catch (e) { result.steps.push('image never shown'); }
   await page.waitForTimeout(3000);
   await page.screenshot({ path: shot.replace(/\.png$/, '-sr.png') });

@@ -71,7 +71,13 @@ def test_ohif_opens_the_sr_of_a_real_cr_and_draws_its_outline(tmp_path: Path) ->
             viewer.stop()
         orthanc.stop()
         node.stop()
-    where = json.dumps(seen, indent=1)[:4000]
+    brief = {
+        **seen,
+        "svgPoints": [p[:120] for p in seen.get("svgPoints", [])[:4]],
+        "body": seen.get("body", "")[:600],
+    }
+    where = json.dumps(brief, indent=1)[:6000]
+    shot.with_suffix(".json").write_text(where)  # what the viewer did, beside the screenshot
     # any uncaught page error fails, and any console error about the SR, its measurements or their
     # coordinates; OHIF's own image-loading retries may log (IMAGE_LOAD_ERROR on a slow machine),
     # which the on-screen check below covers
