@@ -24,7 +24,7 @@ from tests.colour import _code, colour_dataset, write
 from tests.outputs.fabricate import IDENTITY, Spot, make_result, score
 from tests.outputs.srtree import children, name_of, walk
 from tests.outputs.test_real_sources import our_errors
-from tests.outputs.tools import dsrdump
+from tests.outputs.tools import SrValidation, dsrdump, need_pixelmed
 
 CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
 LESION = Code("372244006", "SCT", "Malignant melanoma")
@@ -156,3 +156,23 @@ def test_colour_presentation_state_over_the_photographs(tmp_path: Path, sources,
     refs = state.ReferencedSeriesSequence[0].ReferencedImageSequence
     assert str(refs[0].ReferencedSOPInstanceUID) == str(ds.SOPInstanceUID)
     write(ds, tmp_path / "src.dcm")
+
+
+def test_pixelmed_validates_the_srs_with_finding_sites(tmp_path: Path):
+    """PixelMed's DicomSRValidator: no errors in the TID 1500 reports with Finding Site rows."""
+    need_pixelmed()
+    paths = []
+    for kind in ("fundus", "derm", "smear"):
+        ds = colour_dataset(kind)
+        path = tmp_path / f"{kind}-sr.dcm"
+        build_sr(colour_result(ds), [ds], IDENTITY).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    validation = SrValidation(paths)
+    try:
+        reports = validation.reports()
+    finally:
+        validation.close()
+    for path in paths:
+        report = reports[str(path)]
+        assert not report.errors, report.text
+        assert not [w for w in report.warnings if "363698007" in w or "Finding Site" in w], report.text
