@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from node.outputs import OutputError
@@ -171,7 +172,7 @@ def algorithm_equipment(algorithm: AlgorithmIdentity, identity: OutputIdentity) 
     """
     item = hd.ContributingEquipment(
         manufacturer=ascii_text(algorithm.manufacturer, 64) or "unknown",
-        purpose_of_reference=hd.sr.CodedConcept("109102", "DCM", "Processing Equipment"),
+        purpose_of_reference=hd.sr.CodedConcept.from_code(codes.DCM.ProcessingEquipment),
         manufacturer_model_name=ascii_text(algorithm.name or algorithm.model_id, 64),
         software_versions=ascii_text(algorithm.version, 64),
         institution_name=ascii_text(identity.institution_name, 64) or None,
@@ -188,10 +189,10 @@ def algorithm_equipment(algorithm: AlgorithmIdentity, identity: OutputIdentity) 
 
 # Visual explanation codes (DCM 130401-130404; 130402-130404 are in CID 7180 "Abstract
 # Multi-dimensional Image Model Component Semantics", the value set of a parametric map's quantity).
-VISUAL_EXPLANATION = hd.sr.CodedConcept("130401", "DCM", "Visual explanation")
-CLASS_ACTIVATION = hd.sr.CodedConcept("130402", "DCM", "Class activation")
-GRADIENT_WEIGHTED_CLASS_ACTIVATION = hd.sr.CodedConcept("130403", "DCM", "Gradient-weighted class activation")
-SALIENCY = hd.sr.CodedConcept("130404", "DCM", "Saliency")
+VISUAL_EXPLANATION = hd.sr.CodedConcept.from_code(codes.DCM.VisualExplanation)
+CLASS_ACTIVATION = hd.sr.CodedConcept.from_code(codes.DCM.ClassActivation)
+GRADIENT_WEIGHTED_CLASS_ACTIVATION = hd.sr.CodedConcept.from_code(codes.DCM.GradientWeightedClassActivation)
+SALIENCY = hd.sr.CodedConcept.from_code(codes.DCM.Saliency)
 
 
 def explanation_concept(method: str) -> hd.sr.CodedConcept:

@@ -45,7 +45,7 @@ from node.types import AnalysisResult, OutputIdentity
 log = logging.getLogger(__name__)
 
 KOS_SERIES_NUMBER = 9904
-OF_INTEREST = hd.sr.CodedConcept("113000", "DCM", "Of Interest")
+OF_INTEREST = hd.sr.CodedConcept.from_code(codes.DCM.OfInterest)
 _CONCEPT_NAME = Tag(0x0040, 0xA043)
 
 

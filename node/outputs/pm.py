@@ -41,6 +41,7 @@ import highdicom as hd
 import numpy as np
 from highdicom._standard_utils import is_multiframe_image
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.outputs import OutputError
@@ -61,7 +62,7 @@ from node.types import AnalysisResult, Heatmap, ImageResult, OutputIdentity
 
 log = logging.getLogger(__name__)
 
-NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
 #: Nominal spacing (mm) for projection images that state none.
 NOMINAL_SPACING = (1.0, 1.0)
 

@@ -29,6 +29,7 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.outputs import OutputError
@@ -61,8 +62,8 @@ _WARN_RGB = (255, 220, 0)
 _TEXT_RGB = (255, 255, 255)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
-SOURCE_FOR_PROCESSING = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
-SPATIAL_RESAMPLING = hd.sr.CodedConcept("113085", "DCM", "Spatial resampling")
+SOURCE_FOR_PROCESSING = hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+SPATIAL_RESAMPLING = hd.sr.CodedConcept.from_code(codes.DCM.SpatialResampling)
 
 
 def build_heatmap_scs(

@@ -78,13 +78,14 @@ from node.types import AnalysisResult, Heatmap, ImageResult, LabelScore, OutputI
 
 log = logging.getLogger(__name__)
 
-PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
-ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
-PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
-PROBABILITY_OF_CANCER = hd.sr.CodedConcept("111047", "DCM", "Probability of cancer")
-NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+PRESENT = hd.sr.CodedConcept.from_code(codes.SCT.Present)
+ABSENT = hd.sr.CodedConcept.from_code(codes.SCT.Absent)
+PROBABILITY = hd.sr.CodedConcept.from_code(codes.DCM.Probability)
+PROBABILITY_OF_CANCER = hd.sr.CodedConcept.from_code(codes.DCM.ProbabilityOfCancer)
+NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
+#: Hand-typed: pydicom's ``codes`` has no UMLS concepts (TID 1500 names this one).
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
-COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
 #: The prefix of the Tracking Identifiers that ``@cornerstonejs/adapters`` maps to its tools
 #: ("Cornerstone3DTools@^0.1.0:<tool>", MeasurementReport.getAdapterForTrackingIdentifier).
 CORNERSTONE_TAG = "Cornerstone3DTools@^0.1.0"
@@ -95,12 +96,12 @@ CORNERSTONE_TAG = "Cornerstone3DTools@^0.1.0"
 # (43468-8, LN, "XR unspecified body region")), so projection radiography and mammography fall
 # back to the generic SNOMED CT procedure.
 _DEFAULT_PROCEDURES = {
-    "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
-    "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
-    "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
-    "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region"),
+    "CT": hd.sr.CodedConcept.from_code(codes.LN.CTUnspecifiedBodyRegion),
+    "MR": hd.sr.CodedConcept.from_code(codes.LN.MRIUnspecifiedBodyRegion),
+    "NM": hd.sr.CodedConcept.from_code(codes.LN.NMUnspecifiedBodyRegion),
+    "PT": hd.sr.CodedConcept.from_code(codes.LN.PETUnspecifiedBodyRegion),
 }
-IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+IMAGING_PROCEDURE = hd.sr.CodedConcept.from_code(codes.SCT.ImagingProcedure)
 
 #: CID 29 "Acquisition Modality" by modality (the code values are the Modality values)
 _CID29 = {getattr(codes.cid29, name).value: getattr(codes.cid29, name) for name in codes.cid29.dir()}
@@ -111,17 +112,17 @@ _MALIGNANCY_WORDS = ("malignan", "cancer", "carcinoma", "melanoma")
 #: AnatomicRegionSequence, else the default here (fundus: the retina; dermoscopy: skin).
 #: Microscopy (SM/GM) defaults to blood only when a description names blood (a smear).
 _PHOTOGRAPHIC_SITES: dict[str, hd.sr.CodedConcept | None] = {
-    "OP": hd.sr.CodedConcept("5665001", "SCT", "Retina"),
-    "DMS": hd.sr.CodedConcept("39937001", "SCT", "Skin"),
+    "OP": hd.sr.CodedConcept.from_code(codes.SCT.Retina),
+    "DMS": hd.sr.CodedConcept.from_code(codes.SCT.Skin),
     "XC": None,
     "SM": None,
     "GM": None,
 }
-BLOOD = hd.sr.CodedConcept("87612001", "SCT", "Blood")
+BLOOD = hd.sr.CodedConcept.from_code(codes.SCT.Blood)
 _LATERALITY = {
-    "R": hd.sr.CodedConcept("24028007", "SCT", "Right"),
-    "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),
-    "B": hd.sr.CodedConcept("51440002", "SCT", "Bilateral"),
+    "R": hd.sr.CodedConcept.from_code(codes.SCT.Right),
+    "L": hd.sr.CodedConcept.from_code(codes.SCT.Left),
+    "B": hd.sr.CodedConcept.from_code(codes.SCT.Bilateral),
 }
 #: Polygons longer than this are simplified (a viewer draws them; a few hundred points is plenty).
 _MAX_POLYGON_POINTS = 256
@@ -381,11 +382,11 @@ def _measurement_group(
     return group
 
 
-VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
-AREA = hd.sr.CodedConcept("42798000", "SCT", "Area")
-MAXIMUM = hd.sr.CodedConcept("56851009", "SCT", "Maximum")
-_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
-_MM3 = hd.sr.CodedConcept("mm3", "UCUM", "cubic millimeter")
+VOLUME = hd.sr.CodedConcept.from_code(codes.SCT.Volume)
+AREA = hd.sr.CodedConcept.from_code(codes.SCT.Area)
+MAXIMUM = hd.sr.CodedConcept.from_code(codes.SCT.Maximum)
+_MM2 = hd.sr.CodedConcept.from_code(codes.UCUM.SquareMillimeter)
+_MM3 = hd.sr.CodedConcept.from_code(codes.UCUM.CubicMillimeter)
 
 
 def _seg_frames(segmentation: Dataset, number: int) -> list[int]:
@@ -650,6 +651,8 @@ def _used_designators(item: Dataset) -> set[str]:
 
 _CROSS_SECTIONAL = {"CT", "MR", "PT", "NM"}
 _PROJECTION = {"CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG"}
+# Hand-typed: pydicom's ``codes`` lacks the first and the third, and means "mm" and "Source
+# (attribute)" by the other two (TID 1602-1604 and viewers use these meanings).
 _PIXELS = hd.sr.CodedConcept("{pixels}", "UCUM", "Pixels")
 _MM = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 _DIRECTION = hd.sr.CodedConcept("{-1:1}", "UCUM", "{-1:1}")
