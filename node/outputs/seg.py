@@ -9,7 +9,7 @@ job seed:
   :func:`segment_numbers`; empty labels are left out, and a result with no pixels at all makes no
   SEG: the SR says so), each with its segmented property category and type (the manifest's SNOMED
   CT codes), the anatomic region when the manifest names one, algorithm type AUTOMATIC and the
-  Algorithm Identification (the model's name and version, family (123109, DCM, "Artificial
+  Algorithm Identification (the model's name and version, family (123110, DCM, "Artificial
   Intelligence"));
 - every analysed source image (every frame of a multi-frame one) is a source image of the SEG
   (Referenced Series / Source Image Sequence); frames without any segment pixel are omitted from
@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage
 
 from node.outputs import OutputError
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 #: Series number of the SEG series (the SR is 9900, the SCs 9901, parametric maps 9902).
 SEG_SERIES_NUMBER = 9903
 SEG_SOP_CLASS_UID = str(SegmentationStorage)
-ARTIFICIAL_INTELLIGENCE = hd.sr.CodedConcept("123109", "DCM", "Artificial Intelligence")
+#: CID 7162 (Surface Processing Algorithm Families): (123110, DCM, "Artificial Intelligence").
+ARTIFICIAL_INTELLIGENCE = hd.sr.CodedConcept.from_code(codes.cid7162.ArtificialIntelligence)
 #: A FRACTIONAL SEG stores probabilities 0..1 as 0..MAX_FRACTIONAL_VALUE.
 MAX_FRACTIONAL_VALUE = 255
 

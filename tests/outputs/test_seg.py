@@ -144,6 +144,13 @@ def test_seg_holds_the_mask_with_codes_algorithm_and_references(built) -> None:
     assert segment.SegmentAlgorithmType == "AUTOMATIC"
     assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == ALGORITHM.name
     assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "1.0.0"
+    # CID 7162: 123110 is Artificial Intelligence (123109, written before, is Manual Processing)
+    family = segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0]
+    assert (family.CodeValue, family.CodingSchemeDesignator, family.CodeMeaning) == (
+        "123110",
+        "DCM",
+        "Artificial Intelligence",
+    )
     assert segment.AnatomicRegionSequence[0].CodeValue == "10200004"
     referenced = {
         str(item.ReferencedSOPInstanceUID)
