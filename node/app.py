@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
-from pydicom.uid import generate_uid
 from sqlalchemy.engine import Engine
 
 from node import __version__
@@ -21,6 +20,7 @@ from node.inference.isolate import PreparePool
 from node.inference.registry import load_registry
 from node.inference.runtime import RuntimeConfig, create_session
 from node.metrics import NodeMetrics
+from node.outputs.identity import node_device_uid
 from node.pipeline.route import RuleSet, check_models, load_rules
 from node.runner import Models, Runner
 from node.runner.one_file import Outcome, Progress, analyse_upload
@@ -179,7 +179,7 @@ def output_identity(settings: Settings) -> OutputIdentity:
     return OutputIdentity(
         uid_root=root,
         device_name=settings.dicom.ae_title,
-        device_uid=generate_uid(prefix=root, entropy_srcs=["pacs-node device", settings.dicom.ae_title]),
+        device_uid=node_device_uid(root, settings.dicom.ae_title),
         software_version=__version__,
         institution_name=settings.outputs.institution_name,
     )

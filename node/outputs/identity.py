@@ -81,10 +81,8 @@ def output_uid(identity: OutputIdentity, result: AnalysisResult, *parts: object)
 
 
 def node_device_uid(uid_root: str, ae_title: str) -> str:
-    """The node's own Device UID (device observer of its SRs), stable for a root and AE title.
-
-    Same recipe as ``node.app.output_identity`` uses, so both give the same UID.
-    """
+    """The node's own Device UID (device observer of its SRs, the KOS's and SCs' Device UID),
+    stable for a root and AE title (``node.app.output_identity``)."""
     return str(generate_uid(prefix=_check_root(uid_root), entropy_srcs=["pacs-node device", ae_title]))
 
 
