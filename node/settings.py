@@ -24,8 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from node.allowlist import parse_allow_entry
 from node.budget import MIB, Budget
-from node.dicom.access import parse_allow_entry
 from node.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/node.yaml")

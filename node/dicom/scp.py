@@ -46,10 +46,10 @@ from pynetdicom.sop_class import (
     uid_to_service_class,
 )
 
+from node.allowlist import AllowList
 from node.audit import AuditTrail
 from node.budget import DEFAULT_BUDGET, Budget
 from node.dicom import status
-from node.dicom.access import AllowList
 from node.dicom.committer import IngestCommitter
 from node.dicom.ingest import InstanceFiler
 from node.dicom.inspect import Header, inspect_dataset

@@ -58,8 +58,8 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.allowlist import AllowList
 from node.audit import AuditTrail
-from node.dicom.access import AllowList
 from node.metrics import NodeMetrics
 from node.redact import redact
 from node.settings import DicomSettings

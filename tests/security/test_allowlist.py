@@ -8,7 +8,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.dicom.access import AllowList, parse_allow_entry
+from node.allowlist import AllowList, parse_allow_entry
 from node.errors import ConfigError
 from node.settings import load_settings
 

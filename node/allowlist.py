@@ -1,4 +1,6 @@
-"""Who may open an association: calling AE titles, optionally pinned to source addresses.
+"""Who may open an association: calling AE titles, optionally pinned to source addresses (the
+grammar of ``dicom.allowed_calling_aets``, checked when the settings load, and the matching the
+DICOM listeners do; no stage's module, so that the settings import none).
 
 Entries (``dicom.allowed_calling_aets``):
 
