@@ -362,7 +362,7 @@ def add_job(session, *, key: str, state: str | None = None, **fields: object):  
         "model_id": "m",
         "level": "series",
         "study_uid": "1.2",
-        "series_uids": "1.2.3",
+        "series_uids": ["1.2.3"],
         "created_at": now,
         "updated_at": now,
         "not_before": now,

@@ -343,7 +343,7 @@ class Runner:
             watch.timings["queued"] = max(0.0, waited)
             stored = jobs.job_stored_files(session, job, self._spool)
             files = [f.path for f in stored]
-            series_rows = [s for uid in job.series_uids.split("\\") if (s := session.get(Series, uid))]
+            series_rows = [s for uid in job.series_uids if (s := session.get(Series, uid))]
             calling = {s.calling_aet for s in series_rows}
             last_received = max((s.last_received_at for s in series_rows), default=None)
         assemble_wait = (job.created_at - last_received).total_seconds() if last_received else None

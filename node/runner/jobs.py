@@ -99,7 +99,7 @@ def _new_job(
         rule=rule,
         level=level,
         study_uid=study_uid,
-        series_uids="\\".join(series),
+        series_uids=list(series),
         created_at=now,
         updated_at=now,
         not_before=now,
@@ -218,7 +218,7 @@ def route_complete_series(
             continue
         series.state = SeriesState.ROUTED
         series.route_rule = decision.rule[:64]
-        series.route_models = "\\".join(models)[:256]
+        series.route_models = models
         series.route_grouping = str(decision.grouping)
         series.route_note = decision.reason[:512]
         if decision.grouping != "study":
@@ -267,7 +267,7 @@ def create_study_jobs(session: Session, now: datetime) -> int:
         by_model: dict[str, tuple[str, list[str]]] = {}
         for s in series:
             if s.state == SeriesState.ROUTED and s.route_grouping == "study":
-                for model_id in s.route_models.split("\\"):
+                for model_id in s.route_models:
                     by_model.setdefault(model_id, (s.route_rule, []))[1].append(s.series_uid)
         for model_id, (rule, uids) in by_model.items():
             created += bool(_new_job(session, model_id, rule, "study", study_uid, uids, now))
@@ -439,7 +439,7 @@ def _stored_files(instances: Sequence[Instance], spool_root: Path, series: str) 
 
 def job_stored_files(session: Session, job: Job, spool_root: Path) -> list[StoredFile]:
     """Every instance file a job covers, in analysis order, with its recorded hash and size."""
-    uids = job.series_uids.split("\\")
+    uids = job.series_uids
     out: list[StoredFile] = []
     for i, uid in enumerate(uids, start=1):
         name = "the series" if len(uids) == 1 else f"series {i} of {len(uids)}"

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import String, bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
-from node.store.tables import Instance, Series, SeriesState, Study, StudyState, UTCDateTime
+from node.store.tables import Instance, Series, SeriesState, Study, StudyState, UTCDateTime, dump_list
 
 _STUDY = Study.__table__  # type: ignore[attr-defined]
 _SERIES = Series.__table__  # type: ignore[attr-defined]
@@ -114,7 +114,7 @@ def _touch_statement(table: Any, receiving: str) -> Any:
 
 _TOUCH_SERIES = _touch_statement(_SERIES, SeriesState.RECEIVING.value)
 _TOUCH_STUDY = _touch_statement(_STUDY, StudyState.RECEIVING.value)
-_MERGED = bindparam("b_modalities")
+_MERGED = bindparam("b_modalities", type_=String())  # the stored JSON text, "" for no change
 _RAISE_SERIES = _raise_statement(_SERIES, state=SeriesState.RECEIVING.value)
 _RAISE_STUDY = _raise_statement(
     _STUDY,
@@ -335,8 +335,8 @@ def _raise_counters(
 
 
 def _modalities_after(session: Session, added: dict[str, list[str]]) -> dict[str, str]:
-    """The backslash-joined modality list of each study once ``added`` is merged in; only for the
-    studies whose list changes."""
+    """The stored modality list (JSON, :func:`~node.store.tables.dump_list`) of each study once
+    ``added`` is merged in; only for the studies whose list changes."""
     if not added:
         return {}
     rows = session.connection().execute(
@@ -346,11 +346,10 @@ def _modalities_after(session: Session, added: dict[str, list[str]]) -> dict[str
         .with_for_update()
     )
     merged: dict[str, str] = {}
-    for uid, current in rows:
-        values = [m for m in current.split("\\") if m]
+    for uid, values in rows:
         extra = [m for m in dict.fromkeys(added[uid]) if m not in values]
         if extra:
-            merged[uid] = "\\".join([*values, *extra])[:64]
+            merged[uid] = dump_list([*values, *extra], _STUDY.c.modalities.type.length)
     return merged
 
 

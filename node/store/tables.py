@@ -6,11 +6,13 @@ status page need (modality, body part, series description, sizes, times, calling
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import BigInteger, Column, Index, UniqueConstraint
-from sqlalchemy.types import DateTime, TypeDecorator
+from sqlalchemy.types import DateTime, String, TypeDecorator
 from sqlmodel import Field, SQLModel
 
 from node.types import JobResult, JobTimings
@@ -46,6 +48,59 @@ def _ts(nullable: bool = False, index: bool = False) -> Column:
     return Column(UTCDateTime(), nullable=nullable, index=index)
 
 
+def dump_list(values: Iterable[str], max_length: int | None = None) -> str:
+    """``values`` as the JSON array a list column stores (``["CT","MR"]``, compact). With
+    ``max_length`` (the column's), the items from the first that would not fit on are left out:
+    an item is never cut."""
+    kept: list[str] = []
+    for value in values:
+        if not isinstance(value, str):
+            raise TypeError(f"a list column holds strings, not {type(value).__name__}")
+        if max_length is not None and len(json.dumps([*kept, value], separators=(",", ":"))) > max_length:
+            break
+        kept.append(value)
+    return json.dumps(kept, separators=(",", ":"))
+
+
+def load_list(stored: str | None) -> list[str]:
+    """The list a list column holds (an empty column: ``[]``)."""
+    if not stored:
+        return []
+    values = json.loads(stored)
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"a list column holds a JSON array of strings, not {stored[:40]!r}")
+    return values
+
+
+class StringList(TypeDecorator[list[str]]):
+    """A list of strings (UIDs, model ids, modalities) kept as a JSON array in a VARCHAR column:
+    the one place those lists are encoded and decoded (see :func:`dump_list`, :func:`load_list`).
+    A plain string is refused rather than taken for a one-item list."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Iterable[str] | None, dialect: object) -> str | None:
+        """Encode a list (whole items within the column's length)."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            raise TypeError(f"a list column takes a list of strings, not the string {value[:40]!r}")
+        return dump_list(value, self.impl.length)  # type: ignore[attr-defined]
+
+    def process_result_value(self, value: str | None, dialect: object) -> list[str]:
+        """Decode to a list."""
+        return load_list(value)
+
+
+def _empty_list() -> list[str]:
+    return []
+
+
+def _list_column(length: int | None = None) -> Column:
+    return Column(StringList(length), nullable=False, default=_empty_list)
+
+
 class SeriesState(StrEnum):
     """Where a series is on its way through the node."""
 
@@ -66,7 +121,9 @@ class Study(SQLModel, table=True):
     """A study as the node has received it so far."""
 
     study_uid: str = Field(primary_key=True, max_length=64)
-    modalities: str = Field(default="", max_length=64, description="distinct modalities, backslash-joined")
+    modalities: list[str] = Field(
+        default_factory=list, sa_column=_list_column(64), description="distinct modalities"
+    )
     state: str = Field(default=StudyState.RECEIVING, max_length=16, index=True)
     series_count: int = 0
     instance_count: int = 0
@@ -107,7 +164,9 @@ class Series(SQLModel, table=True):
     calling_aet: str = Field(default="", max_length=16)
     state: str = Field(default=SeriesState.RECEIVING, max_length=16)
     route_rule: str = Field(default="", max_length=64)
-    route_models: str = Field(default="", max_length=256, description="model ids, backslash-joined")
+    route_models: list[str] = Field(
+        default_factory=list, sa_column=_list_column(256), description="model ids routed to"
+    )
     route_grouping: str = Field(default="", max_length=8)
     route_note: str = Field(default="", max_length=512)
     instance_count: int = 0
@@ -162,7 +221,7 @@ class Job(SQLModel, table=True):
     rule: str = Field(default="", max_length=64)
     level: str = Field(max_length=8)
     study_uid: str = Field(index=True, max_length=64)
-    series_uids: str = Field(description="backslash-joined Series Instance UIDs")
+    series_uids: list[str] = Field(sa_column=_list_column(), description="Series Instance UIDs")
     state: str = Field(default=JobState.QUEUED, max_length=16, index=True)
     attempts: int = 0
     error: str = Field(default="", max_length=1024)

@@ -101,7 +101,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def _study_out(study: Study, priority: str) -> StudyOut:
     return StudyOut(
         study_uid=study.study_uid,
-        modalities=[m for m in study.modalities.split("\\") if m],
+        modalities=list(study.modalities),
         state=study.state,
         series_count=study.series_count,
         instance_count=study.instance_count,
@@ -120,9 +120,7 @@ def _studies_out(db: Session, studies: list[Study]) -> list[StudyOut]:
 
 
 def _series_out(series: Series) -> SeriesOut:
-    data = series.model_dump()
-    data["route_models"] = [m for m in series.route_models.split("\\") if m]
-    return SeriesOut.model_validate(data)
+    return SeriesOut.model_validate(series.model_dump())
 
 
 def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
@@ -133,7 +131,7 @@ def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
         model_version=result.version,
         rule=job.rule,
         level=job.level,
-        series_uids=[u for u in job.series_uids.split("\\") if u],
+        series_uids=list(job.series_uids),
         state=job.state,
         attempts=job.attempts,
         error=job.error,

@@ -78,7 +78,7 @@ def payload(session: Session, settings: Settings, study: Study, now: datetime) -
     body: dict[str, Any] = {
         "event": "urgent_study",
         "study_uid": study.study_uid,
-        "modalities": [m for m in study.modalities.split("\\") if m],
+        "modalities": list(study.modalities),
         "priority": study.priority,
         "suspicion": study.suspicion,
         "findings": findings,

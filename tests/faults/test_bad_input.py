@@ -195,7 +195,7 @@ def _outcome(node, sop_instance: str, series_uid: str | None, accepted: bool, ti
     while time.monotonic() < deadline:
         with Session(node.engine) as s:
             series = s.get(Series, stored.series_uid)
-            jobs = [j for j in s.exec(select(Job)) if stored.series_uid in j.series_uids.split("\\")]
+            jobs = [j for j in s.exec(select(Job)) if stored.series_uid in j.series_uids]
         if series is not None and series.state == "not routed":
             assert series.route_note, "not routed without a reason"
             return "not routed: " + series.route_note[:60]

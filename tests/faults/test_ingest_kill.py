@@ -11,7 +11,6 @@ PACS retrying its failed transfers does:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -23,6 +22,8 @@ import pydicom
 import pytest
 import yaml
 
+from node.store.tables import load_list
+from node.types import JobResult
 from tests.helpers import (
     StoreSCP,
     analysing_config,
@@ -133,9 +134,9 @@ def test_sigkill_during_ingest_then_resend_processes_each_instance_once(tmp_path
 
     # processing: one job per series, each over all of its images
     jobs = query_db(db, "select series_uids, state, result from job")
-    assert sorted(uid for uid, _, _ in jobs) == sorted(uid for uid, _ in counts)
+    assert sorted(uid for uids, _, _ in jobs for uid in load_list(uids)) == sorted(uid for uid, _ in counts)
     assert {state for _, state, _ in jobs} == {"done"}
-    assert [json.loads(result)["images"] for _, _, result in jobs] == [SLICES] * SERIES
+    assert [JobResult.model_validate_json(result).images for _, _, result in jobs] == [SLICES] * SERIES
 
     # outputs: each delivered once, under the UIDs the outbox recorded
     queued = sorted(r[0] for r in query_db(db, "select sop_instance_uid from outboxitem"))

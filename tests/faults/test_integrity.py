@@ -84,7 +84,7 @@ def _stored(node, path: Path) -> Instance:  # noqa: ANN001
 
 def _jobs(node, series_uid: str) -> list[Job]:  # noqa: ANN001
     with Session(node.engine) as s:
-        return list(s.exec(select(Job).where(Job.series_uids == series_uid).order_by(Job.id)))
+        return list(s.exec(select(Job).where(Job.series_uids == [series_uid]).order_by(Job.id)))
 
 
 def _finished(node, series_uid: str, count: int = 1) -> list[Job]:  # noqa: ANN001
@@ -199,7 +199,7 @@ def test_output_damaged_in_the_outbox_is_parked_not_sent(tmp_path):
     bad.write_bytes(b"bad output")
     dest = DestinationSettings(name="pacs", ae_title="DEST", host="127.0.0.1", port=free_port())
     with Session(engine) as s:
-        job = add_job(s, key="m|series|1", study_uid="1", series_uids="1.1", state=JobState.SENDING)
+        job = add_job(s, key="m|series|1", study_uid="1", series_uids=["1.1"], state=JobState.SENDING)
         files = [("sr", _Uids("1.2.1"), good), ("sc", _Uids("1.2.2"), bad)]
         assert outbox.queue_outputs(s, job, files, [dest], tmp_path, now) == 2  # type: ignore[arg-type]
         s.commit()

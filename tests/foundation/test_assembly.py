@@ -109,4 +109,4 @@ def test_study_grouping_waits_for_the_whole_study(make_node, tmp_path):
     with Session(node.engine) as s:
         study = s.exec(select(Study)).one()
     assert study.state == StudyState.COMPLETE
-    assert sorted(study.modalities.split("\\")) == ["CT", "MR"]
+    assert sorted(study.modalities) == ["CT", "MR"]

@@ -205,7 +205,7 @@ def test_outbox_sends_states_and_kos_only_where_wanted(cases: dict[str, Case], t
             key="m|image|1",
             level="image",
             study_uid=case.result.study_uid,
-            series_uids=case.result.series_uids[0],
+            series_uids=[case.result.series_uids[0]],
         )
         written = outbox.write_output_files(tmp_path / "outbox", job.id or 0, out)
         outbox.queue_outputs(s, job, written, settings.destinations, tmp_path, now)

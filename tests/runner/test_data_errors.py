@@ -130,7 +130,7 @@ def test_job_interrupted_on_every_attempt_is_failed_not_requeued(make_node, tmp_
             rule="r",
             level="series",
             study_uid="1.2.3",
-            series_uids="1.2.3.4",
+            series_uids=["1.2.3.4"],
             state=JobState.INFERRING,
             attempts=attempts,
             created_at=now,

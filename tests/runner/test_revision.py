@@ -45,7 +45,7 @@ def test_late_instances_are_analysed_by_a_revision_job(make_node, tmp_path):
     for f in files[3:]:  # the rest of the series, after it was analysed
         assert raw_store_file(node.scp.port, f) == 0
     first_again, revision = _wait_done(node, 2)
-    assert revision.key == f"{first.key}#2" and revision.series_uids == series
+    assert revision.key == f"{first.key}#2" and revision.series_uids == [series]
     assert revision.recorded_result().images == 5
     assert (first_again.result, first_again.finished_at) == (first.result, first.finished_at)
     first_uids = {o.sop_instance_uid for o in first.recorded_result().outputs}

@@ -36,7 +36,7 @@ from tests.helpers import REPO, add_job, write_config
 
 
 def _job(s: Session, key: str, state: str = JobState.QUEUED, **extra: object) -> Job:
-    return add_job(s, key=key, state=state, series_uids=key, **extra)
+    return add_job(s, key=key, state=state, series_uids=[key], **extra)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def test_concurrent_claims_take_each_job_once(database_url):
                     model_id="m",
                     level="series",
                     study_uid="1",
-                    series_uids=str(i),
+                    series_uids=[str(i)],
                     created_at=now,
                     updated_at=now,
                     not_before=now,

@@ -3,9 +3,11 @@ and start-up refuses a database that needs upgrading. On SQLite and on a real Po
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
@@ -14,8 +16,8 @@ from typer.testing import CliRunner
 
 from node.cli import app
 from node.errors import StoreError
-from node.store.db import SchemaOutdated, head_revision, make_engine, schema_status, upgrade
-from node.store.tables import Instance, Job, OutboxItem, Series, Study
+from node.store.db import SchemaOutdated, _alembic_config, head_revision, make_engine, schema_status, upgrade
+from node.store.tables import Instance, Job, OutboxItem, Series, StringList, Study, dump_list, load_list
 from tests.helpers import write_config
 
 T0 = "2026-01-02 03:04:05+00:00"
@@ -111,17 +113,18 @@ def test_upgrade_from_the_first_revision_keeps_the_data(database_url):
         assert _schema_differences(engine) == []
         with Session(engine) as s:
             study = s.exec(select(Study)).one()
-            assert (study.study_uid, study.modalities, study.byte_size) == ("1.2.3", "CT", 1234)
+            assert (study.study_uid, study.modalities, study.byte_size) == ("1.2.3", ["CT"], 1234)
             assert study.first_received_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
             assert study.priority is None and study.notify_state is None
             assert study.notify_attempts == 0 and study.notify_error == ""
-            assert s.exec(select(Series)).one().route_rule == "ct-liver"
+            series = s.exec(select(Series)).one()
+            assert (series.route_rule, series.route_models) == ("ct-liver", ["ct-liver"])  # 0008: JSON
             instance = s.exec(select(Instance)).one()
             assert instance.path == "a/b.dcm"
             assert (instance.sha256, instance.replaced_at) == (None, None)  # 0004: integrity unknown
             assert s.exec(select(OutboxItem)).one().sha256 is None
             job = s.exec(select(Job)).one()
-            assert (job.state, job.result) == ("done", '{"findings": []}')
+            assert (job.state, job.result, job.series_uids) == ("done", '{"findings": []}', ["1.2.3.4"])
             assert s.exec(select(OutboxItem)).one().job_id == job.id
             # 0003: sizes past 2 GiB fit (PostgreSQL's INTEGER is 32-bit)
             study.byte_size = 5 * 2**30
@@ -181,3 +184,83 @@ def test_database_from_a_newer_version_is_refused(database_url):
     with pytest.raises(StoreError, match="newer version") as caught:
         make_engine(database_url)
     assert not isinstance(caught.value, SchemaOutdated)
+
+
+# (table, key, column): the list columns 0008 turns from backslash-joined strings into JSON arrays
+_LISTS = (
+    ("study", "study_uid", "modalities"),
+    ("series", "series_uid", "route_models"),
+    ("job", "key", "series_uids"),
+)
+
+
+def _raw_lists(engine) -> dict[tuple[str, str], str]:
+    with engine.connect() as c:
+        return {
+            (column, key): value
+            for table, key_column, column in _LISTS
+            for key, value in c.execute(text(f"SELECT {key_column}, {column} FROM {table}"))
+        }
+
+
+def test_list_columns_become_json_and_back(database_url):
+    """0008 on rows in the old form: several values, one, none, and a list whose JSON would not fit
+    the column (its whole items that fit are kept); downgrade gives the old strings back."""
+    engine = make_engine(database_url, check_schema=False)
+    try:
+        upgrade(engine, "0001")
+        _fill_revision_0001(engine)
+        long_models = "\\".join(f"model-{i:02d}-with-a-long-name" for i in range(12))  # 323 > 256 chars
+        with engine.begin() as c:
+            c.execute(text("UPDATE study SET modalities = 'CT\\MR\\SR'"))
+            c.execute(text("UPDATE job SET series_uids = '1.2.3.4\\1.2.3.5'"))
+            c.execute(
+                text(
+                    "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number,"
+                    " series_description, calling_aet, state, route_rule, route_models, route_grouping,"
+                    " route_note, instance_count, byte_size, first_received_at, last_received_at)"
+                    " VALUES ('1.2.3.5', '1.2.3', 'MR', '', 3, '', 'MODALITY', 'not routed', '', '', '',"
+                    " 'no rule', 0, 0, :t, :t), ('1.2.3.6', '1.2.3', 'SR', '', 4, '', 'MODALITY', 'routed',"
+                    " 'all', :m, 'series', '', 0, 0, :t, :t)"
+                ),
+                {"t": T0, "m": long_models[:256]},  # the old code cut the joined string at 256
+            )
+        upgrade(engine, "0007")
+        before = _raw_lists(engine)
+        assert before[("modalities", "1.2.3")] == "CT\\MR\\SR"
+
+        upgrade(engine, "0008")
+        raw = _raw_lists(engine)
+        assert raw[("modalities", "1.2.3")] == '["CT","MR","SR"]'
+        assert raw[("route_models", "1.2.3.4")] == '["ct-liver"]'
+        assert raw[("route_models", "1.2.3.5")] == "[]"
+        assert raw[("series_uids", "ct-liver|series|1.2.3.4")] == '["1.2.3.4","1.2.3.5"]'
+        kept = json.loads(raw[("route_models", "1.2.3.6")])
+        assert len(raw[("route_models", "1.2.3.6")]) <= 256 and kept == long_models.split("\\")[: len(kept)]
+        assert len(kept) == 9, "the whole items that fit in 256 characters of JSON (not the 10th, cut)"
+        with Session(engine) as s:
+            assert s.exec(select(Study)).one().modalities == ["CT", "MR", "SR"]
+            assert s.exec(select(Job)).one().series_uids == ["1.2.3.4", "1.2.3.5"]
+            assert s.get(Series, "1.2.3.5").route_models == []
+            assert s.get(Series, "1.2.3.6").route_models == kept
+
+        with engine.begin() as c:
+            command.downgrade(_alembic_config(c), "0007")
+        after = _raw_lists(engine)
+        assert after[("route_models", "1.2.3.6")] == "\\".join(kept)  # what fitted, joined again
+        del before[("route_models", "1.2.3.6")], after[("route_models", "1.2.3.6")]
+        assert after == before
+    finally:
+        engine.dispose()
+
+
+def test_a_list_column_refuses_a_plain_string_and_keeps_whole_items():
+    assert load_list(dump_list(["CT", "MR"], 64)) == ["CT", "MR"]
+    assert dump_list([f"{i:09d}" for i in range(10)], 64) == json.dumps(
+        [f"{i:09d}" for i in range(5)], separators=(",", ":")
+    )
+    assert load_list("") == []
+    with pytest.raises(TypeError, match="not the string"):
+        StringList(64).process_bind_param("CT\\MR", None)
+    with pytest.raises(ValueError, match="JSON array of strings"):
+        load_list('{"a": 1}')

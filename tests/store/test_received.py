@@ -55,7 +55,7 @@ def test_counts_duplicates_and_modalities(database_url):
         ct = s.get(Series, "1.2.3.1")
         mr = s.get(Series, "1.2.3.2")
         assert (study.instance_count, study.series_count, study.byte_size) == (5, 3, 500)
-        assert study.modalities == "CT\\MR"
+        assert study.modalities == ["CT", "MR"]
         assert (ct.instance_count, ct.byte_size, mr.instance_count) == (3, 300, 1)
         assert ct.last_received_at == T0 + timedelta(seconds=5)
         assert study.first_received_at == T0 and study.last_received_at == T0 + timedelta(seconds=5)
@@ -117,7 +117,7 @@ def test_racing_writers_count_each_instance_once(database_url):
     with Session(engine) as s:
         study = s.get(Study, "1.2.3")
         assert (study.instance_count, study.series_count, study.byte_size) == (240, 4, 24000)
-        assert sorted(study.modalities.split("\\")) == ["CT", "MR"]
+        assert sorted(study.modalities) == ["CT", "MR"]
         assert [s.get(Series, f"1.2.3.{k}").instance_count for k in range(4)] == [60] * 4
 
 
@@ -186,7 +186,7 @@ def test_replaced_instance_reopens_its_series_and_makes_a_revision_job(database_
                 model_id="m",
                 level="series",
                 study_uid="1.2.3",
-                series_uids="1.2.3.1",
+                series_uids=["1.2.3.1"],
                 state=JobState.DONE,
                 result=json.dumps({"images": 1}),
                 created_at=T0,

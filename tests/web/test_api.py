@@ -71,6 +71,16 @@ def test_studies_series_jobs(processed):
     assert c.get("/api/v1/jobs?limit=0").status_code == 422
 
 
+def test_pages_show_the_list_columns_as_lists(processed):
+    """Modalities and routed models (JSON lists in the store) read as text on the pages."""
+    c = processed.client
+    assert c.get(f"/api/v1/studies/{processed.urgent}").json()["modalities"] == ["DX"]
+    page = c.get(f"/studies/{processed.urgent}").text
+    assert " · DX · " in page and "</b> → cxr (image)" in page
+    for html in (page, c.get("/studies").text, c.get("/").text):
+        assert "[&#39;" not in html and '["' not in html and "DX" in html
+
+
 def test_models_outbox_stats(processed):
     c = processed.client
     models = c.get("/api/v1/models").json()

@@ -40,7 +40,7 @@ def _job(session: Session, uid: str, key: str, state: str, result: dict | None =
             rule="r",
             level="series",
             study_uid=uid,
-            series_uids=uid + ".1",
+            series_uids=[uid + ".1"],
             state=state,
             result=json.dumps(result) if result else "",
             error="OutputError: x" if state == JobState.FAILED else "",

@@ -13,16 +13,16 @@ from tests.web.conftest import ADMIN_TOKEN, READ_TOKEN, TOKENS
 def _failed_rows(node) -> int:
     now = utcnow()
     with Session(node.engine) as s:
-        s.add(Study(study_uid="1.2.3", modalities="DX", first_received_at=now, last_received_at=now))
+        s.add(Study(study_uid="1.2.3", modalities=["DX"], first_received_at=now, last_received_at=now))
         s.flush()
         analysis = Job(
             key="nomodel|image|1.2.3.1", model_id="nomodel", level="image", study_uid="1.2.3",
-            series_uids="1.2.3.1", state=JobState.FAILED, error="DecodeError: broken pixels",
+            series_uids=["1.2.3.1"], state=JobState.FAILED, error="DecodeError: broken pixels",
             created_at=now, updated_at=now, not_before=now, finished_at=now, attempts=3,
         )  # fmt: skip
         delivery = Job(
             key="nomodel|image|1.2.3.2", model_id="nomodel", level="image", study_uid="1.2.3",
-            series_uids="1.2.3.2", state=JobState.FAILED, error="1 outputs not delivered", result="{}",
+            series_uids=["1.2.3.2"], state=JobState.FAILED, error="1 outputs not delivered", result="{}",
             created_at=now, updated_at=now, not_before=now, finished_at=now, attempts=1,
         )  # fmt: skip
         s.add(analysis)
