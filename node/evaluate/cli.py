@@ -134,9 +134,18 @@ def evaluate(
             help="TRUTH=MODEL: count a truth label as the model's label (repeatable), e.g. malignant=mass",
         ),
     ] = None,
+    write_reference: Annotated[
+        bool,
+        typer.Option(
+            "--write-reference",
+            help="store the scores' and inputs' distribution in the model's manifest (reference:), "
+            "against which live drift is measured",
+        ),
+    ] = False,
 ) -> None:
     """Run a model over labelled DICOM through the node's own path; write report.html and report.json.
-    A segmentation model is also scored by Dice against the phantom truth masks, per label."""
+    A segmentation model is also scored by Dice against the phantom truth masks, per label.
+    ``--write-reference`` keeps the validation distribution in the manifest for drift monitoring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from node.evaluate.dataset import collect_cases
@@ -189,6 +198,14 @@ def evaluate(
         label_map=label_map,
     )
     html_path, json_path = write_report(summary, kept, out)
+    if write_reference:
+        from node.monitoring import reference as validation
+
+        described = f"{data.name}: {len(cases)} cases"
+        reference = validation.reference_from_evaluation(manifest, cases, outcomes, described)
+        target = loaded.directory / "manifest.yaml"
+        validation.write_reference(target, reference)
+        typer.echo(f"wrote the validation reference ({reference.cases} cases) into {target}")
     if "segmentation" in summary:
         seg = summary["segmentation"]
         if seg is None:

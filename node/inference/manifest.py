@@ -521,6 +521,39 @@ class Routing(_Strict):
         return [s.strip().upper() for s in v]
 
 
+class ScoreReference(_Strict):
+    """One label's score distribution on the validation data (``pacs-node evaluate
+    --write-reference``): 101 quantiles (0, 1, ..., 100 %) for the Kolmogorov-Smirnov test and
+    a histogram for the population stability index (PSI), both against the live scores."""
+
+    quantiles: list[float] = Field(min_length=2, description="ascending, 0 % to 100 %")
+    edges: list[float] = Field(min_length=2, description="histogram bin edges, ascending")
+    counts: list[int] = Field(min_length=1, description="validation cases per bin")
+    positive_rate: float = Field(ge=0, le=1, description="share of validation cases above threshold")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ScoreReference:
+        if len(self.counts) != len(self.edges) - 1:
+            raise FieldProblem("counts", f"needs {len(self.edges) - 1} values, one per bin", len(self.counts))
+        if any(b < a for a, b in zip(self.quantiles, self.quantiles[1:], strict=False)):
+            raise FieldProblem("quantiles", "must be ascending")
+        return self
+
+
+class Reference(_Strict):
+    """What the model's validation data looked like, for live drift monitoring (issue 18):
+    scores per label and the input statistics' quantiles (rows, columns, pixel_spacing_mm, p1,
+    p50, p99 of the stored values) and manufacturer mix. Written by ``pacs-node evaluate
+    --write-reference``; a manifest without it loads (drift is then not computed)."""
+
+    data: str = Field(min_length=1, description="the evaluation data it was measured on")
+    created: dt.date
+    cases: int = Field(ge=1)
+    scores: dict[str, ScoreReference] = Field(default_factory=dict)
+    inputs: dict[str, list[float]] = Field(default_factory=dict, description="statistic -> 101 quantiles")
+    manufacturers: dict[str, int] = Field(default_factory=dict, description="cases per manufacturer")
+
+
 class Manifest(_Strict):
     """Everything the node needs to know about one model."""
 
@@ -542,6 +575,9 @@ class Manifest(_Strict):
     aggregation: Aggregation = Aggregation()
     routing: Routing = Routing()
     segmentation: SegmentationSpec | None = None
+    #: shadow: routed and analysed on live traffic and recorded for monitoring, nothing sent
+    mode: Literal["active", "shadow"] = "active"
+    reference: Reference | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Manifest:

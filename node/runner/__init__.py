@@ -4,6 +4,7 @@ the outbox. All state is in the database, so a restart resumes where the last ru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -25,6 +26,7 @@ from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel, Registry
 from node.inference.runtime import ModelSession
 from node.metrics import NodeMetrics
+from node.monitoring.record import record_run
 from node.outputs import OutputError
 from node.pipeline.assemble import assemble
 from node.pipeline.route import RuleSet
@@ -365,8 +367,14 @@ class Runner:
                 budget=settings.limits.budget(),
                 preparer=self._preparer,
             )
+            shadow = model.manifest.mode == "shadow"  # analysed and recorded; nothing is sent
+            targets = [] if shadow else settings.destinations
+            if shadow:  # nor does it raise triage (nor, so, a webhook notification)
+                result = dataclasses.replace(
+                    result, findings=tuple(dataclasses.replace(f, triage=False) for f in result.findings)
+                )
             with watch.stage("writing"):
-                outputs = build_outputs(result, sources, self._identity, settings)
+                outputs = [] if shadow else build_outputs(result, sources, self._identity, settings)
                 fsync = self._settings.storage.fsync
                 written = outbox.write_output_files(self._outbox_dir, job.id, outputs, fsync=fsync)
                 messages = outbox.write_messages(  # HL7 ORU / FHIR Bundle per message destination
@@ -375,7 +383,7 @@ class Runner:
                     result,
                     sources,
                     self._identity,
-                    settings.destinations,
+                    targets,
                     utcnow(),
                     fsync=fsync,
                 )
@@ -442,6 +450,7 @@ class Runner:
             session.commit()
         if rows:
             self._wake_sender.set()
+        record_run(self._engine, job, model.manifest, result, files, settings.limits.budget())
         positives = [f.label for f in result.findings if f.positive and not f.normal]
         log.info(
             "job %d: %s %s on %d images, positive: %s; %d outputs queued",

@@ -315,3 +315,27 @@ class ClusterNode(SQLModel, table=True):
     started_at: datetime = Field(sa_column=_ts())
     heartbeat_at: datetime = Field(sa_column=_ts())
     stopped_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class ModelRun(SQLModel, table=True):
+    """One analysed job as live monitoring sees it (issue 18): the model and version, whether it
+    ran in shadow, its score and positive flag per label (JSON), and statistics of its input
+    images (no patient data: sizes, spacing, stored-value percentiles, manufacturer and model)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", unique=True)
+    model_id: str = Field(max_length=64, index=True)
+    model_version: str = Field(max_length=64)
+    shadow: bool = False
+    recorded_at: datetime = Field(sa_column=_ts(index=True))
+    subject: str = Field(max_length=256, index=True, description="level|uid: pairs shadow and active runs")
+    scores: str = Field(default="{}", description='JSON: {"label": [probability, positive]}')
+    images: int = 0
+    rows: int | None = None
+    columns: int | None = None
+    pixel_spacing_mm: float | None = None
+    p1: float | None = None
+    p50: float | None = None
+    p99: float | None = None
+    manufacturer: str = Field(default="", max_length=64)
+    manufacturer_model: str = Field(default="", max_length=64)

@@ -36,7 +36,7 @@ from node.store import repo
 from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
 from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study, utcnow
 from node.types import JobResult, OutputKind
-from node.web import analyse, auth, dicomweb
+from node.web import analyse, auth, dicomweb, monitoring
 from node.web.guard import WebGuard
 from node.web.health import database_writable
 from node.web.infer import InferRefused, PngStore, dicom_to_png, infer
@@ -714,6 +714,7 @@ def create_web_app(node: Node) -> FastAPI:
     app.include_router(_api(node, heatmaps))
     app.include_router(_pages(node))
     app.include_router(dicomweb.router(node))
+    app.include_router(monitoring.router(node))
     app.include_router(analyse.router(node))
     from node.web.metrics import router as metrics_router
 
