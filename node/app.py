@@ -196,6 +196,12 @@ def check_role(settings: Settings, role: str) -> None:
             "PostgreSQL database (postgresql+psycopg://...); on SQLite one process runs every role "
             "(--role all, the default)"
         )
+    if settings.dicom.reuse_port and settings.storage.url.startswith("sqlite"):
+        raise ConfigError(
+            "dicom.reuse_port lets several processes receive on one port, and they share their "
+            "state through one PostgreSQL database: set storage.database_url (postgresql+psycopg://...), "
+            "or leave dicom.reuse_port off (one process on SQLite)"
+        )
 
 
 def build_node(settings: Settings, role: str = "all") -> Node:

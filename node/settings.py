@@ -136,6 +136,12 @@ class DicomSettings(_Section):
     require_called_ae_title: bool = Field(
         False, description="reject an association whose Called AE Title is not ae_title"
     )
+    reuse_port: bool = Field(
+        False,
+        description="let several receiving processes of this host listen on the same port "
+        "(SO_REUSEPORT, Linux): the kernel spreads the associations over them, each with its own "
+        "committer. Needs the processes' shared PostgreSQL database (docs/scale.md)",
+    )
 
     @field_validator("max_pdu")
     @classmethod

@@ -234,13 +234,25 @@ class StorageSCP:
         main_context = self._tls if tls_only else None
         contexts = [_SharedContext.of(cx) for cx in ae.supported_contexts]
         self._server = start_gated_server(
-            ae, (s.host, s.port), self.gate, handlers, contexts, ssl_context=main_context
+            ae,
+            (s.host, s.port),
+            self.gate,
+            handlers,
+            contexts,
+            ssl_context=main_context,
+            reuse_port=s.reuse_port,
         )
         kind = "TLS" if tls_only else "plain TCP"
         log.info("DICOM SCP %s listening on %s:%d (%s)", s.ae_title, s.host, self.port, kind)
         if self._tls is not None and s.tls.port is not None:
             self._tls_server = start_gated_server(
-                ae, (s.host, s.tls.port), self.gate, handlers, contexts, ssl_context=self._tls
+                ae,
+                (s.host, s.tls.port),
+                self.gate,
+                handlers,
+                contexts,
+                ssl_context=self._tls,
+                reuse_port=s.reuse_port,
             )
             log.info("DICOM SCP %s listening on %s:%d (TLS)", s.ae_title, s.host, s.tls.port)
 

@@ -657,9 +657,18 @@ class GatedServer(ThreadedAssociationServer):
     daemon_threads = True  # a connection's thread now lives as long as its association
     block_on_close = False  # stopping the listener does not wait for open associations
 
-    def __init__(self, *args: Any, gate: Gate, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, gate: Gate, reuse_port: bool = False, **kwargs: Any) -> None:
         self.gate = gate
-        super().__init__(*args, request_handler=GatedHandler, **kwargs)
+        self.reuse_port = reuse_port
+        super().__init__(*args, request_handler=GatedHandler, **kwargs)  # binds
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind, with ``SO_REUSEPORT`` first when several receiving processes of this
+        host share the port (``dicom.reuse_port``): the kernel then spreads new connections over
+        the processes listening, and stops giving any to one that has exited."""
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def start_gated_server(
@@ -669,8 +678,10 @@ def start_gated_server(
     evt_handlers: list[Any],
     contexts: list[Any],
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> GatedServer:
-    """Bind and serve in a background thread, like ``ae.start_server(block=False)``."""
+    """Bind and serve in a background thread, like ``ae.start_server(block=False)``;
+    ``reuse_port``: share the port with the other processes that bind it so (SO_REUSEPORT)."""
     server = ae.make_server(
         address,
         contexts=contexts,
@@ -678,6 +689,7 @@ def start_gated_server(
         evt_handlers=evt_handlers,
         server_class=GatedServer,
         gate=gate,
+        reuse_port=reuse_port,
     )
     thread = threading.Thread(
         target=server.serve_forever, name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}", daemon=True
