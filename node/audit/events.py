@@ -1,5 +1,5 @@
 """The node's audit events: one small API the hook points call (app start/stop, an association's
-instances, an association refused, results exported, sign-in and sign-out).
+instances, an association refused, results exported, sign-in and sign-out, feedback given).
 
 Every method returns at once and never raises: the message is built and sent by the sender's
 thread (:class:`node.audit.syslog.SyslogSender`). With ``audit.enabled`` false the methods do
@@ -332,6 +332,36 @@ class AuditTrail:
                 outcome=outcome,
                 outcome_description="" if ok else reason,
             )
+        )
+
+    # -- feedback ----------------------------------------------------------------------------
+
+    def feedback_given(
+        self, user: str, address: str, study_uid: str, sample: Path | None, replaced: bool
+    ) -> None:
+        """Procedure Record, C (a first verdict) or U (it replaced the user's previous one): a
+        radiologist's feedback on a finding of the study, stored. ``sample``: one stored file of
+        the study, read (in the sender's thread) for the patient's ID and name; None when the
+        study's files are gone (the message then names no patient)."""
+        if self.sender is None:
+            return
+        person = m.Participant(user_id=user or "(unknown)", requestor=True, address=address)
+        self._submit(lambda: self._feedback(person, study_uid, sample, "U" if replaced else "C"))
+
+    def _feedback(self, person: m.Participant, study_uid: str, sample: Path | None, action: str) -> bytes:
+        patient_id = patient_name = accession = ""
+        if sample is not None:
+            try:
+                _, patient_id, patient_name, accession = _read_patient(sample)
+            except (OSError, ValueError, InvalidDicomError) as exc:  # gone: the message still goes
+                log.warning("audit: patient attributes unreadable (%s)", type(exc).__name__)
+        return m.procedure_record(
+            action,
+            person,
+            self._node(False, (m.ROLE_APPLICATION,)),
+            self.source,
+            [m.study(study_uid, {}, [accession])],
+            m.patient(patient_id, patient_name),
         )
 
 

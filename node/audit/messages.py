@@ -44,6 +44,7 @@ class Code:
 # Event IDs (DCM, PS3.16 CID 400) and event types (CID 401)
 APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+PROCEDURE_RECORD = Code("110111", "DCM", "Procedure Record")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
 APPLICATION_START = Code("110120", "DCM", "Application Start")
@@ -331,6 +332,34 @@ def security_alert(
         subjects,
         action="E",
         event_types=[alert],
+        outcome_description=outcome_description,
+        when=when,
+    )
+
+
+def procedure_record(
+    action: str,
+    user: Participant,
+    application: Participant,
+    source: AuditSource,
+    studies: Sequence[ParticipantObject],
+    the_patient: ParticipantObject,
+    outcome: Outcome = Outcome.SUCCESS,
+    outcome_description: str = "",
+    when: datetime | None = None,
+) -> bytes:
+    """Procedure Record (A.5.3, DCM 110111): a record about the procedure created (C) or updated
+    (U). The node sends it for a radiologist's feedback on a finding of the study's analysis
+    (PS3.15 has no event of its own for that). The user is the requestor; one patient per message."""
+    if action not in ("C", "R", "U", "D"):
+        raise ValueError("Procedure Record: the action is C, R, U or D")
+    return build(
+        PROCEDURE_RECORD,
+        outcome,
+        [user, application],
+        source,
+        [*studies, the_patient],
+        action=action,
         outcome_description=outcome_description,
         when=when,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,8 @@ import typer
 from node.errors import NodeError
 
 DEFAULT_ROOT = Path("models/onnx")
+#: ``--labels feedback``: the stored radiologist feedback is the reference
+FEEDBACK = "feedback"
 
 models_app = typer.Typer(help="Inspect and check the installed models.", no_args_is_help=True)
 
@@ -107,12 +110,35 @@ def models_export_triton(
 
 def evaluate(
     model: Annotated[str, typer.Argument(help="model id (under --models) or model folder")],
-    data: Annotated[Path, typer.Argument(help="folder of labelled DICOM (searched recursively)")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(help="folder of labelled DICOM (searched recursively); none with --labels feedback"),
+    ] = None,
     labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            help="CSV keyed by sop/series/study_instance_uid (default: truth.json sidecars), or "
+            "'feedback': the node's stored radiologist feedback against its recorded results (see --config)",
+        ),
+    ] = None,
+    config: Annotated[
         Path | None,
         typer.Option(
-            "--labels", help="CSV keyed by sop/series/study_instance_uid (default: truth.json sidecars)"
+            "--config",
+            "-c",
+            envvar="PACS_NODE_CONFIG",
+            help="--labels feedback: the node's configuration (its database; default: config/node.yaml)",
         ),
+    ] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="--labels feedback: verdicts given at or after (UTC)")
+    ] = None,
+    until: Annotated[
+        datetime | None, typer.Option(help="--labels feedback: verdicts given before (UTC)")
+    ] = None,
+    model_version: Annotated[
+        str | None, typer.Option("--model-version", help="--labels feedback: only this model version")
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("evaluation"),
     root: Annotated[Path, typer.Option("--models", help="models folder")] = DEFAULT_ROOT,
@@ -155,6 +181,13 @@ def evaluate(
     from node.inference.registry import load_model
     from node.inference.runtime import CPU, RuntimeConfig, create_session
 
+    if labels == FEEDBACK:
+        _evaluate_feedback(
+            model, data, config, root, out, since, until, model_version, sensitivity, bootstrap, seed
+        )
+        return
+    if data is None:
+        raise typer.BadParameter("the folder of labelled DICOM (or --labels feedback)", param_hint="DATA")
     try:
         label_map = parse_label_map(map_label or [])
     except ValueError as exc:
@@ -166,7 +199,7 @@ def evaluate(
             data,
             manifest.aggregation.level,
             [lb.name for lb in manifest.labels],
-            labels_csv=labels,
+            labels_csv=Path(labels) if labels else None,
             group_by=group_by,
             label_map=label_map,
         )
@@ -259,3 +292,92 @@ def evaluate(
     typer.echo(f"wrote {html_path} and {json_path}")
     if summary["failed"]:
         raise typer.Exit(1)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _evaluate_feedback(
+    model: str,
+    data: Path | None,
+    config: Path | None,
+    root: Path,
+    out: Path,
+    since: datetime | None,
+    until: datetime | None,
+    version: str | None,
+    sensitivity: float,
+    bootstrap: int,
+    seed: int,
+) -> None:
+    """``evaluate MODEL --labels feedback``: the node's recorded scores and decisions of MODEL
+    against the radiologists' current verdicts (unsure ones left out); report.html and report.json
+    with the agreement figures. Exit 1 when there is no feedback, 2 on a bad configuration."""
+    from sqlmodel import Session
+
+    from node.evaluate.feedback import feedback_summary
+    from node.evaluate.report import write_report
+    from node.inference.registry import load_model
+    from node.settings import load_settings
+    from node.store.db import make_engine
+    from node.store.feedback import FeedbackFilter, list_feedback
+
+    if data is not None:
+        raise typer.BadParameter(
+            "with --labels feedback the reference is the node's stored feedback on its recorded results: "
+            "give no DATA folder",
+            param_hint="DATA",
+        )
+    described: dict[str, object] = {"id": model, "name": model, "sha256": "", "research_use_only": False}
+    try:  # the manifest names the model in the report; feedback on a removed model still counts
+        manifest = load_model(_model_dir(model, root)).manifest
+        described.update(id=manifest.id, name=manifest.name, research_use_only=manifest.research_use_only)
+    except NodeError:
+        pass
+    try:
+        engine = make_engine(load_settings(config).storage.url)
+    except NodeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    wanted = FeedbackFilter(
+        model_id=str(described["id"]), model_version=version, since=_utc(since), until=_utc(until)
+    )
+    try:
+        with Session(engine) as session:
+            rows = list_feedback(session, wanted)
+    finally:
+        engine.dispose()
+    filters = {
+        "model_version": version,
+        "since": None if wanted.since is None else wanted.since.isoformat(),
+        "until": None if wanted.until is None else wanted.until.isoformat(),
+    }
+    if not rows:
+        shown = ", ".join(f"{k} {v}" for k, v in filters.items() if v is not None)
+        typer.echo(f"no feedback on model {described['id']}{f' ({shown})' if shown else ''}", err=True)
+        raise typer.Exit(1)
+    versions = sorted({r.model_version for r in rows})
+    described["version"] = ", ".join(versions)
+    summary = feedback_summary(
+        described, rows, target_sensitivity=sensitivity, n_boot=bootstrap, seed=seed, filters=filters
+    )
+    html_path, json_path = write_report(summary, [], out)
+    typer.echo(f"{described['id']}: {len(rows)} verdicts ({summary['excluded_unsure']} unsure, left out)")
+    for f in summary["agreement"]:
+        typer.echo(
+            f"{f['label']} ({f['model_version']}): {f['ratings']} ratings, agree {f['agree']}, "
+            f"disagree {f['disagree']}, unsure {f['unsure']}"
+        )
+        typer.echo(f"  agreement rate     {_rate(f['agreement_rate'])}")
+        typer.echo(f"  ppv from feedback  {_rate(f['ppv'])} ({f['model_positive']} positive decisions rated)")
+        typer.echo(f"  npv from feedback  {_rate(f['npv'])}")
+        typer.echo(f"  sensitivity        {_rate(f['sensitivity'])}")
+        typer.echo(f"  specificity        {_rate(f['specificity'])}")
+    typer.echo(f"wrote {html_path} and {json_path}")

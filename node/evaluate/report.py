@@ -71,9 +71,12 @@ def _finding_section(f: dict[str, Any]) -> str:
             f"<p>Threshold reaching sensitivity {op['target_sensitivity']:.2f}: <b>{op['threshold']:.4f}</b> "
             f"(sensitivity {_num(op['sensitivity'])}, specificity {_num(op['specificity'])}).</p>"
         )
-    return f"""<h2>{html.escape(f["label"])}</h2>
-<p>{f["cases"]} cases: {f["positives"]} positive, {f["negatives"]} negative; manifest threshold
-{f["threshold"]:.4f}.</p>
+    version = f" ({html.escape(f['model_version'])})" if f.get("model_version") else ""
+    threshold = "n/a" if f["threshold"] is None else f"{f['threshold']:.4f}"
+    kind = "threshold in force" if f.get("model_version") else "manifest threshold"  # feedback: as recorded
+    return f"""<h2>{html.escape(f["label"])}{version}</h2>
+<p>{f["cases"]} cases: {f["positives"]} positive, {f["negatives"]} negative; {kind}
+{threshold}.</p>
 <div style="display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start">
 <table><tr><th>metric</th><th>value</th><th>95% CI (bootstrap)</th></tr>{rows}</table>
 <table class="cm"><tr><th></th><th>truth +</th><th>truth −</th></tr>
@@ -130,6 +133,28 @@ def _segmentation_section(seg: dict[str, Any] | None, label_map: dict[str, str] 
     )
 
 
+def _feedback_section(summary: dict[str, Any]) -> str:
+    """``--labels feedback``: what the reference is, and the agreement figures per finding."""
+    head = (
+        "<tr><th>finding</th><th>version</th><th>ratings</th><th>agree</th><th>disagree</th><th>unsure</th>"
+        "<th>agreement rate</th><th>PPV</th><th>NPV</th><th>sensitivity</th><th>specificity</th></tr>"
+    )
+    rows = "".join(
+        f"<tr><td>{html.escape(a['label'])}</td><td>{html.escape(a['model_version'])}</td><td>{a['ratings']}</td>"
+        f"<td>{a['agree']}</td><td>{a['disagree']}</td><td>{a['unsure']}</td><td>{_num(a['agreement_rate'])}</td>"
+        f"<td>{_num(a['ppv'])}</td><td>{_num(a['npv'])}</td><td>{_num(a['sensitivity'])}</td>"
+        f"<td>{_num(a['specificity'])}</td></tr>"
+        for a in summary["agreement"]
+    )
+    shown = ", ".join(f"{k} {html.escape(str(v))}" for k, v in (summary.get("filters") or {}).items() if v)
+    return f"""<p>Reference labels: the radiologists' feedback stored by the node ({summary["cases"]} rated
+verdicts{f"; {shown}" if shown else ""}): <i>agree</i> keeps the model's decision, <i>disagree</i> takes the
+correct label, {summary["excluded_unsure"]} <i>unsure</i> verdicts are left out. Scores and decisions are the
+ones the node recorded for each job; each verdict is one case. Intervals: percentile bootstrap over verdicts
+({summary["bootstrap"]["resamples"]} resamples).</p>
+<h2>Agreement with the feedback</h2><table>{head}{rows}</table>"""
+
+
 def render_html(summary: dict[str, Any], examples: Sequence[Example]) -> str:
     """The whole report page."""
     m = summary["model"]
@@ -161,15 +186,20 @@ def render_html(summary: dict[str, Any], examples: Sequence[Example]) -> str:
         for ex in examples
         if ex.png_base64
     )
+    intro = (
+        _feedback_section(summary)
+        if summary.get("source") == "feedback"
+        else f"""<p>{summary["cases"]} cases at {summary["level"]} level, analysed by the node's decode →
+preprocess → infer → aggregate path in {summary["seconds"]:.1f} s. Model sha256 <code>{m["sha256"]}</code>.
+Intervals: percentile bootstrap over cases ({summary["bootstrap"]["resamples"]} resamples).</p>"""
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>Evaluation of {html.escape(m["id"])} {html.escape(m["version"])}</title>
 <style>{_CSS}</style></head><body>
 <h1>Evaluation: {html.escape(m["name"])}
 (<code>{html.escape(m["id"])}</code> {html.escape(m["version"])})</h1>
 {warn}
-<p>{summary["cases"]} cases at {summary["level"]} level, analysed by the node's decode → preprocess →
-infer → aggregate path in {summary["seconds"]:.1f} s. Model sha256 <code>{m["sha256"]}</code>.
-Intervals: percentile bootstrap over cases ({summary["bootstrap"]["resamples"]} resamples).</p>
+{intro}
 {extra}
 {segmentation}
 {"".join(_finding_section(f) for f in summary["findings"])}

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Index, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, UniqueConstraint, text
 from sqlalchemy.types import DateTime, String, TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -339,3 +339,49 @@ class ModelRun(SQLModel, table=True):
     p99: float | None = None
     manufacturer: str = Field(default="", max_length=64)
     manufacturer_model: str = Field(default="", max_length=64)
+
+
+class Verdict(StrEnum):
+    """What a radiologist said about one finding of a job."""
+
+    AGREE = "agree"
+    DISAGREE = "disagree"
+    UNSURE = "unsure"
+
+
+class Feedback(SQLModel, table=True):
+    """One radiologist's verdict on one finding of a finished job (issue 18). The row keeps what
+    the model said (score, decision, threshold, version), so it outlives the study's pruning (no
+    foreign key to the job). Re-marking the same finding supersedes the user's previous row
+    (``superseded_at`` set) instead of deleting it: the history stays, one row is current."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)
+    study_uid: str = Field(max_length=64, index=True)
+    label: str = Field(max_length=64, description="the finding (the model's label name)")
+    model_id: str = Field(max_length=64, index=True)
+    model_version: str = Field(default="", max_length=32)
+    threshold: float | None = Field(default=None, description="the threshold in force; None: not known")
+    score: float = Field(description="the model's probability for the finding")
+    positive: bool = Field(description="the model's decision")
+    verdict: str = Field(max_length=16, description="agree, disagree or unsure")
+    correct_label: str | None = Field(
+        default=None, max_length=64, description="disagree: positive, negative or another class's label"
+    )
+    comment: str = Field(default="", max_length=2000)
+    user_name: str = Field(max_length=128, description="the token's name (API or signed-in page)")
+    created_at: datetime = Field(sa_column=_ts(index=True))
+    superseded_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+    __table_args__ = (
+        # one current verdict per user and finding (PostgreSQL and SQLite both have partial indexes)
+        Index(
+            "uq_feedback_current",
+            "job_id",
+            "label",
+            "user_name",
+            unique=True,
+            sqlite_where=text("superseded_at IS NULL"),
+            postgresql_where=text("superseded_at IS NULL"),
+        ),
+    )

@@ -37,6 +37,8 @@ from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
 from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study, utcnow
 from node.types import JobResult, OutputKind
 from node.web import analyse, auth, dicomweb, monitoring
+from node.web.feedback import router as feedback_router
+from node.web.feedback import study_feedback
 from node.web.guard import WebGuard
 from node.web.health import database_writable
 from node.web.infer import InferRefused, PngStore, dicom_to_png, infer
@@ -582,6 +584,7 @@ def _pages(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
             heatmaps={j.id: _sc_outputs(j) for j in raw_jobs},
             analysis=analysis_summary(series, jobs),
             duplicates=repo.study_duplicates(db, study_uid),
+            feedback=study_feedback(node, db, raw_jobs, request),
         )
 
     @pages.get("/jobs/{job_id}/heatmaps/{sop_uid}.png", dependencies=read)
@@ -714,6 +717,7 @@ def create_web_app(node: Node) -> FastAPI:
     app.include_router(_api(node, heatmaps))
     app.include_router(_pages(node))
     app.include_router(dicomweb.router(node))
+    app.include_router(feedback_router(node))
     app.include_router(monitoring.router(node))
     app.include_router(analyse.router(node))
     from node.web.metrics import router as metrics_router
