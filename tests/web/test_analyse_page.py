@@ -418,21 +418,7 @@ def test_store_is_bounded_in_count_bytes_and_time():
 
 def test_study_page_streams_job_state_changes(page):
     study_uid = "1.2.826.0.1.3680043.8.498.77.1"
-    now = utcnow()
-    with Session(page.node.engine) as db:
-        db.add(Study(study_uid=study_uid, first_received_at=now, last_received_at=now, state="complete"))
-        db.commit()
-        later = now + timedelta(hours=1)  # not yet due: the runner leaves it to this test
-        series = ["1.2.3"] if Job.model_fields["series_uids"].annotation == list[str] else "1.2.3"
-        job = add_job(
-            db,
-            key="analyse-page-events",
-            state=JobState.QUEUED,
-            study_uid=study_uid,
-            model_id="cxr",
-            not_before=later,
-            series_uids=series,
-        )
+    job_id = _running_job(page.node, study_uid, "analyse-page-events")
     html = page.client.get(f"/studies/{study_uid}").text
     block = re.search(r'<section id="job-progress"[^>]*>', html).group(0)
     assert f'data-events="/studies/{study_uid}/events"' in block and "hidden" not in block
@@ -443,11 +429,7 @@ def test_study_page_streams_job_state_changes(page):
     reader.start()
     for state in (JobState.INFERRING, JobState.DONE):
         time.sleep(1.6)
-        with Session(page.node.engine) as db:
-            row = db.get(Job, job.id)
-            row.state, row.updated_at = state, utcnow()
-            db.add(row)
-            db.commit()
+        _set_state(page.node, job_id, state)
     reader.join(30)
     assert not reader.is_alive()
     kinds = [(e, d.get("state")) for _, e, d in received]
@@ -535,3 +517,63 @@ def test_browser_uploads_a_photograph_and_gets_the_result_page(page, served, tmp
     assert any(i.startswith("heatmap for red") and not i.endswith(" 0x0") for i in seen["images"]), where
     assert seen["printButton"] == 1 and seen["printHeaderShown"] is False, where
     assert shot.stat().st_size > 10_000 and report.stat().st_size > 10_000
+
+
+def _running_job(node: Node, study_uid: str, key: str) -> int:
+    """A study with one queued job that the runner leaves alone (due in an hour)."""
+    now = utcnow()
+    with Session(node.engine) as db:
+        db.add(Study(study_uid=study_uid, first_received_at=now, last_received_at=now, state="complete"))
+        db.commit()
+        job = add_job(
+            db,
+            key=key,
+            state=JobState.QUEUED,
+            study_uid=study_uid,
+            model_id="cxr",
+            not_before=now + timedelta(hours=1),
+        )
+        return job.id
+
+
+def _set_state(node: Node, job_id: int, state: str) -> None:
+    with Session(node.engine) as db:
+        row = db.get(Job, job_id)
+        row.state, row.updated_at = state, utcnow()
+        db.add(row)
+        db.commit()
+
+
+@pytest.mark.slow
+def test_browser_study_page_follows_its_running_job(page, served):
+    node_js = shutil.which("node")
+    if node_js is None or not (REPO / "tests" / "ohif" / "node_modules" / "playwright-core").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("Node.js and playwright-core are needed (npm ci in tests/ohif)")
+        pytest.skip("Node.js or playwright-core (tests/ohif: npm ci) is not installed")
+    chromium()
+    study_uid = "1.2.826.0.1.3680043.8.498.77.2"
+    job_id = _running_job(page.node, study_uid, "analyse-page-browser")
+    browser = subprocess.Popen(
+        [node_js, str(Path(__file__).parent / "study_progress.mjs"), served, READ_TOKEN, study_uid],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        opened = browser.stdout.readline()  # the browser started, signed in and shows the page
+        assert opened.strip() == "OPEN", opened + browser.stderr.read()[-3000:]
+        time.sleep(1.5)
+        _set_state(page.node, job_id, JobState.INFERRING)
+        time.sleep(2.5)
+        _set_state(page.node, job_id, JobState.DONE)
+        out, err = browser.communicate(timeout=120)
+    finally:
+        browser.kill()
+    assert browser.returncode == 0, out[-3000:] + err[-3000:]
+    seen = json.loads(out.strip().splitlines()[-1])
+    where = json.dumps(seen, indent=1)
+    assert not seen["errors"] and seen["shownAtFirst"], where
+    assert seen["lines"][0] == f"job {job_id} cxr queued", where
+    assert f"job {job_id} cxr done" in seen["lines"], where
+    assert seen["loads"] >= 1 and seen["shownAfterReload"] is False, where
