@@ -1,5 +1,9 @@
 """The node's typed error hierarchy: each stage raises one of these; the runner records it once."""
 
+from __future__ import annotations
+
+from enum import StrEnum
+
 
 class NodeError(Exception):
     """Base of every error the node raises on purpose."""
@@ -48,12 +52,27 @@ class InferenceError(NodeError):
     """ONNX Runtime failed to run a model."""
 
 
-class UploadRefused(NodeError):
-    """A file handed in for one-off analysis cannot be analysed. ``reason`` says which check failed:
-    not_dicom, no_pixels, unsupported_syntax, over_budget, no_rules, no_route, not_loaded, undecodable,
-    unprocessable, timeout or failed."""
+class RefusalReason(StrEnum):
+    """Which check refused a file handed in for one-off analysis (the values are part of the API)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    NOT_DICOM = "not_dicom"
+    NO_PIXELS = "no_pixels"
+    UNSUPPORTED_SYNTAX = "unsupported_syntax"
+    UNSUPPORTED_PHOTOMETRIC = "unsupported_photometric"
+    OVER_BUDGET = "over_budget"
+    NO_RULES = "no_rules"
+    NO_ROUTE = "no_route"
+    NOT_LOADED = "not_loaded"
+    UNDECODABLE = "undecodable"
+    UNPROCESSABLE = "unprocessable"
+    TIMEOUT = "timeout"
+    FAILED = "failed"
+
+
+class UploadRefused(NodeError):
+    """A file handed in for one-off analysis cannot be analysed; ``reason`` says which check failed."""
+
+    def __init__(self, reason: RefusalReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message

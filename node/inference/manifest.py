@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -138,6 +139,29 @@ class InputSpec(_Strict):
 # --------------------------------------------------------------------------------------------
 # Preprocessing steps (a discriminated union on ``op``)
 
+
+class StepOp(StrEnum):
+    """The preprocessing step a manifest's ``op`` names (the values are the manifest's words)."""
+
+    def __repr__(self) -> str:  # validation errors list the expected tags as the manifest spells them
+        return repr(self.value)
+
+    MODALITY_LUT = "modality_lut"
+    WINDOW = "window"
+    INVERT_MONOCHROME1 = "invert_monochrome1"
+    TO_8BIT = "to_8bit"
+    CLAHE = "clahe"
+    MEDIAN = "median"
+    GAUSSIAN = "gaussian"
+    RESIZE = "resize"
+    LETTERBOX = "letterbox"
+    NORMALIZE = "normalize"
+    REPLICATE_CHANNELS = "replicate_channels"
+    CIRCULAR_CROP = "circular_crop"
+    CLAHE_LUMINANCE = "clahe_luminance"
+    ILLUMINATION_CORRECTION = "illumination_correction"
+
+
 Interpolation = Literal["nearest", "linear", "cubic", "area"]
 Size = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
 
@@ -145,13 +169,13 @@ Size = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
 class ModalityLutStep(_Strict):
     """Stored values to modality units: ``x * RescaleSlope + RescaleIntercept``."""
 
-    op: Literal["modality_lut"]
+    op: Literal[StepOp.MODALITY_LUT]
 
 
 class WindowStep(_Strict):
     """DICOM linear VOI window to 0..255, from the header, a named preset, or explicit values."""
 
-    op: Literal["window"]
+    op: Literal[StepOp.WINDOW]
     source: Literal["header", "preset", "explicit"] = "header"
     preset: str | None = None
     center: float | None = None
@@ -180,14 +204,14 @@ class WindowStep(_Strict):
 class InvertMonochrome1Step(_Strict):
     """Invert MONOCHROME1 images (high values dark) so that every image reads MONOCHROME2."""
 
-    op: Literal["invert_monochrome1"]
+    op: Literal[StepOp.INVERT_MONOCHROME1]
 
 
 class To8BitStep(_Strict):
     """16->8-bit conversion: naive bit-depth scaling, global or per-image percentile bounds, or the
     3-channel mix stacking the three."""
 
-    op: Literal["to_8bit"]
+    op: Literal[StepOp.TO_8BIT]
     method: Literal["naive", "global_percentile", "image_percentile", "mix"]
     low: float | None = None
     high: float | None = None
@@ -211,7 +235,7 @@ class To8BitStep(_Strict):
 class ClaheStep(_Strict):
     """Contrast-limited adaptive histogram equalisation (OpenCV) on an 8-bit image."""
 
-    op: Literal["clahe"]
+    op: Literal[StepOp.CLAHE]
     clip_limit: float = Field(default=2.0, gt=0)
     tile_grid: Size = (8, 8)
 
@@ -219,7 +243,7 @@ class ClaheStep(_Strict):
 class MedianStep(_Strict):
     """Median filter with an odd square kernel."""
 
-    op: Literal["median"]
+    op: Literal[StepOp.MEDIAN]
     ksize: int = Field(default=3, ge=3)
 
     @field_validator("ksize")
@@ -233,7 +257,7 @@ class MedianStep(_Strict):
 class GaussianStep(_Strict):
     """Gaussian filter; ``ksize`` 0 derives the kernel size from sigma."""
 
-    op: Literal["gaussian"]
+    op: Literal[StepOp.GAUSSIAN]
     sigma: float = Field(gt=0)
     ksize: int = Field(default=0, ge=0)
 
@@ -248,7 +272,7 @@ class GaussianStep(_Strict):
 class ResizeStep(_Strict):
     """Resize to (height, width), ignoring the aspect ratio."""
 
-    op: Literal["resize"]
+    op: Literal[StepOp.RESIZE]
     size: Size
     interpolation: Interpolation = "area"
 
@@ -256,7 +280,7 @@ class ResizeStep(_Strict):
 class LetterboxStep(_Strict):
     """Resize keeping the aspect ratio, then pad to (height, width)."""
 
-    op: Literal["letterbox"]
+    op: Literal[StepOp.LETTERBOX]
     size: Size
     pad_value: float = 0.0
     interpolation: Interpolation = "area"
@@ -266,7 +290,7 @@ class LetterboxStep(_Strict):
 class NormalizeStep(_Strict):
     """``(x / max_pixel_value - mean[c]) / std[c]`` per channel (one value broadcasts)."""
 
-    op: Literal["normalize"]
+    op: Literal[StepOp.NORMALIZE]
     mean: list[float] = Field(min_length=1)
     std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
     max_pixel_value: float = Field(default=255.0, gt=0)
@@ -281,7 +305,7 @@ class NormalizeStep(_Strict):
 class ReplicateChannelsStep(_Strict):
     """Replicate a single-channel image into ``channels`` channels."""
 
-    op: Literal["replicate_channels"]
+    op: Literal[StepOp.REPLICATE_CHANNELS]
     channels: int = Field(default=3, ge=2)
 
 
@@ -305,7 +329,7 @@ class CircularCropStep(_Strict):
     where it leaves the image, and every pixel outside the inscribed circle is set to 0. The crop
     is an offset in the geometry, so heatmaps land where the model looked."""
 
-    op: Literal["circular_crop"]
+    op: Literal[StepOp.CIRCULAR_CROP]
     threshold: float = Field(default=0.04, ge=0, lt=1)
     margin: float = Field(default=0.0, ge=0, le=1)
 
@@ -313,7 +337,7 @@ class CircularCropStep(_Strict):
 class ClaheLuminanceStep(_Strict):
     """CLAHE (OpenCV) on the L channel of CIE Lab (OpenCV's 8-bit Lab), colour kept."""
 
-    op: Literal["clahe_luminance"]
+    op: Literal[StepOp.CLAHE_LUMINANCE]
     clip_limit: float = Field(default=2.0, gt=0)
     tile_grid: int = Field(default=8, ge=1, le=64)
 
@@ -322,7 +346,7 @@ class IlluminationCorrectionStep(_Strict):
     """Graham's background subtraction per channel: ``4 * (I - G) + 128`` clipped to 0..255, G the
     image blurred by a Gaussian of sigma ``sigma_fraction`` x the image's shorter side."""
 
-    op: Literal["illumination_correction"]
+    op: Literal[StepOp.ILLUMINATION_CORRECTION]
     sigma_fraction: float = Field(default=0.1, gt=0, le=1)
 
 

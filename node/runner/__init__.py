@@ -38,7 +38,7 @@ from node.settings import DestinationSettings, Settings
 from node.store import cluster, repo
 from node.store.integrity import IntegrityError
 from node.store.tables import Job, JobState, Series, utcnow
-from node.types import AnalysisResult, Finding, JobOutput, JobResult, OutputIdentity, Segment
+from node.types import AnalysisResult, Finding, JobOutput, JobResult, OutputIdentity, OutputKind, Segment
 
 log = logging.getLogger(__name__)
 # Errors caused by the data (or the model files), which a retry would only repeat: the job fails at
@@ -69,7 +69,7 @@ class Models:
 
 def build_outputs(
     result: AnalysisResult, sources: list[Dataset], identity: OutputIdentity, settings: Settings
-) -> list[tuple[str, Dataset]]:
+) -> list[tuple[OutputKind, Dataset]]:
     """Every output object the configuration asks for: SR, heatmap SCs, parametric maps,
     presentation states and a Key Object Selection (positive findings only); for a segmentation
     model also its DICOM Segmentation (always, when any segment has pixels), which the SR
@@ -82,7 +82,7 @@ def build_outputs(
     from node.outputs.seg import build_seg
     from node.outputs.sr import build_sr
 
-    out: list[tuple[str, Dataset]] = []
+    out: list[tuple[OutputKind, Dataset]] = []
     seg: Dataset | None = None
     sr: Dataset | None = None
     note = ""
@@ -96,23 +96,23 @@ def build_outputs(
             if seg is None:
                 note = "No segmentation object was written: no segment has pixels after post-processing."
             else:
-                out.append(("seg", seg))
+                out.append((OutputKind.SEG, seg))
     if settings.outputs.sr:
         sr = build_sr(result, sources, identity, segmentation=seg, segmentation_note=note)
-        out.append(("sr", sr))
+        out.append((OutputKind.SR, sr))
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if settings.outputs.secondary_capture:
-        out.extend(("sc", ds) for ds in build_heatmap_scs(result, by_uid, identity))
+        out.extend((OutputKind.SC, ds) for ds in build_heatmap_scs(result, by_uid, identity))
     object_dests = [d for d in settings.destinations if d.takes_objects]  # dicom, dicomweb
     if any(d.parametric_map for d in object_dests):
-        out.extend(("pm", ds) for ds in build_parametric_maps(result, sources, identity))
+        out.extend((OutputKind.PM, ds) for ds in build_parametric_maps(result, sources, identity))
     states: list[Dataset] = []
     if settings.outputs.presentation_state and any(d.presentation_state for d in object_dests):
         try:
             states = build_presentation_states(result, sources, identity)
         except OutputError as exc:
             log.warning("model %s: no presentation states: %s", result.algorithm.model_id, exc)
-        out.extend(("gsps", ds) for ds in states)
+        out.extend((OutputKind.GSPS, ds) for ds in states)
     kos_to = [d for d in object_dests if d.key_objects]
     if settings.outputs.key_objects and kos_to:
         # a KOS names the presentation states only where every destination of it gets them
@@ -123,7 +123,7 @@ def build_outputs(
             log.warning("model %s: no key object selection: %s", result.algorithm.model_id, exc)
         else:
             if kos is not None:
-                out.append(("kos", kos))
+                out.append((OutputKind.KOS, kos))
     return out
 
 

@@ -17,7 +17,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.dicom.inspect import InflateError, inflated_size
-from node.errors import BudgetExceeded, DecodeError, NodeError, PreprocessError, UploadRefused
+from node.errors import BudgetExceeded, DecodeError, NodeError, PreprocessError, RefusalReason, UploadRefused
 from node.inference.decode import check_budget, supported_transfer_syntaxes
 from node.inference.prepared import Preparer
 from node.outputs.sc import heatmaps_to_show, render_overlay
@@ -65,9 +65,11 @@ def _check_inflated(data: bytes, budget: Budget) -> None:
     try:
         inflated_size(body, budget.max_inflated_bytes)
     except BudgetExceeded as exc:
-        raise UploadRefused("over_budget", f"the upload is refused: {redact(str(exc))}") from exc
+        raise UploadRefused(RefusalReason.OVER_BUDGET, f"the upload is refused: {redact(str(exc))}") from exc
     except InflateError as exc:
-        raise UploadRefused("not_dicom", f"not a readable DICOM file: {redact(str(exc))}") from exc
+        raise UploadRefused(
+            RefusalReason.NOT_DICOM, f"not a readable DICOM file: {redact(str(exc))}"
+        ) from exc
     finally:
         body.release()
 
@@ -80,18 +82,18 @@ def parse_upload(data: bytes, budget: Budget = DEFAULT_BUDGET) -> Dataset:
         ds = pydicom.dcmread(BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
         raise UploadRefused(
-            "not_dicom", f"not a DICOM file (Part 10, with the DICM preamble): {redact(str(exc))}"
+            RefusalReason.NOT_DICOM, f"not a DICOM file (Part 10, with the DICM preamble): {redact(str(exc))}"
         ) from exc
     if not any(k in ds for k in _PIXEL_KEYWORDS):
-        raise UploadRefused("no_pixels", "the DICOM file has no pixel data (not an image)")
+        raise UploadRefused(RefusalReason.NO_PIXELS, "the DICOM file has no pixel data (not an image)")
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is None:
         raise UploadRefused(
-            "not_dicom", "the DICOM file has no Transfer Syntax UID in its file meta information"
+            RefusalReason.NOT_DICOM, "the DICOM file has no Transfer Syntax UID in its file meta information"
         )
     if ts not in supported_transfer_syntaxes():
         raise UploadRefused(
-            "unsupported_syntax",
+            RefusalReason.UNSUPPORTED_SYNTAX,
             f"unsupported transfer syntax {ts} ({getattr(ts, 'name', ts)}): no decoder is installed",
         )
     _check_photometric(ds)
@@ -106,13 +108,13 @@ def _check_photometric(ds: Dataset) -> None:
     samples = ds.get("SamplesPerPixel", 1) or 1
     if photometric not in _PHOTOMETRICS:
         raise UploadRefused(
-            "unsupported_photometric",
+            RefusalReason.UNSUPPORTED_PHOTOMETRIC,
             f"unsupported photometric interpretation {photometric[:16] or '(none)'!r}: the node decodes "
             + ", ".join(_PHOTOMETRICS),
         )
     if samples != _PHOTOMETRICS[photometric]:
         raise UploadRefused(
-            "unsupported_photometric",
+            RefusalReason.UNSUPPORTED_PHOTOMETRIC,
             f"photometric interpretation {photometric} with {samples} samples per pixel "
             f"(it has {_PHOTOMETRICS[photometric]})",
         )
@@ -137,21 +139,25 @@ def analyse_upload(
     try:  # before routing, which may read the pixels of a CT or MR
         check_budget(ds, budget)
     except BudgetExceeded as exc:
-        raise UploadRefused("over_budget", f"the image is refused: {redact(str(exc))}") from exc
+        raise UploadRefused(RefusalReason.OVER_BUDGET, f"the image is refused: {redact(str(exc))}") from exc
     except DecodeError as exc:
-        raise UploadRefused("undecodable", f"the pixel data cannot be decoded: {redact(str(exc))}") from exc
+        raise UploadRefused(
+            RefusalReason.UNDECODABLE, f"the pixel data cannot be decoded: {redact(str(exc))}"
+        ) from exc
     tell("decoded", _describe(ds))
     if rules is None:
-        raise UploadRefused("no_rules", "the node has no routing rules loaded")
+        raise UploadRefused(RefusalReason.NO_RULES, "the node has no routing rules loaded")
     # the same evidence as the pipeline: a CT or MR naming no body region is routed on its pixels
     decision = route(rules, with_pixel_region(route_header_from_dataset(ds), lambda: region_from_pixels(ds)))
     if not decision.routed:
         modality = ds.get("Modality", "") or "(none)"
-        raise UploadRefused("no_route", f"no route for this image (modality {modality}): {decision.reason}")
+        raise UploadRefused(
+            RefusalReason.NO_ROUTE, f"no route for this image (modality {modality}): {decision.reason}"
+        )
     loaded = [m for m in decision.models if models.available(m)]  # type: ignore[attr-defined]
     if not loaded:
         raise UploadRefused(
-            "not_loaded",
+            RefusalReason.NOT_LOADED,
             f"rule '{decision.rule}' routes to {', '.join(decision.models)}, which is not loaded",
         )
     tell("routed", f"rule '{decision.rule}' -> {', '.join(loaded)}: {decision.reason}")
@@ -172,17 +178,22 @@ def analyse_upload(
                     preparer=preparer,
                 )
             except JobTimeout as exc:
-                raise UploadRefused("timeout", f"inference took too long: {redact(str(exc))}") from exc
+                raise UploadRefused(
+                    RefusalReason.TIMEOUT, f"inference took too long: {redact(str(exc))}"
+                ) from exc
             except DecodeError as exc:
                 raise UploadRefused(
-                    "undecodable", f"the pixel data cannot be decoded: {redact(str(exc))}"
+                    RefusalReason.UNDECODABLE, f"the pixel data cannot be decoded: {redact(str(exc))}"
                 ) from exc
             except PreprocessError as exc:
                 raise UploadRefused(
-                    "unprocessable", f"the image cannot be preprocessed for {model_id}: {redact(str(exc))}"
+                    RefusalReason.UNPROCESSABLE,
+                    f"the image cannot be preprocessed for {model_id}: {redact(str(exc))}",
                 ) from exc
             except NodeError as exc:
-                raise UploadRefused("failed", f"{type(exc).__name__}: {redact(str(exc))}") from exc
+                raise UploadRefused(
+                    RefusalReason.FAILED, f"{type(exc).__name__}: {redact(str(exc))}"
+                ) from exc
             tell("heatmap", f"{model_id}: rendering the heatmap overlays")
             outcomes.append((result, _overlays(result)))
     return decision.rule or "", outcomes

@@ -20,14 +20,14 @@ from node.send import Delivery, Destination, OutgoingFile
 from node.settings import DestinationSettings
 from node.store.integrity import IntegrityError, check_file, file_sha256
 from node.store.tables import Job, JobState, OutboxItem, OutboxState
-from node.types import AnalysisResult, OutputIdentity
+from node.types import AnalysisResult, OutputIdentity, OutputKind
 
 log = logging.getLogger(__name__)
 
 
 def write_output_files(
-    outbox_dir: Path, job_id: int, outputs: Sequence[tuple[str, Dataset]], *, fsync: bool = True
-) -> list[tuple[str, Dataset, Path]]:
+    outbox_dir: Path, job_id: int, outputs: Sequence[tuple[OutputKind, Dataset]], *, fsync: bool = True
+) -> list[tuple[OutputKind, Dataset, Path]]:
     """Save each (kind, dataset) as a Part 10 file under ``outbox_dir/<job>/``, written atomically
     and (``fsync``: ``storage.fsync``) fsync'd; return paths."""
     folder = outbox_dir / str(job_id)
@@ -66,7 +66,7 @@ class WrittenMessage:
     """A study-level message (HL7 ORU, FHIR Bundle) written for one destination."""
 
     destination: str
-    kind: str  # "hl7" | "fhir"
+    kind: OutputKind  # HL7 or FHIR
     uid: str  # the message's UID (the outbox row's sop_instance_uid): one per (job, destination)
     path: Path
 
@@ -118,7 +118,7 @@ def write_messages(
             log.warning("job %d: no %s message for %s: %s", job.id, dest.kind, dest.name, type(exc).__name__)
             continue
         write_atomically(final, lambda fh, body=body: fh.write(body), fsync=fsync)
-        written.append(WrittenMessage(dest.name, dest.kind, uid, final))
+        written.append(WrittenMessage(dest.name, OutputKind(dest.kind), uid, final))
     _sync_folders(folder, outbox_dir, fsync)
     return written
 
@@ -147,7 +147,7 @@ def queue_messages(
 def queue_outputs(
     session: Session,
     job: Job,
-    files: Sequence[tuple[str, Dataset, Path]],
+    files: Sequence[tuple[OutputKind, Dataset, Path]],
     destinations: Sequence[DestinationSettings],
     data_dir: Path,
     now: datetime,
@@ -161,9 +161,11 @@ def queue_outputs(
         for dest in destinations:
             if not dest.takes_objects:
                 continue
-            if kind == "pm" and not dest.parametric_map:
+            if kind == OutputKind.PM and not dest.parametric_map:
                 continue
-            if (kind == "gsps" and not dest.presentation_state) or (kind == "kos" and not dest.key_objects):
+            if (kind == OutputKind.GSPS and not dest.presentation_state) or (
+                kind == OutputKind.KOS and not dest.key_objects
+            ):
                 continue
             session.add(
                 OutboxItem(

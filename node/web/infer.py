@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pydicom
 
-from node.errors import UploadRefused
+from node.errors import RefusalReason, UploadRefused
 from node.types import AnalysisResult
 
 if TYPE_CHECKING:
@@ -88,19 +88,19 @@ def dicom_to_png(path: Path) -> bytes:
 
 
 #: HTTP status for each reason an upload is refused.
-_STATUS = {
-    "not_dicom": 400,
-    "no_pixels": 422,
-    "unsupported_syntax": 415,
-    "unsupported_photometric": 415,
-    "no_rules": 503,
-    "no_route": 422,
-    "not_loaded": 422,
-    "undecodable": 422,
-    "over_budget": 413,
-    "unprocessable": 422,
-    "timeout": 504,
-    "failed": 500,
+_STATUS: dict[RefusalReason, int] = {
+    RefusalReason.NOT_DICOM: 400,
+    RefusalReason.NO_PIXELS: 422,
+    RefusalReason.UNSUPPORTED_SYNTAX: 415,
+    RefusalReason.UNSUPPORTED_PHOTOMETRIC: 415,
+    RefusalReason.NO_RULES: 503,
+    RefusalReason.NO_ROUTE: 422,
+    RefusalReason.NOT_LOADED: 422,
+    RefusalReason.UNDECODABLE: 422,
+    RefusalReason.OVER_BUDGET: 413,
+    RefusalReason.UNPROCESSABLE: 422,
+    RefusalReason.TIMEOUT: 504,
+    RefusalReason.FAILED: 500,
 }
 
 
