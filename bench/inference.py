@@ -2,7 +2,7 @@
 
 For each reference model in ``models/onnx``, a phantom study of the model's kind is generated
 (node.synth) and pushed through the node's own path, as the runner does it
-(``node.runner.analyse._prepare_all``: read + decode + ``prepare`` per file, then ``_infer``:
+(``node.runner.analyse.prepare_all``: read + decode + ``prepare`` per file, then ``infer_images``:
 one ``ModelSession.run`` over the batch, or the patch tiler for patch models). Every array that
 the node hands to ``ModelSession.run`` is recorded; the bare baseline then runs the same ONNX file
 in a plain ``onnxruntime.InferenceSession`` (same provider, same thread settings) over exactly those
@@ -62,7 +62,7 @@ from node.inference.runtime import (  # noqa: E402
     missing_cuda_library,
     open_session,
 )
-from node.runner.analyse import Stopwatch, _infer, _predictor, _prepare_all, analyse  # noqa: E402
+from node.runner.analyse import Stopwatch, analyse, infer_images, make_predictor, prepare_all  # noqa: E402
 from node.synth import generate_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,8 +113,8 @@ def node_path(model: LoadedModel, session: ModelSession, files: list[Path]) -> l
         return rec.calls
     is_patch = isinstance(model.manifest.heatmap, PatchHeatmap)
     batches: list[int] = []
-    images = _prepare_all(files, model.manifest, is_patch)
-    _infer(model.manifest, rec, images, _predictor(model.manifest, rec, batches), is_patch, batches)
+    images = prepare_all(files, model.manifest, is_patch)
+    infer_images(model.manifest, rec, images, make_predictor(model.manifest, rec, batches), is_patch, batches)
     return rec.calls
 
 
@@ -182,7 +182,7 @@ def measure(model: LoadedModel, files: list[Path], provider: str, max_batch: int
     bare_path(bare, session.input_name, calls, outs, mb, fixed)  # warm
     bare_s = best(lambda: bare_path(bare, session.input_name, calls, outs, mb, fixed), repeat)
     is_patch = isinstance(model.manifest.heatmap, PatchHeatmap)
-    prep_s = best(lambda: _prepare_all(files, model.manifest, is_patch), repeat)
+    prep_s = best(lambda: prepare_all(files, model.manifest, is_patch), repeat)
     n = len(files)
     runs = sum(-(-b.shape[0] // mb) for b, _ in calls)
     batch = max(b.shape[0] for b, _ in calls)

@@ -135,10 +135,12 @@ def analyse(
         )
     is_patch = isinstance(manifest.heatmap, PatchHeatmap)
     with watch.stage("preprocessing"):
-        images = _prepare_all(files, manifest, is_patch, budget, preparer, watch.deadline)
-    predict = _predictor(manifest, session, watch.batches)
+        images = prepare_all(files, manifest, is_patch, budget, preparer, watch.deadline)
+    predict = make_predictor(manifest, session, watch.batches)
     with watch.stage("inferring"):
-        outputs, probs, patch_results = _infer(manifest, session, images, predict, is_patch, watch.batches)
+        outputs, probs, patch_results = infer_images(
+            manifest, session, images, predict, is_patch, watch.batches
+        )
         per_image = [label_scores(manifest, row) for row in probs]
         agg = manifest.aggregation
         findings = label_scores(manifest, aggregate(probs, agg.method, agg.k))
@@ -178,7 +180,7 @@ def analyse(
     return result, sources
 
 
-def _prepare_all(
+def prepare_all(
     files: Sequence[Path],
     manifest: Manifest,
     is_patch: bool,
@@ -252,9 +254,12 @@ def _displays(
     return out
 
 
-def _predictor(
+def make_predictor(
     manifest: Manifest, session: ModelSession, batches: list[int]
 ) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from a model-input batch to the manifest's label probabilities through
+    ``session``; each batch's size is appended to ``batches``."""
+
     def predict(batch: np.ndarray) -> np.ndarray:
         batches.append(int(batch.shape[0]))
         raw = session.run(batch, [manifest.outputs.probabilities])[manifest.outputs.probabilities]
@@ -263,7 +268,7 @@ def _predictor(
     return predict
 
 
-def _infer(
+def infer_images(
     manifest: Manifest,
     session: ModelSession,
     images: list[_Image],
@@ -271,6 +276,10 @@ def _infer(
     is_patch: bool,
     batches: list[int],
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
+    """Run the model over prepared ``images``: (raw outputs by name, per-image probabilities,
+    patch results). A patch-heatmap model scores sliding patches through ``predict`` (the
+    probabilities are each image's highest patch scores); any other runs one batch of every
+    image (its size appended to ``batches``)."""
     if is_patch:
         spec = manifest.heatmap
         assert isinstance(spec, PatchHeatmap)

@@ -36,7 +36,7 @@ from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
 from node.inference.sliding import sliding_window_inference
 from node.outputs.common import plane_geometry
-from node.runner.analyse import JobTimeout, Stopwatch, _displays, _Image, _prepare_all, algorithm_identity
+from node.runner.analyse import JobTimeout, Stopwatch, _displays, _Image, algorithm_identity, prepare_all
 from node.types import (
     AnalysisResult,
     Code,
@@ -81,7 +81,7 @@ def analyse_segmentation(
     spec = manifest.segmentation
     assert spec is not None
     with watch.stage("preprocessing"):
-        images = _prepare_all(files, manifest, False, budget, preparer, watch.deadline)
+        images = prepare_all(files, manifest, False, budget, preparer, watch.deadline)
     n_labels = len(manifest.labels)
     frames: list[SegmentFrame] = []
     peaks = np.zeros((len(images), n_labels), dtype=np.float64)  # max prob per frame

@@ -22,7 +22,7 @@ from node.inference.postprocess import label_scores
 from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel
 from node.inference.runtime import ModelSession
-from node.runner.analyse import Stopwatch, _displays, _predictor, _prepare_all, algorithm_identity
+from node.runner.analyse import Stopwatch, _displays, algorithm_identity, make_predictor, prepare_all
 from node.runner.segment import stack_volume
 from node.types import AnalysisResult, ImageResult
 
@@ -55,12 +55,12 @@ def analyse_volume(
     """Classify one series as a volume (see the module docstring)."""
     manifest = model.manifest
     with watch.stage("preprocessing"):
-        images = _prepare_all(files, manifest, False, budget, preparer, watch.deadline)
+        images = prepare_all(files, manifest, False, budget, preparer, watch.deadline)
         volume = stack_volume(manifest, images)
         depth = manifest.input.spatial3d[0]
         if depth is not None:
             volume = resample_depth(volume, depth)
-    predict = _predictor(manifest, session, watch.batches)
+    predict = make_predictor(manifest, session, watch.batches)
     with watch.stage("inferring"):
         probs = predict(volume[np.newaxis])
         if probs.shape[0] != 1:

@@ -162,12 +162,12 @@ def test_segmentation_bundle_converts_and_matches_monai(tmp_path: Path, ct_serie
     import pydicom
 
     from converters.common import ort_session
-    from node.runner.analyse import _prepare_all
+    from node.runner.analyse import prepare_all
 
     by_uid = {f.sop_instance_uid: f for f in analysis.segmentation.frames}
     want_full = monai_masks(bundle, ct_series, post=False)
     want_model = monai_masks(bundle, ct_series, post=True)
-    prepared = {im.header.sop_instance_uid: im for im in _prepare_all(ct_series, m, False)}  # analyse's
+    prepared = {im.header.sop_instance_uid: im for im in prepare_all(ct_series, m, False)}  # analyse's
     onnx = ort_session(out / "model.onnx")
     full_agree, model_agree = [], []
     for f, full, small in zip(ct_series, want_full, want_model, strict=True):

@@ -150,10 +150,10 @@ def test_3d_segmentation_converts_and_runs(arch: str, tmp_path: Path, ct_volume:
     # sliding_window_inference of the torch network over the same volume, then analyse's masks
     from monai.inferers import sliding_window_inference
 
-    from node.runner.analyse import _prepare_all
+    from node.runner.analyse import prepare_all
     from node.runner.segment import stack_volume, volume_logits
 
-    images = _prepare_all(ct_volume, model.manifest, False)
+    images = prepare_all(ct_volume, model.manifest, False)
     volume = stack_volume(model.manifest, images)
     assert volume.shape == (1, len(ct_volume), 64, 64)
     session = create_session(model, RuntimeConfig(providers=(CPU,), intra_op_threads=1, inter_op_threads=1))

@@ -23,7 +23,7 @@ from converters.common import ConversionError  # noqa: E402
 from node.inference.manifest import Manifest  # noqa: E402
 from node.inference.registry import load_model  # noqa: E402
 from node.inference.runtime import CPU, RuntimeConfig, create_session  # noqa: E402
-from node.runner.analyse import Stopwatch, _prepare_all, analyse  # noqa: E402
+from node.runner.analyse import Stopwatch, analyse, prepare_all  # noqa: E402
 from node.runner.segment import stack_volume  # noqa: E402
 from node.runner.volume import resample_depth  # noqa: E402
 from node.synth import generate_study  # noqa: E402
@@ -78,7 +78,7 @@ def test_volume_classifier_converts_and_runs(arch: str, tmp_path: Path, ct_serie
     assert watch.batches == [1]  # the whole series in one call
 
     # the same volume through the PyTorch network
-    images = _prepare_all(ct_series, manifest, False)
+    images = prepare_all(ct_series, manifest, False)
     volume = resample_depth(stack_volume(manifest, images), SHAPE[1])
     net = getattr(archs, arch)().eval()
     with torch.no_grad():

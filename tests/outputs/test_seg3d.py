@@ -19,7 +19,7 @@ from node.inference.registry import LoadedModel, load_model
 from node.inference.runtime import ModelSession, RuntimeConfig, create_session
 from node.outputs.seg import build_seg
 from node.outputs.sr import build_sr
-from node.runner.analyse import Stopwatch, _prepare_all, analyse
+from node.runner.analyse import Stopwatch, analyse, prepare_all
 from node.runner.segment import stack_volume, volume_logits
 from node.synth import generate_study, render_study
 from node.types import AnalysisResult
@@ -218,7 +218,7 @@ def test_monai_unet_3d_blend_matches_monai(tmp_path: Path) -> None:
     session = create_session(model, CONFIG)
     truth = generate_study("ct", tmp_path / "ct", 7102, "malignant", write_masks=False, slices=12, size=128)
     files = [tmp_path / "ct" / inst.file for inst in truth.instances]
-    volume = stack_volume(model.manifest, _prepare_all(files, model.manifest, False))
+    volume = stack_volume(model.manifest, prepare_all(files, model.manifest, False))
     assert volume.shape == (1, 12, 64, 64)
     batches: list[int] = []
     ours = volume_logits(model.manifest, session, volume, batches)
@@ -303,6 +303,6 @@ def test_a_3d_job_past_its_deadline_stops_between_windows(liver3d, tmp_path: Pat
 
     model, session = liver3d
     files, _, _ = _phantom(tmp_path, 7100, "malignant")
-    volume = stack_volume(model.manifest, _prepare_all(files, model.manifest, False))
+    volume = stack_volume(model.manifest, prepare_all(files, model.manifest, False))
     with pytest.raises(JobTimeout, match="sliding-window"):
         volume_logits(model.manifest, session, volume, [], deadline=time.monotonic() - 1)
