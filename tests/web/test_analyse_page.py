@@ -439,6 +439,21 @@ def test_study_page_streams_job_state_changes(page):
     assert page.client.get("/studies/1.2.3.4.404/events").status_code == 404
 
 
+def playwright_node() -> str:
+    """Node.js with playwright-core (tests/ohif's, installed there with ``npm ci`` on first use, as
+    the OHIF tests do) and Chromium; skip outside CI when one is missing, fail in CI."""
+    node_js, npm = shutil.which("node"), shutil.which("npm")
+    if node_js is None or npm is None:
+        if os.environ.get("CI"):
+            pytest.fail("Node.js and npm are needed for the browser tests")
+        pytest.skip("Node.js or npm is not installed")
+    chromium()
+    ohif = REPO / "tests" / "ohif"
+    if not (ohif / "node_modules" / "playwright-core").is_dir():
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=ohif, check=True, timeout=600)
+    return node_js
+
+
 def fundus_picture(path: Path) -> Path:
     """A fundus-like photograph (orange disc on black, a pale optic disc, dark vessels, a few
     bright spots) as JPEG, for the browser test and its screenshot."""
@@ -475,14 +490,7 @@ def served(page):
 
 @pytest.mark.slow
 def test_browser_uploads_a_photograph_and_gets_the_result_page(page, served, tmp_path):
-    node_js = shutil.which("node")
-    if node_js is None or not (REPO / "tests" / "ohif" / "node_modules" / "playwright-core").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(
-                "Node.js and tests/ohif/node_modules/playwright-core are needed (npm ci in tests/ohif)"
-            )
-        pytest.skip("Node.js or playwright-core (tests/ohif: npm ci) is not installed")
-    chromium()
+    node_js = playwright_node()
     # PACS_NODE_SCREENSHOTS=docs refreshes docs/analyse-result.png; otherwise they stay in tmp_path
     target = Path(os.environ.get("PACS_NODE_SCREENSHOTS") or tmp_path)
     shot, report = target / "analyse-result.png", target / "analyse-report.png"
@@ -546,12 +554,7 @@ def _set_state(node: Node, job_id: int, state: str) -> None:
 
 @pytest.mark.slow
 def test_browser_study_page_follows_its_running_job(page, served):
-    node_js = shutil.which("node")
-    if node_js is None or not (REPO / "tests" / "ohif" / "node_modules" / "playwright-core").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("Node.js and playwright-core are needed (npm ci in tests/ohif)")
-        pytest.skip("Node.js or playwright-core (tests/ohif: npm ci) is not installed")
-    chromium()
+    node_js = playwright_node()
     study_uid = "1.2.826.0.1.3680043.8.498.77.2"
     job_id = _running_job(page.node, study_uid, "analyse-page-browser")
     browser = subprocess.Popen(
