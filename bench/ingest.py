@@ -11,6 +11,11 @@ own association (one storescu run per file), as modalities send one-image studie
 of accepting an association counts, and so does starting storescu, for both servers alike.
 
     .venv/bin/python bench/ingest.py [--small 400] [--large 60]
+    .venv/bin/python bench/ingest.py --receivers 1 2 4   # also N node processes on one port
+
+``--receivers N``: the node runs as N `--role receiver` processes sharing the DICOM port
+(``dicom.reuse_port``) on one PostgreSQL database started on loopback (as the tests do); the CPU
+column sums the N processes.
 """
 
 from __future__ import annotations
@@ -111,14 +116,36 @@ def send_each(port: int, files: list[Path], parallel: int, called: str) -> float
     return time.perf_counter() - started
 
 
-class Server:
-    """A receiving server process started for one measurement."""
+def _wait_bound(pid: int, port: int, timeout: float = 120) -> None:
+    """Wait until process ``pid`` itself listens on TCP ``port`` (another may listen there too)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        inodes = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(fields[9])
+        try:
+            fds = {os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()}
+        except OSError:
+            fds = set()
+        if any(f"socket:[{inode}]" in fds for inode in inodes):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"process {pid} did not listen on port {port}")
 
-    def __init__(self, kind: str, workdir: Path, parallel: int) -> None:
+
+class Server:
+    """A receiving server (one or several processes) started for one measurement."""
+
+    def __init__(
+        self, kind: str, workdir: Path, parallel: int, receivers: int = 0, database: str = ""
+    ) -> None:
         self.kind = kind
         self.workdir = workdir
         self.port = free_port()
         env = {**os.environ, "TCP_NODELAY": "1"}
+        self.procs: list[subprocess.Popen] = []
         if kind == "storescp":
             out = workdir / "storescp"
             out.mkdir()
@@ -134,31 +161,53 @@ class Server:
                 "storage": {"data_dir": str(workdir / "node"), "fsync": kind == "node", "min_free_mb": 0},
                 "logging": {"level": "WARNING"},
             }
-            path = workdir / "node.yaml"
-            path.write_text(yaml.safe_dump(config))
-            cmd = [sys.executable, "-m", "node", "serve", "--config", str(path)]
             self.called = "PACSNODE"
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if receivers:
+                config["dicom"]["reuse_port"] = True
+                config["storage"]["database_url"] = database
+            for i in range(max(receivers, 1)):
+                if receivers:
+                    config["cluster"] = {"node_id": f"receiver-{i}"}
+                path = workdir / f"node{i}.yaml"
+                path.write_text(yaml.safe_dump(config))
+                role = ["--role", "receiver"] if receivers else []
+                cmd = [sys.executable, "-m", "node", "serve", "--config", str(path), *role]
+                self.procs.append(
+                    subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                )
+                _wait_bound(self.procs[-1].pid, self.port)  # each listening before the next starts
+        if not self.procs:
+            self.procs.append(
+                subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
         wait_port(self.port)
         time.sleep(0.3)
 
+    def cpu(self) -> float:
+        """CPU seconds of its processes so far."""
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
-def measure(kind: str, files: list[Path], parallel: int, each: bool = False) -> dict[str, float]:
+def measure(
+    kind: str, files: list[Path], parallel: int, each: bool = False, receivers: int = 0, database: str = ""
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
-        server = Server(kind, Path(tmp), parallel)
+        server = Server(kind, Path(tmp), parallel, receivers, database)
         try:
-            cpu0 = cpu_seconds(server.proc.pid)
+            cpu0 = server.cpu()
             send = send_each if each else send_parallel
             wall = send(server.port, files, parallel, server.called)
             time.sleep(0.5)  # let storescp --fork reap its children
-            cpu = cpu_seconds(server.proc.pid) - cpu0
+            cpu = server.cpu() - cpu0
         finally:
             server.stop()
     size = sum(f.stat().st_size for f in files)
@@ -178,7 +227,31 @@ def main() -> None:
     parser.add_argument("--each", type=int, default=100, help="~40 kB instances sent one per association")
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs per cell")
+    parser.add_argument(
+        "--receivers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also N receiver processes on one port (dicom.reuse_port, loopback PostgreSQL), per N",
+    )
     args = parser.parse_args()
+    pg = None
+    if args.receivers:
+        from tests.store.pgserver import PostgresServer, postgres_bindir
+
+        bindir = postgres_bindir()
+        if bindir is None:
+            sys.exit("--receivers needs PostgreSQL: apt-get install postgresql")
+        pg = PostgresServer(bindir)
+    try:
+        _run(args, pg)
+    finally:
+        if pg is not None:
+            pg.stop()
+
+
+def _run(args: argparse.Namespace, pg: object) -> None:
+    """Every cell of the table."""
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install dcmtk")
@@ -200,17 +273,23 @@ def main() -> None:
         for label, files in sets.items():
             for parallel in args.parallel:
                 results = {}
+                each = label.startswith("1/assoc")
                 for kind in ("storescp", "node", "node-nofsync"):
-                    each = label.startswith("1/assoc")
                     runs = [measure(kind, files, parallel, each) for _ in range(args.repeat)]
                     results[kind] = max(runs, key=lambda r: r["ips"])
+                for n in args.receivers:
+                    runs = [
+                        measure("node", files, parallel, each, n, pg.new_database())  # type: ignore[attr-defined]
+                        for _ in range(args.repeat)
+                    ]
+                    results[f"node-x{n}"] = max(runs, key=lambda r: r["ips"])
                 base = results["storescp"]["ips"]
                 for kind, r in results.items():
                     name = {
                         "storescp": "storescp +B",
                         "node": "node (fsync)",
                         "node-nofsync": "node (no fsync)",
-                    }[kind]
+                    }.get(kind) or f"node ×{kind.removeprefix('node-x')} (PG)"
                     ratio = f"{r['ips'] / base:.2f}" if kind != "storescp" else "1.00"
                     print(
                         f"{label:<13}{parallel:>6} {name:<16}{r['ips']:>9.1f}{r['mbps']:>9.1f}"
