@@ -347,28 +347,18 @@ def convert(ctx: typer.Context) -> None:
 
 
 def _import_converters_cli():  # noqa: ANN202 - module type
-    """Import ``converters.cli`` lazily (``node`` never imports converters at import time)."""
+    """Import ``converters.cli`` lazily (``node`` never imports converters at import time); the
+    ``converters`` package is installed with ``node`` (pyproject's packages)."""
     import importlib
 
     try:
         return importlib.import_module("converters.cli")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("converters", "converters.cli"):
+        if exc.name in ("converters", "converters.cli"):
+            what = "the converters package is not installed"
+            typer.echo(f"error: {what}: pip install -e '.[convert]'", err=True)
+        else:
             typer.echo(f"error: the converters need {exc.name!r}: pip install -e '.[convert]'", err=True)
-            raise typer.Exit(2) from exc
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo / "converters" / "__init__.py").is_file():
-        typer.echo(
-            "error: the converters/ package is not importable; run pacs-node from a checkout of the "
-            "repository (converters/ beside node/)",
-            err=True,
-        )
-        raise typer.Exit(2)
-    sys.path.insert(0, str(repo))
-    try:
-        return importlib.import_module("converters.cli")
-    except ModuleNotFoundError as exc:
-        typer.echo(f"error: the converters need {exc.name!r}: pip install -e '.[convert]'", err=True)
         raise typer.Exit(2) from exc
 
 

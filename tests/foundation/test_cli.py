@@ -71,3 +71,20 @@ def test_send_reports_failures(tmp_path):
     result = _cli("send", str(tmp_path), "--port", "1")
     assert result.returncode == 1
     assert "no DICOM files" in result.stderr
+
+
+def test_the_converters_are_installed_with_the_node(tmp_path):
+    """``converters`` is a package of the distribution (pyproject), importable from anywhere, not
+    put on sys.path by the CLI: ``pacs-node convert`` works outside the checkout."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import converters.cli, sys; print('converters' in sys.modules)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert found.returncode == 0 and found.stdout.strip() == "True", found.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "node", "convert", "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "MONAI bundle" in shown.stdout, shown.stderr
