@@ -23,6 +23,7 @@ from node.store.tables import (
     Study,
     StudyState,
 )
+from node.triage import study_triage, worklist_order
 
 _log = logging.getLogger(__name__)
 
@@ -173,25 +174,8 @@ def outbox_state_counts(session: Session) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------ triage
-def study_triage(
-    jobs: Sequence[Job], triage_labels: Mapping[str, Collection[str]]
-) -> tuple[str | None, float | None]:
-    """Priority and suspicion score from a study's finished jobs.
-
-    urgent: a finding raised triage in any job (a label the manifest flags for triage, above its
-    threshold); routine: analysed, none urgent; None when no job has a result yet. The score is
-    the highest probability among the labels flagged for triage (``triage_labels``: model id ->
-    label names; None when the models flag none).
-    """
-    done = [(j.model_id, r) for j in jobs if (r := j.recorded_result()) is not None]
-    if not done:
-        return None, None
-    findings = [(model, f) for model, r in done for f in r.findings]
-    urgent = any(f.triage for _, f in findings)
-    flagged = [f.probability for m, f in findings if f.label in triage_labels.get(m, ())]
-    return (Priority.URGENT if urgent else Priority.ROUTINE), max(flagged, default=None)
-
-
+# the policy (what makes a study urgent, the reading order) is node.triage's; here its inputs are
+# read and its outcome stored
 def refresh_study_triage(
     session: Session,
     study_uid: str,
@@ -269,25 +253,6 @@ def display_priorities(session: Session, studies: Sequence[Study]) -> dict[str, 
         else:
             out[s.study_uid] = Priority.NOT_ANALYSED
     return out
-
-
-def worklist_order(items: Sequence[tuple[str, float | None, datetime]]) -> list[int]:
-    """Order (priority, score, arrival) tuples for reading; return indexes into ``items``.
-
-    Urgent studies come first, by suspicion score (highest first) then arrival (oldest first).
-    Every other study (routine, pending, failed, not analysed) keeps plain arrival order, oldest first:
-    as cleared triage products do, the AI only ever moves suspected positives *up*; a negative or
-    missing result never moves a study below where arrival order puts it. So for a non-urgent
-    study, every study above it either arrived earlier or was flagged urgent.
-    """
-
-    def key(i: int) -> tuple[int, float, datetime, int]:
-        priority, score, arrival = items[i]
-        if priority == Priority.URGENT:
-            return 0, -(score or 0.0), arrival, i
-        return 1, 0.0, arrival, i
-
-    return sorted(range(len(items)), key=key)
 
 
 def worklist(session: Session, limit: int = 200) -> list[tuple[Study, str]]:
