@@ -12,6 +12,7 @@ import datetime as dt
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -26,9 +27,27 @@ from pydantic import (
 )
 
 from node.errors import ManifestError
-from node.inference.preprocess import COLOUR_OPS, GREY_OPS, WINDOW_PRESETS
 
 _MISSING = object()
+
+#: Standard CT window presets, name -> (center/level, width), in HU (Radiopaedia's "Windowing (CT)").
+WINDOW_PRESETS: MappingProxyType[str, tuple[float, float]] = MappingProxyType(
+    {
+        "brain": (40.0, 80.0),
+        "subdural": (75.0, 215.0),
+        "stroke": (40.0, 40.0),
+        "liver": (30.0, 150.0),
+        "abdomen": (50.0, 400.0),
+        "mediastinum": (50.0, 350.0),
+        "lung": (-600.0, 1500.0),
+        "bone": (400.0, 1800.0),
+    }
+)
+
+#: Ops that read greyscale stored values (the DICOM greyscale pipeline): refused on colour.
+GREY_OPS = frozenset({"modality_lut", "window", "invert_monochrome1", "to_8bit", "replicate_channels"})
+#: Ops that need an RGB image (H, W, 3) holding 0..255.
+COLOUR_OPS = frozenset({"circular_crop", "clahe_luminance", "illumination_correction"})
 
 
 class FieldProblem(ValueError):

@@ -11,32 +11,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 from node.errors import PreprocessError
+from node.inference.manifest import GREY_OPS, WINDOW_PRESETS, Manifest
 from node.types import VOI_LUT_FUNCTIONS, DecodedImage, Geometry, ImageHeader, LookupTable, ModelInput
 
-if TYPE_CHECKING:
-    from node.inference.manifest import Manifest
-
 log = logging.getLogger(__name__)
-
-#: Standard CT window presets, name -> (center/level, width), in HU (Radiopaedia's "Windowing (CT)").
-WINDOW_PRESETS: MappingProxyType[str, tuple[float, float]] = MappingProxyType(
-    {
-        "brain": (40.0, 80.0),
-        "subdural": (75.0, 215.0),
-        "stroke": (40.0, 40.0),
-        "liver": (30.0, 150.0),
-        "abdomen": (50.0, 400.0),
-        "mediastinum": (50.0, 350.0),
-        "lung": (-600.0, 1500.0),
-        "bone": (400.0, 1800.0),
-    }
-)
 
 _INTERPOLATION = MappingProxyType(
     {
@@ -649,12 +633,6 @@ def _require_range(state: _State, op: str) -> tuple[float, float]:
 def _resized(state: _State, img: np.ndarray, sy: float, sx: float, oy: float, ox: float) -> _State:
     geom = state.geometry.then(sy, sx, oy, ox, (img.shape[0], img.shape[1]))
     return replace(state, image=img, geometry=geom)
-
-
-#: Ops that read greyscale stored values (the DICOM greyscale pipeline): refused on colour.
-GREY_OPS = frozenset({"modality_lut", "window", "invert_monochrome1", "to_8bit", "replicate_channels"})
-#: Ops that need an RGB image (H, W, 3) holding 0..255.
-COLOUR_OPS = frozenset({"circular_crop", "clahe_luminance", "illumination_correction"})
 
 
 def _apply_step(state: _State, step: Any, header: ImageHeader, index: int) -> _State:

@@ -202,3 +202,17 @@ def test_yaml_errors(tmp_path):
 def test_presets_table_is_complete():
     assert {"liver", "abdomen", "brain", "lung", "bone", "mediastinum"} <= set(WINDOW_PRESETS)
     assert all(w >= 1 for _, w in WINDOW_PRESETS.values())
+
+
+def test_the_manifest_does_not_import_the_preprocessing_it_describes() -> None:
+    """The vocabulary (window presets, colour and greyscale ops) is the manifest's; preprocess
+    imports it, not the other way round (no import circle)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, node.inference.manifest; print('node.inference.preprocess' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    from node.inference import manifest, preprocess
+
+    assert preprocess.WINDOW_PRESETS is manifest.WINDOW_PRESETS
