@@ -219,6 +219,64 @@ class WebhookSettings(_Section):
     timeout_s: float = Field(5.0, gt=0, description="per request")
 
 
+class ObjectStoreSettings(_Section):
+    """S3-compatible object storage that nodes with separate data folders share (docs/scale.md):
+    received instances are uploaded before their series is routed, outputs before they are queued."""
+
+    endpoint_url: str = Field(
+        "", description="e.g. https://s3.example:8333; empty: AWS S3 of the region (boto3's default)"
+    )
+    bucket: str = Field(
+        min_length=3, max_length=63, description="the bucket (made by the site, not by the node)"
+    )
+    region: str = Field("us-east-1", min_length=1)
+    access_key: SecretStr | None = Field(
+        None, description="or NODE_STORAGE__OBJECT_STORE__ACCESS_KEY, or access_key_file"
+    )
+    secret_key: SecretStr | None = Field(
+        None, description="or NODE_STORAGE__OBJECT_STORE__SECRET_KEY, or secret_key_file"
+    )
+    access_key_file: Path | None = Field(None, description="a file holding the access key (a mounted secret)")
+    secret_key_file: Path | None = Field(None, description="a file holding the secret key")
+    prefix: str = Field(
+        "", max_length=200, description="every key starts with it (several sites on one bucket)"
+    )
+    verify_tls: bool = Field(
+        True, description="https endpoints: verify the certificate (ca_file or the system's)"
+    )
+    ca_file: Path | None = Field(None, description="PEM CA bundle of the endpoint; None: the system's")
+    max_parallel: int = Field(
+        8, ge=1, le=64, description="transfers at once (PUTs of a series, GETs of a job)"
+    )
+    timeout_s: float = Field(30.0, gt=0, le=600, description="connect and read timeout of one request")
+    max_attempts: int = Field(4, ge=1, le=20, description="tries of one request on transient errors")
+    cache_mb: int = Field(
+        2048,
+        ge=0,
+        description="local copies of objects (data_dir/cache), oldest removed beyond it",
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> ObjectStoreSettings:
+        for name in ("access_key", "secret_key"):
+            file = getattr(self, f"{name}_file")
+            if file is not None:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"storage.object_store: give {name} or {name}_file, not both")
+                try:
+                    setattr(self, name, SecretStr(Path(file).read_text().strip()))
+                except OSError as exc:
+                    raise ValueError(f"storage.object_store.{name}_file {file}: {exc.strerror}") from None
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("storage.object_store: access_key and secret_key go together")
+        return self
+
+    def identity(self) -> str:
+        """What nodes sharing it compare at start (instead of the data folder's id): endpoint,
+        bucket and prefix, never a key."""
+        return f"s3:{self.endpoint_url.rstrip('/')}/{self.bucket}/{self.prefix}"
+
+
 class StorageSettings(_Section):
     """Where received instances and the database live."""
 
@@ -237,6 +295,9 @@ class StorageSettings(_Section):
         3600.0,
         ge=0,
         description="at start, spool files no row points to and older than this go to data/quarantine",
+    )
+    object_store: ObjectStoreSettings | None = Field(
+        None, description="shared bytes on S3-compatible storage: nodes may then have separate data folders"
     )
 
     @property

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import func, or_, update
+from sqlalchemy import ColumnElement, exists, func, or_, update
 from sqlalchemy.exc import IntegrityError as RowConflict
 from sqlmodel import Session, col, select
 
@@ -113,7 +113,13 @@ def _new_job(
     return True
 
 
-def _decide(rules: RuleSet, spool_root: Path, series: Series, session: Session) -> RouteDecision | str:
+#: Makes a job's or a series' files local (fetched from the object store when not in this spool).
+Localise = Callable[[list["StoredFile"]], list["StoredFile"]]
+
+
+def _decide(
+    rules: RuleSet, spool_root: Path, series: Series, session: Session, localise: Localise | None = None
+) -> RouteDecision | str:
     """Route on the first instance's header; a rule that needs the body region of a CT or MR whose
     header names none gets it from the pixels of up to three instances around the series' middle
     (read only then, once; the evidence is in the reason stored on the series)."""
@@ -121,6 +127,8 @@ def _decide(rules: RuleSet, spool_root: Path, series: Series, session: Session) 
     if not instances:
         return "not routed: the series has no instance on record"
     stored = _stored_files(instances, spool_root, "the series")
+    if localise is not None:
+        stored = localise(stored)
     first, damage = _first_intact(stored)
     if first is None:  # no file to read: route on what was recorded at ingest; its jobs fail, naming it
         log.error("routing: no file of a series holds the bytes received: %s", damage)
@@ -183,24 +191,32 @@ def _read_within_budget(path: Path, checks: dict[Path, StoredFile] | None = None
 
 
 def route_complete_series(
-    session: Session, rules: RuleSet, available: Callable[[str], bool], spool_root: Path, now: datetime
+    session: Session,
+    rules: RuleSet,
+    available: Callable[[str], bool],
+    spool_root: Path,
+    now: datetime,
+    localise: Localise | None = None,
+    uploaded_only: bool = False,
 ) -> int:
     """Route every complete, not yet routed series; create its jobs (series/image level).
     Returns the number of series routed or recorded as not routed (not those left complete
-    until a running job of theirs has finished)."""
+    until a running job of theirs has finished). With ``uploaded_only`` (an object store) a
+    series waits until every instance of it is uploaded; ``localise`` fetches its files when
+    they are not in this node's spool."""
     # claimed by a row lock held until the caller commits: another node's pass skips these series
     # (SKIP LOCKED) and, once committed, no longer finds them complete; a no-op on SQLite (one node)
     pending = list(
         session.exec(
             select(Series)
-            .where(Series.state == SeriesState.COMPLETE)
+            .where(Series.state == SeriesState.COMPLETE, *([~_not_uploaded()] if uploaded_only else []))
             .order_by(col(Series.series_uid))
             .with_for_update(skip_locked=True)
         )
     )
     waiting = 0
     for series in pending:
-        decision = _decide(rules, spool_root, series, session)
+        decision = _decide(rules, spool_root, series, session, localise)
         if isinstance(decision, str):
             series.state, series.route_note = SeriesState.NOT_ROUTED, decision[:512]
             continue
@@ -241,6 +257,13 @@ def route_complete_series(
     if decided:
         log.info("routing: %d series decided", decided)
     return decided
+
+
+def _not_uploaded() -> ColumnElement[bool]:
+    """A series holds an instance not yet in the object store."""
+    return exists().where(
+        col(Instance.series_uid) == col(Series.series_uid), col(Instance.uploaded_at).is_(None)
+    )
 
 
 def create_study_jobs(session: Session, now: datetime) -> int:

@@ -195,6 +195,8 @@ class Instance(SQLModel, table=True):
     sha256: str | None = Field(default=None, max_length=64)
     # set when a later copy with different content replaced this one (storage.duplicates: keep_last)
     replaced_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    # when the file was put to storage.object_store; None: not yet (or no object store)
+    uploaded_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
 
 
 class JobState(StrEnum):
