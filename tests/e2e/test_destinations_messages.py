@@ -6,7 +6,6 @@ Bundle are parsed back; the study API shows each destination's delivery state.""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -64,8 +63,8 @@ def test_positive_chest_study_to_dicomweb_hl7_and_fhir(tmp_path):
             assert raw_store_file(node.scp.port, path) == 0
         job, rows = _wait_sent(node)
         assert job.state == JobState.DONE, job.error
-        findings = {f["label"]: f for f in json.loads(job.result)["findings"]}
-        assert findings["tuberculosis"]["positive"], findings
+        findings = {f.label: f for f in job.recorded_result().findings}
+        assert findings["tuberculosis"].positive, findings
 
         by_destination: dict[str, list[OutboxItem]] = {}
         for row in rows:
@@ -83,7 +82,7 @@ def test_positive_chest_study_to_dicomweb_hl7_and_fhir(tmp_path):
         assert str(oru.segment("OBR")(27)(1)(6)) == "S"  # urgent: tuberculosis is a triage finding
         tb = next(s for s in oru.segments("OBX") if str(s(3)(1)(1)) == "56717001")
         assert str(tb(8)) == "A"
-        assert abs(float(str(tb(5))) - findings["tuberculosis"]["probability"]) < 1e-3
+        assert abs(float(str(tb(5))) - findings["tuberculosis"].probability) < 1e-3
 
         (bundle,) = ehr.bundles
         resources = [e.resource for e in bundle.entry]

@@ -4,7 +4,6 @@ come back into the same studies. The SR's probabilities must be the model's."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -126,7 +125,7 @@ def test_four_modalities_round_trip_through_orthanc(pacs_and_node):
     assert {j.model_id for j in jobs} == set(STUDIES)
     for job in jobs:
         assert job.state == JobState.DONE, f"{job.model_id}: {job.error}"
-        timings = json.loads(job.timings)
+        timings = job.stage_timings()
         assert {"preprocessing", "inferring", "writing"} <= set(timings)
 
     for job in jobs:
@@ -145,16 +144,16 @@ def test_four_modalities_round_trip_through_orthanc(pacs_and_node):
         sr_path.write_bytes(orthanc.instance_file(sr_series["Instances"][0]))
         sr = pydicom.dcmread(sr_path)
         assert sr.StudyInstanceUID == study_uid
-        produced = sorted(f["probability"] for f in json.loads(job.result)["findings"])
+        produced = sorted(f.probability for f in job.recorded_result().findings)
         reported = sorted(sr_probabilities(sr))
         assert len(reported) == len(produced), f"{job.model_id}: SR {reported} vs model {produced}"
         assert all(abs(a - b) < 1e-3 for a, b in zip(reported, produced, strict=True)), (
             f"{job.model_id}: SR {reported} vs model {produced}"
         )
         validate(sr_path)
-        findings = {f["label"]: f for f in json.loads(job.result)["findings"]}
+        findings = {f.label: f for f in job.recorded_result().findings}
         expected = STUDIES[job.model_id][1]
-        assert findings[expected]["positive"], f"{job.model_id}: {expected} not found: {findings}"
+        assert findings[expected].positive, f"{job.model_id}: {expected} not found: {findings}"
 
     with Session(node.engine) as s:
         items = list(s.exec(select(OutboxItem)))

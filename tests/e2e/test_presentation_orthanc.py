@@ -8,7 +8,6 @@ object the KOS names (image, state, SR) is in Orthanc."""
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 from pathlib import Path
 
@@ -37,9 +36,11 @@ def test_chest_positive_sends_sr_sc_gsps_and_kos_to_orthanc(tmp_path: Path) -> N
         orthanc.send_to_node(study)
         (job,) = wait_jobs(node, {truth.study_instance_uid})
         assert job.state == JobState.DONE, job.error
-        result = json.loads(job.result)
-        assert any(f["label"] == "tuberculosis" and f["positive"] for f in result["findings"]), result
-        kinds = [o["kind"] for o in result["outputs"]]
+        result = job.recorded_result()
+        assert result is not None and any(
+            f.label == "tuberculosis" and f.positive for f in result.findings
+        ), result
+        kinds = [o.kind for o in result.outputs]
         assert {"sr", "sc", "gsps", "kos"} <= set(kinds) and kinds.count("kos") == 1, kinds
 
         series = orthanc.wait_for_series(
@@ -114,7 +115,7 @@ def test_ct_mr_and_mammography_states_and_kos_are_stored_and_valid(tmp_path: Pat
         for job in jobs:
             model_id, study = ids[job.study_uid]
             assert job.state == JobState.DONE, f"{model_id}: {job.error}"
-            kinds = [o["kind"] for o in json.loads(job.result)["outputs"]]
+            kinds = [o.kind for o in job.recorded_result().outputs]
             assert kinds.count("kos") == 1 and kinds.count("gsps") >= 1, f"{model_id}: {kinds}"
             series = orthanc.wait_for_series(
                 study,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 
@@ -122,7 +121,7 @@ def test_real_enhanced_mr_is_analysed_on_all_frames(pacs_and_node, tmp_path):
     orthanc.send_to_node(study)
     (job,) = wait_jobs(node, {str(ds.StudyInstanceUID)}, timeout=300)
     assert job.model_id == "mr-brain" and job.state == JobState.DONE, job.error
-    assert int(json.loads(job.result)["frames"]) == frames
+    assert job.recorded_result().frames == frames
     series = orthanc.wait_for_series(
         study, lambda ss: "SR" in {s["MainDicomTags"].get("Modality") for s in ss}, timeout=120
     )

@@ -7,7 +7,6 @@ truth."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import highdicom as hd
@@ -60,10 +59,11 @@ def test_3d_segmentation_job_sends_seg_and_sr_to_orthanc(tmp_path: Path) -> None
         orthanc.send_to_node(study)
         (job,) = wait_jobs(node, {truth.study_instance_uid})
         assert job.model_id == "ct-liver-seg-3d" and job.state == JobState.DONE, job.error
-        result = json.loads(job.result)
-        assert {o["kind"] for o in result["outputs"]} >= {"seg", "sr"}
-        mass = next(s for s in result["segments"] if s["label"] == "mass")
-        assert mass["pixels"] > 0 and mass["volume_mm3"] > 0
+        result = job.recorded_result()
+        assert result is not None and result.segments is not None
+        assert {o.kind for o in result.outputs} >= {"seg", "sr"}
+        mass = next(s for s in result.segments if s.label == "mass")
+        assert mass.pixels > 0 and (mass.volume_mm3 or 0) > 0
 
         series = orthanc.wait_for_series(
             study, lambda ss: {"SEG", "SR"} <= {s["MainDicomTags"].get("Modality") for s in ss}

@@ -5,7 +5,6 @@ segment group references the SEG's segment, and the SEG's mask overlaps the gene
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import highdicom as hd
@@ -52,10 +51,11 @@ def test_segmentation_job_sends_seg_and_sr_to_orthanc(tmp_path: Path) -> None:
         orthanc.send_to_node(study)
         (job,) = wait_jobs(node, {truth.study_instance_uid})
         assert job.model_id == "ct-liver-seg" and job.state == JobState.DONE, job.error
-        result = json.loads(job.result)
-        assert {o["kind"] for o in result["outputs"]} >= {"seg", "sr"}
-        mass = next(s for s in result["segments"] if s["label"] == "mass")
-        assert mass["pixels"] > 0 and mass["volume_mm3"] > 0 and mass["area_mm2"] > 0
+        result = job.recorded_result()
+        assert result is not None and result.segments is not None
+        assert {o.kind for o in result.outputs} >= {"seg", "sr"}
+        mass = next(s for s in result.segments if s.label == "mass")
+        assert mass.pixels > 0 and (mass.volume_mm3 or 0) > 0 and (mass.area_mm2 or 0) > 0
 
         series = orthanc.wait_for_series(
             study,
@@ -80,7 +80,7 @@ def test_segmentation_job_sends_seg_and_sr_to_orthanc(tmp_path: Path) -> None:
         ]
         assert refs and all(r.ReferencedSOPInstanceUID == seg.SOPInstanceUID for r in refs)
         assert {labels[int(r.ReferencedSegmentNumber)] for r in refs} == {
-            s["label"] for s in result["segments"] if s["pixels"]
+            s.label for s in result.segments if s.pixels
         }
 
         # the stored mask against the generator's truth, slice by slice

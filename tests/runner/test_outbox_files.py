@@ -78,7 +78,7 @@ def test_fsync_follows_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     synced.clear()
     job = Job(
-        id=3, key="m|series|1.2.3", model_id="m", level="series", study_uid="1.2.3", series_uids="1.2.3.4"
+        id=3, key="m|series|1.2.3", model_id="m", level="series", study_uid="1.2.3", series_uids=["1.2.3.4"]
     )
     dests = [DestinationSettings(name="ris", kind="hl7", host="127.0.0.1", port=2575)]
     now = datetime(2026, 12, 1, tzinfo=UTC)
