@@ -94,14 +94,19 @@ class MonitoringCollector(Collector):
                 "Share of a shadow model's runs whose positive flag agrees with the active model's",
                 labels=["model", "active_model", "label"],
             ),
+            "verdicts": GaugeMetricFamily(
+                f"{PREFIX}_model_feedback_verdicts",
+                "Radiologists' current verdicts on the model version's findings given in the window",
+                labels=["model"],
+            ),
             "ppv": GaugeMetricFamily(
                 f"{PREFIX}_model_feedback_ppv",
-                "Radiologists' agreement with the model's positive findings (current verdicts)",
+                "PPV from feedback: share of the model's rated positive findings the radiologists confirmed",
                 labels=["model"],
             ),
             "feedback_agreement": GaugeMetricFamily(
                 f"{PREFIX}_model_feedback_agreement",
-                "Radiologists' agreement with the model's findings, positive or not (current verdicts)",
+                "Agreement rate from feedback: agree / (agree + disagree) over the model's findings",
                 labels=["model"],
             ),
         }
@@ -123,9 +128,10 @@ class MonitoringCollector(Collector):
             for sf in f.shadow_vs:
                 if sf.agreement is not None:
                     g["agreement"].add_metric([f.model_id, sf.active_model, sf.label], sf.agreement)
-            if f.feedback is not None:
-                if f.feedback.get("ppv") is not None:
-                    g["ppv"].add_metric([f.model_id], float(f.feedback["ppv"] or 0.0))
-                if f.feedback.get("agreement") is not None:
-                    g["feedback_agreement"].add_metric([f.model_id], float(f.feedback["agreement"] or 0.0))
+            if f.feedback is not None:  # node/monitoring/report.py feedback_figures
+                g["verdicts"].add_metric([f.model_id], float(f.feedback["verdicts"]))
+                if f.feedback["ppv"] is not None:
+                    g["ppv"].add_metric([f.model_id], float(f.feedback["ppv"]))
+                if f.feedback["agreement"] is not None:
+                    g["feedback_agreement"].add_metric([f.model_id], float(f.feedback["agreement"]))
         yield from g.values()

@@ -10,14 +10,16 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import inspect, text
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from node.evaluate.feedback import agreement as feedback_agreement
+from node.evaluate.feedback import agreement_figures
 from node.inference.manifest import Manifest
 from node.monitoring import drift
 from node.monitoring.inputs import NUMERIC
+from node.store import feedback as store_feedback
 from node.store.tables import ModelRun
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,6 @@ log = logging.getLogger(__name__)
 #: Days of runs the figures cover, and the fewest runs for which drift is computed at all.
 WINDOW_DAYS = 7
 MIN_RUNS = 50
-#: Read PPV and agreement from the feedback table (migration 0006) when it exists.
-FEEDBACK_FIGURES = True
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ModelFigures:
     input_medians: dict[str, float] = field(default_factory=dict)
     manufacturers: dict[str, int] = field(default_factory=dict)
     shadow_vs: list[ShadowFigures] = field(default_factory=list)
-    feedback: dict[str, float | int | None] | None = None
+    feedback: dict[str, Any] | None = None
 
     def as_dict(self, samples: bool = False) -> dict:
         """JSON-ready figures (``samples``: with the scores behind the plots)."""
@@ -194,33 +194,24 @@ def _shadow_figures(shadow: Sequence[ModelRun], active: Sequence[ModelRun]) -> l
     return out
 
 
-def feedback_figures(session: Session, model_id: str) -> dict[str, float | int | None] | None:
-    """PPV (agree among the current verdicts on positive findings) and agreement (agree among all
-    current agree/disagree verdicts) of one model, from the feedback table; None when that
-    table is absent (or FEEDBACK_FIGURES is off)."""
-    if not FEEDBACK_FIGURES:
-        return None
-    try:
-        if not inspect(session.get_bind()).has_table("feedback"):
-            return None
-        rows = session.execute(
-            text(
-                "SELECT positive, verdict, COUNT(*) FROM feedback WHERE model_id = :m "
-                "AND superseded_at IS NULL GROUP BY positive, verdict"
-            ),
-            {"m": model_id},
-        ).all()
-    except SQLAlchemyError as exc:
-        log.warning("monitoring: feedback not readable: %s", type(exc).__name__)
-        return None
-    counts = {(bool(p), str(v)): int(n) for p, v, n in rows}
-    agree_pos, disagree_pos = counts.get((True, "agree"), 0), counts.get((True, "disagree"), 0)
-    agree = agree_pos + counts.get((False, "agree"), 0)
-    disagree = disagree_pos + counts.get((False, "disagree"), 0)
+def feedback_figures(session: Session, model_id: str, version: str | None, since: datetime) -> dict[str, Any]:
+    """The radiologists' figures of one model version over the current verdicts given since
+    ``since``: the pooled figures of all its findings and, per finding, the ones
+    ``GET /api/v1/feedback/summary`` reports, both :func:`node.evaluate.feedback.agreement`
+    (agreement rate: agree / (agree + disagree); PPV: of its rated positive decisions, how many
+    the verdicts confirm). ``verdicts`` counts them (unsure included); ``ppv``/``agreement`` are
+    None while no verdict decides them. ``version`` None: every version."""
+    rows = store_feedback.list_feedback(
+        session, store_feedback.FeedbackFilter(model_id=model_id, model_version=version, since=since)
+    )
+    pooled = feedback_agreement(rows)
     return {
-        "verdicts": sum(counts.values()),
-        "ppv": agree_pos / (agree_pos + disagree_pos) if agree_pos + disagree_pos else None,
-        "agreement": agree / (agree + disagree) if agree + disagree else None,
+        "verdicts": pooled["ratings"],
+        "ppv": pooled["ppv"],
+        "agreement": pooled["agreement_rate"],
+        "since": since.isoformat(),
+        **{k: pooled[k] for k in ("agree", "disagree", "unsure", "model_positive", "npv", "confusion")},
+        "labels": agreement_figures(rows),
     }
 
 
@@ -228,7 +219,8 @@ def model_figures(
     session: Session, manifests: Mapping[str, Manifest], now: datetime, days: int = WINDOW_DAYS
 ) -> list[ModelFigures]:
     """The figures of every model that is loaded or has runs in the last ``days`` days."""
-    runs = recent_runs(session, now - timedelta(days=days))
+    since = now - timedelta(days=days)
+    runs = recent_runs(session, since)
     by_model: dict[str, list[ModelRun]] = defaultdict(list)
     for run in runs:
         by_model[run.model_id].append(run)
@@ -254,7 +246,7 @@ def model_figures(
                 input_medians=medians,
                 manufacturers=mix,
                 shadow_vs=_shadow_figures(current, active_runs) if shadow else [],
-                feedback=feedback_figures(session, model_id),
+                feedback=feedback_figures(session, model_id, version or None, since),
             )
         )
     return out
