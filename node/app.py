@@ -24,12 +24,15 @@ from node.outputs.identity import node_device_uid
 from node.pipeline.route import RuleSet, check_models, load_rules
 from node.runner import Models, Runner
 from node.runner.one_file import Outcome, Progress, analyse_upload
+from node.runner.shared_files import SharedFiles
 from node.send import make_destination
 from node.settings import Settings
 from node.store import cluster
 from node.store.db import make_engine, ping
+from node.store.objects import ObjectStore
 from node.store.orphans import sweep_orphans
 from node.store.tables import utcnow
+from node.store.uploads import Uploader
 from node.types import OutputIdentity
 from node.web.webhook import WebhookNotifier
 
@@ -62,6 +65,8 @@ class Node:
     version: str = __version__
     role: str = "all"
     audit: AuditTrail = field(default_factory=AuditTrail.disabled)
+    objects: ObjectStore | None = None  # storage.object_store: the bytes nodes share
+    uploader: Uploader | None = None  # a receiver's uploads to it
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -73,10 +78,14 @@ class Node:
         receiver prepares the spool (sets aside files no row points to) and starts committing
         and listening; then the runner's parts of the role."""
         storage = self.settings.storage
+        if self.objects is not None:
+            self.objects.check()  # refused credentials or a missing bucket: a clear error at start
         cluster.register(
             self.engine,
             self.runner.node_id,
-            cluster.storage_id(storage.data_dir, self.settings.cluster.storage_id),
+            self.objects.identity  # with an object store, separate data folders are fine
+            if self.objects is not None
+            else cluster.storage_id(storage.data_dir, self.settings.cluster.storage_id),
             self.role,
             self.version,
             utcnow(),
@@ -88,6 +97,8 @@ class Node:
                 self.engine, self.spool.root, storage.data_dir / "quarantine", storage.orphan_grace_s
             )
             self.committer.start()
+            if self.uploader is not None:
+                self.uploader.start()
             self.scp.start()
         self.runner.start([p for p in self.parts if p != "receiver"])
         if self.notifier is not None and "sender" in self.parts:
@@ -117,6 +128,10 @@ class Node:
         if self.notifier is not None:
             self.notifier.stop()
         self.committer.stop()
+        if self.uploader is not None:  # after the committer: what it committed is uploaded next start
+            self.uploader.stop()
+        if self.objects is not None:
+            self.objects.close()
         if self.preparer is not None:
             self.preparer.close()
         try:
@@ -238,6 +253,11 @@ def build_node(settings: Settings, role: str = "all") -> Node:
     }
     destinations = {n: (d, audit.wrap(d, dest)) for n, (d, dest) in destinations.items()}  # Results exported
     preparer = preparation_pool(settings)
+    objects = ObjectStore(settings.storage.object_store) if settings.storage.object_store else None
+    shared = None
+    if objects is not None:
+        cache_bytes = settings.storage.object_store.cache_mb * 2**20  # type: ignore[union-attr]
+        shared = SharedFiles(objects, settings.storage.data_dir, settings.storage.spool_dir, cache_bytes)
     runner = Runner(
         engine,
         settings,
@@ -247,6 +267,7 @@ def build_node(settings: Settings, role: str = "all") -> Node:
         destinations,
         metrics=metrics,
         preparer=preparer,
+        shared=shared,
     )
     notifier = WebhookNotifier(engine, settings)
     return Node(
@@ -263,6 +284,10 @@ def build_node(settings: Settings, role: str = "all") -> Node:
         preparer=preparer,
         role=role,
         audit=audit,
+        objects=objects,
+        uploader=Uploader(engine, objects, spool.root)
+        if objects is not None and role in ("all", "receiver")
+        else None,
     )
 
 

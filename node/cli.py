@@ -310,6 +310,11 @@ def db_prune(
         raise typer.Exit(2) from exc
     setup_logging("WARNING")
     engine = make_engine(settings.storage.url)
+    objects = None
+    if settings.storage.object_store is not None:  # the shared copies go too
+        from node.store.objects import ObjectStore
+
+        objects = ObjectStore(settings.storage.object_store)
     try:
         report = prune(
             engine,
@@ -319,9 +324,12 @@ def db_prune(
             max_age=timedelta(days=older_than_days) if older_than_days is not None else None,
             min_free_bytes=int(min_free_gb * 2**30),
             dry_run=dry_run,
+            objects=objects,
         )
     finally:
         engine.dispose()
+        if objects is not None:
+            objects.close()
     verb = "would remove" if dry_run else "removed"
     typer.echo(f"{verb} {len(report.studies)} studies ({report.files} files, {report.bytes / 1e6:.1f} MB)")
 

@@ -7,6 +7,7 @@ Environment variables override the file; nested fields use a double underscore, 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -273,8 +274,9 @@ class ObjectStoreSettings(_Section):
 
     def identity(self) -> str:
         """What nodes sharing it compare at start (instead of the data folder's id): endpoint,
-        bucket and prefix, never a key."""
-        return f"s3:{self.endpoint_url.rstrip('/')}/{self.bucket}/{self.prefix}"
+        bucket and prefix (a digest of them, to fit the 64 characters of a storage id), never a key."""
+        where = f"{self.endpoint_url.rstrip('/')}/{self.bucket}/{self.prefix}"
+        return f"s3:{self.bucket[:32]}:{hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
 
 class StorageSettings(_Section):
@@ -448,7 +450,7 @@ class ClusterSettings(_Section):
         "",
         max_length=64,
         description="identity of the data folder; empty: the id kept in data_dir/.storage-id (made "
-        "once). Nodes sharing a database must share the data folder (NAS) until object storage lands",
+        "once); with storage.object_store, the store's identity. Nodes sharing a database share one",
     )
     lease_s: float = Field(
         30.0, ge=1, le=3600, description="a running job's claim; renewed every lease_s/3 by its node"

@@ -33,6 +33,7 @@ from node.pipeline.route import RuleSet
 from node.redact import redact
 from node.runner import jobs, outbox
 from node.runner.analyse import Stopwatch, analyse
+from node.runner.shared_files import SharedFiles
 from node.send import Destination
 from node.settings import DestinationSettings, Settings
 from node.store import cluster, repo
@@ -190,8 +191,10 @@ class Runner:
         metrics: NodeMetrics | None = None,
         preparer: Preparer | None = None,
         node_id: str = "",
+        shared: SharedFiles | None = None,
     ) -> None:
         self._engine = engine
+        self._shared = shared  # storage.object_store: files fetched from and put to it
         self._node_id = node_id or cluster.node_id(settings.cluster.node_id)  # owner of its job claims
         self._lease_s = settings.cluster.lease_s
         self._preparer = preparer  # decodes in child processes (limits.decode_memory_mib); None: here
@@ -274,7 +277,13 @@ class Runner:
             done = assemble(session, now, self._settings.assembly, self._started_at)
             session.commit()
             routed = jobs.route_complete_series(
-                session, self._rules, self._models.available, self._spool, now
+                session,
+                self._rules,
+                self._models.available,
+                self._spool,
+                now,
+                localise=self._shared.localise if self._shared else None,
+                uploaded_only=self._shared is not None,
             )
             created = jobs.create_study_jobs(session, now)
             session.commit()
@@ -355,6 +364,10 @@ class Runner:
             session_ = self._models.sessions.get(job.model_id)
             if session_ is None:
                 raise ManifestError(f"model {job.model_id!r} has no runtime session")
+            if self._shared is not None:  # files received by another node: from the object store
+                with watch.stage("fetching"):
+                    stored = self._shared.localise(stored)
+                    files = [f.path for f in stored]
             with watch.stage("verifying"):  # the bytes received, or the job fails (IntegrityError)
                 jobs.check_stored_files(stored)
             result, sources = analyse(
@@ -387,6 +400,8 @@ class Runner:
                     utcnow(),
                     fsync=fsync,
                 )
+                if self._shared is not None:  # so that any sender can send them
+                    self._shared.put_outputs([p for _, _, p in written] + [m.path for m in messages])
         except PERMANENT as exc:  # caused by the data: a retry would fail the same way
             if isinstance(exc, IntegrityError):
                 self._metrics.integrity_failure("analysis")
@@ -399,6 +414,9 @@ class Runner:
             log.exception("job %d (%s) failed unexpectedly", job.id, job.model_id)
             self._fail(job, watch, "unexpected " + describe_error(exc, sources))
             return
+        finally:
+            if self._shared is not None:
+                self._shared.done_with(stored)
         summary = JobResult(
             model=result.algorithm.model_id,
             version=result.algorithm.version,
@@ -498,6 +516,7 @@ class Runner:
                 self._data_dir,
                 utcnow(),
                 on_damaged=lambda: self._metrics.integrity_failure("send"),
+                fetch=self._shared.fetch_outputs if self._shared else None,
             )
             session.commit()
         return sent

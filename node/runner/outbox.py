@@ -195,11 +195,12 @@ def deliver_due(
     now: datetime,
     batch: int = 100,
     on_damaged: Callable[[], None] | None = None,
+    fetch: Callable[[list[OutboxItem]], None] | None = None,
 ) -> int:
     """Send what is due, one batch per destination; update rows and the jobs they finish.
     An output whose file is missing or changed since it was written is not sent: it is parked
     as failed at once, with the reason (``on_damaged`` is called for each). Returns the number
-    of outputs delivered.
+    of outputs delivered. ``fetch`` (an object store) brings the files another node wrote.
 
     The rows are claimed with a row lock (FOR UPDATE SKIP LOCKED) held until the caller commits
     the outcome: a sender on another node skips them and, once committed, finds them sent. A node
@@ -227,6 +228,8 @@ def deliver_due(
                 )
             continue
         settings, destination = destinations[name]
+        if fetch is not None:
+            fetch(items)
         items = _intact(items, data_dir, on_damaged)
         if not items:
             continue

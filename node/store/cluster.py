@@ -1,7 +1,8 @@
 """Several node processes on one database: who they are, which data folder they see, their
 heartbeat. A node whose data folder is not the running nodes' is refused at start: every role
 reads the received files (routing, analysis) or the outputs (sending) from the data folder, so
-nodes sharing a database must share it (a NAS) until object storage lands (docs/scale.md)."""
+nodes sharing a database must share it (a NAS), or share an object store (storage.object_store:
+the storage id is then the store's identity and each node has its own data folder; docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -70,9 +71,10 @@ def register(
         if others:
             names = ", ".join(sorted(o.node_id for o in others))
             raise ConfigError(
-                f"node {node!r} sees another data folder than the running node(s) {names} on this "
-                f"database (storage id {storage} vs {others[0].storage_id}): nodes sharing a database "
-                "must share storage.data_dir (a NAS mount) until object storage lands; see docs/scale.md"
+                f"node {node!r} sees another data folder or object store than the running node(s) "
+                f"{names} on this database (storage id {storage} vs {others[0].storage_id}): nodes "
+                "sharing a database must share storage.data_dir (a NAS mount) or one "
+                "storage.object_store; see docs/scale.md"
             )
         row = session.get(ClusterNode, node)
         if (

@@ -20,6 +20,7 @@ from sqlalchemy import delete, exists
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from node.store.objects import ObjectStore, instance_key
 from node.store.tables import (
     DuplicateEvent,
     Instance,
@@ -70,17 +71,18 @@ def finished_studies(session: Session, received_before: datetime | None = None) 
 
 
 def _remove_study(
-    engine: Engine, data_dir: Path, spool_dir: Path, study_uid: str, dry_run: bool
+    engine: Engine,
+    data_dir: Path,
+    spool_dir: Path,
+    study_uid: str,
+    dry_run: bool,
+    objects: ObjectStore | None = None,
 ) -> tuple[int, int]:
     with Session(engine) as session:
         job_ids = list(session.exec(select(Job.id).where(Job.study_uid == study_uid)))
-        files = [
-            spool_dir / p for p in session.exec(select(Instance.path).where(Instance.study_uid == study_uid))
-        ]
-        files += [
-            data_dir / p
-            for p in session.exec(select(OutboxItem.path).where(col(OutboxItem.job_id).in_(job_ids)))
-        ]
+        instances = list(session.exec(select(Instance.path).where(Instance.study_uid == study_uid)))
+        outputs = list(session.exec(select(OutboxItem.path).where(col(OutboxItem.job_id).in_(job_ids))))
+        files = [spool_dir / p for p in instances] + [data_dir / p for p in outputs]
         files = sorted(set(files))
         size = sum(f.stat().st_size for f in files if f.is_file())
         if dry_run:
@@ -92,6 +94,8 @@ def _remove_study(
         session.exec(delete(Study).where(col(Study.study_uid) == study_uid))  # type: ignore[call-overload]
         session.exec(delete(DuplicateEvent).where(col(DuplicateEvent.study_uid) == study_uid))  # type: ignore[call-overload]
         session.commit()
+    if objects is not None:  # the shared copies (rows first: a crash leaves objects no row names)
+        objects.delete_many([instance_key(p) for p in instances] + list(outputs))
     for path in files:
         path.unlink(missing_ok=True)
     for path in {
@@ -113,14 +117,16 @@ def prune(
     min_free_bytes: int = 0,
     dry_run: bool = False,
     free_bytes: Callable[[], int] | None = None,
+    objects: ObjectStore | None = None,
 ) -> PruneReport:
     """Remove finished studies older than ``max_age``; then, while free space on the data folder's
-    disk is under ``min_free_bytes``, the oldest finished studies whatever their age."""
+    disk is under ``min_free_bytes``, the oldest finished studies whatever their age. With
+    ``objects`` (storage.object_store) their instances and outputs are deleted from it too."""
     free = free_bytes or (lambda: shutil.disk_usage(data_dir).free)
     report = PruneReport()
 
     def remove(study_uid: str) -> None:
-        files, size = _remove_study(engine, data_dir, spool_dir, study_uid, dry_run)
+        files, size = _remove_study(engine, data_dir, spool_dir, study_uid, dry_run, objects)
         report.studies.append(study_uid)
         report.files += files
         report.bytes += size
