@@ -19,9 +19,9 @@ from node.errors import ConfigError
 from node.inference.isolate import PreparePool
 from node.inference.registry import load_registry
 from node.inference.runtime import RuntimeConfig, create_session
-from node.metrics import NodeMetrics
 from node.outputs.identity import node_device_uid
 from node.pipeline.route import RuleSet, check_models, load_rules
+from node.prometheus import NodeMetrics
 from node.runner import Models, Runner
 from node.runner.one_file import Outcome, Progress, analyse_upload
 from node.runner.shared_files import SharedFiles

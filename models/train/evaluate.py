@@ -48,7 +48,7 @@ from models.train.common import (  # noqa: E402
     study_seeds,
     write_manifest,
 )
-from node.evaluate.metrics import auc, confusion  # noqa: E402
+from node.evaluate.classification import auc, confusion  # noqa: E402
 from node.inference.manifest import CamHeatmap, Manifest, PatchHeatmap  # noqa: E402
 from node.inference.registry import LoadedModel, load_model  # noqa: E402
 from node.inference.runtime import CPU, ModelSession, RuntimeConfig, create_session  # noqa: E402

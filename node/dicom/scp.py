@@ -58,7 +58,7 @@ from node.dicom.spool import Spool
 from node.dicom.tls import server_context
 from node.dicom.transport import Gate, GatedServer, NetworkLimits, shown_ae, start_gated_server
 from node.errors import IngestError
-from node.metrics import NodeMetrics
+from node.prometheus import NodeMetrics
 from node.settings import DicomSettings
 
 log = logging.getLogger(__name__)

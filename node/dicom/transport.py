@@ -60,7 +60,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.allowlist import AllowList
 from node.audit import AuditTrail
-from node.metrics import NodeMetrics
+from node.prometheus import NodeMetrics
 from node.redact import redact
 from node.settings import DicomSettings
 

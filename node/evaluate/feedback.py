@@ -7,7 +7,7 @@ A verdict's reference label: *agree* -> the model's decision; *disagree* -> the 
 none given: the opposite of the model's decision); *unsure* -> no reference (left out).
 
 Pure functions of rows with the attributes of :class:`node.store.tables.Feedback` (the table's rows,
-or the API's listing items); only numpy and :mod:`node.evaluate.metrics` are imported at module level.
+or the API's listing items); only numpy and :mod:`node.evaluate.classification` are imported at module level.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from node.evaluate.metrics import confusion
+from node.evaluate.classification import confusion
 
 VERDICTS = ("agree", "disagree", "unsure")
 #: correct_label values for a present / absent finding (besides a class's label, for multi-class)

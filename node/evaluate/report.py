@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node.evaluate.metrics import METRIC_NAMES
+from node.evaluate.classification import METRIC_NAMES
 from node.evaluate.run import Example
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}

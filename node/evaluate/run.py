@@ -17,14 +17,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from node.evaluate.dataset import Case
-from node.evaluate.metrics import (
+from node.evaluate.classification import (
     all_metrics,
     bootstrap_intervals,
     confusion,
     roc_curve,
     threshold_for_sensitivity,
 )
+from node.evaluate.dataset import Case
 from node.evaluate.segmentation import MaskCounts, case_mask_counts, dice_summary
 from node.inference.manifest import Manifest
 from node.inference.registry import LoadedModel

@@ -16,8 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from node.inference.manifest import Manifest
-from node.metrics import PREFIX
 from node.monitoring.report import ModelFigures, model_figures
+from node.prometheus import PREFIX
 from node.store.tables import utcnow
 
 log = logging.getLogger(__name__)

@@ -25,11 +25,11 @@ from node.errors import ConfigError, DecodeError, ManifestError, NodeError, Prep
 from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel, Registry
 from node.inference.runtime import ModelSession
-from node.metrics import NodeMetrics
 from node.monitoring.record import record_run
 from node.outputs import OutputError
 from node.pipeline.assemble import assemble
 from node.pipeline.route import RuleSet
+from node.prometheus import NodeMetrics
 from node.redact import redact
 from node.runner import jobs, outbox
 from node.runner.analyse import Stopwatch, analyse

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from node.metrics import NodeMetrics
+    from node.prometheus import NodeMetrics
     from node.settings import DestinationSettings
 
 

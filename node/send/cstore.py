@@ -12,7 +12,7 @@ from pynetdicom import AE
 from node.dicom import status
 from node.dicom.scu import nodelay_handlers
 from node.dicom.tls import client_context
-from node.metrics import NodeMetrics
+from node.prometheus import NodeMetrics
 from node.send import Delivery, OutgoingFile
 from node.settings import DestinationSettings
 

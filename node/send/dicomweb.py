@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from node.dicom import status
-from node.metrics import NodeMetrics
+from node.prometheus import NodeMetrics
 from node.send import Delivery, OutgoingFile
 from node.send.http import describe_status, is_permanent, session_for
 from node.settings import DestinationSettings

@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from node.metrics import NodeMetrics
+from node.prometheus import NodeMetrics
 from node.send import Delivery, OutgoingFile, StudyContext
 from node.send.http import describe_status, is_permanent, session_for
 from node.settings import DestinationSettings

@@ -28,7 +28,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from node.metrics import NodeMetrics
+from node.prometheus import NodeMetrics
 from node.send import Delivery, OutgoingFile, StudyContext
 from node.settings import DestinationSettings, Hl7Settings
 from node.types import AnalysisResult, OutputIdentity

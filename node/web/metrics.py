@@ -1,4 +1,4 @@
-"""GET /metrics: the node's Prometheus metrics (its own registry, see node/metrics.py).
+"""GET /metrics: the node's Prometheus metrics (its own registry, see node/prometheus.py).
 
 Open when ``web.metrics_open`` (the default), otherwise any valid bearer token (node/web/auth.py).
 """

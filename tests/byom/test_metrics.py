@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from node.evaluate.metrics import (
+from node.evaluate.classification import (
     Confusion,
     auc,
     bootstrap_intervals,

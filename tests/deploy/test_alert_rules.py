@@ -63,14 +63,14 @@ def test_every_alert_fires_and_stays_silent_in_the_unit_tests() -> None:
 
 def test_rules_use_metrics_the_node_exports() -> None:
     """A renamed metric would leave an alert that never fires: every pacsnode_* name in the rules
-    is one of node/metrics.py's (counters with their _total suffix)."""
-    from node.metrics import NodeMetrics
+    is one of node/prometheus.py's (counters with their _total suffix)."""
+    from node.prometheus import NodeMetrics
 
     exported = set()
     for family in NodeMetrics().registry.collect():
         exported |= {family.name, f"{family.name}_total" if family.type == "counter" else family.name}
     # the store's gauges, and the monitoring gauges (node/monitoring/gauges.py, computed at scrape time)
-    source = "".join((REPO / "node" / p).read_text() for p in ("metrics.py", "monitoring/gauges.py"))
+    source = "".join((REPO / "node" / p).read_text() for p in ("prometheus.py", "monitoring/gauges.py"))
     exported |= {f"pacsnode_{m}" for m in re.findall(r'f"\{PREFIX\}_(\w+)"', source)}
     used = {name for r in _rules() for name in re.findall(r"\bpacsnode_\w+", r["expr"])}
     assert used and used <= exported, used - exported

@@ -10,8 +10,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from node.evaluate import metrics
-from node.evaluate.metrics import all_metrics, auc, bootstrap_intervals, roc_curve
+from node.evaluate import classification as metrics
+from node.evaluate.classification import all_metrics, auc, bootstrap_intervals, roc_curve
 
 # fmt: off
 Y = np.array([0, 1, 1, 1, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1], bool)
