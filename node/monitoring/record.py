@@ -26,7 +26,7 @@ def subject(job: Job) -> str:
     that a shadow model's run pairs with the active model's on the same series or study."""
     base = job.key.split("#", 1)[0]
     parts = base.split("|", 1)
-    return (parts[1] if len(parts) == 2 else job.series_uids)[:256]
+    return (parts[1] if len(parts) == 2 else ",".join(job.series_uids))[:256]
 
 
 def scores(result: AnalysisResult) -> dict[str, list[float | bool]]:

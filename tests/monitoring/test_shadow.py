@@ -4,7 +4,6 @@ triage, and its agreement with the active model shows on the monitoring page and
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -104,15 +103,16 @@ def test_shadow_model_sends_nothing_and_shows_its_agreement(make_node, tmp_path:
     # recorded: one run per job, the shadow ones marked, every label positive at threshold 0
     assert {r.job_id for r in runs if r.shadow} == shadow_jobs
     assert {r.job_id for r in runs if not r.shadow} == active_jobs
-    shadow_results = [json.loads(jobs[i].result) for i in shadow_jobs]
-    assert all(f["positive"] and not f["triage"] for r in shadow_results for f in r["findings"])
-    assert all(not r["outputs"] for r in shadow_results)
+    shadow_results = [jobs[i].recorded_result() for i in shadow_jobs]
+    assert all(r is not None for r in shadow_results)
+    assert all(f.positive and not f.triage for r in shadow_results for f in r.findings)
+    assert all(not r.outputs for r in shadow_results)
     # sent: nothing of the shadow model's; everything received is the active model's
     assert outbox and {o.job_id for o in outbox} == active_jobs
     active_uids = {o.sop_instance_uid for o in outbox}
     assert received and {str(ds.SOPInstanceUID) for ds in received} == active_uids
     # triage is the active model's alone
-    active_urgent = any(f["triage"] for i in active_jobs for f in json.loads(jobs[i].result)["findings"])
+    active_urgent = any(f.triage for i in active_jobs for f in jobs[i].recorded_result().findings)
     assert {s.priority for s in studies} <= {"routine", "urgent"}
     assert any(s.priority == "urgent" for s in studies) == active_urgent
 
@@ -121,8 +121,8 @@ def test_shadow_model_sends_nothing_and_shows_its_agreement(make_node, tmp_path:
         label: sum(
             1
             for i in active_jobs
-            for f in json.loads(jobs[i].result)["findings"]
-            if f["label"] == label and f["positive"]
+            for f in jobs[i].recorded_result().findings
+            if f.label == label and f.positive
         )
         for label in ("tuberculosis", "pneumonia")
     }
