@@ -194,7 +194,8 @@ class DecodedImage:
 
     def frame(self, index: int = 0) -> np.ndarray:
         """One frame: (rows, cols) or (rows, cols, samples)."""
-        return self.pixels[index]
+        frame: np.ndarray = self.pixels[index]
+        return frame
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import pydicom
@@ -98,7 +98,15 @@ def _float_or_none(value: Any) -> float | None:
         return None
 
 
+@overload
+def _floats(value: Any, n: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _floats(value: Any, n: Literal[3]) -> tuple[float, float, float] | None: ...
+@overload
+def _floats(value: Any, n: Literal[6]) -> tuple[float, float, float, float, float, float] | None: ...
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    """The n numbers of a multi-valued element (a pair, a position, an orientation); None when it
+    is absent, not numbers, or has another count."""
     if value is None or isinstance(value, (str, bytes)):
         return None
     try:
@@ -166,11 +174,11 @@ def _frame_values(group: Dataset) -> FrameValues:
         window_centers=centers if widths else (),
         window_widths=widths if centers else (),
         voi_lut_function=_function(voi.get("VOILUTFunction")) if voi is not None else None,
-        pixel_spacing=_floats(measures.get("PixelSpacing"), 2) if measures is not None else None,  # type: ignore[arg-type]
-        image_position_patient=(  # type: ignore[arg-type]
+        pixel_spacing=_floats(measures.get("PixelSpacing"), 2) if measures is not None else None,
+        image_position_patient=(
             _floats(position.get("ImagePositionPatient"), 3) if position is not None else None
         ),
-        image_orientation_patient=(  # type: ignore[arg-type]
+        image_orientation_patient=(
             _floats(orientation.get("ImageOrientationPatient"), 6) if orientation is not None else None
         ),
     )
@@ -329,9 +337,9 @@ def header_from_dataset(ds: Dataset) -> ImageHeader:
         modality_lut=_lookup_table(ds, "ModalityLUTSequence", ts),
         voi_lut=_lookup_table(ds, "VOILUTSequence", ts),
         frame_values=frame_values,
-        pixel_spacing=spacing,  # type: ignore[arg-type]
-        image_position_patient=ipp,  # type: ignore[arg-type]
-        image_orientation_patient=iop,  # type: ignore[arg-type]
+        pixel_spacing=spacing,
+        image_position_patient=ipp,
+        image_orientation_patient=iop,
         instance_number=_int_or_none(ds.get("InstanceNumber")),
         slice_location=_float_or_none(ds.get("SliceLocation")),
         body_part_examined=text("BodyPartExamined"),

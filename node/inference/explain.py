@@ -272,14 +272,14 @@ def heatmaps(
             patch_result = patch_scores(
                 model_input.tensor,
                 predict,
-                tuple(spec.patch_size),
-                tuple(spec.stride),
+                spec.patch_size,
+                spec.stride,
                 batch_size=spec.batch_size,
                 layout=model_input.layout,
             )
         scores, origins = patch_result
         shape = model_input.geometry.model_shape
-        model_maps = stitch_scores(scores, origins, tuple(spec.patch_size), shape)
+        model_maps = stitch_scores(scores, origins, spec.patch_size, shape)
         maps = np.stack([np.clip(map_to_source(model_maps[pos[lb.name]], geometry), 0, 1) for lb in wanted])
     elif isinstance(spec, OcclusionHeatmap):
         if predict is None:
@@ -287,8 +287,8 @@ def heatmaps(
         model_maps = occlusion_heatmap(
             model_input.tensor,
             predict,
-            tuple(spec.window),
-            tuple(spec.stride),
+            spec.window,
+            spec.stride,
             batch_size=spec.batch_size,
             layout=model_input.layout,
         )

@@ -37,8 +37,10 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
+from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -190,13 +192,13 @@ def _send_frames(conn: Connection, task: int, position: int, frames: list[Prepar
         name = _shm_name(os.getpid(), task, position)
         shm = SharedMemory(name=name, create=True, size=offset)
         try:
-            _write(shm.buf, arrays)
+            _write(_buffer(shm), arrays)
         finally:
             shm.close()
     conn.send(("item", position, dataset, meta, name))
     if name is None:
         for arr in arrays:
-            conn.send_bytes(memoryview(arr).cast("B"))
+            conn.send_bytes(arr.data.cast("B"))
 
 
 def _run_task(conn: Connection, task: tuple[int, Sequence[Item], PrepareSpec | DisplaySpec, Budget]) -> bool:
@@ -254,7 +256,7 @@ class _Lost(Exception):
 
 @dataclass(eq=False)
 class _Child:
-    process: Any  # multiprocessing's Process of the chosen context
+    process: BaseProcess  # multiprocessing's Process of the chosen context
     conn: Connection
     pid: int
     limit: int
@@ -267,6 +269,24 @@ class _Child:
             self.process.kill()
         self.process.join(5)
         self.conn.close()
+
+
+def _context(start_method: str) -> ForkServerContext | SpawnContext | ForkContext:
+    """multiprocessing's context for ``start_method`` (each of these can start a Process)."""
+    if start_method == "forkserver":
+        return multiprocessing.get_context("forkserver")
+    if start_method == "spawn":
+        return multiprocessing.get_context("spawn")
+    if start_method == "fork":
+        return multiprocessing.get_context("fork")
+    raise ValueError(f"cannot find context for {start_method!r}")
+
+
+def _buffer(shm: SharedMemory) -> memoryview:
+    """The memory of an open shared-memory block (its ``buf`` is None only once it is closed)."""
+    if shm.buf is None:
+        raise RuntimeError(f"shared memory {shm.name} is closed")
+    return shm.buf
 
 
 def _copy_out(buf: memoryview, spec: _Spec) -> np.ndarray:
@@ -301,12 +321,16 @@ class PreparePool:
     """
 
     def __init__(
-        self, size: int, memory_mib: int, timeout_s: float, start_method: str = "forkserver"
+        self,
+        size: int,
+        memory_mib: int,
+        timeout_s: float,
+        start_method: Literal["forkserver", "spawn", "fork"] = "forkserver",
     ) -> None:
         if size < 1 or memory_mib < 1:
             raise ValueError("a preparation pool needs at least one process and some memory")
         self.size, self.memory_mib, self.timeout_s = size, memory_mib, timeout_s
-        self._ctx = multiprocessing.get_context(start_method)
+        self._ctx = _context(start_method)
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(_PRELOAD)
         self._slots: queue.LifoQueue[_Child | None] = queue.LifoQueue()
@@ -417,7 +441,8 @@ class PreparePool:
             shm = SharedMemory(name=name)
             try:
                 for *_, pair in meta:
-                    arrays.extend(_copy_out(shm.buf, spec) for spec in pair if spec is not None)
+                    buf = _buffer(shm)
+                    arrays.extend(_copy_out(buf, spec) for spec in pair if spec is not None)
             finally:
                 shm.close()
                 shm.unlink()
@@ -529,7 +554,7 @@ class PreparePool:
 
 def _rebuild(chain: list[bytes]) -> BaseException:
     """The child's exception with its causes linked again."""
-    excs = [pickle.loads(raw) for raw in chain]
+    excs: list[BaseException] = [pickle.loads(raw) for raw in chain]
     for exc, cause in itertools.pairwise(excs):
         exc.__cause__ = cause
     return excs[0]

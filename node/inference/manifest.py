@@ -722,9 +722,11 @@ class Manifest(_Strict):
                         op,
                     )
                 state, where = "grey", f"preprocessing.{i} ({op})"
-                if op == "replicate_channels" or (op == "to_8bit" and step.method == "mix"):
+                if isinstance(step, ReplicateChannelsStep) or (
+                    isinstance(step, To8BitStep) and step.method == "mix"
+                ):
                     state = "replicated"  # RGB from grey: neither a grey nor a colour op follows
-            elif op == "normalize" and len(step.mean) not in (1, channels):
+            elif isinstance(step, NormalizeStep) and len(step.mean) not in (1, channels):
                 raise FieldProblem(
                     f"preprocessing.{i}.mean",
                     f"needs 1 value or one per input channel ({channels})",

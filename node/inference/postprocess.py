@@ -28,7 +28,8 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Softmax along ``axis`` (max-subtracted), float32."""
     x = np.asarray(x, dtype=np.float64)
     e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+    probabilities: np.ndarray = (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+    return probabilities
 
 
 def activate(raw: np.ndarray, activation: Literal["none", "sigmoid", "softmax"]) -> np.ndarray:
@@ -110,7 +111,8 @@ def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = np.zeros(count, dtype=bool)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
-    return keep[labels]
+    kept: np.ndarray = keep[labels]
+    return kept
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

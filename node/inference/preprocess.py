@@ -8,7 +8,7 @@ the manifest's layout plus the ``Geometry`` that maps model pixels back to sourc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Literal
@@ -61,7 +61,8 @@ def _lut_indices(arr: np.ndarray, lut: LookupTable) -> np.ndarray:
 
 def lut_lookup(arr: np.ndarray, lut: LookupTable) -> np.ndarray:
     """Apply a Modality or VOI LUT (PS3.3 C.11.1/C.11.2) as pydicom does: uint16 table values."""
-    return lut.table()[_lut_indices(arr, lut)]
+    looked_up: np.ndarray = lut.table()[_lut_indices(arr, lut)]
+    return looked_up
 
 
 def lut_output_max(lut: LookupTable) -> float:
@@ -81,7 +82,8 @@ def voi_lut(arr: np.ndarray, lut: LookupTable, out_min: float = 0.0, out_max: fl
     """Apply a VOI LUT (pydicom's ``apply_voi``) and scale its output range (0 to
     ``lut_output_max``) to [out_min, out_max], float32."""
     scaled = lut.table().astype(np.float64) / lut_output_max(lut) * (out_max - out_min) + out_min
-    return scaled.astype(np.float32)[_lut_indices(arr, lut)]
+    looked_up: np.ndarray = scaled.astype(np.float32)[_lut_indices(arr, lut)]
+    return looked_up
 
 
 def window_preset(name: str) -> tuple[float, float]:
@@ -278,7 +280,7 @@ def to_8bit_mix(
 # Filters
 
 
-def _per_channel(img: np.ndarray, fn: Any) -> np.ndarray:
+def _per_channel(img: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     if img.ndim == 2:
         return fn(img)
     return np.stack([fn(img[..., c]) for c in range(img.shape[-1])], axis=-1)
@@ -401,9 +403,8 @@ def normalize(
         raise PreprocessError(
             f"normalize has {m.size} mean / {s.size} std values for an image with {channels} channel(s)"
         )
-    if f.ndim == 2:
-        return (f - m[0]) / s[0]
-    return (f - m) / s
+    normalized: np.ndarray = (f - m[0]) / s[0] if f.ndim == 2 else (f - m) / s
+    return normalized
 
 
 def replicate_channels(img: np.ndarray, channels: int = 3) -> np.ndarray:
@@ -504,7 +505,8 @@ def illumination_correction(img: np.ndarray, sigma_fraction: float = 0.1) -> np.
     background = cv2.GaussianBlur(f, (0, 0), sigmaX=sigma, sigmaY=sigma)
     if background.ndim == 2 and f.ndim == 3:
         background = background[..., np.newaxis]
-    return np.clip(4.0 * (f - background) + 128.0, 0.0, 255.0).astype(np.float32)
+    corrected: np.ndarray = np.clip(4.0 * (f - background) + 128.0, 0.0, 255.0).astype(np.float32)
+    return corrected
 
 
 # ------------------------------------------------------------------------------------------------

@@ -232,8 +232,9 @@ def create_session(model: LoadedModel, config: RuntimeConfig) -> ModelSession:
             m if isinstance(m, int) else g
             for m, g in zip(manifest.input.shape[1:], graph_in.shape[1:], strict=True)
         ]
-        if all(isinstance(d, int) for d in dims):
-            session.warmup([model.fixed_batch or 1, *dims])
+        known = [d for d in dims if isinstance(d, int)]
+        if len(known) == len(dims):
+            session.warmup([model.fixed_batch or 1, *known])
         else:
             log.info("model %s: dynamic input dims %s; warm-up skipped", manifest.id, manifest.input.shape)
     return session

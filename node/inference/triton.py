@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -37,6 +37,8 @@ import numpy as np
 from node.errors import ConfigError, InferenceError
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 PROVIDER = "Triton"
 _MESSAGE_CHARS = 2000  # a server's message is kept whole up to this (tracebacks can be long)
@@ -146,7 +148,8 @@ class TritonSession:
             if cfg.cert_file is not None and cfg.key_file is not None:
                 options["certfile"] = str(cfg.cert_file)
                 options["keyfile"] = str(cfg.key_file)
-        return self._httpclient.InferenceServerClient(
+        http = self._httpclient or _tritonclient()
+        return http.InferenceServerClient(
             endpoint.address,
             connection_timeout=cfg.timeout_s,
             network_timeout=cfg.timeout_s,
@@ -172,7 +175,7 @@ class TritonSession:
             except self._connection_errors:  # closing a broken connection
                 log.debug("closing the Triton client of %s failed", self._endpoints[index].url)
 
-    def _call(self, what: str, request: Callable[[Any], Any]) -> Any:
+    def _call(self, what: str, request: Callable[[Any], _R]) -> _R:
         """``request(client)`` on the preferred URL, then on the others after connection errors."""
         from tritonclient.utils import InferenceServerException
 
