@@ -1,9 +1,10 @@
-"""The four bundled reference models (models/onnx): they load through the registry, have the promised
-graph (opset, dynamic batch, size), and still work on a small fresh phantom set through the node's
-serving path (registry -> runtime session -> analyse: decoding, preprocessing, inference, heatmaps,
-aggregation). The bounds are looser than the held-out targets in the model cards (AUC >= 0.95,
-heatmap hit >= 90 %) so that chance does not fail the build, but a broken model or a regression in
-preprocessing, runtime, heatmaps or aggregation does.
+"""The seven bundled reference models (models/onnx): the four radiology models and the three colour
+photograph models of issue 20 (fundus, dermoscopy, blood smear). They load through the registry,
+have the promised graph (opset, dynamic batch, size), and still work on a small fresh phantom set
+through the node's serving path (registry -> runtime session -> analyse: decoding, preprocessing,
+inference, heatmaps, aggregation). The bounds are looser than the held-out targets in the model
+cards (AUC >= 0.95, heatmap hit >= 90 %) so that chance does not fail the build, but a broken model
+or a regression in preprocessing, runtime, heatmaps or aggregation does.
 """
 
 from __future__ import annotations
@@ -18,11 +19,21 @@ from node.inference.manifest import CamHeatmap, PatchHeatmap
 from node.inference.registry import LoadedModel, load_registry
 from node.inference.runtime import ModelSession
 
-MODEL_IDS = ("cxr", "mammo", "ct-liver", "mr-brain")
+MODEL_IDS = ("cxr", "mammo", "ct-liver", "mr-brain", "fundus-dr", "derm-lesion", "smear-malaria")
+#: The colour photograph models: one 8-bit RGB image per study, two classes, an in-graph CAM.
+COLOUR_IDS = ("fundus-dr", "derm-lesion", "smear-malaria")
 #: Base seed of the CI check: disjoint from the training seeds and from the model cards' held-out set.
 TEST_SEED = 3_330_777
 #: Studies per model (labels cycle through the label choices, so every finding has positives).
-N_STUDIES = {"cxr": 12, "mammo": 12, "ct-liver": 12, "mr-brain": 10}
+N_STUDIES = {
+    "cxr": 12,
+    "mammo": 12,
+    "ct-liver": 12,
+    "mr-brain": 10,
+    "fundus-dr": 12,
+    "derm-lesion": 12,
+    "smear-malaria": 12,
+}
 MIN_AUC = 0.8
 MIN_HEATMAP_HIT = 0.7  # dilated box, as in the model cards
 MAX_ONNX_BYTES = 5 * 1024 * 1024
@@ -62,7 +73,7 @@ def evaluations(sessions: dict[str, tuple[LoadedModel, ModelSession]]) -> _Evalu
     return _Evaluations(sessions)
 
 
-def test_registry_loads_the_four_reference_models() -> None:
+def test_registry_loads_the_seven_reference_models() -> None:
     registry = load_registry(ONNX_ROOT, strict=True)  # sha256 and graph I/O checked for every model
     assert set(MODEL_IDS) <= set(registry.models)
     for model_id in MODEL_IDS:
@@ -98,6 +109,23 @@ def test_kinds_heatmaps_and_aggregation_match_the_issue() -> None:
     ct_window = next(s for s in registry.get("ct-liver").manifest.preprocessing if s.op == "window")
     assert ct_window.source == "explicit"
     assert ct_window.center - ct_window.width / 2 <= 0 and ct_window.center + ct_window.width / 2 >= 150
+    expected = {
+        "fundus-dr": (["normal", "referable_dr"], "OP", "4855003"),
+        "derm-lesion": (["naevus", "melanoma"], "XC", "1162635006"),
+        "smear-malaria": (["normal", "plasmodium"], "GM", "61462000"),
+    }
+    for model_id in COLOUR_IDS:
+        m = registry.get(model_id).manifest
+        names, modality, code = expected[model_id]
+        assert m.kind == "multi_class" and [lb.name for lb in m.labels] == names
+        assert m.input.channels == 3 and isinstance(m.heatmap, CamHeatmap)
+        assert m.aggregation.level == "image" and modality in m.routing.modalities
+        assert m.labels[1].code.value == code and m.labels[0].normal and not m.labels[1].normal
+        ops = [s.op for s in m.preprocessing]
+        assert ops[-2:] == ["resize", "normalize"] and len(m.preprocessing[-1].mean) == 3
+    fundus_ops = [s.op for s in registry.get("fundus-dr").manifest.preprocessing]
+    assert fundus_ops[0] == "circular_crop"
+    assert {"clahe_luminance", "illumination_correction"} & set(fundus_ops)
 
 
 @pytest.mark.parametrize("model_id", MODEL_IDS)
