@@ -1,5 +1,6 @@
 """The node's audit events: one small API the hook points call (app start/stop, an association's
-instances, an association refused, results exported, sign-in and sign-out, feedback given).
+instances, a STOW-RS request's instances, an association refused, results exported, sign-in and
+sign-out, feedback given).
 
 Every method returns at once and never raises: the message is built and sent by the sender's
 thread (:class:`node.audit.syslog.SyslogSender`). With ``audit.enabled`` false the methods do
@@ -15,7 +16,7 @@ import ssl
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,18 @@ class _StudyTally:
 
     sop_classes: Counter[str] = field(default_factory=Counter)
     sample: Path | None = None  # one stored file of the study (its patient attributes)
+
+
+@dataclass
+class StowStudy:
+    """What one STOW-RS request brought of one study: instances per SOP class (stored ones),
+    how many were stored and refused, and where to find one stored file (called when the
+    message is built)."""
+
+    sop_classes: Counter[str] = field(default_factory=Counter)
+    stored: int = 0
+    refused: int = 0
+    sample: Callable[[], Path | None] | None = None
 
 
 @dataclass
@@ -226,6 +239,49 @@ class AuditTrail:
             self.source,
             [m.study(study_uid, study.sop_classes, [accession])],
             m.patient(patient_id, patient_name),
+        )
+
+    def stow_received(
+        self,
+        user: str,
+        address: str,
+        studies: Mapping[str, StowStudy],
+    ) -> None:
+        """One DICOM Instances Transferred (C) per study a STOW-RS request brought (PS3.15 A.5.3.4;
+        the HTTP client, named by its token or ``STOW-RS``, is the source and requestor): outcome 0
+        when every instance of the study was stored, 4 when some were refused, 8 when none was
+        stored. ``sample`` of a study is called in the sender's thread for one stored file (its
+        patient's ID and name, the accession number)."""
+        if self.sender is None:
+            return
+        source = m.Participant(
+            user_id=user.strip() or "(unknown)", requestor=True, roles=(m.ROLE_SOURCE,), address=address
+        )
+        for study_uid, study in studies.items():
+            self._submit(lambda u=study_uid, s=study: self._stow(source, u, s))  # type: ignore[misc]
+
+    def _stow(self, source: m.Participant, study_uid: str, study: StowStudy) -> bytes:
+        patient_id = patient_name = accession = ""
+        sample = study.sample() if study.sample is not None and study.stored else None
+        if sample is not None:
+            try:
+                _, patient_id, patient_name, accession = _read_patient(sample)
+            except (OSError, ValueError, InvalidDicomError) as exc:  # gone: the message still goes
+                log.warning("audit: patient attributes unreadable (%s)", type(exc).__name__)
+        if not study.refused:
+            outcome, description = m.Outcome.SUCCESS, ""
+        else:
+            outcome = m.Outcome.MINOR_FAILURE if study.stored else m.Outcome.SERIOUS_FAILURE
+            description = f"{study.refused} of {study.refused + study.stored} instances refused"
+        return m.instances_transferred(
+            "C",
+            source,
+            self._node(False, (m.ROLE_DESTINATION,)),
+            self.source,
+            [m.study(study_uid, study.sop_classes, [accession])],
+            m.patient(patient_id, patient_name),
+            outcome=outcome,
+            outcome_description=description,
         )
 
     def association_refused(self, calling_aet: str, address: str, reason: str) -> None:

@@ -24,6 +24,9 @@ Who may store: when ``web.tokens`` is configured, a token of the admin role, pre
 such as Orthanc's can be configured with). The sign-in cookie is not accepted here: STOW is for
 API clients, and the guard's Origin check still refuses a browser's cross-site POST. The
 instances are recorded with the source ``STOW-RS`` in place of a calling AE title.
+
+With ``audit.enabled`` each request sends, per study, a DICOM Instances Transferred audit message
+(:meth:`node.audit.events.AuditTrail.stow_received`; docs/audit.md).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import binascii
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -44,10 +49,12 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from node.audit.events import StowStudy
 from node.dicom import status
 from node.dicom.ingest import Part10Instance, Part10Refused
 from node.dicom.scp import TRANSFER_SYNTAXES
 from node.dicom.spool import SpoolFullError
+from node.errors import StoreError
 from node.web import auth
 
 if TYPE_CHECKING:
@@ -378,6 +385,7 @@ async def _stow(node: Node, request: Request, study_uid: str | None) -> Response
             node.metrics.stored(SOURCE, o.size, o.new, stow=True)
         else:
             node.metrics.refused(SOURCE, o.code, stow=True)
+    _audit(node, request, outcomes)
     code, body = store_response(outcomes)
     log.info(
         "STOW-RS: %d of %d instances stored (%d new)",
@@ -386,6 +394,41 @@ async def _stow(node: Node, request: Request, study_uid: str | None) -> Response
         sum(o.new for o in outcomes),
     )
     return JSONResponse(body, status_code=code, media_type=DICOM_JSON)
+
+
+def _sample(node: Node, sop_instance_uid: str) -> Callable[[], Path | None]:
+    """Where the stored file of the instance is, looked up when the audit message is built."""
+
+    def find() -> Path | None:
+        try:
+            relative = node.scp.filer.committer.recorded_path(sop_instance_uid)
+        except StoreError:
+            return None
+        return node.spool.root / relative if relative else None
+
+    return find
+
+
+def _audit(node: Node, request: Request, outcomes: list[_Outcome]) -> None:
+    """Instances received: one DICOM Instances Transferred audit message per study of the request
+    (parts whose study could not be read are counted in the log only)."""
+    if not node.audit.enabled:
+        return
+    studies: dict[str, StowStudy] = {}
+    for o in outcomes:
+        if not o.instance.study_uid:
+            continue
+        study = studies.setdefault(o.instance.study_uid, StowStudy())
+        if o.code == 0:
+            study.stored += 1
+            study.sop_classes[o.instance.sop_class_uid] += 1
+            if study.sample is None:
+                study.sample = _sample(node, o.instance.sop_instance_uid)
+        else:
+            study.refused += 1
+    principal = getattr(request.state, "principal", None)
+    user = principal.name if principal is not None else SOURCE
+    node.audit.stow_received(user, request.client.host if request.client else "", studies)
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
