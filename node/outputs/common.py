@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -160,6 +161,35 @@ def coding_schemes(
         else:
             items.append(CodingSchemeIdentificationItem(designator=designator))
     return items
+
+
+def node_observer(identity: OutputIdentity) -> hd.sr.ObserverContext:
+    """The node as the device observer (TID 1004) of the documents it writes (SR, KOS)."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=identity.device_uid,
+            name=ascii_text(identity.device_name, 64) or None,
+            manufacturer_name=ascii_text(identity.manufacturer, 64) or None,
+            model_name=NODE_MODEL_NAME,
+        ),
+    )
+
+
+def closed_polygon(points: np.ndarray, max_points: int) -> np.ndarray | None:
+    """(N, 2) outline points thinned to about ``max_points``, without consecutive repeats or a
+    repeated last point, closed (the first point again at the end); None when fewer than 3
+    distinct points remain."""
+    if len(points) > max_points:
+        points = points[:: int(np.ceil(len(points) / max_points))]
+    keep = np.ones(len(points), dtype=bool)
+    keep[1:] = np.any(np.diff(points, axis=0) != 0, axis=1)
+    points = points[keep]
+    if len(points) > 1 and np.array_equal(points[0], points[-1]):
+        points = points[:-1]
+    if len(np.unique(points, axis=0)) < 3:
+        return None
+    return np.vstack([points, points[:1]])
 
 
 def algorithm_equipment(algorithm: AlgorithmIdentity, identity: OutputIdentity) -> hd.ContributingEquipment:

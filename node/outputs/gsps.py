@@ -44,6 +44,7 @@ from node.outputs.common import (
     algorithm_equipment,
     ascii_text,
     clean_header,
+    closed_polygon,
     plane_geometry,
     referenced_frame,
     safe_get,
@@ -302,17 +303,7 @@ def hotspot_outline(heatmap: Heatmap, rows: int, cols: int) -> np.ndarray | None
     points = np.array([(c + 0.5, r + 0.5) for r, c in hotspot.polygon], dtype=np.float64)
     if not np.all(np.isfinite(points)):
         return None
-    points = np.clip(points, 0.0, [cols, rows])
-    if len(points) > _MAX_POINTS:
-        points = points[:: int(np.ceil(len(points) / _MAX_POINTS))]
-    keep = np.ones(len(points), dtype=bool)
-    keep[1:] = np.any(np.diff(points, axis=0) != 0, axis=1)
-    points = points[keep]
-    if len(points) > 1 and np.array_equal(points[0], points[-1]):
-        points = points[:-1]
-    if len(np.unique(points, axis=0)) < 3:
-        return None
-    return np.vstack([points, points[:1]])
+    return closed_polygon(np.clip(points, 0.0, [cols, rows]), _MAX_POINTS)
 
 
 def label_text(mark: Mark, research: bool) -> str:

@@ -34,6 +34,7 @@ from node.outputs.common import (
     ascii_text,
     clean_header,
     evidence_reference,
+    node_observer,
     referenced_frame,
     series_description,
     sources_by_uid,
@@ -83,15 +84,7 @@ def build_key_object_selection(
     if sr is not None:
         referenced.append(evidence_reference(sr))
     evidence = [*referenced, *(evidence_reference(ps) for ps in states.values() if _in(ps, frames))]
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid,
-            name=ascii_text(identity.device_name, 64) or None,
-            manufacturer_name=ascii_text(identity.manufacturer, 64) or None,
-            model_name=NODE_MODEL_NAME,
-        ),
-    )
+    observer = node_observer(identity)
     try:
         content = hd.ko.KeyObjectSelection(
             document_title=OF_INTEREST,

@@ -66,9 +66,11 @@ from node.outputs.common import (
     algorithm_equipment,
     ascii_text,
     clean_header,
+    closed_polygon,
     coded,
     coding_schemes,
     evidence_reference,
+    node_observer,
     plane_geometry,
     referenced_frame,
     series_description,
@@ -157,15 +159,7 @@ def build_sr(
         raise OutputError("the first source instance is not in the result's study")
     algorithm = result.algorithm
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid,
-            name=ascii_text(identity.device_name, 64) or None,
-            manufacturer_name=ascii_text(identity.manufacturer, 64) or None,
-            model_name=NODE_MODEL_NAME,
-        ),
-    )
+    observer = node_observer(identity)
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=ascii_text(algorithm.name or algorithm.model_id, 64),
         version=ascii_text(algorithm.version, 64) or "0",
@@ -541,17 +535,7 @@ def _polygon_points(polygon: Sequence[tuple[float, float]], rows: int, cols: int
     points = np.array([(c + 0.5, r + 0.5) for r, c in polygon], dtype=np.float64)
     if rows and cols:
         points = np.clip(points, 0.0, [cols, rows])
-    if len(points) > _MAX_POLYGON_POINTS:
-        step = int(np.ceil(len(points) / _MAX_POLYGON_POINTS))
-        points = points[::step]
-    keep = np.ones(len(points), dtype=bool)
-    keep[1:] = np.any(np.diff(points, axis=0) != 0, axis=1)
-    points = points[keep]
-    if len(points) > 1 and np.array_equal(points[0], points[-1]):
-        points = points[:-1]
-    if len(np.unique(points, axis=0)) < 3:
-        return None
-    return np.vstack([points, points[:1]])
+    return closed_polygon(points, _MAX_POLYGON_POINTS)
 
 
 def _qualitative_evaluations(
