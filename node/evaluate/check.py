@@ -18,12 +18,26 @@ from node.inference.runtime import CPU, RuntimeConfig, create_session
 from node.runner.analyse import Stopwatch, analyse
 
 #: DICOM modality -> phantom kind, and small render options that keep the check quick.
-PHANTOM_FOR_MODALITY = {"CR": "cxr", "DX": "cxr", "MG": "mammo", "CT": "ct", "MR": "mr"}
+#: The colour kinds follow the phantoms' own modalities: fundus OP, dermoscopy XC, smear GM/SM.
+PHANTOM_FOR_MODALITY = {
+    "CR": "cxr",
+    "DX": "cxr",
+    "MG": "mammo",
+    "CT": "ct",
+    "MR": "mr",
+    "OP": "fundus",
+    "XC": "derm",
+    "GM": "smear",
+    "SM": "smear",
+}
 FAST_OPTIONS = {
     "cxr": {"scale": 0.25},
     "mammo": {"scale": 0.125},
     "ct": {"slices": 8, "size": 128},
     "mr": {"slices": 8, "size": 128},
+    "fundus": {"size": 256},
+    "derm": {"size": 256},
+    "smear": {"size": 256},
 }
 
 

@@ -23,7 +23,13 @@ def test_models_check_bundled() -> None:
     for model_id in ("cxr", "mammo", "ct-liver", "mr-brain", "ct-liver-seg"):
         assert f"[{model_id}] ok" in result.output
     assert "CPUExecutionProvider" in result.output and "latency" in result.output
-    assert "5 of 5 model(s) passed" in result.output
+    # the colour models are checked with a phantom of their own kind, three-channel input
+    for model_id, kind in (("fundus-dr", "fundus"), ("derm-lesion", "derm"), ("smear-malaria", "smear")):
+        block = result.output.split(f"[{model_id}] ")[1].split("\n[")[0]
+        assert block.startswith("ok"), block
+        assert f"phantom {kind}: 1 file(s); input image (1, 3, " in block, block
+    total = len([d for d in MODELS.iterdir() if (d / "manifest.yaml").is_file()])
+    assert f"{total} of {total} model(s) passed" in result.output
 
 
 def test_models_check_fails_on_broken_model(tmp_path: Path) -> None:
