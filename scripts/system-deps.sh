@@ -4,7 +4,8 @@
 # tests, read by OHIF) and PixelMed
 # (the SR validator, with a JDK), Chromium (headless, for the page tests), PostgreSQL (a
 # throw-away server on loopback for the database tests), rsyslog with its TLS driver (the audit
-# record repository of tests/audit) and Prometheus (promtool, for the alerting rules). Needs root
+# record repository of tests/audit), Prometheus (promtool, for the alerting rules) and HAProxy (in
+# front of two receivers in tests/scale). Needs root
 # for apt-get; otherwise says what to run.
 set -euo pipefail
 missing=()
@@ -19,6 +20,7 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql
 command -v rsyslogd >/dev/null 2>&1 || [ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)  # the audit repository (tests/audit)
 compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || missing+=(rsyslog-gnutls)  # its TLS driver (RFC 5425)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool: deploy/prometheus/alerts.yml and its tests
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)  # TCP load balancer in front of two receivers (tests/scale/test_haproxy.py)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (apt-get)" >&2
