@@ -62,8 +62,14 @@ class Example:
 
 
 def overlay_png(display: np.ndarray, heat: np.ndarray, max_side: int = 256) -> str:
-    """The windowed image with a JET heatmap blended on it, as base64 PNG (at most ``max_side``)."""
-    grey = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR) if display.ndim == 2 else display
+    """The windowed image with a JET heatmap blended on it, as base64 PNG (at most ``max_side``).
+
+    ``display`` is greyscale (rows, cols) or RGB (rows, cols, 3), as ``display_image`` gives it;
+    OpenCV works in BGR, so an RGB display is converted before blending and encoding."""
+    if display.ndim == 2:
+        grey = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR)
+    else:
+        grey = cv2.cvtColor(display, cv2.COLOR_RGB2BGR)
     colour = cv2.applyColorMap(np.clip(heat * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
     if colour.shape[:2] != grey.shape[:2]:
         colour = cv2.resize(colour, (grey.shape[1], grey.shape[0]))
