@@ -14,6 +14,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import (
@@ -38,11 +39,12 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import (
-    Verification,  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # the SOP classes are generated at import
+    Verification,
     uid_to_service_class,
 )
 
@@ -287,7 +289,7 @@ class StorageSCP:
         servers = [self._server]
         if self._tls is not None and self.settings.tls.port is not None:
             servers.append(self._tls_server)
-        return all(srv is not None and srv.socket.fileno() >= 0 for srv in servers)
+        return all(srv is not None and srv.socket is not None and srv.socket.fileno() >= 0 for srv in servers)
 
     @staticmethod
     def _on_connect(event: Event) -> None:
@@ -325,7 +327,7 @@ class StorageSCP:
         likewise, and refused by :meth:`store`: pynetdicom would answer it as a C-ECHO, with success.
         """
         message = event.message
-        if not isinstance(message, C_STORE_RQ) or message.command_set is None:
+        if not isinstance(message, C_STORE_RQ) or message.command_set is None or message.context_id is None:
             return
         command = message.command_set
         sop_class = command.get("AffectedSOPClassUID")
@@ -335,7 +337,10 @@ class StorageSCP:
         context = event.assoc._accepted_cx.get(message.context_id)  # pynetdicom's {id: context}
         if context is None:  # pynetdicom aborts: a message on a context that was not accepted
             return
-        storage_context = uid_to_service_class(context.abstract_syntax) is StorageServiceClass
+        storage_context = (
+            context.abstract_syntax is not None
+            and uid_to_service_class(context.abstract_syntax) is StorageServiceClass
+        )
         if class_ok and instance_ok and storage_context:
             return
         if not storage_context:
@@ -388,7 +393,7 @@ class StorageSCP:
     @staticmethod
     def _check_request(header: Header, event: Event, garbled: _GarbledRequest | None) -> None:
         """Raise IngestError unless the request, its presentation context and the data set agree."""
-        request = event.request
+        request = _c_store(event)
         negotiated = str(event.context.abstract_syntax)
         if garbled is not None and garbled.sop_class is not None:
             if _misread_by_sender(garbled.sop_class) and header.sop_class_uid == negotiated:
@@ -450,8 +455,9 @@ class StorageSCP:
                 status.SOP_CLASS_NOT_SUPPORTED,
                 f"C-STORE on the {garbled.context} presentation context (not a storage context)",
             )
-        request = event.request
-        stream: BytesIO = request.DataSet  # type: ignore[assignment]
+        stream = _c_store(event).DataSet
+        if stream is None:
+            raise IngestError(status.CANNOT_UNDERSTAND, "C-STORE request without a data set")
         context = event.context
         transfer_syntax = UID(context.transfer_syntax)
         header = inspect_dataset(stream, transfer_syntax, self.budget.max_inflated_bytes)
@@ -462,9 +468,9 @@ class StorageSCP:
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
         # the data set's own UIDs (the same as the request's, unless a sender misread them)
-        file_meta.MediaStorageSOPClassUID = header.sop_class_uid
-        file_meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
-        write_file_meta_info(meta, file_meta, enforce_standard=True)
+        file_meta.MediaStorageSOPClassUID = UID(header.sop_class_uid)
+        file_meta.MediaStorageSOPInstanceUID = UID(header.sop_instance_uid)
+        write_file_meta_info(DicomIO(meta), file_meta, enforce_standard=True)
         size = len(_PREAMBLE) + meta.tell() + len(body)
         try:
             # one store of an instance at a time in this process: a second copy arriving while the
@@ -482,3 +488,12 @@ class StorageSCP:
             event.assoc, header.sop_class_uid, header.study_uid, self.spool.root / relative
         )
         return status.SUCCESS
+
+
+def _c_store(event: Event) -> C_STORE:
+    """The C-STORE request of an EVT_C_STORE event (pynetdicom types ``Event.request`` as any
+    DIMSE request primitive)."""
+    request = event.request
+    if not isinstance(request, C_STORE):
+        raise TypeError(f"a C-STORE handler got a {type(request).__name__} request")
+    return request

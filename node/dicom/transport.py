@@ -56,6 +56,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.allowlist import AllowList
@@ -380,7 +381,7 @@ class _Waker:
         self._write.close()
 
 
-class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+class _WakingQueue(queue.Queue[Any]):
     """A queue that calls ``on_put`` after each put."""
 
     def __init__(self, on_put: Callable[[], None]) -> None:
@@ -487,7 +488,7 @@ class QuietAssociation(Association):
         self.dul.to_user_queue = _WakingQueue(waker.wake_reactor)
         self.dul.to_provider_queue = _WakingQueue(waker.wake_dul)
 
-    @property  # type: ignore[override]
+    @property
     def _kill(self) -> bool:
         return self._kill_flag
 
@@ -657,10 +658,24 @@ class GatedServer(ThreadedAssociationServer):
     daemon_threads = True  # a connection's thread now lives as long as its association
     block_on_close = False  # stopping the listener does not wait for open associations
 
-    def __init__(self, *args: Any, gate: Gate, reuse_port: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        ae: ApplicationEntity,
+        address: tuple[str, int] | tuple[str, int, int, int],
+        ae_title: str,
+        contexts: list[PresentationContext],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[evt.EventHandlerType] | None = None,
+        *,
+        gate: Gate,
+        reuse_port: bool = False,
+    ) -> None:
+        """As ``ae.make_server`` calls it (its ``server_class``), with the gate and the port sharing."""
         self.gate = gate
         self.reuse_port = reuse_port
-        super().__init__(*args, request_handler=GatedHandler, **kwargs)  # binds
+        super().__init__(  # binds
+            ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=GatedHandler
+        )
 
     def server_bind(self) -> None:
         """pynetdicom's bind, with ``SO_REUSEPORT`` first when several receiving processes of this

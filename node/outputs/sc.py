@@ -144,7 +144,7 @@ def render_overlay(
             f"display image must be (rows, cols) or (rows, cols, 3) RGB, found shape {grey.shape}"
         )
     grey = grey.astype(np.uint8, copy=False)
-    values = np.nan_to_num(np.asarray(heatmap.values, dtype=np.float32), nan=0.0)
+    values: np.ndarray = np.nan_to_num(np.asarray(heatmap.values, dtype=np.float32), nan=0.0)
     if values.ndim != 2:
         raise OutputError(f"heatmap {heatmap.label!r} must be 2-D, found shape {values.shape}")
     rows, cols = grey.shape[:2]
@@ -305,7 +305,9 @@ def _sc_dataset(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"secondary capture could not be built: {exc}") from exc
-    sc.PatientOrientation = list(orientation) if orientation else None
+    # highdicom sets a list in its constructor, so mypy infers list[str]; the Type 2 element is
+    # legitimately empty (None) when the source gives no orientation
+    sc.PatientOrientation = list(orientation) if orientation else None  # type: ignore[assignment]
     sc.DeviceUID = identity.device_uid  # General Equipment: the node
     if ref.get("BodyPartExamined"):
         sc.BodyPartExamined = ref.BodyPartExamined
