@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, RootModel, SerializerFunctionWrapHandler, model_serializer
@@ -434,10 +434,25 @@ class OutputKind(StrEnum):
     FHIR = "fhir"  # a FHIR Bundle
 
 
-class Finding(BaseModel):
-    """One label's aggregated result as a job records it (rounded to 4 decimals)."""
+class _Stored(BaseModel):
+    """A part of a stored job result. Unknown keys are kept; a field left unset whose value is
+    None is not written (nor, in ``_omit_none``, one set to None), so a field added later with a
+    None default leaves the JSON of the results that lack it as it was."""
 
     model_config = ConfigDict(extra="allow")
+    _omit_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in type(self).model_fields:
+            if data.get(name, 0) is None and (name not in self.model_fields_set or name in self._omit_none):
+                del data[name]
+        return data
+
+
+class Finding(_Stored):
+    """One label's aggregated result as a job records it (rounded to 4 decimals)."""
 
     label: str
     probability: float
@@ -447,19 +462,15 @@ class Finding(BaseModel):
     triage: bool = False
 
 
-class JobOutput(BaseModel):
+class JobOutput(_Stored):
     """One output object a job wrote (an SOP instance; messages are not listed)."""
-
-    model_config = ConfigDict(extra="allow")
 
     kind: OutputKind
     sop_instance_uid: str
 
 
-class Segment(BaseModel):
+class Segment(_Stored):
     """One segment of a segmentation model's result, with its measurements (mm, 2 decimals)."""
-
-    model_config = ConfigDict(extra="allow")
 
     label: str
     pixels: int
@@ -468,12 +479,12 @@ class Segment(BaseModel):
     volume_mm3: float | None = None
 
 
-class JobResult(BaseModel):
+class JobResult(_Stored):
     """What a finished analysis records on its job row (``Job.result``, JSON): read it with
     ``JobResult.model_validate_json``, write it with :meth:`to_json`. Keys it does not know (a
     newer node's) are kept; ``segments`` is present only for a segmentation model."""
 
-    model_config = ConfigDict(extra="allow")
+    _omit_none: ClassVar[tuple[str, ...]] = ("segments",)
 
     model: str = ""
     version: str = ""
@@ -482,13 +493,6 @@ class JobResult(BaseModel):
     findings: list[Finding] = PydanticField(default_factory=list)
     outputs: list[JobOutput] = PydanticField(default_factory=list)
     segments: list[Segment] | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_absent_segments(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if self.segments is None:
-            data.pop("segments", None)
-        return data
 
     def to_json(self) -> str:
         """The stored form (``model_dump_json``)."""

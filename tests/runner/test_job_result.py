@@ -88,3 +88,26 @@ def test_timings_round_trip_and_are_rounded_like_the_runner_did():
     assert json.loads(timings.model_dump_json()) == json.loads(stored)
     assert JobTimings.of({"queued": 0.123456789, "writing": 2.0}).root == {"queued": 0.1235, "writing": 2.0}
     assert JobTimings.model_validate_json("{}").root == {}
+
+
+def test_none_fields_left_unset_are_not_written():
+    """A field added later with a None default does not appear in results that lack it."""
+    built = JobResult(model="m", version="1", images=1, frames=1, findings=[], outputs=[], segments=None)
+    assert "segments" not in json.loads(built.to_json())
+    older = JobResult.model_validate_json('{"model": "m", "images": 2, "findings": []}')
+    assert "frames" not in json.loads(older.to_json())
+    assert json.loads(older.to_json()) == {
+        "model": "m",
+        "version": "",
+        "images": 2,
+        "findings": [],
+        "outputs": [],
+    }
+    seg = Segment(label="x", pixels=1, frames=1, area_mm2=None, volume_mm3=None)  # set: written as null
+    assert json.loads(seg.model_dump_json()) == {
+        "label": "x",
+        "pixels": 1,
+        "frames": 1,
+        "area_mm2": None,
+        "volume_mm3": None,
+    }
