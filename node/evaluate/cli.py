@@ -174,6 +174,7 @@ def evaluate(
     ``--write-reference`` keeps the validation distribution in the manifest for drift monitoring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from node.evaluate.classification import METRIC_NAMES
     from node.evaluate.dataset import collect_cases
     from node.evaluate.report import write_report
     from node.evaluate.run import analyse_cases, summarise
@@ -267,16 +268,7 @@ def evaluate(
         typer.echo(
             f"{f['label']} ({f['positives']} pos / {f['negatives']} neg, threshold {f['threshold']:.4f})"
         )
-        for name in (
-            "auc",
-            "accuracy",
-            "sensitivity",
-            "specificity",
-            "ppv",
-            "npv",
-            "balanced_accuracy",
-            "f1",
-        ):
+        for name in ("auc", *(n for n in METRIC_NAMES if n != "auc")):  # AUC first
             typer.echo(f"  {name:18s} {show(name)}")
         typer.echo(f"  confusion          TP {cm['tp']} FP {cm['fp']} FN {cm['fn']} TN {cm['tn']}")
         op = f.get("operating_point")
