@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -206,7 +207,9 @@ def regions_from_body_part(body_part: str | None) -> tuple[str, ...]:
     return regions_from_text(body_part) or ("OTHER",)
 
 
-def _get(ds: Dataset, keyword: str) -> object:
+def _get(ds: Dataset, keyword: str) -> Any:
+    """The value of ``keyword`` as pydicom gives it (of any type: callers check it); None when it
+    is absent or cannot be read."""
     try:
         return ds.get(keyword)
     except _VALUE_ERRORS as exc:
@@ -236,11 +239,11 @@ def _code_regions(item: Dataset) -> tuple[tuple[str, ...], str] | None:
     return regions, f"{shown} ({scheme} {value})" if value else shown
 
 
-def _sequence_items(value: object) -> list[Dataset]:
+def _sequence_items(value: Any) -> list[Dataset]:
     if value is None:
         return []
     try:
-        return [item for item in value if isinstance(item, Dataset)]  # type: ignore[attr-defined]
+        return [item for item in value if isinstance(item, Dataset)]
     except TypeError:
         return []
 
@@ -279,10 +282,10 @@ def header_region(ds: Dataset) -> RegionEvidence:
         ("ProtocolName", "ProtocolName"),
         ("StudyDescription", "StudyDescription"),
     ):
-        text = _text(ds, keyword)
-        regions = regions_from_text(text)
+        described = _text(ds, keyword)
+        regions = regions_from_text(described)
         if regions:
-            return RegionEvidence(regions, "description", f"{label} '{text}'")
+            return RegionEvidence(regions, "description", f"{label} '{described}'")
     return UNKNOWN_HEADER
 
 
@@ -304,14 +307,14 @@ class _Slice:
 
 
 def _spacing(ds: Dataset) -> tuple[float, float] | None:
-    candidates: list[object] = [_get(ds, "PixelSpacing")]
+    candidates: list[Any] = [_get(ds, "PixelSpacing")]
     for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         for functional in _sequence_items(_get(ds, group))[:1]:
             for measures in _sequence_items(_get(functional, "PixelMeasuresSequence"))[:1]:
                 candidates.append(_get(measures, "PixelSpacing"))
     for value in candidates:
         try:
-            row, col = (float(v) for v in value)  # type: ignore[union-attr]
+            row, col = (float(v) for v in value)
         except (*_VALUE_ERRORS, StopIteration):
             continue
         if 0.01 < row < 20 and 0.01 < col < 20:
@@ -321,15 +324,15 @@ def _spacing(ds: Dataset) -> tuple[float, float] | None:
 
 def _orientation(ds: Dataset) -> bool | None:
     """True for an axial slice, False for another plane, None when the orientation is not given."""
-    values: object = _get(ds, "ImageOrientationPatient")
+    values: Any = _get(ds, "ImageOrientationPatient")
     if values is None:
         for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
             for functional in _sequence_items(_get(ds, group))[:1]:
                 for plane in _sequence_items(_get(functional, "PlaneOrientationSequence"))[:1]:
                     values = _get(plane, "ImageOrientationPatient")
     try:
-        row = np.array([float(v) for v in values][:3])  # type: ignore[union-attr]
-        col = np.array([float(v) for v in values][3:6])  # type: ignore[union-attr]
+        row = np.array([float(v) for v in values][:3])
+        col = np.array([float(v) for v in values][3:6])
     except _VALUE_ERRORS:
         return None
     if row.size != 3 or col.size != 3:
@@ -353,7 +356,7 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
                 slope = _get(transform, "RescaleSlope")
                 intercept = _get(transform, "RescaleIntercept")
     try:
-        return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0)  # type: ignore[arg-type]
+        return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0)
     except _VALUE_ERRORS:
         return 1.0, 0.0
 
@@ -363,9 +366,9 @@ def _slice_of(ds: Dataset) -> _Slice | str:
     spacing = _spacing(ds)
     if spacing is None:
         return "no usable PixelSpacing"
-    if int(_get(ds, "SamplesPerPixel") or 1) != 1:  # type: ignore[call-overload]
+    if int(_get(ds, "SamplesPerPixel") or 1) != 1:
         return "not a greyscale image"
-    frames = int(_get(ds, "NumberOfFrames") or 1)  # type: ignore[call-overload]
+    frames = int(_get(ds, "NumberOfFrames") or 1)
     frame = frames // 2
     try:
         from pydicom.pixels import pixel_array

@@ -37,6 +37,7 @@ This module only parses and validates; :mod:`node.pipeline.route` evaluates.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -303,7 +304,11 @@ def parse_rules(data: Any, source: str = "<rules>") -> RuleSet:
         problems = "; ".join(_describe(data, e) for e in exc.errors())
         raise ConfigError(f"{source}: {problems}") from None
     seen: dict[str, str] = {}
-    for section, entries in (("exclude", parsed.exclude), ("rules", parsed.rules)):
+    sections: tuple[tuple[str, Sequence[Exclusion | Rule]], ...] = (
+        ("exclude", parsed.exclude),
+        ("rules", parsed.rules),
+    )
+    for section, entries in sections:
         for index, entry in enumerate(entries):
             here = f"{section}.{index} ({entry.name})"
             if entry.name in seen:
