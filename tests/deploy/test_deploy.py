@@ -5,6 +5,7 @@ the chart's templates only use values that exist, and `systemd-analyze verify` a
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import shutil
 import subprocess
@@ -152,3 +153,89 @@ def test_helm_lint_when_available():
         pytest.skip("helm is not installed")
     result = subprocess.run([helm, "lint", str(CHART)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scale_compose_runs_receivers_behind_haproxy_on_seaweedfs():
+    """deploy/compose/scale.yaml: two receivers behind HAProxy on the repository's haproxy.cfg,
+    a worker and a sender, PostgreSQL and SeaweedFS as the object store (storage.object_store)."""
+    compose = yaml.safe_load((DEPLOY / "compose" / "scale.yaml").read_text())
+    services = compose["services"]
+    roles = {name: s["command"][-1] for name, s in services.items() if s.get("command", [""])[0] == "serve"}
+    assert roles == {
+        "receiver-1": "receiver",
+        "receiver-2": "receiver",
+        "worker": "worker",
+        "sender": "sender",
+    }
+    envs = [services[name]["environment"] for name in roles]
+    assert len({e["NODE_CLUSTER__NODE_ID"] for e in envs}) == 4  # one node id per process
+    assert len({e["NODE_DICOM__AE_TITLE"] for e in envs}) == 1  # identical receivers
+    for env in envs:
+        assert env["NODE_STORAGE__DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert env["NODE_STORAGE__OBJECT_STORE__ENDPOINT_URL"] == "http://seaweedfs:8333"
+        assert env["NODE_STORAGE__OBJECT_STORE__BUCKET"] and env["NODE_STORAGE__OBJECT_STORE__SECRET_KEY"]
+    assert "-s3" in services["seaweedfs"]["command"]
+    s3 = json.loads((DEPLOY / "compose" / "seaweedfs" / "s3.json").read_text())
+    keys = s3["identities"][0]["credentials"][0]
+    assert keys == {
+        "accessKey": envs[0]["NODE_STORAGE__OBJECT_STORE__ACCESS_KEY"],
+        "secretKey": envs[0]["NODE_STORAGE__OBJECT_STORE__SECRET_KEY"],
+    }
+    proxy = services["haproxy"]
+    mounted = proxy["volumes"][0].split(":")[0]
+    assert (DEPLOY / "compose" / mounted).resolve() == DEPLOY / "haproxy" / "haproxy.cfg"
+    config = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    # every variable the config reads without a default is set for it
+    needed = set(re.findall(r"\$\{(\w+)\}", config))
+    assert needed and needed <= set(proxy["environment"]), needed - set(proxy["environment"])
+    assert proxy["environment"]["PACS_RECEIVER_1"].startswith("receiver-1:")
+
+
+def test_haproxy_config_checks_readyz_and_is_valid_when_haproxy_is_installed(tmp_path):
+    config = DEPLOY / "haproxy" / "haproxy.cfg"
+    text = config.read_text()
+    assert re.search(r"^\s*mode tcp$", text, re.M) and re.search(r"^\s*balance leastconn$", text, re.M)
+    assert "option httpchk GET /readyz" in text
+    servers = re.findall(r"^\s*server (\S+) .* check port ", text, re.M)
+    assert len(servers) == 2
+    haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    env = {
+        "PACS_HAPROXY_STATS_SOCKET": str(tmp_path / "admin.sock"),
+        "PACS_RECEIVER_1": "10.0.0.11:11112",
+        "PACS_RECEIVER_1_WEB": "8080",
+        "PACS_RECEIVER_2": "10.0.0.12:11112",
+        "PACS_RECEIVER_2_WEB": "8080",
+    }
+    result = subprocess.run(
+        [haproxy, "-c", "-f", str(config)], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_chart_scale_out_mode_has_receivers_pdb_and_gpu_workers():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    cluster = values["cluster"]
+    assert cluster["enabled"] is False  # the embedded one-pod default stays
+    assert cluster["receiver"]["replicas"] >= 2 and cluster["receiver"]["maxUnavailable"] == 1
+    assert cluster["worker"]["gpu"] >= 1
+    assert set(values["objectStore"]) >= {"endpointUrl", "bucket", "accessKey", "secretKey", "existingSecret"}
+    text = (CHART / "templates" / "cluster.yaml").read_text()
+    assert 'range $role := list "receiver" "worker" "sender"' in text
+    for needed in (
+        "kind: Deployment",
+        "kind: PodDisruptionBudget",
+        '"--role"',
+        "path: /readyz",
+        "$.Values.gpu.resource $spec.gpu",
+        "NODE_STORAGE__OBJECT_STORE__ENDPOINT_URL",
+        "NODE_STORAGE__OBJECT_STORE__SECRET_KEY",
+        "fieldPath: metadata.name",  # one cluster.node_id per pod
+        "at least 2",
+    ):
+        assert needed in text, needed
+    stateful = (CHART / "templates" / "statefulset.yaml").read_text()
+    assert stateful.startswith("{{- if not .Values.cluster.enabled }}")
+    # the DICOM Service sends associations to the receivers only
+    assert "app.kubernetes.io/component: receiver" in (CHART / "templates" / "services.yaml").read_text()
