@@ -57,8 +57,10 @@ def test_ohif_opens_the_sr_of_a_real_cr_and_draws_its_outline(tmp_path: Path) ->
         orthanc.send_to_node(study)
         (job,) = wait_jobs(node, {str(source.StudyInstanceUID)}, timeout=300)
         assert job.state == JobState.DONE, job.error
-        findings = json.loads(job.result)["findings"]
-        positive = [f["label"] for f in findings if f["positive"]]
+        result = job.recorded_result()
+        assert result is not None
+        findings = result.findings
+        positive = [f.label for f in findings if f.positive]
         assert positive, f"the real CR has no positive finding to draw: {findings}"
         orthanc.wait_for_series(
             study, lambda ss: "SR" in {s["MainDicomTags"].get("Modality") for s in ss}, timeout=120
@@ -89,6 +91,6 @@ def test_ohif_opens_the_sr_of_a_real_cr_and_draws_its_outline(tmp_path: Path) ->
     assert seen["svgShapes"] >= 1, f"no outline drawn: {where}"
     numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", " ".join(seen["svgPoints"]))]
     assert len(numbers) >= 6 and "NaN" not in " ".join(seen["svgPoints"]), f"outline has no points: {where}"
-    meanings = {f["label"].lower() for f in findings if f["positive"]}
+    meanings = {f.label.lower() for f in findings if f.positive}
     shown = (seen.get("body", "") + " ".join(t or "" for t in seen.get("svgTexts", []))).lower()
     assert any(m in shown for m in meanings), f"the finding's name ({meanings}) is not shown: {where}"
