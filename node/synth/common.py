@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    PYDICOM_ROOT_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 from node import __version__
 
@@ -267,7 +273,7 @@ def write_part10(ds: Dataset, path: Path, transfer_syntax: str | None = None) ->
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = UID(transfer_syntax) if transfer_syntax else ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     meta.SourceApplicationEntityTitle = "SYNTH"

@@ -264,8 +264,10 @@ def _anatomy(
     # heart (larger on AP), aortic knob; they hide the lung behind them
     hs = float(rng.uniform(0.92, 1.08)) * (1.12 if view == "AP" else 1.0)
     hw, ht = fr.half_width, fr.height
-    heart = soft_ellipse(x, y, *fr.mm(0.14, 0.74), 0.42 * hs * hw, 0.17 * hs * ht, 0.45, 0.3 * hw, 6.0)
-    knob = soft_ellipse(x, y, *fr.mm(0.17, 0.24), 0.08 * hw, 0.055 * ht, 0.0, 0.08 * hw, 4.0)
+    heart_x, heart_y = fr.mm(0.14, 0.74)
+    heart = soft_ellipse(x, y, heart_x, heart_y, 0.42 * hs * hw, 0.17 * hs * ht, 0.45, 0.3 * hw, 6.0)
+    knob_x, knob_y = fr.mm(0.17, 0.24)
+    knob = soft_ellipse(x, y, knob_x, knob_y, 0.08 * hw, 0.055 * ht, 0.0, 0.08 * hw, 4.0)
     cover = np.maximum(heart, knob)
     att -= F32(0.40) * lung * depth * (F32(1.0) - F32(0.85) * cover)
     att += F32(0.04) * cover
@@ -274,7 +276,8 @@ def _anatomy(
     vessels = _vessel_tree(rng, fr, shape, ws)
     att += F32(0.045) * vessels * lung
     for side in (-1, 1):
-        hilum = soft_ellipse(x, y, *fr.mm(0.2 * side, 0.46), 0.07 * hw, 0.1 * ht, 0.0, 0.07 * hw, 8.0)
+        hilum_x, hilum_y = fr.mm(0.2 * side, 0.46)
+        hilum = soft_ellipse(x, y, hilum_x, hilum_y, 0.07 * hw, 0.1 * ht, 0.0, 0.07 * hw, 8.0)
         att += F32(0.07) * hilum * lung
     att += F32(0.012) * fractal_noise(rng, shape, (24.0, 12.0, 6.0)) * lung
 
@@ -303,7 +306,8 @@ def _anatomy(
     att += _clavicles(rng, fr, shape, ws, view)
 
     # gastric bubble under the left hemidiaphragm
-    bubble = soft_ellipse(x, y, *fr.mm(0.45, 1.04), 0.13 * hw, 0.05 * ht, 0.0, 0.05 * hw, 3.0)
+    bubble_x, bubble_y = fr.mm(0.45, 1.04)
+    bubble = soft_ellipse(x, y, bubble_x, bubble_y, 0.13 * hw, 0.05 * ht, 0.0, 0.05 * hw, 3.0)
     att -= F32(0.08) * bubble
 
     # soft-tissue texture

@@ -14,6 +14,9 @@ import numpy as np
 
 F32 = np.float32
 
+#: A point in mm: an (x, y) pair or a 2-vector.
+Point = tuple[float, float] | np.ndarray
+
 
 def rng_stream(seed: int, name: str) -> np.random.Generator:
     """An independent random generator for ``(seed, name)``.
@@ -39,8 +42,8 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) 
     if cell <= 1.5:
         return rng.standard_normal((rows, cols), dtype=F32)
     gh, gw = int(np.ceil(rows / cell)) + 1, int(np.ceil(cols / cell)) + 1
-    grid = rng.standard_normal((gh, gw), dtype=F32)
-    grid = cv2.GaussianBlur(grid, (0, 0), 0.75, borderType=cv2.BORDER_REFLECT)
+    white = rng.standard_normal((gh, gw), dtype=F32)
+    grid: np.ndarray = cv2.GaussianBlur(white, (0, 0), 0.75, borderType=cv2.BORDER_REFLECT)
     grid /= max(float(grid.std()), 1e-6)
     return cv2.resize(grid, (cols, rows), interpolation=cv2.INTER_CUBIC)
 
@@ -83,7 +86,7 @@ def smooth_noise_3d(
 
 def smooth_from_grid(grid: np.ndarray, shape: tuple[int, int], cell: float) -> np.ndarray:
     """Upsample a coarse white-noise grid (as drawn by :func:`smooth_noise_3d`) to ``shape``."""
-    g = cv2.GaussianBlur(grid, (0, 0), 0.75, borderType=cv2.BORDER_REFLECT)
+    g: np.ndarray = cv2.GaussianBlur(grid, (0, 0), 0.75, borderType=cv2.BORDER_REFLECT)
     g /= max(float(g.std()), 1e-6)
     gh, gw = g.shape
     big = cv2.resize(g, (int(round(gw * cell)), int(round(gh * cell))), interpolation=cv2.INTER_CUBIC)
@@ -163,8 +166,8 @@ def polar_streaks(
     """Noise made of streaks radiating from ``(cx, cy)`` (mm); ``facing`` is the angle (rad) of the
     direction the streaks should spread into, which keeps the angular seam away from it."""
     r_max = 512
-    src = np.ascontiguousarray(smooth_noise(rng, (r_max, n_theta), 1.0).T)  # rows: theta, cols: radius
-    src = cv2.GaussianBlur(src, (0, 0), sigmaX=radial_cell / 2.0, sigmaY=1.5)
+    noise = np.ascontiguousarray(smooth_noise(rng, (r_max, n_theta), 1.0).T)  # rows: theta, cols: radius
+    src: np.ndarray = cv2.GaussianBlur(noise, (0, 0), sigmaX=radial_cell / 2.0, sigmaY=1.5)
     src /= max(float(src.std()), 1e-6)
     dx, dy = x - F32(cx), y - F32(cy)
     theta = np.arctan2(dy, dx) - F32(facing)
@@ -231,9 +234,7 @@ def blur_mm(field: np.ndarray, sigma_mm: float, spacing: float) -> np.ndarray:
     return cv2.GaussianBlur(field, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
 
 
-def curve(
-    p0: tuple[float, float], p1: tuple[float, float], p2: tuple[float, float], n: int = 24
-) -> np.ndarray:
+def curve(p0: Point, p1: Point, p2: Point, n: int = 24) -> np.ndarray:
     """Points of the quadratic Bezier curve through control points p0, p1, p2 (as an (n, 2) array)."""
     t = np.linspace(0.0, 1.0, n)[:, None]
     a, b, c = (np.asarray(p, dtype=np.float64) for p in (p0, p1, p2))
