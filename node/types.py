@@ -460,6 +460,9 @@ class Finding(_Stored):
     #: Results written before the "no finding" class and triage flags were recorded lack them.
     normal: bool = False
     triage: bool = False
+    #: The label's threshold in force when the job ran (the manifest's); None: a result written
+    #: before it was recorded.
+    threshold: float | None = None
 
 
 class JobOutput(_Stored):
@@ -493,6 +496,9 @@ class JobResult(_Stored):
     findings: list[Finding] = PydanticField(default_factory=list)
     outputs: list[JobOutput] = PydanticField(default_factory=list)
     segments: list[Segment] | None = None
+    #: True: the job ran a shadow model (manifest ``mode: shadow``: recorded, nothing sent);
+    #: None: a result written before it was recorded.
+    shadow: bool | None = None
 
     def to_json(self) -> str:
         """The stored form (``model_dump_json``)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import NodeError
@@ -81,3 +81,12 @@ def record_run(
         log.warning("job %s: monitoring row not recorded: %s", job.id, type(exc).__name__)
         return None
     return row
+
+
+def shadow_jobs(session: Session, job_ids: Sequence[int]) -> set[int]:
+    """Which of ``job_ids`` were recorded as shadow runs (for results written before the job
+    result recorded ``shadow`` itself)."""
+    if not job_ids:
+        return set()
+    query = select(ModelRun.job_id).where(col(ModelRun.job_id).in_(job_ids), col(ModelRun.shadow).is_(True))
+    return set(session.exec(query))

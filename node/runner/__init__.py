@@ -429,6 +429,7 @@ class Runner:
                     positive=f.positive,
                     normal=f.normal,
                     triage=f.triage,
+                    threshold=f.threshold,
                 )
                 for f in result.findings
             ],
@@ -447,6 +448,7 @@ class Runner:
                 )
                 for s in result.segmentation.segments
             ],
+            shadow=shadow,
         )
         dests = outbox.choose_destinations(settings.destinations, settings.outputs.send_to, calling)
         now = utcnow()

@@ -32,6 +32,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy import func
 from sqlmodel import Session, select
 
+from node.monitoring.record import shadow_jobs
 from node.store import repo
 from node.store.repo import requeue_failed_jobs, requeue_failed_outputs
 from node.store.tables import Job, JobState, OutboxItem, Series, SeriesState, Study, utcnow
@@ -125,8 +126,9 @@ def _series_out(series: Series) -> SeriesOut:
     return SeriesOut.model_validate(series.model_dump())
 
 
-def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
+def _job_out(job: Job, outputs: list[OutboxItem], shadow_runs: set[int]) -> JobOut:
     result = job.recorded_result() or JobResult()
+    shadow = result.shadow if result.shadow is not None else job.id in shadow_runs
     return JobOut(
         id=job.id or 0,
         model_id=job.model_id,
@@ -137,6 +139,7 @@ def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
         state=job.state,
         attempts=job.attempts,
         error=job.error,
+        shadow=shadow,
         images=result.images,
         frames=result.frames,
         timings=job.stage_timings(),
@@ -149,8 +152,10 @@ def _job_out(job: Job, outputs: list[OutboxItem]) -> JobOut:
 
 
 def _jobs_out(db: Session, jobs: list[Job]) -> list[JobOut]:
-    outputs = repo.job_outbox(db, [j.id for j in jobs if j.id is not None])
-    return [_job_out(j, [o for o in outputs if o.job_id == j.id]) for j in jobs]
+    ids = [j.id for j in jobs if j.id is not None]
+    outputs = repo.job_outbox(db, ids)
+    shadow_runs = shadow_jobs(db, ids)  # results from before JobResult.shadow was recorded
+    return [_job_out(j, [o for o in outputs if o.job_id == j.id], shadow_runs) for j in jobs]
 
 
 def _study_jobs(db: Session, study_uid: str) -> list[JobOut]:
@@ -180,7 +185,8 @@ def analysis_summary(series: list[Series], jobs: list[JobOut]) -> tuple[str, str
         parts = []
         for j in jobs:
             positives = [f"{f.label} {f.probability:.2f}" for f in j.findings if f.positive and not f.normal]
-            parts.append(f"{j.model_id}: " + (", ".join(positives) if positives else "no finding"))
+            name = f"{j.model_id} (shadow)" if j.shadow else j.model_id  # not the active model's result
+            parts.append(f"{name}: " + (", ".join(positives) if positives else "no finding"))
         return "; ".join(parts), "state-complete"
     if SeriesState.ROUTED in states:
         return "routed, waiting for the study", "state-receiving"

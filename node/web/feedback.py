@@ -207,8 +207,7 @@ def job_findings(node: Node, job: Job) -> JobFindings:
     )
     views = []
     for f in result.findings:
-        recorded = (f.model_extra or {}).get("threshold")
-        threshold = float(recorded) if isinstance(recorded, int | float) else thresholds.get(f.label)
+        threshold = f.threshold if f.threshold is not None else thresholds.get(f.label)
         views.append(FindingView(f.label, f.probability, f.positive, f.normal, threshold))
     multi_class = manifest.kind == "multi_class" if manifest is not None else any(v.normal for v in views)
     return JobFindings(job.id or 0, job.study_uid, job.model_id, result.version, multi_class, views)

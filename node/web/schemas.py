@@ -55,6 +55,9 @@ class FindingOut(BaseModel):
     positive: bool
     triage: bool
     normal: bool = Field(False, description="the model's no-finding class (never listed as a finding)")
+    threshold: float | None = Field(
+        None, description="the label's threshold in force when the job ran (None: not recorded)"
+    )
 
 
 class OutputOut(BaseModel):
@@ -81,6 +84,9 @@ class JobOut(BaseModel):
     state: str
     attempts: int
     error: str
+    shadow: bool = Field(
+        False, description="the job ran a shadow model (manifest mode: shadow): recorded, nothing sent"
+    )
     images: int | None = Field(None, description="images the model analysed (None until it has run)")
     frames: int | None = Field(
         None,
