@@ -24,7 +24,7 @@ from node.pipeline.route import RuleSet, check_models, load_rules
 from node.prometheus import NodeMetrics
 from node.runner import Models, Runner
 from node.runner.one_file import Outcome, Progress, analyse_upload
-from node.runner.shared_files import SharedFiles
+from node.runner.shared_files import Prefetcher, SharedFiles
 from node.send import make_destination
 from node.settings import Settings
 from node.store import cluster
@@ -67,6 +67,7 @@ class Node:
     audit: AuditTrail = field(default_factory=AuditTrail.disabled)
     objects: ObjectStore | None = None  # storage.object_store: the bytes nodes share
     uploader: Uploader | None = None  # a receiver's uploads to it
+    prefetcher: Prefetcher | None = None  # a worker's fetches of the queued jobs' files
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -101,6 +102,8 @@ class Node:
                 self.uploader.start()
             self.scp.start()
         self.runner.start([p for p in self.parts if p != "receiver"])
+        if self.prefetcher is not None:
+            self.prefetcher.start()
         if self.notifier is not None and "sender" in self.parts:
             self.notifier.start()
         self.started_at = time.time()
@@ -124,6 +127,8 @@ class Node:
     def stop(self) -> None:
         """Stop listening first, so that every accepted instance is committed before the end."""
         self.scp.stop()
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
         self.runner.stop()
         if self.notifier is not None:
             self.notifier.stop()
@@ -287,6 +292,9 @@ def build_node(settings: Settings, role: str = "all") -> Node:
         objects=objects,
         uploader=Uploader(engine, objects, spool.root)
         if objects is not None and role in ("all", "receiver")
+        else None,
+        prefetcher=Prefetcher(engine, shared, spool.root, 2 * settings.runner.workers)
+        if shared is not None and role in ("all", "worker")
         else None,
     )
 

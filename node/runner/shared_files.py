@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.runner.jobs import StoredFile
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from node.runner.jobs import StoredFile, job_stored_files
 from node.store.objects import ObjectCache, ObjectMissing, ObjectStore, instance_key
-from node.store.tables import OutboxItem
+from node.store.tables import Job, JobState, OutboxItem
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +70,55 @@ class SharedFiles:
             self.store.get(name, dest)
         except ObjectMissing as exc:
             log.error("output not in the object store (it will be parked as missing): %s", exc)
+
+
+class Prefetcher:
+    """A worker's thread that fetches the files of the next queued jobs into the cache while they
+    wait (the oldest ``depth`` queued jobs, every ``interval_s``), so that a job claimed later finds
+    them local. Nothing is claimed: two workers may both fetch a job's files (each its own cache)."""
+
+    def __init__(
+        self, engine: Engine, shared: SharedFiles, spool_root: Path, depth: int, interval_s: float = 0.5
+    ) -> None:
+        self._engine = engine
+        self._shared = shared
+        self._spool_root = spool_root
+        self._depth = depth
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def prefetch_once(self) -> int:
+        """Fetch what the next queued jobs lack; returns how many files were not local."""
+        with Session(self._engine) as session:
+            queued = list(
+                session.exec(
+                    select(Job).where(Job.state == JobState.QUEUED).order_by(col(Job.id)).limit(self._depth)
+                )
+            )
+            stored = [f for job in queued for f in job_stored_files(session, job, self._spool_root)]
+        away = [f for f in stored if not f.path.is_file()]
+        if away:
+            self._shared.localise(away)
+        return len(away)
+
+    def start(self) -> None:
+        """Start prefetching."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.prefetch_once()
+            except Exception as exc:  # the store is down: the job fetches (and retries) itself
+                log.warning("object store: prefetch failed: %s", exc)
+            self._stop.wait(self._interval_s)
+
+    def stop(self) -> None:
+        """Stop prefetching."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None

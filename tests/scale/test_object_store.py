@@ -8,6 +8,7 @@ with it but without the worker's fetch, every job fails (its files are on the re
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -82,6 +83,11 @@ def test_receiver_worker_and_sender_on_separate_data_folders_share_bytes_through
         assert [s for s, _ in notes] == ["routed"] * STUDIES, notes
         assert query_db(db, "select state, count(*) from job group by state") == [("done", STUDIES)]
         assert {r[0] for r in query_db(db, "select owner from job")} == {"worker"}
+        timings = [json.loads(r[0]) for r in query_db(db, "select timings from job")]
+        fetch = sorted(t.get("fetching", 0.0) for t in timings)
+        assert all("fetching" in t for t in timings)  # each job fetched its files from the store
+        total = sorted(round(sum(t.values()), 3) for t in timings)
+        print(f"fetching per job (s): {fetch}; all stages per job (s): {total}")
         [(instances, uploaded)] = query_db(db, "select count(*), count(uploaded_at) from instance")
         assert instances == uploaded == sum(len(s) for s in studies)
 

@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 
 from node.pipeline.route import load_rules
 from node.runner import jobs
-from node.runner.shared_files import SharedFiles
+from node.runner.shared_files import Prefetcher, SharedFiles
 from node.settings import ObjectStoreSettings
 from node.store.db import make_engine
 from node.store.objects import ObjectStore, ObjectStoreError, instance_key
@@ -123,12 +123,18 @@ def test_series_waits_for_its_uploads_and_another_node_reads_them_from_the_store
             job = jobs.Job(
                 key="k",
                 model_id="m",
+                level="series",
                 study_uid="1.2",
                 series_uids=["1.2.3"],
                 created_at=now,
                 updated_at=now,
                 not_before=now,
             )
+            s.add(job)
+            s.commit()
+            # queued: its worker's prefetcher brings the files before the job is claimed
+            assert Prefetcher(engine, shared, worker / "spool", depth=4).prefetch_once() == 2
+            assert all((worker / "cache" / "spool" / p).is_file() for p in paths)
             stored = shared.localise(jobs.job_stored_files(s, job, worker / "spool"))
             assert [f.path for f in stored] == [worker / "cache" / "spool" / p for p in paths]
             assert [f.path.read_bytes() for f in stored] == [(spool / p).read_bytes() for p in paths]
@@ -149,6 +155,8 @@ def test_series_waits_for_its_uploads_and_another_node_reads_them_from_the_store
             )
             assert "cannot be read" not in (s.get(Series, "1.2.3").route_note or "")
             s.rollback()
+            s.get(jobs.Job, job.id).state = jobs.JobState.DONE
+            s.commit()
 
         report = prune(
             engine, tmp_path / "receiver", spool, utcnow(), max_age=timedelta(days=1), objects=store
