@@ -319,7 +319,7 @@ class AuditTrail:
 
     def _exported(self, destination: DestinationSettings, pairs: list[tuple[OutgoingFile, Delivery]]) -> None:
         by_patient: dict[tuple[str, str], dict[str, Any]] = {}
-        for outgoing, outcome in pairs:
+        for outgoing, delivery in pairs:
             try:
                 study_uid, patient_id, patient_name, accession = _read_patient(outgoing.path)
             except (OSError, ValueError, InvalidDicomError) as exc:
@@ -330,7 +330,7 @@ class AuditTrail:
             )
             entry["studies"].setdefault(study_uid or "(unknown)", Counter())[outgoing.sop_class_uid] += 1
             entry["accession"].setdefault(study_uid or "(unknown)", accession)
-            entry["ok" if outcome.ok else "failed"] += 1
+            entry["ok" if delivery.ok else "failed"] += 1
         for (patient_id, patient_name), entry in by_patient.items():
             ok, failed = entry["ok"], entry["failed"]
             outcome = (

@@ -7,6 +7,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ PHANTOM_FOR_MODALITY = {
     "GM": "smear",
     "SM": "smear",
 }
-FAST_OPTIONS = {
+FAST_OPTIONS: dict[str, dict[str, Any]] = {
     "cxr": {"scale": 0.25},
     "mammo": {"scale": 0.125},
     "ct": {"slices": 8, "size": 128},

@@ -85,7 +85,7 @@ def read_headers(root: Path, group_by: str | None = None) -> list[_Header]:
             continue
         attrs = {}
         if group_by and group_by in ds:
-            attrs[group_by] = str(ds.data_element(group_by).value)
+            attrs[group_by] = str(ds[group_by].value)
         headers.append(
             _Header(path, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), attrs)
         )
@@ -170,7 +170,9 @@ def collect_cases(
     for h in headers:
         by_case.setdefault(grouping(h), []).append(h)
 
-    csv_key, csv_labels, csv_rows = (None, {}, {})
+    csv_key: str | None = None
+    csv_labels: dict[str, set[str]] = {}
+    csv_rows: dict[str, dict] = {}
     if labels_csv is not None:
         csv_key, csv_labels, csv_rows = read_label_csv(labels_csv, label_names)
     truth_cache: dict[Path, dict | None] = {}

@@ -162,13 +162,14 @@ def _clean(value: float) -> float | None:
 def finding_results(
     outcomes: Sequence[CaseOutcome],
     label: str,
-    threshold: float,
+    threshold: float | None,
     *,
     target_sensitivity: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Metrics, 95% intervals, confusion matrix, ROC and operating point for one finding."""
+    """Metrics, 95% intervals, confusion matrix, ROC and operating point for one finding;
+    ``threshold`` (the one in force, None when unknown) is recorded, not applied."""
     ok = [o for o in outcomes if o.error is None]
     y = np.array([label in o.labels for o in ok], dtype=bool)
     s = np.array([o.scores[label] for o in ok], dtype=np.float64)
@@ -278,7 +279,7 @@ def class_accuracy(manifest: Manifest, outcomes: Sequence[CaseOutcome]) -> float
         if o.error is not None:
             continue
         called = [f for f in findings if o.positive.get(f)]
-        decision = max(called, key=lambda f, o=o: o.scores[f]) if called else normal
+        decision = max(called, key=o.scores.__getitem__) if called else normal
         truth = next((f for f in findings if f in o.labels), normal)
         hits.append(decision == truth)
     return float(np.mean(hits)) if hits else math.nan

@@ -23,7 +23,11 @@ BINS = 5
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)
 
 
-def _shares(counts: Sequence[float]) -> np.ndarray:
+#: Counts per bin: a list, or an array as the binning functions return.
+Counts = Sequence[float] | np.ndarray
+
+
+def _shares(counts: Counts) -> np.ndarray:
     arr = np.asarray(counts, dtype=np.float64)
     total = arr.sum()
     shares = arr / total if total > 0 else np.full(arr.shape, 1.0 / max(1, arr.size))
@@ -31,7 +35,7 @@ def _shares(counts: Sequence[float]) -> np.ndarray:
     return shares / shares.sum()
 
 
-def psi(expected_counts: Sequence[float], actual_counts: Sequence[float]) -> float:
+def psi(expected_counts: Counts, actual_counts: Counts) -> float:
     """Population stability index of two binnings of the same bins:
     sum((a - e) * ln(a / e)), i.e. the symmetric Kullback-Leibler divergence."""
     e, a = _shares(expected_counts), _shares(actual_counts)
