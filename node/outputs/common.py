@@ -284,6 +284,13 @@ _PAIRED_BODY_PARTS = {
 }
 
 
+#: Body parts that are neither a paired organ nor one dciodvfy (dicom3tools) takes as unpaired:
+#: the skin (a lesion anywhere on the body) and the blood. Laterality is required for them as
+#: dciodvfy reads the Type 2C condition, so a series of them says it is unknown (empty) rather
+#: than leaving it out as for the chest.
+_BODY_PARTS_WITHOUT_SIDE = {"SKIN", "BLOOD"}
+
+
 def series_laterality(sources: Iterable[Dataset]) -> str | None:
     """The Laterality (R or L) shared by all ``sources`` (their Laterality, else Image Laterality),
     or None when they differ or do not say."""
@@ -301,7 +308,7 @@ def set_series_laterality(out: Dataset, sources: Sequence[Dataset]) -> None:
     Series, Type 2C: required for paired body parts) is R or L when every source says the same;
     absent when the body part is known and unpaired (the chest, whose images say U or nothing:
     the attribute is not allowed there); otherwise empty, i.e. unknown (a mammography series with
-    both breasts, or an image whose body part is not stated)."""
+    both breasts, skin or blood without a side, or an image whose body part is not stated)."""
     parts = {str(ds.get("BodyPartExamined") or "").upper() for ds in sources}
     if len(parts) == 1 and "" not in parts and not out.get("BodyPartExamined"):
         out.BodyPartExamined = parts.pop()
@@ -314,7 +321,7 @@ def set_series_laterality(out: Dataset, sources: Sequence[Dataset]) -> None:
         str(ds.get("Laterality") or ds.get("ImageLaterality") or "").upper() in {"R", "L", "B"}
         for ds in sources
     )
-    if part and part not in _PAIRED_BODY_PARTS and not stated:
+    if part and part not in _PAIRED_BODY_PARTS and part not in _BODY_PARTS_WITHOUT_SIDE and not stated:
         if "Laterality" in out:
             del out.Laterality
     else:

@@ -88,6 +88,20 @@ def test_heatmap_sc_over_a_colour_source_keeps_its_colours(tmp_path: Path, sourc
     assert np.abs(pixels[hot] - expected[hot]).mean() > 20
 
 
+@pytest.mark.parametrize(("kind", "part"), [("derm", "SKIN"), ("smear", "BLOOD")])
+def test_heatmap_sc_of_skin_or_blood_says_its_laterality_is_unknown(tmp_path: Path, kind, part):
+    """Skin and blood are neither paired nor (to dciodvfy) unpaired: the SC's General Series
+    Laterality is present and empty (unknown), not left out, so dciodvfy finds no missing 2C."""
+    ds = colour_dataset(kind, encoding="RGB")
+    ds.BodyPartExamined = part
+    ds.Laterality = None
+    (sc,) = build_heatmap_scs(colour_result(ds), {str(ds.SOPInstanceUID): ds}, IDENTITY)
+    assert sc.BodyPartExamined == part and "Laterality" in sc and not sc.Laterality
+    path = tmp_path / f"{kind}-sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert our_errors(path, ds) == []
+
+
 def test_render_overlay_refuses_a_two_channel_display():
     result = colour_result(colour_dataset("derm"))
     with pytest.raises(Exception, match=r"\(rows, cols, 3\) RGB"):
