@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 
 from pydicom import dcmread
@@ -12,6 +13,7 @@ from pynetdicom import AE
 from node.dicom import status
 from node.dicom.scu import nodelay_handlers
 from node.dicom.tls import client_context
+from node.errors import ConfigError
 from node.prometheus import NodeMetrics
 from node.send import Delivery, OutgoingFile
 from node.settings import DestinationSettings
@@ -35,8 +37,12 @@ class CStoreDestination:
         self.calling_aet = calling_aet
         self.timeout_s = timeout_s
         self.metrics = metrics or NodeMetrics()
+        if settings.host is None or settings.port is None or settings.ae_title is None:
+            # the settings' validation requires them for kind dicom; this names the gap otherwise
+            raise ConfigError(f"destinations[{settings.name}]: C-STORE needs ae_title, host and port")
+        self._peer = (settings.host, settings.port, settings.ae_title)
         tls = settings.tls
-        self._tls_args = None
+        self._tls_args: tuple[ssl.SSLContext, str] | None = None
         if tls.enabled:
             context = client_context(tls, f"destinations[{settings.name}].tls")
             self._tls_args = (context, tls.server_name or settings.host)
@@ -65,8 +71,9 @@ class CStoreDestination:
             syntaxes = {f.transfer_syntax_uid for f in files if f.sop_class_uid == sop_class}
             ae.add_requested_context(sop_class, sorted(syntaxes | set(_UNCOMPRESSED)))
         s = self.settings
+        host, port, called_aet = self._peer
         assoc = ae.associate(
-            s.host, s.port, ae_title=s.ae_title, evt_handlers=nodelay_handlers(), tls_args=self._tls_args
+            host, port, ae_title=called_aet, evt_handlers=nodelay_handlers(), tls_args=self._tls_args
         )
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "not reachable or aborted"

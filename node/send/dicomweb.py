@@ -86,6 +86,7 @@ class StowDestination:
             for index in uids.values():
                 results[index] = Delivery(files[index].path, ok, detail, permanent)
 
+        answer: Dataset | None
         try:
             answer = self._client.store_instances(datasets)
         except requests.HTTPError as exc:

@@ -136,8 +136,8 @@ def decode_photo(data: bytes, max_pixels: int, colour: bool = True) -> tuple[np.
                 )
             image.load()
             fmt = str(image.format)
-            image = ImageOps.exif_transpose(image)
-            pixels = np.asarray(image.convert("RGB" if colour else "L"), dtype=np.uint8)
+            upright = ImageOps.exif_transpose(image)
+            pixels = np.asarray(upright.convert("RGB" if colour else "L"), dtype=np.uint8)
         except PhotoRefused:
             raise
         except (
