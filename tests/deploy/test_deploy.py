@@ -154,6 +154,33 @@ def test_helm_lint_when_available():
     result = subprocess.run([helm, "lint", str(CHART)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
+    # the scale-out mode renders receivers (>= 2), a PodDisruptionBudget and a GPU worker
+    cluster = [
+        "--set",
+        "cluster.enabled=true,database.url=postgresql+psycopg://u:p@db/x,objectStore.bucket=pacs,"
+        "objectStore.endpointUrl=http://s3:8333,objectStore.accessKey=a,objectStore.secretKey=b",
+    ]
+    result = subprocess.run([helm, "lint", str(CHART), *cluster], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rendered = subprocess.run(
+        [helm, "template", "r", str(CHART), *cluster], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered) if d}
+    assert ("StatefulSet", "r-pacs-node") not in docs
+    assert docs[("Deployment", "r-pacs-node-receiver")]["spec"]["replicas"] == 2
+    assert docs[("PodDisruptionBudget", "r-pacs-node-receiver")]["spec"]["maxUnavailable"] == 1
+    worker = docs[("Deployment", "r-pacs-node-worker")]["spec"]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["args"] == ["serve", "--role", "worker"]
+    dicom = docs[("Service", "r-pacs-node-dicom")]["spec"]["selector"]
+    assert dicom["app.kubernetes.io/component"] == "receiver"
+    # one receiver is refused
+    one = [*cluster[:1], cluster[1] + ",cluster.receiver.replicas=1"]
+    refused = subprocess.run(
+        [helm, "template", "r", str(CHART), *one], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode != 0 and "at least 2" in refused.stderr
+
 
 def test_scale_compose_runs_receivers_behind_haproxy_on_seaweedfs():
     """deploy/compose/scale.yaml: two receivers behind HAProxy on the repository's haproxy.cfg,
