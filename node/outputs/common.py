@@ -308,10 +308,17 @@ def set_series_laterality(out: Dataset, sources: Sequence[Dataset]) -> None:
     Series, Type 2C: required for paired body parts) is R or L when every source says the same;
     absent when the body part is known and unpaired (the chest, whose images say U or nothing:
     the attribute is not allowed there); otherwise empty, i.e. unknown (a mammography series with
-    both breasts, skin or blood without a side, or an image whose body part is not stated)."""
+    both breasts, skin or blood without a side, or an image whose body part is not stated). An
+    output carrying the Specimen module (ContainerIdentifier) has no Laterality."""
     parts = {str(ds.get("BodyPartExamined") or "").upper() for ds in sources}
     if len(parts) == 1 and "" not in parts and not out.get("BodyPartExamined"):
         out.BodyPartExamined = parts.pop()
+    if "ContainerIdentifier" in out:
+        # a specimen (the Specimen module, as a presentation state over a microscopy slide copies
+        # it): dciodvfy allows no Laterality there
+        if "Laterality" in out:
+            del out.Laterality
+        return
     value = series_laterality(sources)
     if value is not None:
         out.Laterality = value

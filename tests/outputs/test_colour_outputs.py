@@ -102,6 +102,26 @@ def test_heatmap_sc_of_skin_or_blood_says_its_laterality_is_unknown(tmp_path: Pa
     assert our_errors(path, ds) == []
 
 
+@pytest.mark.parametrize("kind", ["derm", "smear"])
+def test_outputs_over_skin_and_smear_phantoms_are_dciodvfy_clean(tmp_path: Path, kind):
+    """node.synth's dermoscopy (SKIN) and blood smear (BLOOD, with its Specimen module)
+    photographs: the heatmap SC says its Laterality is unknown; the CSPS over the smear copies the
+    specimen and so carries no Laterality; dciodvfy finds no node-caused error in either."""
+    from node.synth import generate_study
+
+    truth = generate_study(kind, tmp_path / "src", seed=5, size=96, write_masks=False)
+    ds = pydicom.dcmread(tmp_path / "src" / truth.instances[0].file)
+    result = colour_result(ds, spot=(40, 40))
+    (sc,) = build_heatmap_scs(result, {str(ds.SOPInstanceUID): ds}, IDENTITY)
+    (state,) = build_presentation_states(result, [ds], IDENTITY)
+    assert "Laterality" in sc and not sc.Laterality
+    assert ("Laterality" in state) == (kind == "derm")
+    for name, out in (("sc", sc), ("csps", state)):
+        path = tmp_path / f"{name}.dcm"
+        out.save_as(path, enforce_file_format=True)
+        assert our_errors(path, ds) == [], name
+
+
 def test_render_overlay_refuses_a_two_channel_display():
     result = colour_result(colour_dataset("derm"))
     with pytest.raises(Exception, match=r"\(rows, cols, 3\) RGB"):
