@@ -3,7 +3,10 @@ baseline YBR_FULL_422), a dermoscopy image (XC, native YBR_FULL_422) and a blood
 planar 1) are sent with DCMTK's dcmsend to a node routing them with the shipped rules to three
 tiny colour models built here with torch (manifests using the colour ops); each comes back to a
 DCMTK storescp as an SR with its finding site and a colour heatmap SC, both free of node-caused
-dciodvfy errors. A node without the models records the photographs as not routed, naming them."""
+dciodvfy errors. The same with the real pieces: node.synth phantoms of the three kinds (the fundus
+one JPEG baseline YBR_FULL_422) through the bundled models (models/onnx), whose SRs carry the
+models' SNOMED CT codes. A node without the models records the photographs as not routed, naming
+them."""
 
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ import yaml
 from node.app import build_node
 from node.settings import load_settings
 from node.store.tables import JobState
+from node.synth import generate_study
 from tests.colour import colour_dataset, picture, write
 from tests.e2e.test_orthanc import wait_jobs
 from tests.helpers import (
     StoreSCP,
+    analysing_config,
     free_port,
     need,
     need_module,
@@ -169,26 +174,19 @@ def dcmsend(port: int, paths: list[Path]) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_photographs_come_back_as_sr_and_colour_heatmap(tmp_path: Path) -> None:
-    models = write_models(tmp_path / "models")
-    dest_port = free_port()
-    dest = StoreSCP(tmp_path / "dest", dest_port)
-    config = write_config(
-        tmp_path,
-        models={"directory": str(models), "providers": ["CPUExecutionProvider"]},
-        assembly={"series_quiet_s": 0.5, "poll_interval_s": 0.1},
-        destinations=[{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}],
-        outputs={"send_to": "all"},
-        web={"enabled": False},
-    )
-    node = build_node(load_settings(config))  # the shipped rules; only the colour models are here
+def run_through_node(
+    config: Path, dest: StoreSCP, sent: dict[str, tuple[Path, pydicom.Dataset]]
+) -> tuple[list, dict[str, list[pydicom.Dataset]]]:
+    """Start a node on ``config``, dcmsend the ``sent`` photographs (model id -> file, dataset; one
+    study each) and wait for each study's job and for an SR and a heatmap SC back at ``dest``.
+    Returns the jobs and the received objects by study UID (each with its ``filename``)."""
+    node = build_node(load_settings(config))
     node.start()
     try:
-        sent = photographs(tmp_path / "in")
         dcmsend(node.scp.port, [path for path, _ in sent.values()])
         studies = {str(ds.StudyInstanceUID): model_id for model_id, (_, ds) in sent.items()}
         jobs = wait_jobs(node, set(studies), timeout=300)
-        assert {j.model_id: j.state for j in jobs} == {m: JobState.DONE for m in MODELS}, [
+        assert {j.model_id: j.state for j in jobs} == {m: JobState.DONE for m in sent}, [
             j.error for j in jobs
         ]
         for job in jobs:
@@ -206,40 +204,125 @@ def test_photographs_come_back_as_sr_and_colour_heatmap(tmp_path: Path) -> None:
     finally:
         node.stop()
         dest.stop()
+    return jobs, received
 
+
+def check_outputs(
+    objects: list[pydicom.Dataset], source: pydicom.Dataset, kind: str, label: str, code: dict, *, csps: bool
+) -> pydicom.Dataset:
+    """One photograph's outputs: an SR whose findings include ``code`` at the photograph's site,
+    an RGB heatmap SC for ``label`` referencing the photograph and keeping its colours (and a CSPS
+    when ``csps``), every object free of node-caused dciodvfy errors. Returns the SR."""
+    (sr,) = [d for d in objects if d.Modality == "SR"]
+    scs = [d for d in objects if "heatmap" in str(d.get("SeriesDescription", "")).lower()]
+    assert scs, [(d.Modality, d.get("SeriesDescription")) for d in objects]
+    for out in (sr, *scs):
+        assert our_errors(Path(out.filename), source) == [], (kind, out.Modality)
+    others = [d for d in objects if d is not sr and d not in scs]  # parametric map, CSPS, KOS
+    if csps:
+        assert {str(d.SOPClassUID) for d in others} >= {CSPS}, [d.SOPClassUID.name for d in others]
+    for out in others:
+        assert our_errors(Path(out.filename), source) == [], (kind, out.SOPClassUID.name)
+
+    # the SR: the finding, at its site
+    items = list(_walk(sr))
+    findings = [
+        i
+        for i in items
+        if i.get("ValueType") == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"
+    ]
+    found = {
+        (f.ConceptCodeSequence[0].CodingSchemeDesignator, f.ConceptCodeSequence[0].CodeValue)
+        for f in findings
+    }
+    assert (code["scheme_designator"], code["value"]) in found, found
+    sites = [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == "363698007"]
+    # the photograph's coded anatomy (a phantom fundus: the retina), else the kind's default
+    region = source.get("AnatomicRegionSequence")
+    default_site = {"fundus": "81745001", "derm": "39937001", "smear": "87612001"}[kind]
+    expected_site = str(region[0].CodeValue) if region else default_site
+    assert sites and {s.ConceptCodeSequence[0].CodeValue for s in sites} == {expected_site}
+
+    # the SC: RGB, referencing the photograph, the photograph's colours kept around the map
+    sc = next(s for s in scs if f"AI heatmap for {label} " in s.ImageComments)
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    pixels = sc.pixel_array.astype(int)
+    image = pixels[: round(source.Rows * 512 / source.Columns), :512]
+    spread = np.abs(image[..., 0] - image[..., 2])
+    assert spread.mean() > 15, "the SC shows a colour image"
+    return sr
+
+
+def test_photographs_come_back_as_sr_and_colour_heatmap(tmp_path: Path) -> None:
+    models = write_models(tmp_path / "models")
+    dest_port = free_port()
+    dest = StoreSCP(tmp_path / "dest", dest_port)
+    config = write_config(
+        tmp_path,
+        models={"directory": str(models), "providers": ["CPUExecutionProvider"]},
+        assembly={"series_quiet_s": 0.5, "poll_interval_s": 0.1},
+        destinations=[{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}],
+        outputs={"send_to": "all"},
+        web={"enabled": False},
+    )
+    # the shipped rules; only the colour models are here
+    sent = photographs(tmp_path / "in")
+    _, received = run_through_node(config, dest, sent)
     for model_id, (_, source) in sent.items():
         kind, _, _, _, label, code = MODELS[model_id]
-        objects = received[str(source.StudyInstanceUID)]
-        (sr,) = [d for d in objects if d.Modality == "SR"]
-        scs = [d for d in objects if "heatmap" in str(d.get("SeriesDescription", "")).lower()]
-        assert scs, [(d.Modality, d.get("SeriesDescription")) for d in objects]
-        for out in (sr, *scs):
-            assert our_errors(Path(out.filename), source) == [], (model_id, out.Modality)
-        others = [d for d in objects if d is not sr and d not in scs]  # parametric map, CSPS, KOS
-        assert {str(d.SOPClassUID) for d in others} >= {CSPS}, [d.SOPClassUID.name for d in others]
-        for out in others:
-            assert our_errors(Path(out.filename), source) == [], (model_id, out.SOPClassUID.name)
+        check_outputs(received[str(source.StudyInstanceUID)], source, kind, label, code, csps=True)
 
-        # the SR: the finding, at its site
-        items = list(_walk(sr))
-        findings = [
-            i
-            for i in items
+
+#: bundled model id -> (phantom kind, the phantom's positive label, node.synth options)
+BUNDLED = {
+    "fundus-dr": ("fundus", "referable_dr", {"size": 256, "jpeg": True}),  # JPEG baseline YBR_FULL_422
+    "derm-lesion": ("derm", "melanoma", {"size": 256}),
+    "smear-malaria": ("smear", "plasmodium", {"size": 256}),
+}
+
+
+def test_synth_phantoms_through_the_bundled_colour_models(tmp_path: Path) -> None:
+    """The real pieces: a node.synth phantom of each colour kind (the fundus one JPEG baseline
+    YBR_FULL_422), dcmsend to a node with the bundled models (models/onnx) and the shipped
+    config/routes.yaml; each comes back to storescp as an SR whose finding is the bundled model's
+    SNOMED CT code for the phantom's lesion, and an RGB heatmap SC, free of node-caused dciodvfy
+    errors."""
+    dest_port = free_port()
+    dest = StoreSCP(tmp_path / "dest", dest_port)
+    config = analysing_config(tmp_path, dest_port, assembly={"series_quiet_s": 0.5, "poll_interval_s": 0.1})
+    sent: dict[str, tuple[Path, pydicom.Dataset]] = {}
+    for n, (model_id, (kind, label, options)) in enumerate(BUNDLED.items()):
+        folder = tmp_path / "phantoms" / kind
+        truth = generate_study(kind, folder, seed=31 + n, label=label, write_masks=False, **options)
+        (instance,) = truth.instances
+        path = folder / instance.file
+        sent[model_id] = (path, pydicom.dcmread(path))
+    fundus = sent["fundus-dr"][1]
+    assert fundus.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert fundus.PhotometricInterpretation == "YBR_FULL_422"
+
+    jobs, received = run_through_node(config, dest, sent)
+    for model_id, (_, source) in sent.items():
+        kind, label, _ = BUNDLED[model_id]
+        manifest = yaml.safe_load((ROOT / "models" / "onnx" / model_id / "manifest.yaml").read_text())
+        (entry,) = [lab for lab in manifest["labels"] if lab["name"] == label]
+        code = entry["code"]
+        assert code["scheme_designator"] == "SCT"
+        sr = check_outputs(received[str(source.StudyInstanceUID)], source, kind, label, code, csps=False)
+        # every finding the SR codes is one of the bundled model's SNOMED CT label codes
+        codes = {str(lab["code"]["value"]) for lab in manifest["labels"]}
+        coded = {
+            i.ConceptCodeSequence[0].CodeValue
+            for i in _walk(sr)
             if i.get("ValueType") == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"
-        ]
-        assert code["value"] in {f.ConceptCodeSequence[0].CodeValue for f in findings}
-        sites = [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == "363698007"]
-        expected_site = {"fundus": "81745001", "derm": "39937001", "smear": "87612001"}[kind]
-        assert sites and {s.ConceptCodeSequence[0].CodeValue for s in sites} == {expected_site}
-
-        # the SC: RGB, referencing the photograph, the photograph's colours kept around the map
-        sc = next(s for s in scs if f"AI heatmap for {label} " in s.ImageComments)
-        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
-        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-        pixels = sc.pixel_array.astype(int)
-        image = pixels[: round(source.Rows * 512 / source.Columns), :512]
-        spread = np.abs(image[..., 0] - image[..., 2])
-        assert spread.mean() > 15, "the SC shows a colour image"
+        }
+        assert coded and coded <= codes, (model_id, coded, codes)
+        (job,) = [j for j in jobs if j.model_id == model_id]
+        result = job.recorded_result()
+        assert result is not None
+        (finding,) = [f for f in result.findings if f.label == label]
+        assert finding.positive, (model_id, finding)  # the phantom's lesion, found by the real model
 
 
 def _has_sr_and_sc(objects: list[pydicom.Dataset]) -> bool:
