@@ -31,6 +31,7 @@ import pkgutil
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -214,7 +215,7 @@ def _presentation_state(
             raise OutputError(f"graphic annotation could not be built: {exc}") from exc
     if not annotations:
         raise OutputError("no hotspot outline could be drawn on a marked image")
-    common = {
+    common: _StateArguments = {
         "referenced_images": [ref],
         "series_instance_uid": series_uid,
         "series_number": GSPS_SERIES_NUMBER,
@@ -223,7 +224,6 @@ def _presentation_state(
         "manufacturer": ascii_text(identity.manufacturer, 64) or "pacs-node",
         "manufacturer_model_name": NODE_MODEL_NAME,
         "software_versions": ascii_text(identity.software_version, 64) or "0",
-        "device_serial_number": None,
         "content_label": CONTENT_LABEL,
         "content_description": description,
         "graphic_annotations": annotations,
@@ -233,11 +233,18 @@ def _presentation_state(
     }
     frames = [f for f in by_frame if f is not None]
     try:
+        state: hd.pr.ColorSoftcopyPresentationState | hd.pr.GrayscaleSoftcopyPresentationState
         if colour:
-            state = hd.pr.ColorSoftcopyPresentationState(**common, icc_profile=_icc_profile(source))
+            state = hd.pr.ColorSoftcopyPresentationState(
+                **common,
+                # highdicom annotates str; it accepts None (Type 2: empty), as its docstring says
+                device_serial_number=None,  # type: ignore[arg-type]
+                icc_profile=_icc_profile(source),
+            )
         else:
             state = hd.pr.GrayscaleSoftcopyPresentationState(
                 **common,
+                device_serial_number=None,  # type: ignore[arg-type]  # as above
                 modality_lut_transformation=_modality_lut(source, frames[0] if frames else None),
                 voi_lut_transformations=_voi(source, ref, frames),
                 presentation_lut_transformation=hd.PresentationLUTTransformation(
@@ -338,9 +345,29 @@ def _label(mark: Mark, outline: np.ndarray, rows: int, cols: int, research: bool
     )
 
 
-def _positive_int(value: object) -> int:
+class _StateArguments(TypedDict):
+    """What the grey and the colour presentation state are built with alike."""
+
+    referenced_images: Sequence[Dataset]
+    series_instance_uid: str
+    series_number: int
+    sop_instance_uid: str
+    instance_number: int
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    content_label: str
+    content_description: str | None
+    graphic_annotations: Sequence[hd.pr.GraphicAnnotation]
+    graphic_layers: Sequence[hd.pr.GraphicLayer]
+    institution_name: str | None
+    contributing_equipment: Sequence[hd.ContributingEquipment]
+
+
+def _positive_int(value: Any) -> int:
+    """A non-negative int of a data set value (as pydicom gives it: any type); 0 when it is none."""
     try:
-        number = int(value)  # type: ignore[call-overload]
+        number = int(value)
     except (TypeError, ValueError):
         return 0
     return max(number, 0)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -168,7 +169,9 @@ def build_sr(
     for finding in result.findings:
         if not 0.0 <= finding.probability <= 1.0 or not np.isfinite(finding.probability):
             raise OutputError(f"probability of {finding.label!r} is not in [0, 1]: {finding.probability!r}")
-    groups = []
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
     unlocated = []
     segment_groups = 0
     for index, finding in enumerate(result.findings):
@@ -401,7 +404,7 @@ def _segment_groups(
     sources: Mapping[str, Dataset],
     identity: OutputIdentity,
     algorithm_id: hd.sr.AlgorithmIdentification,
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     """The TID 1411 group of a present segment (see the module doc), as a one-item list; [] when
     the SEG has no such segment or the segment has no outline on a shown frame (the finding is then
     a qualitative evaluation)."""
@@ -448,7 +451,7 @@ def _segment_groups(
     )
     # the probability NUM INFERRED FROM the outline (TID 300 row 8 via TID 320), added after
     # highdicom built the group: its ROI templates refuse coordinates under a measurement
-    located = hd.sr.Measurement(
+    inferred = hd.sr.Measurement(
         name=probability_concept(finding),
         value=float(finding.probability),
         unit=NO_UNITS,
@@ -459,7 +462,7 @@ def _segment_groups(
         for item in group[0].ContentSequence
         if item.ValueType == "NUM" and _concept(item) == probability_concept(finding).value
     )
-    num.ContentSequence = located[0].ContentSequence
+    num.ContentSequence = inferred[0].ContentSequence
     return [group]
 
 
@@ -520,9 +523,16 @@ def _hotspot_coordinates(
     return item, tool
 
 
-def _int(value: object) -> int:
+def _set_content(item: hd.sr.ContentItem, children: Sequence[hd.sr.ContentItem]) -> None:
+    """``item.ContentSequence = children``: highdicom wraps them in its ContentSequence, though its
+    ``__setattr__`` is annotated for pydicom elements and sequences only."""
+    item.ContentSequence = children  # type: ignore[assignment]
+
+
+def _int(value: Any) -> int:
+    """A non-negative int of a data set value (as pydicom gives it: any type); 0 when it is none."""
     try:
-        return max(int(value), 0)  # type: ignore[call-overload]
+        return max(int(value), 0)
     except (TypeError, ValueError):
         return 0
 
@@ -592,7 +602,7 @@ def _qualitative_evaluations(
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    container.ContentSequence = items
+    _set_content(container, items)
     return container
 
 
@@ -686,19 +696,19 @@ def image_library(
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
         geometry = plane_geometry(ds, shown[0] if len(shown) == 1 else None)
-        entry.ContentSequence = _library_descriptors(ds, modality, geometry, several_frames=len(shown) > 1)
+        _set_content(entry, _library_descriptors(ds, modality, geometry, several_frames=len(shown) > 1))
         groups.setdefault((modality.value, geometry.frame_of_reference_uid or ""), []).append(entry)
     if not groups:
         return None
     library = hd.sr.ContainerContentItem(
         name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    library.ContentSequence = []
+    _set_content(library, [])
     for (_, frame_of_reference), entries in groups.items():
         group = hd.sr.ContainerContentItem(
             name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
         )
-        group.ContentSequence = []
+        _set_content(group, [])
         if frame_of_reference:  # the descriptor the group's entries share (as highdicom does)
             group.ContentSequence.append(
                 hd.sr.UIDRefContentItem(
@@ -730,9 +740,9 @@ def _library_descriptors(
             )
         )
     for name, keyword in ((codes.DCM.PixelDataRows, "Rows"), (codes.DCM.PixelDataColumns, "Columns")):
-        value = _int(ds.get(keyword))
-        if value:
-            out.append(hd.sr.NumContentItem(name=name, value=value, unit=_PIXELS, relationship_type=ctx))
+        pixels = _int(ds.get(keyword))
+        if pixels:
+            out.append(hd.sr.NumContentItem(name=name, value=pixels, unit=_PIXELS, relationship_type=ctx))
     kind = modality.value
     spacing = None
     if kind in _PROJECTION:
