@@ -266,3 +266,24 @@ def test_chart_scale_out_mode_has_receivers_pdb_and_gpu_workers():
     assert stateful.startswith("{{- if not .Values.cluster.enabled }}")
     # the DICOM Service sends associations to the receivers only
     assert "app.kubernetes.io/component: receiver" in (CHART / "templates" / "services.yaml").read_text()
+
+
+def test_keepalived_example_follows_haproxy_and_passes_its_config_test():
+    """The keepalived example (not run: VRRP needs two hosts) moves the virtual IP with a running
+    HAProxy, and `keepalived -t` accepts it where keepalived is installed (exit 0, no message)."""
+    config = DEPLOY / "keepalived" / "keepalived.conf"
+    text = config.read_text()
+    assert "haproxy" in re.search(r"vrrp_script \w+ \{(.*?)\}", text, re.S).group(1)
+    assert re.search(r"track_script \{\s*haproxy_running\s*\}", text)
+    assert re.search(r"virtual_ipaddress \{\s*\S+/\d+", text)
+    tool = shutil.which("keepalived") or (
+        "/usr/sbin/keepalived" if Path("/usr/sbin/keepalived").exists() else None
+    )
+    if tool is None:
+        pytest.skip("keepalived is not installed")
+    result = subprocess.run(
+        [tool, "-t", "-f", str(config), "-l", "-D"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr
+    )
