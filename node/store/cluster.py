@@ -104,11 +104,11 @@ def register(
 
 def heartbeat(session: Session, node: str, now: datetime) -> None:
     """Record that ``node`` is alive. The caller commits."""
-    session.exec(update(ClusterNode).where(col(ClusterNode.node_id) == node).values(heartbeat_at=now))  # type: ignore[call-overload]
+    session.exec(update(ClusterNode).where(col(ClusterNode.node_id) == node).values(heartbeat_at=now))
 
 
 def stopped(engine: Engine, node: str, now: datetime) -> None:
     """Record a clean stop (the node no longer counts as running)."""
     with Session(engine) as session:
-        session.exec(update(ClusterNode).where(col(ClusterNode.node_id) == node).values(stopped_at=now))  # type: ignore[call-overload]
+        session.exec(update(ClusterNode).where(col(ClusterNode.node_id) == node).values(stopped_at=now))
         session.commit()

@@ -85,7 +85,7 @@ def record(session: Session, row: Feedback) -> tuple[Feedback, bool]:
     """Store ``row`` as the current verdict of its user on its finding, superseding the previous
     one (kept, with ``superseded_at``); commit. Returns (the stored row, whether it replaced one)."""
     for attempt in (1, 2):
-        replaced = session.exec(  # type: ignore[call-overload]
+        replaced = session.exec(
             update(Feedback)
             .where(
                 col(Feedback.job_id) == row.job_id,

@@ -48,7 +48,7 @@ def upload_pending(
             )
         )
         store.put_many([(instance_key(path), spool_root / path) for _, path in claimed])
-        session.exec(  # type: ignore[call-overload]
+        session.exec(
             update(Instance)
             .where(col(Instance.sop_instance_uid).in_([uid for uid, _ in claimed]))
             .values(uploaded_at=now)

@@ -216,7 +216,7 @@ def job_findings(node: Node, job: Job) -> JobFindings:
 def _out(row: Feedback) -> FeedbackOut:
     return FeedbackOut(
         **row.model_dump(exclude={"verdict"}),
-        verdict=row.verdict,  # type: ignore[arg-type]  # stored from VerdictName
+        verdict=row.verdict,
         reference=reference(row.verdict, row.positive, row.correct_label, row.label),
     )
 
@@ -531,7 +531,7 @@ def router(node: Node) -> APIRouter:
         try:
             given = FeedbackIn(
                 label=label,
-                verdict=verdict,  # type: ignore[arg-type]  # checked above
+                verdict=verdict,
                 correct_label=correct_label if verdict == "disagree" else None,
                 comment=comment,
             )

@@ -19,6 +19,7 @@ Create Date: 2026-12-01
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -62,7 +63,7 @@ def _convert(to: str) -> None:
             if new != value:
                 changed.append({"b_key": row_key, "b_value": new})
         if changed:
-            values = {column_name: sa.bindparam("b_value")}
+            values: dict[str, Any] = {column_name: sa.bindparam("b_value")}
             bind.execute(sa.update(table).where(key == sa.bindparam("b_key")).values(values), changed)
 
 
