@@ -29,7 +29,7 @@ from node.send import make_destination
 from node.settings import Settings
 from node.store import cluster
 from node.store.db import make_engine, ping
-from node.store.objects import ObjectStore
+from node.store.objects import ObjectStore, ObjectStoreUnreachable
 from node.store.orphans import sweep_orphans
 from node.store.tables import utcnow
 from node.store.uploads import Uploader
@@ -80,7 +80,10 @@ class Node:
         and listening; then the runner's parts of the role."""
         storage = self.settings.storage
         if self.objects is not None:
-            self.objects.check()  # refused credentials or a missing bucket: a clear error at start
+            try:  # refused credentials or a missing bucket: a clear error at start
+                self.objects.check()
+            except ObjectStoreUnreachable as exc:  # down for now: receive anyway, upload once it is back
+                log.warning("%s; starting anyway: series are routed once their instances are uploaded", exc)
         cluster.register(
             self.engine,
             self.runner.node_id,

@@ -69,7 +69,12 @@ class SeaweedFS:
         cmd += [f"{k}={v}" for k, v in ports.items()]
         cmd += ["-s3", f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=8"]
         self.log = folder / "weed.log"
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self._cmd = cmd
+        self.start()
+
+    def start(self) -> None:
+        """Start it (again: the same ports and folder, so the bucket and its objects are kept)."""
+        self.proc = subprocess.Popen(self._cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         self._wait_and_make_bucket()
 
     @property

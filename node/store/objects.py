@@ -5,7 +5,7 @@ Keys are the file's path relative to the data folder under the configured prefix
 instance ``spool/<study>/<series>/<sop>.dcm``, an output ``outbox/<job>/...``. Requests are retried
 by botocore's standard retry mode, which retries transient errors only (connection errors,
 throttling, 5xx), never a refused credential or a missing key. Transfers of many files run on a
-thread pool (``max_parallel``). The keys are never logged."""
+thread pool (``max_parallel``). The credentials are never logged."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ class ObjectStoreError(StoreError):
 
 class ObjectMissing(ObjectStoreError):
     """No object under that key."""
+
+
+class ObjectStoreUnreachable(ObjectStoreError):
+    """The store did not answer (connection refused, timed out), after the retries."""
 
 
 class ObjectStore:
@@ -91,7 +95,7 @@ class ObjectStore:
             if code == "NoSuchBucket":
                 return ObjectStoreError(f"object store {where}: the bucket does not exist ({action})")
             return ObjectStoreError(f"object store {where}: {action} {self.key(name)!r} failed: {code}")
-        return ObjectStoreError(f"object store {where}: {action} failed: {type(exc).__name__}: {exc}")
+        return ObjectStoreUnreachable(f"object store {where}: {action} failed: {type(exc).__name__}: {exc}")
 
     def check(self) -> None:
         """Raise ObjectStoreError unless the bucket answers with these credentials (at start)."""
@@ -168,7 +172,7 @@ class ObjectStore:
         except Exception as exc:
             raise self._error(exc, "delete", name) from None
 
-    def _all(self, fn: Any, args: Iterable[tuple[Any, ...]]) -> list[Any]:
+    def parallel(self, fn: Any, args: Iterable[tuple[Any, ...]]) -> list[Any]:
         """``fn(*a)`` for each ``a`` on the pool; raises the first error once all have ended."""
         futures = [self._pool.submit(fn, *a) for a in args]
         results, first = [], None
@@ -183,15 +187,15 @@ class ObjectStore:
 
     def put_many(self, files: Sequence[tuple[str, Path]]) -> None:
         """Upload (name, path) pairs in parallel."""
-        self._all(self.put, files)
+        self.parallel(self.put, files)
 
     def get_many(self, files: Sequence[tuple[str, Path]]) -> int:
         """Download (name, destination) pairs in parallel; the bytes fetched."""
-        return sum(self._all(self.get, files))
+        return sum(self.parallel(self.get, files))
 
     def delete_many(self, names: Iterable[str]) -> None:
         """Remove objects in parallel."""
-        self._all(self.delete, ((n,) for n in names))
+        self.parallel(self.delete, ((n,) for n in names))
 
     def close(self) -> None:
         """Stop the transfer threads."""

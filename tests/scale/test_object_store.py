@@ -139,3 +139,43 @@ def test_without_an_object_store_separate_folders_are_still_refused_and_with_a_w
         assert "refused the credentials" in worker2.text() and "not-the-key" not in worker2.text()
     finally:
         receiver.stop()
+
+
+def test_a_store_that_is_down_delays_routing_and_loses_nothing(
+    tmp_path: Path, postgres, seaweed: SeaweedFS
+) -> None:
+    db = postgres.new_database()
+    dest = Destination(tmp_path / "received")
+
+    def start(role: str) -> NodeProcess:
+        config = node_config(tmp_path / role, role, db, tmp_path / f"data-{role}", dest.port, "", lease_s=5.0)
+        return NodeProcess(_with_object_store(config, seaweed, max_attempts=1, timeout_s=2), role)
+
+    seaweed.stop()  # down before the nodes start: they start anyway (warned), the receiver accepts
+    procs = [start("receiver")]
+    try:
+        procs[0].wait_listening()
+        procs += [start("worker"), start("sender")]
+        wait_for(lambda: query_db(db, "select count(*) from clusternode")[0][0] == 3, 90, "nodes not up")
+        assert "starting anyway" in procs[1].text()
+        folder = tmp_path / "in" / "study"
+        generate_study("cxr", folder, seed=400, label="pneumonia", scale=0.5, write_masks=False)
+        dcmsend(procs[0].port, sorted(folder.glob("*.dcm")))  # acknowledged: in the receiver's spool
+        wait_for(lambda: query_db(db, "select state from series") == [("complete",)], 60, "never complete")
+        time.sleep(3.0)  # several routing and upload passes while the store is down
+        assert query_db(db, "select state from series") == [("complete",)]  # waits: not routed
+        assert query_db(db, "select count(*), count(uploaded_at) from instance")[0][1] == 0
+        assert query_db(db, "select count(*) from job")[0][0] == 0
+        assert "upload pass failed, retrying" in procs[0].text()
+
+        seaweed.start()  # back: uploaded, routed, analysed, delivered once
+        wait_for(lambda: _drained(db, 1), 180, "not analysed and delivered once the store was back")
+        time.sleep(1.0)
+        assert query_db(db, "select state from job") == [("done",)]
+        outputs = [r[0] for r in query_db(db, "select sop_instance_uid from outboxitem")]
+        received = dest.counts()
+        assert sorted(received) == sorted(outputs) and all(n == 1 for n in received.values())
+    finally:
+        for p in procs:
+            p.stop()
+        dest.stop()
