@@ -72,7 +72,7 @@ def test_two_processes_share_the_port_and_one_survives_the_other(tmp_path, postg
     nodes, web_ports = [], []
     for name in ("node-a", "node-b"):
         config, web_port = _shared_port_config(
-            node_config(tmp_path / name, name, db, shared, dest.port, "", lease_s=3.0), port
+            node_config(tmp_path / name, name, db, shared, dest.port, "", lease_s=20.0), port
         )
         nodes.append(NodeProcess(config))
         web_ports.append(web_port)
