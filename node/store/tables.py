@@ -306,11 +306,11 @@ class DuplicateEvent(SQLModel, table=True):
 
 class ClusterNode(SQLModel, table=True):
     """A node process sharing the database: what it runs, which data folder it sees, when it last
-    renewed its leases (its heartbeat). Nodes whose data folders differ must not share a database
-    until object storage lands (see docs/scale.md)."""
+    renewed its leases (its heartbeat). Nodes sharing a database share one data folder (NAS) or
+    one object store (storage.object_store); see docs/scale.md."""
 
     node_id: str = Field(primary_key=True, max_length=64)
-    storage_id: str = Field(max_length=64, description="identity of the data folder it uses")
+    storage_id: str = Field(max_length=64, description="identity of the data folder or object store it uses")
     role: str = Field(default="all", max_length=16)
     hostname: str = Field(default="", max_length=255)
     version: str = Field(default="", max_length=32)
