@@ -29,15 +29,22 @@ def upload_pending(
     them; returns how many. Rows are claimed with FOR UPDATE SKIP LOCKED while they are uploaded,
     so two receivers sharing a spool do not both put them (a second put would be harmless)."""
     with Session(engine) as session:
-        candidates = list(
-            session.exec(
-                select(Instance.sop_instance_uid, Instance.path)
-                .where(col(Instance.uploaded_at).is_(None))
-                .order_by(col(Instance.received_at))
-                .limit(batch * 4)
+        local: list[str] = []
+        after = ""
+        while len(local) < batch:  # pages of the rows not uploaded; other receivers' files are skipped
+            page = list(
+                session.exec(
+                    select(Instance.sop_instance_uid, Instance.path)
+                    .where(col(Instance.uploaded_at).is_(None), col(Instance.sop_instance_uid) > after)
+                    .order_by(col(Instance.sop_instance_uid))
+                    .limit(batch * 4)
+                )
             )
-        )
-        local = [uid for uid, path in candidates if (spool_root / path).is_file()][:batch]
+            if not page:
+                break
+            local += [uid for uid, path in page if (spool_root / path).is_file()]
+            after = page[-1][0]
+        local = local[:batch]
         if not local:
             return 0
         claimed = list(

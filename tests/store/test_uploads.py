@@ -165,3 +165,36 @@ def test_series_waits_for_its_uploads_and_another_node_reads_them_from_the_store
         assert not any(store.exists(instance_key(p)) for p in paths)
     finally:
         engine.dispose()
+
+
+def test_an_uploader_finds_its_files_behind_another_receivers_backlog(
+    database_url: str, store: ObjectStore, tmp_path: Path
+) -> None:
+    engine = make_engine(database_url)
+    spool = tmp_path / "receiver" / "spool"
+    try:
+        mine = _received(engine, spool)
+        older = utcnow() - timedelta(days=60)
+        with Session(engine) as s:  # another receiver's, not uploaded yet, received before ours
+            for i in range(1, 10):
+                s.add(
+                    Instance(
+                        sop_instance_uid=f"1.2.3.0.{i}",
+                        series_uid="1.2.3",
+                        study_uid="1.2",
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                        transfer_syntax_uid="1.2.840.10008.1.2.1",
+                        byte_size=1,
+                        path=f"1.2/1.2.3/other-{i}.dcm",
+                        received_at=older,
+                    )
+                )
+            s.commit()
+        assert upload_pending(engine, store, spool, utcnow(), batch=1) == 1
+        assert upload_pending(engine, store, spool, utcnow(), batch=1) == 1  # past 9 rows not its own
+        assert upload_pending(engine, store, spool, utcnow(), batch=1) == 0
+        assert all(store.exists(instance_key(p)) for p in mine)
+        with Session(engine) as s:
+            assert len([i for i in s.exec(select(Instance)) if i.uploaded_at is not None]) == 2
+    finally:
+        engine.dispose()
