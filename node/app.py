@@ -34,7 +34,7 @@ from node.store.orphans import sweep_orphans
 from node.store.tables import utcnow
 from node.store.uploads import Uploader
 from node.types import OutputIdentity
-from node.web.webhook import WebhookNotifier
+from node.send.webhook import WebhookNotifier
 
 log = logging.getLogger(__name__)
 #: What each role of ``pacs-node serve --role`` runs (the heartbeat and the web pages run in all).
@@ -164,7 +164,7 @@ class Node:
 
     def web_app(self) -> FastAPI:
         """The FastAPI application bound to this node."""
-        from node.web.api import create_web_app
+        from node.web.factory import create_web_app
 
         return create_web_app(self)
 

@@ -13,6 +13,8 @@ import ctypes
 import functools
 import io
 import logging
+import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -238,3 +240,17 @@ def create_session(model: LoadedModel, config: RuntimeConfig) -> ModelSession:
         else:
             log.info("model %s: dynamic input dims %s; warm-up skipped", manifest.id, manifest.input.shape)
     return session
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_description() -> str:
+    """GPU name and memory from nvidia-smi (once per process); empty when there is none."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ""
+    query = ["--query-gpu=name,memory.total", "--format=csv,noheader"]
+    try:
+        out = subprocess.run([smi, *query], capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "; ".join(line.strip() for line in out.stdout.splitlines() if line.strip())

@@ -153,6 +153,29 @@ def study_jobs(session: Session, study_uid: str) -> list[Job]:
     return list(session.exec(select(Job).where(Job.study_uid == study_uid).order_by(col(Job.id))))
 
 
+def studies_series(session: Session, study_uids: Sequence[str]) -> dict[str, list[Series]]:
+    """The series of several studies in one query (each study's in study_series' order)."""
+    out: dict[str, list[Series]] = {uid: [] for uid in study_uids}
+    if study_uids:
+        query = (
+            select(Series)
+            .where(col(Series.study_uid).in_(study_uids))
+            .order_by(col(Series.series_number).asc().nulls_last(), col(Series.first_received_at))
+        )
+        for series in session.exec(query):
+            out[series.study_uid].append(series)
+    return out
+
+
+def studies_jobs(session: Session, study_uids: Sequence[str]) -> dict[str, list[Job]]:
+    """The jobs of several studies in one query (each study's oldest first)."""
+    out: dict[str, list[Job]] = {uid: [] for uid in study_uids}
+    if study_uids:
+        for job in session.exec(select(Job).where(col(Job.study_uid).in_(study_uids)).order_by(col(Job.id))):
+            out[job.study_uid].append(job)
+    return out
+
+
 def job_outbox(session: Session, job_ids: Sequence[int]) -> list[OutboxItem]:
     """The outbox rows of some jobs."""
     if not job_ids:

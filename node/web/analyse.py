@@ -24,18 +24,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from fastapi.templating import Jinja2Templates
 from sqlmodel import Session
 
 from node.store import repo
 from node.store.tables import JobState, SeriesState, Study
-from node.web import auth
+from node.web import auth, deps
 from node.web.infer import InferRefused, ModelOutcome, PngStore, infer, png_bytes
 from node.web.photo import KINDS, PhotoRefused, decode_photo, sniff, wrap_photo
 
@@ -45,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UPLOAD_PATH = "/analyse"
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 #: What multipart adds around the uploaded file (boundaries, part headers, the other fields).
 MULTIPART_SLACK = 64 * 1024
 #: Analyses running at once; another upload is refused (503) until one ends.
@@ -221,19 +218,8 @@ def router(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
     read = [Depends(auth.page_read)]
 
     def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-        principal = getattr(request.state, "principal", None)
-        context.update(
-            node=node,
-            principal=principal,
-            auth_enabled=bool(node.settings.web.tokens),
-            is_admin=principal is not None and principal.can("admin"),
-            csrf_token=auth.csrf_token(request),
-            kinds=KINDS,
-            max_bytes=int(node.settings.web.max_upload_mb * 2**20),
-        )
-        response = TEMPLATES.TemplateResponse(request, name, context, status_code=status_code)
-        auth.remember_csrf(request, response)
-        return response
+        max_bytes = int(node.settings.web.max_upload_mb * 2**20)
+        return deps.render(request, name, status_code, kinds=KINDS, max_bytes=max_bytes, **context)
 
     def refuse(request: Request, status: int, message: str, kind: str = "") -> HTMLResponse:
         log.info("analyse upload refused (%d): %s", status, message)

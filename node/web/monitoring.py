@@ -4,12 +4,10 @@ SVG), GET /api/v1/monitoring (the same figures as JSON) and the drift gauges on 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
-from fastapi.templating import Jinja2Templates
 from sqlmodel import Session
 
 from node.inference.manifest import Manifest
@@ -17,11 +15,11 @@ from node.monitoring.gauges import MonitoringCollector
 from node.monitoring.report import MIN_RUNS, WINDOW_DAYS, ModelFigures, model_figures
 from node.store.tables import utcnow
 from node.web import auth
+from node.web.deps import render
 
 if TYPE_CHECKING:
     from node.app import Node
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 Days = Annotated[int, Query(ge=1, le=366, description="days of runs the figures cover")]
 
 
@@ -88,20 +86,8 @@ def router(node: Node) -> APIRouter:
     def monitoring_page(request: Request, days: Days = WINDOW_DAYS) -> HTMLResponse:
         """The monitoring page."""
         figures = _figures(node, days)
-        principal = getattr(request.state, "principal", None)
-        context = {
-            "node": node,
-            "principal": principal,
-            "auth_enabled": bool(node.settings.web.tokens),
-            "is_admin": principal is not None and principal.can("admin"),
-            "csrf_token": auth.csrf_token(request),
-            "figures": figures,
-            "plots": _plots(figures),
-            "days": days,
-            "min_runs": MIN_RUNS,
-        }
-        response = TEMPLATES.TemplateResponse(request, "monitoring.html", context)
-        auth.remember_csrf(request, response)
-        return response
+        return render(
+            request, "monitoring.html", figures=figures, plots=_plots(figures), days=days, min_runs=MIN_RUNS
+        )
 
     return r

@@ -22,7 +22,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 
-from node.web.api import create_web_app
+from node.web.factory import create_web_app
 from node.web.guard import script_hashes
 from tests.helpers import free_port, wait_port
 from tests.web.conftest import ADMIN_TOKEN, READ_TOKEN, TOKENS, chromium

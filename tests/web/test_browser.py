@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from node.web.api import create_web_app
+from node.web.factory import create_web_app
 from tests.helpers import REPO, free_port, wait_port
 from tests.web.conftest import chromium
 

@@ -22,8 +22,8 @@ from sqlmodel import Session, select
 from node.app import Node
 from node.store.tables import Instance, Job, JobState, OutboxItem
 from node.synth import generate_study
-from node.web.api import create_web_app
 from node.web.auth import hash_token
+from node.web.factory import create_web_app
 from tests.helpers import free_port, fresh_copy, make_series, sample_file, wait_port
 from tests.web.conftest import cxr_models
 
