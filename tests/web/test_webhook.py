@@ -14,7 +14,7 @@ from node.app import build_node
 from node.settings import load_settings
 from node.store.tables import Study, utcnow
 from node.synth import generate_study
-from node.web.webhook import SIGNATURE_HEADER, payload
+from node.send.webhook import SIGNATURE_HEADER, payload
 from tests.helpers import write_config
 from tests.web.conftest import WEBHOOK_SECRET, cxr_models, payloads, send_folder, wait_jobs
 
