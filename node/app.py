@@ -26,6 +26,7 @@ from node.runner import Models, Runner
 from node.runner.one_file import Outcome, Progress, analyse_upload
 from node.runner.shared_files import Prefetcher, SharedFiles
 from node.send import make_destination
+from node.send.webhook import WebhookNotifier
 from node.settings import Settings
 from node.store import cluster
 from node.store.db import make_engine, ping
@@ -34,7 +35,6 @@ from node.store.orphans import sweep_orphans
 from node.store.tables import utcnow
 from node.store.uploads import Uploader
 from node.types import OutputIdentity
-from node.send.webhook import WebhookNotifier
 
 log = logging.getLogger(__name__)
 #: What each role of ``pacs-node serve --role`` runs (the heartbeat and the web pages run in all).

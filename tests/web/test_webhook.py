@@ -11,10 +11,10 @@ import time
 from sqlmodel import Session
 
 from node.app import build_node
+from node.send.webhook import SIGNATURE_HEADER, payload
 from node.settings import load_settings
 from node.store.tables import Study, utcnow
 from node.synth import generate_study
-from node.send.webhook import SIGNATURE_HEADER, payload
 from tests.helpers import write_config
 from tests.web.conftest import WEBHOOK_SECRET, cxr_models, payloads, send_folder, wait_jobs
 
