@@ -162,6 +162,12 @@ class Node:
             )
         return checks
 
+    def gpu_description(self) -> str:
+        """The GPU's name and memory (nvidia-smi), for the status page; empty without one."""
+        from node.inference.runtime import gpu_description
+
+        return gpu_description()
+
     def web_app(self) -> FastAPI:
         """The FastAPI application bound to this node."""
         from node.web.factory import create_web_app

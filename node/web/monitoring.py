@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from sqlmodel import Session
 
-from node.inference.manifest import Manifest
 from node.monitoring.gauges import MonitoringCollector
 from node.monitoring.report import MIN_RUNS, WINDOW_DAYS, ModelFigures, model_figures
 from node.store.tables import utcnow
@@ -19,6 +18,7 @@ from node.web.deps import render
 
 if TYPE_CHECKING:
     from node.app import Node
+    from node.inference.manifest import Manifest
 
 Days = Annotated[int, Query(ge=1, le=366, description="days of runs the figures cover")]
 

@@ -14,7 +14,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func
 from sqlmodel import select
 
-from node.inference.runtime import gpu_description
 from node.store import repo
 from node.store.tables import Job, Study
 from node.web import auth
@@ -44,7 +43,7 @@ def overview(request: Request, node: NodeDep, db: SessionDep) -> HTMLResponse:
         uptime=str(timedelta(seconds=int(time.time() - node.started_at))),
         ready=node.ready(),
         providers=providers,
-        gpu=gpu_description() if "CUDAExecutionProvider" in providers else "",
+        gpu=node.gpu_description() if "CUDAExecutionProvider" in providers else "",
         models=models_out(node),
         today=repo.totals_since(db, midnight),
         last_hour=repo.totals_since(db, now - timedelta(hours=1)),
