@@ -287,8 +287,8 @@ def infer_images(
             patch_scores(
                 im.model_input.tensor,
                 predict,
-                tuple(spec.patch_size),
-                tuple(spec.stride),
+                spec.patch_size,
+                spec.stride,
                 batch_size=spec.batch_size,
                 layout=im.model_input.layout,
             )

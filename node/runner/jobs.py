@@ -80,7 +80,9 @@ def _new_job(
     key = job_key(model_id, level, uid)
     jobs = list(
         session.exec(
-            select(Job).where(or_(Job.key == key, col(Job.key).startswith(key + "#"))).order_by(col(Job.id))
+            select(Job)
+            .where(or_(col(Job.key) == key, col(Job.key).startswith(key + "#")))
+            .order_by(col(Job.id))
         )
     )
     if jobs:
@@ -310,9 +312,9 @@ def claim_job(session: Session, now: datetime, owner: str = "", lease_s: float =
     ).first()
     if job is None:
         return None
-    claimed = session.exec(  # type: ignore[call-overload]
+    claimed = session.exec(
         update(Job)
-        .where(col(Job.id) == job.id, Job.state == JobState.QUEUED)
+        .where(col(Job.id) == job.id, col(Job.state) == JobState.QUEUED)
         .values(
             state=JobState.PREPROCESSING,
             attempts=Job.attempts + 1,
@@ -333,8 +335,8 @@ def set_state(session: Session, job_id: int, state: str, now: datetime, owner: s
     """Record the stage a job is in (with ``owner``: only while that node still holds it)."""
     query = update(Job).where(col(Job.id) == job_id)
     if owner is not None:
-        query = query.where(Job.owner == owner, col(Job.state).in_(ACTIVE_JOB_STATES))
-    session.exec(query.values(state=state, updated_at=now))  # type: ignore[call-overload]
+        query = query.where(col(Job.owner) == owner, col(Job.state).in_(ACTIVE_JOB_STATES))
+    session.exec(query.values(state=state, updated_at=now))
 
 
 def finish(
@@ -373,13 +375,13 @@ def _requeue(session: Session, where: list, now: datetime, max_attempts: int, wh
     exhausted = list(session.exec(select(Job.id).where(active, *where, col(Job.attempts) >= max_attempts)))
     if exhausted:
         error = f"interrupted {max_attempts} times: {why} while each attempt ran"
-        session.exec(  # type: ignore[call-overload]
+        session.exec(
             update(Job)
             .where(col(Job.id).in_(exhausted), active)
             .values(state=JobState.FAILED, error=error, updated_at=now, finished_at=now, lease_until=None)
         )
         log.error("%d interrupted jobs failed: they had used all %d attempts", len(exhausted), max_attempts)
-    result = session.exec(  # type: ignore[call-overload]
+    result = session.exec(
         update(Job)
         .where(active, *where)
         .values(state=JobState.QUEUED, not_before=now, updated_at=now, owner="", lease_until=None)
@@ -394,7 +396,7 @@ def requeue_interrupted(session: Session, now: datetime, max_attempts: int, owne
     do so for ever. Jobs running on other nodes are left alone (they come back through
     :func:`reclaim_expired` if their node is gone); jobs from before leases existed (no owner)
     count as this node's. The caller commits. Returns how many were requeued."""
-    mine = or_(Job.owner == owner, Job.owner == "")
+    mine = or_(col(Job.owner) == owner, col(Job.owner) == "")
     count = _requeue(session, [mine], now, max_attempts, "the node stopped")
     if count:
         log.info("resuming %d interrupted jobs", count)
@@ -413,9 +415,9 @@ def reclaim_expired(session: Session, now: datetime, max_attempts: int) -> int:
 
 def renew_leases(session: Session, owner: str, now: datetime, lease_s: float) -> int:
     """The heartbeat: extend the lease of every job ``owner`` is running. The caller commits."""
-    result = session.exec(  # type: ignore[call-overload]
+    result = session.exec(
         update(Job)
-        .where(Job.owner == owner, col(Job.state).in_(ACTIVE_JOB_STATES))
+        .where(col(Job.owner) == owner, col(Job.state).in_(ACTIVE_JOB_STATES))
         .values(lease_until=now + timedelta(seconds=lease_s))
     )
     return int(result.rowcount)

@@ -9,7 +9,9 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from sqlmodel import Session, col, select
@@ -35,7 +37,7 @@ def write_output_files(
     written = []
     for kind, ds in outputs:
         final = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"
-        write_atomically(final, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True), fsync=fsync)
+        write_atomically(final, partial(ds.save_as, enforce_file_format=True), fsync=fsync)
         written.append((kind, ds, final))
     _sync_folders(folder, outbox_dir, fsync)
     return written
@@ -117,7 +119,7 @@ def write_messages(
         except ValueError as exc:  # pydantic's ValidationError too: left out, the other outputs go
             log.warning("job %d: no %s message for %s: %s", job.id, dest.kind, dest.name, type(exc).__name__)
             continue
-        write_atomically(final, lambda fh, body=body: fh.write(body), fsync=fsync)
+        write_atomically(final, _bytes_writer(body), fsync=fsync)
         written.append(WrittenMessage(dest.name, OutputKind(dest.kind), uid, final))
     _sync_folders(folder, outbox_dir, fsync)
     return written
@@ -318,3 +320,8 @@ def backlog(session: Session) -> dict[str, int]:
     from sqlalchemy import func
 
     return {s: n for s, n in session.exec(select(OutboxItem.state, func.count()).group_by(OutboxItem.state))}
+
+
+def _bytes_writer(data: bytes) -> Callable[[BinaryIO], object]:
+    """A ``write_atomically`` writer of ``data``."""
+    return lambda fh: fh.write(data)

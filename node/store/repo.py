@@ -38,9 +38,9 @@ def complete_quiet_series(session: Session, now: datetime, quiet: timedelta) -> 
         )
     )
     if due:
-        session.exec(  # type: ignore[call-overload]
+        session.exec(
             update(Series)
-            .where(col(Series.series_uid).in_(due), Series.state == SeriesState.RECEIVING)
+            .where(col(Series.series_uid).in_(due), col(Series.state) == SeriesState.RECEIVING)
             .values(state=SeriesState.COMPLETE, completed_at=now)
         )
     return due
@@ -56,9 +56,9 @@ def complete_quiet_studies(session: Session, now: datetime, quiet: timedelta) ->
         )
     )
     if due:
-        session.exec(  # type: ignore[call-overload]
+        session.exec(
             update(Series)
-            .where(col(Series.study_uid).in_(due), Series.state == SeriesState.RECEIVING)
+            .where(col(Series.study_uid).in_(due), col(Series.state) == SeriesState.RECEIVING)
             .values(state=SeriesState.COMPLETE, completed_at=now)
         )
         _mark_studies_complete(session, due, now)
@@ -81,9 +81,9 @@ def complete_studies_of_complete_series(session: Session, now: datetime) -> list
 
 def _mark_studies_complete(session: Session, uids: list[str], now: datetime) -> None:
     if uids:
-        session.exec(  # type: ignore[call-overload]
+        session.exec(
             update(Study)
-            .where(col(Study.study_uid).in_(uids), Study.state == StudyState.RECEIVING)
+            .where(col(Study.study_uid).in_(uids), col(Study.state) == StudyState.RECEIVING)
             .values(state=StudyState.COMPLETE, completed_at=now)
         )
 
@@ -236,9 +236,9 @@ def failed_studies(session: Session, study_uids: Collection[str]) -> set[str]:
     if not candidates:
         return set()
     latest: dict[tuple[str, str], tuple[int, str, str]] = {}
-    query = select(Job.study_uid, Job.key, Job.id, Job.state, Job.result).where(
-        col(Job.study_uid).in_(candidates)
-    )
+    query = select(  # type: ignore[call-overload]  # sqlmodel types select() for up to 4 columns
+        Job.study_uid, Job.key, Job.id, Job.state, Job.result
+    ).where(col(Job.study_uid).in_(candidates))
     for study_uid, key, job_id, state, result in session.exec(query):
         base = (study_uid, key.split("#", 1)[0])
         if base not in latest or job_id > latest[base][0]:

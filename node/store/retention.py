@@ -87,12 +87,12 @@ def _remove_study(
         size = sum(f.stat().st_size for f in files if f.is_file())
         if dry_run:
             return len(files), size
-        session.exec(delete(OutboxItem).where(col(OutboxItem.job_id).in_(job_ids)))  # type: ignore[call-overload]
-        session.exec(delete(Job).where(col(Job.study_uid) == study_uid))  # type: ignore[call-overload]
-        session.exec(delete(Instance).where(col(Instance.study_uid) == study_uid))  # type: ignore[call-overload]
-        session.exec(delete(Series).where(col(Series.study_uid) == study_uid))  # type: ignore[call-overload]
-        session.exec(delete(Study).where(col(Study.study_uid) == study_uid))  # type: ignore[call-overload]
-        session.exec(delete(DuplicateEvent).where(col(DuplicateEvent.study_uid) == study_uid))  # type: ignore[call-overload]
+        session.exec(delete(OutboxItem).where(col(OutboxItem.job_id).in_(job_ids)))
+        session.exec(delete(Job).where(col(Job.study_uid) == study_uid))
+        session.exec(delete(Instance).where(col(Instance.study_uid) == study_uid))
+        session.exec(delete(Series).where(col(Series.study_uid) == study_uid))
+        session.exec(delete(Study).where(col(Study.study_uid) == study_uid))
+        session.exec(delete(DuplicateEvent).where(col(DuplicateEvent.study_uid) == study_uid))
         session.commit()
     if objects is not None:  # the shared copies (rows first: a crash leaves objects no row names)
         objects.delete_many([instance_key(p) for p in instances] + list(outputs))

@@ -86,7 +86,8 @@ class StringList(TypeDecorator[list[str]]):
             return None
         if isinstance(value, str):
             raise TypeError(f"a list column takes a list of strings, not the string {value[:40]!r}")
-        return dump_list(value, self.impl.length)  # type: ignore[attr-defined]
+        # impl is the String class here; TypeDecorator makes it a String instance at run time
+        return dump_list(value, self.impl.length)  # type: ignore[misc]
 
     def process_result_value(self, value: str | None, dialect: object) -> list[str]:
         """Decode to a list."""
