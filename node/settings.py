@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.allowlist import parse_allow_entry
@@ -666,7 +667,7 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     location = ".".join(str(p) for p in error["loc"]) or "(top level)"
     found = error.get("input")
     shown = "" if isinstance(found, dict) else f" (found {found!r})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -105,7 +106,7 @@ def _skin(rng: np.random.Generator, s: int) -> np.ndarray:
 
 def _outline(
     rng: np.random.Generator, s: int, cx: float, cy: float, r0: float, melanoma: bool
-) -> tuple[np.ndarray, object, dict]:
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], dict]:
     """The lesion's soft alpha, its border radius as a function of angle and a shape description."""
     y, x = np.ogrid[:s, :s]
     dx, dy = x - F32(cx), y - F32(cy)
@@ -170,7 +171,7 @@ def _melanoma_colour(
     cx: float,
     cy: float,
     r0: float,
-    radius_fn: object,
+    radius_fn: Callable[[np.ndarray], np.ndarray],
 ) -> None:
     """Variegated colours in irregular zones, an atypical network and dark globules near the rim."""
     s = img.shape[0]

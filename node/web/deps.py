@@ -58,7 +58,8 @@ def api_router() -> APIRouter:
 
 def get_node(request: Request) -> Node:
     """The running node the app was made for."""
-    return request.app.state.node  # type: ignore[no-any-return]  # set by the factory
+    node: Node = request.app.state.node  # set by the factory
+    return node
 
 
 def _session(request: Request) -> Iterator[Session]:
@@ -68,7 +69,8 @@ def _session(request: Request) -> Iterator[Session]:
 
 def heatmap_store(request: Request) -> PngStore:
     """The heatmap PNGs POST /api/v1/infer made (kept for web.heatmap_ttl_s)."""
-    return request.app.state.heatmaps  # type: ignore[no-any-return]  # set by the factory
+    store: PngStore = request.app.state.heatmaps  # set by the factory
+    return store
 
 
 if TYPE_CHECKING:

@@ -155,7 +155,8 @@ def login(
         return RedirectResponse(f"/login?error=expired&next={quote(target)}", status_code=303)
     principal = auth.identify(node.settings.web, token) if node.settings.web.tokens else None
     address = request.client.host if request.client else ""
-    node.audit.user_login(principal and principal.name, address, principal is not None, "token not valid")
+    name = principal.name if principal is not None else None
+    node.audit.user_login(name, address, principal is not None, "token not valid")
     if principal is None:
         return RedirectResponse("/login?error=1", status_code=303)
     response = RedirectResponse(target, status_code=303)
@@ -168,7 +169,8 @@ def logout(request: Request, node: NodeDep, csrf: Annotated[str, Form()] = "") -
     """Forget the sign-in cookie."""
     auth.check_csrf(request, csrf)
     principal = auth.identify(node.settings.web, auth.presented_token(request))
-    node.audit.user_logout(principal and principal.name, request.client.host if request.client else "")
+    name = principal.name if principal is not None else None
+    node.audit.user_logout(name, request.client.host if request.client else "")
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(auth.COOKIE)
     return response
