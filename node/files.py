@@ -9,7 +9,9 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import yaml
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,3 +46,19 @@ def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes (read in blocks by ``hashlib.file_digest``)."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def read_yaml(path: Path, what: str, error: type[Exception]) -> Any:
+    """The YAML document in ``path`` (None for an empty file); ``error`` raised naming ``what``
+    (e.g. "configuration file") and the path when the file does not exist, cannot be read or is
+    not valid YAML. The one reader of the configuration, the routing rules and the manifests."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,6 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from node.allowlist import parse_allow_entry
 from node.budget import MIB, Budget
 from node.errors import ConfigError
+from node.files import read_yaml
 
 DEFAULT_CONFIG = Path("config/node.yaml")
 CONFIG_ENV = "PACS_NODE_CONFIG"
@@ -686,12 +686,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         path = DEFAULT_CONFIG
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"configuration file {path} does not exist") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        loaded = read_yaml(Path(path), "configuration file", ConfigError) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         data = loaded

@@ -15,7 +15,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,6 +26,7 @@ from pydantic import (
 )
 
 from node.errors import ManifestError
+from node.files import read_yaml
 
 _MISSING = object()
 
@@ -877,12 +877,4 @@ def parse_manifest(data: Mapping[str, Any] | Any, source: str = "manifest") -> M
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a ``manifest.yaml``; raise ManifestError naming the file and the field."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read: {exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: invalid YAML: {exc}") from exc
-    return parse_manifest(data, str(path))
+    return parse_manifest(read_yaml(path, "manifest", ManifestError), str(path))

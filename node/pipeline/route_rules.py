@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -56,6 +55,7 @@ from pydantic import (
 )
 
 from node.errors import ConfigError
+from node.files import read_yaml
 
 #: Header fields a condition can name in ``missing`` / ``present``, with their DICOM keywords.
 HEADER_FIELDS: dict[str, str] = {
@@ -320,14 +320,5 @@ def parse_rules(data: Any, source: str = "<rules>") -> RuleSet:
 def load_rules(path: Path | str) -> RuleSet:
     """Read and validate a rules file (YAML); raise ConfigError with the file, rule and field."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"routing rules file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"routing rules file {path} cannot be read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "routing rules file", ConfigError)
     return parse_rules(data if data is not None else {}, str(path))

@@ -87,6 +87,13 @@ def test_missing_config_file_is_named(tmp_path):
         load_settings(tmp_path / "nope.yaml")
 
 
+def test_unreadable_config_file_is_named(tmp_path):
+    """A folder (or a file without read permission) given as the configuration: a ConfigError
+    naming it, not a traceback."""
+    with pytest.raises(ConfigError, match=f"configuration file {tmp_path} cannot be read"):
+        load_settings(tmp_path)
+
+
 def test_defaults_find_the_bundled_rules_and_models_outside_the_checkout(tmp_path, monkeypatch):
     """`pacs-node serve` started from another folder (no config/, no models/ there) still gets the
     project's routing rules and bundled models; a folder's own files of those names win."""

@@ -190,12 +190,12 @@ def test_strict_bool(manifest_dict):
 def test_yaml_errors(tmp_path):
     p = tmp_path / "manifest.yaml"
     p.write_text("id: [unclosed\n")
-    with pytest.raises(ManifestError, match="invalid YAML"):
+    with pytest.raises(ManifestError, match="not valid YAML"):
         load_manifest(p)
     p.write_text("- just\n- a list\n")
     with pytest.raises(ManifestError, match="\\(top level\\): expected a mapping \\(found list\\)"):
         load_manifest(p)
-    with pytest.raises(ManifestError, match="cannot read"):
+    with pytest.raises(ManifestError, match="manifest .*missing.yaml does not exist"):
         load_manifest(tmp_path / "missing.yaml")
 
 
