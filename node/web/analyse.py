@@ -38,7 +38,7 @@ from node.web.infer import InferRefused, ModelOutcome, PngStore, infer, png_byte
 from node.web.photo import KINDS, PhotoRefused, decode_photo, sniff, wrap_photo
 
 if TYPE_CHECKING:
-    from node.app import Node
+    from node.web.deps import WebNode
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class AnalysisStore:
             del self._items[finished.pop(0)]
 
 
-def upload_body_limit(node: Node) -> int:
+def upload_body_limit(node: WebNode) -> int:
     """The most bytes POST /analyse reads: web.max_upload_mb plus the multipart framing."""
     return int(node.settings.web.max_upload_mb * 2**20) + MULTIPART_SLACK
 
@@ -192,7 +192,7 @@ def _outcome_bytes(analysis: Analysis) -> int:
     return sum(len(analysis.images.get(k) or b"") for k in keys)
 
 
-def _run(node: Node, store: AnalysisStore, analysis: Analysis, data: bytes) -> None:
+def _run(node: WebNode, store: AnalysisStore, analysis: Analysis, data: bytes) -> None:
     """The analysis, in its own thread: the inference API's path with progress told."""
     deadline = time.monotonic() + node.settings.web.infer_timeout_s
     try:
@@ -211,7 +211,7 @@ def _kilobytes(n: int) -> str:
     return f"{n / 1000:.0f} kB" if n < 10**6 else f"{n / 10**6:.1f} MB"
 
 
-def router(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
+def router(node: WebNode) -> APIRouter:  # noqa: C901 (one function per page)
     """The "Analyse a file" pages and the progress streams (analysis and study)."""
     pages = APIRouter(include_in_schema=False)
     store = AnalysisStore(ttl_s=node.settings.web.heatmap_ttl_s)
@@ -410,7 +410,7 @@ def router(node: Node) -> APIRouter:  # noqa: C901 (one function per page)
     return pages
 
 
-def _study_state(node: Node, study_uid: str) -> tuple[list[dict[str, Any]], bool]:
+def _study_state(node: WebNode, study_uid: str) -> tuple[list[dict[str, Any]], bool]:
     """The study's jobs (id, model, state, error, updated) and whether series are still arriving
     or waiting to be routed."""
     with Session(node.engine) as db:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
@@ -23,7 +23,46 @@ from node.web.infer import PngStore
 from node.web.schemas import ErrorOut
 
 if TYPE_CHECKING:
-    from node.app import Node
+    from sqlalchemy.engine import Engine
+
+    from node.audit import AuditTrail
+    from node.dicom.scp import StorageSCP
+    from node.dicom.spool import Spool
+    from node.prometheus import NodeMetrics
+    from node.runner import Models
+    from node.runner.one_file import Outcome, Progress
+    from node.settings import Settings
+
+
+class WebNode(Protocol):
+    """What the web needs of the running node (:class:`node.app.Node` is one): its settings, the
+    database, the spool and DICOM listener (STOW-RS files through them), the models, the metrics and
+    audit trail, its readiness and the one-file analysis. Nothing else of the node reaches a route."""
+
+    settings: Settings
+    engine: Engine
+    spool: Spool
+    scp: StorageSCP
+    models: Models
+    metrics: NodeMetrics
+    audit: AuditTrail
+    started_at: float
+    version: str
+
+    def ready(self) -> dict[str, bool]:
+        """Readiness of each dependency."""
+        ...
+
+    def gpu_description(self) -> str:
+        """The GPU's name and memory; empty without one."""
+        ...
+
+    def analyse_upload(
+        self, data: bytes, deadline: float, progress: Progress | None = None
+    ) -> tuple[str, list[Outcome]]:
+        """One uploaded file through routing, the models and heatmap rendering."""
+        ...
+
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 STATIC = Path(__file__).parent / "static"
@@ -56,9 +95,9 @@ def api_router() -> APIRouter:
     )
 
 
-def get_node(request: Request) -> Node:
+def get_node(request: Request) -> WebNode:
     """The running node the app was made for."""
-    node: Node = request.app.state.node  # set by the factory
+    node: WebNode = request.app.state.node  # set by the factory
     return node
 
 
@@ -74,14 +113,14 @@ def heatmap_store(request: Request) -> PngStore:
 
 
 if TYPE_CHECKING:
-    NodeDep = Annotated[Node, Depends(get_node)]
+    NodeDep = Annotated[WebNode, Depends(get_node)]
 else:  # FastAPI reads the annotation at run time, where the node's class is not imported
     NodeDep = Annotated[Any, Depends(get_node)]
 SessionDep = Annotated[Session, Depends(_session)]
 HeatmapsDep = Annotated[PngStore, Depends(heatmap_store)]
 
 
-def upload_body_limit(node: Node) -> int:
+def upload_body_limit(node: WebNode) -> int:
     """The most bytes POST /api/v1/infer reads: web.max_upload_mb plus the multipart framing."""
     return int(node.settings.web.max_upload_mb * 2**20) + MULTIPART_SLACK
 
@@ -96,7 +135,7 @@ class Site:
     heatmap_ttl_s: float
 
     @classmethod
-    def of(cls, node: Node) -> Site:
+    def of(cls, node: WebNode) -> Site:
         """The node's identity and limits as its settings give them."""
         web = node.settings.web
         return cls(node.settings.dicom.ae_title, node.version, web.max_upload_mb, web.heatmap_ttl_s)

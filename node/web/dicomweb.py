@@ -58,7 +58,7 @@ from node.errors import StoreError
 from node.web import auth
 
 if TYPE_CHECKING:
-    from node.app import Node
+    from node.web.deps import WebNode
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ MAX_PART_HEADER_BYTES = 8192
 MIB = 2**20
 
 
-def stow_body_limit(node: Node) -> int:
+def stow_body_limit(node: WebNode) -> int:
     """The most bytes a STOW-RS request body may have (``web.max_stow_mb``)."""
     return int(node.settings.web.max_stow_mb * MIB)
 
@@ -230,7 +230,7 @@ def _token(request: Request) -> str | None:
     return None
 
 
-def _authorize(node: Node, request: Request) -> None:
+def _authorize(node: WebNode, request: Request) -> None:
     """401/403 unless the request may store (see the module docstring)."""
     web = node.settings.web
     if not web.tokens:
@@ -259,7 +259,7 @@ class _Outcome:
     size: int = 0
 
 
-def _file_part(node: Node, part: _Part, study_uid: str | None) -> _Outcome:
+def _file_part(node: WebNode, part: _Part, study_uid: str | None) -> _Outcome:
     """File one part through the C-STORE path; never raises for the part's content."""
     kind = part.headers.get("content-type")
     if kind is not None:
@@ -312,7 +312,7 @@ def store_response(outcomes: list[_Outcome]) -> tuple[int, dict[str, Any]]:
     return code, response.to_json_dict()
 
 
-def _check_room(node: Node, request: Request) -> None:
+def _check_room(node: WebNode, request: Request) -> None:
     """503 when buffering the body would take the spool's disk below its watermark
     (``storage.min_free_mb``): every instance would be refused as out of resources anyway."""
     declared = request.headers.get("content-length", "").strip()
@@ -338,7 +338,7 @@ async def _read_body(request: Request, reader: _BodyReader, limit: int) -> None:
     reader.finish()
 
 
-async def stow(node: Node, request: Request, study_uid: str | None) -> Response:
+async def stow(node: WebNode, request: Request, study_uid: str | None) -> Response:
     """Handle one STOW-RS request (see the module docstring)."""
     try:
         response = await _stow(node, request, study_uid)
@@ -351,7 +351,7 @@ async def stow(node: Node, request: Request, study_uid: str | None) -> Response:
     return response
 
 
-async def _stow(node: Node, request: Request, study_uid: str | None) -> Response:
+async def _stow(node: WebNode, request: Request, study_uid: str | None) -> Response:
     _authorize(node, request)
     _check_accept(request)
     boundary = _content_type(request)
@@ -396,7 +396,7 @@ async def _stow(node: Node, request: Request, study_uid: str | None) -> Response
     return JSONResponse(body, status_code=code, media_type=DICOM_JSON)
 
 
-def _sample(node: Node, sop_instance_uid: str) -> Callable[[], Path | None]:
+def _sample(node: WebNode, sop_instance_uid: str) -> Callable[[], Path | None]:
     """Where the stored file of the instance is, looked up when the audit message is built."""
 
     def find() -> Path | None:
@@ -409,7 +409,7 @@ def _sample(node: Node, sop_instance_uid: str) -> Callable[[], Path | None]:
     return find
 
 
-def _audit(node: Node, request: Request, outcomes: list[_Outcome]) -> None:
+def _audit(node: WebNode, request: Request, outcomes: list[_Outcome]) -> None:
     """Instances received: one DICOM Instances Transferred audit message per study of the request
     (parts whose study could not be read are counted in the log only)."""
     if not node.audit.enabled:
@@ -453,7 +453,7 @@ _BODY = {
 }
 
 
-def router(node: Node) -> APIRouter:
+def router(node: WebNode) -> APIRouter:
     """The STOW-RS routes; bodies limited to ``web.max_stow_mb`` while they are read."""
     api = APIRouter(prefix=PREFIX, tags=["dicomweb"], max_body_size=stow_body_limit(node))
 

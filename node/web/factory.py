@@ -28,10 +28,10 @@ from node.web.routes import health, jobs, status, studies
 from node.web.routes import infer as infer_routes
 
 if TYPE_CHECKING:
-    from node.app import Node
+    from node.web.deps import WebNode
 
 
-def create_web_app(node: Node) -> FastAPI:
+def create_web_app(node: WebNode) -> FastAPI:
     """Build the FastAPI application for a node: API docs (Swagger UI at /api/docs, ReDoc at
     /api/redoc) from a local package, never a CDN; bodies limited while they are read."""
     upload_limit = upload_body_limit(node)

@@ -42,7 +42,7 @@ from node.types import JobResult
 from node.web import auth
 
 if TYPE_CHECKING:
-    from node.app import Node
+    from node.web.deps import WebNode
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class JobFindings:
         return next((f for f in self.findings if f.label == label), None)
 
 
-def job_findings(node: Node, job: Job) -> JobFindings:
+def job_findings(node: WebNode, job: Job) -> JobFindings:
     """The findings of ``job``'s recorded result (the one place feedback reads a job's result).
     The threshold: the one the result recorded, else the loaded model's when it is the same
     version, else None (not known)."""
@@ -265,7 +265,7 @@ def _correct_label(given: FeedbackIn, job: JobFindings, finding: FindingView) ->
 
 
 def give_feedback(
-    node: Node, db: Session, job_id: int, given: FeedbackIn, user: str, address: str
+    node: WebNode, db: Session, job_id: int, given: FeedbackIn, user: str, address: str
 ) -> FeedbackStored:
     """Check and store one verdict (4xx naming what is wrong), audit it; the stored row."""
     job = db.get(Job, job_id)
@@ -339,7 +339,7 @@ class JobPanel:
     rows: list[FindingPanel]
 
 
-def study_feedback(node: Node, db: Session, jobs: list[Job], request: Request) -> list[JobPanel]:
+def study_feedback(node: WebNode, db: Session, jobs: list[Job], request: Request) -> list[JobPanel]:
     """The study page's feedback panels: each done job's findings, the user's current verdict and
     the other users' counts."""
     principal = getattr(request.state, "principal", None)
@@ -441,7 +441,7 @@ def _csv_response(items: list[FeedbackOut]) -> Response:
 
 
 # ------------------------------------------------------------------------------------- routes
-def router(node: Node) -> APIRouter:
+def router(node: WebNode) -> APIRouter:
     """The feedback routes: JSON API under /api/v1 (read role) and the study page's form."""
     routes = APIRouter(max_body_size=FORM_BODY_LIMIT)
 

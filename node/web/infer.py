@@ -23,7 +23,7 @@ from node.errors import RefusalReason, UploadRefused
 from node.types import AnalysisResult
 
 if TYPE_CHECKING:
-    from node.app import Node
+    from node.web.deps import WebNode
 
 
 class InferRefused(Exception):
@@ -113,7 +113,7 @@ class ModelOutcome:
 
 
 def infer(
-    node: Node,
+    node: WebNode,
     data: bytes,
     store: PngStore,
     deadline: float,

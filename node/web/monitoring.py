@@ -17,17 +17,17 @@ from node.web import auth
 from node.web.deps import render
 
 if TYPE_CHECKING:
-    from node.app import Node
     from node.inference.manifest import Manifest
+    from node.web.deps import WebNode
 
 Days = Annotated[int, Query(ge=1, le=366, description="days of runs the figures cover")]
 
 
-def _manifests(node: Node) -> dict[str, Manifest]:
+def _manifests(node: WebNode) -> dict[str, Manifest]:
     return {model_id: m.manifest for model_id, m in node.models.registry.models.items()}
 
 
-def _figures(node: Node, days: int) -> list[ModelFigures]:
+def _figures(node: WebNode, days: int) -> list[ModelFigures]:
     with Session(node.engine) as session:
         return model_figures(session, _manifests(node), utcnow(), days)
 
@@ -52,7 +52,7 @@ def _plots(figures: list[ModelFigures]) -> dict[str, Any]:
     return out
 
 
-def _watch(node: Node) -> None:
+def _watch(node: WebNode) -> None:
     """Register the monitoring gauges on the node's /metrics registry (once per node)."""
     if getattr(node.metrics, "_monitoring_collector", None) is None:
         collector = MonitoringCollector(node.engine, lambda: _manifests(node))
@@ -60,7 +60,7 @@ def _watch(node: Node) -> None:
         node.metrics._monitoring_collector = collector  # type: ignore[attr-defined]
 
 
-def router(node: Node) -> APIRouter:
+def router(node: WebNode) -> APIRouter:
     """The monitoring page and API of ``node``; registers its gauges on /metrics."""
     _watch(node)
     r = APIRouter()

@@ -32,7 +32,7 @@ from node.web.schemas import (
 )
 
 if TYPE_CHECKING:
-    from node.app import Node
+    from node.web.deps import WebNode
 
 
 def study_out(study: Study, priority: str) -> StudyOut:
@@ -162,7 +162,7 @@ def totals(db: Session, since: datetime) -> Totals:
     return Totals(studies=t.studies, series=t.series, instances=t.instances, bytes=t.bytes)
 
 
-def models_out(node: Node) -> ModelsOut:
+def models_out(node: WebNode) -> ModelsOut:
     """The loaded models (versions, labels, provider) and the refused ones with why."""
     loaded = []
     for model_id, model in sorted(node.models.registry.models.items()):
@@ -206,7 +206,7 @@ def worklist(db: Session, limit: int) -> WorklistOut:
     return WorklistOut(items=items)
 
 
-def stats(node: Node, db: Session) -> StatsOut:
+def stats(node: WebNode, db: Session) -> StatsOut:
     """The counters of GET /api/v1/stats."""
     now = datetime.now(UTC)
     studies = list(db.exec(select(Study)))

@@ -15,10 +15,10 @@ from node.web.infer import infer
 from node.web.schemas import ErrorOut, FindingOut, HeatmapLink, InferModelOut, InferOut
 
 if TYPE_CHECKING:
-    from node.app import Node
+    from node.web.deps import WebNode
 
 
-def router(node: Node) -> APIRouter:
+def router(node: WebNode) -> APIRouter:
     """The inference routes; the upload's body limit comes from the node's web.max_upload_mb."""
     r = api_router()
 
