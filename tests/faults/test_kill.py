@@ -126,3 +126,52 @@ def test_sigkill_during_inference_then_restart_resumes(tmp_path):
         node.kill()
         node.wait(10)
         scp.stop()
+
+
+def test_a_job_that_takes_the_node_down_each_time_fails_after_max_attempts(tmp_path):
+    """Issue 21, item 1's crash loop: a job that the node dies in on every attempt (here the node
+    is killed while the job runs, as the kernel's OOM killer did) is resumed at each restart only
+    while it has attempts left; at the restart after the last one it fails, naming why, and is
+    never run again. A study sent afterwards is analysed: the node serves on."""
+    need("storescp")
+    dest_port = free_port()
+    config = _config(tmp_path, dest_port)
+    attempts = 3  # runner.max_attempts, the default
+    db = node_db_url(config)
+    log = tmp_path / "node.log"
+    scp = StoreSCP(tmp_path / "received", dest_port)
+    node = start_node_process(config, log)
+    try:
+        import yaml
+
+        port = yaml.safe_load(config.read_text())["dicom"]["port"]
+        _send_cxr(tmp_path, port)
+        running = (
+            "select 1 from job where state in ('preprocessing', 'inferring', 'writing') and attempts = {}"
+        )
+        for attempt in range(1, attempts + 1):  # the row of the run killed before reads 'inferring' too
+            wait_for(lambda n=attempt: query_db(db, running.format(n)), 90, f"attempt {attempt} never ran")
+            _kill(node)
+            assert query_db(db, "select attempts from job") == [(attempt,)]
+            node = start_node_process(config, log)
+        wait_for(
+            lambda: query_db(db, "select state from job") == [("failed",)], 60, "crash-looping job not failed"
+        )
+        ((error, tried),) = query_db(db, "select error, attempts from job")
+        assert f"interrupted {attempts} times" in error and "node stopped" in error
+        assert tried == attempts
+        assert query_db(db, "select count(*) from outboxitem")[0][0] == 0
+        # the node serves on: another study is analysed; the failed job stays failed
+        generate_study("cxr", tmp_path / "next", seed=4, label="normal", scale=0.5, write_masks=False)
+        for f in sorted((tmp_path / "next").glob("*.dcm")):
+            assert raw_store_file(port, f) == 0
+        wait_for(
+            lambda: sorted(r[0] for r in query_db(db, "select state from job")) == ["done", "failed"],
+            90,
+            "the next study was not analysed",
+        )
+        assert query_db(db, "select attempts from job where state='failed'") == [(attempts,)]
+    finally:
+        node.kill()
+        node.wait(10)
+        scp.stop()
