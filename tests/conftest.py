@@ -14,6 +14,10 @@ from tests import helpers
 from tests.helpers import write_config
 from tests.store.pgserver import PostgresServer, postgres_bindir
 
+#: Fixture modules shared by tests in several folders: the processed node of the web and webhook
+#: tests (tests/processed_node.py).
+pytest_plugins = ["tests.processed_node"]
+
 _PG: dict[str, PostgresServer] = {}
 
 

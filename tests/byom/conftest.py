@@ -11,7 +11,7 @@ try:  # the converter tests need torch; keep it to one thread on shared CI machi
     import torch
 
     torch.set_num_threads(1)
-except ModuleNotFoundError:  # pragma: no cover - the metric and evaluate tests run without it
+except ModuleNotFoundError:  # pragma: no cover - the manifest helpers work without it
     pass
 
 
