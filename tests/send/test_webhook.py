@@ -16,7 +16,7 @@ from node.settings import load_settings
 from node.store.tables import Study, utcnow
 from node.synth import generate_study
 from tests.helpers import write_config
-from tests.web.conftest import WEBHOOK_SECRET, cxr_models, payloads, send_folder, wait_jobs
+from tests.processed_node import WEBHOOK_SECRET, cxr_models, payloads, send_folder, wait_jobs
 
 
 def test_receiver_gets_signed_payload(processed):
