@@ -456,6 +456,22 @@ class ClusterSettings(_Section):
     lease_s: float = Field(
         30.0, ge=1, le=3600, description="a running job's claim; renewed every lease_s/3 by its node"
     )
+    queue: Literal["database", "procrastinate"] = Field(
+        "database",
+        description="database: workers poll the node's job table (every 0.5 s when idle); procrastinate: "
+        "each job is also a procrastinate job (PostgreSQL LISTEN/NOTIFY, queueing lock, per-study lock, "
+        "priorities, worker heartbeats); PostgreSQL only. Every node of one database sets the same",
+    )
+    queues: list[str] = Field(
+        default_factory=list,
+        description="with queue: procrastinate, the queues this worker takes (pacsnode-cpu, pacsnode-gpu, or "
+        "those named in model_queues); empty: all",
+    )
+    model_queues: dict[str, str] = Field(
+        default_factory=dict,
+        description="with queue: procrastinate, model id -> queue name; a model not named goes to "
+        "pacsnode-gpu when the routing node runs it on a GPU provider, else pacsnode-cpu",
+    )
 
 
 class DestinationSettings(_Section):

@@ -33,6 +33,7 @@ from node.prometheus import NodeMetrics
 from node.redact import redact
 from node.runner import jobs, outbox
 from node.runner.analyse import Stopwatch, analyse
+from node.runner.queue import ProcrastinateQueue, ensure_schema, queue_chooser
 from node.runner.shared_files import SharedFiles
 from node.send import Destination
 from node.settings import DestinationSettings, Settings
@@ -213,6 +214,18 @@ class Runner:
         self._wake_workers = threading.Event()
         self._wake_sender = threading.Event()
         self._started_at: datetime | None = None
+        self._queue: ProcrastinateQueue | None = None
+        if settings.cluster.queue == "procrastinate":  # refused on SQLite (ConfigError)
+            self._queue = ProcrastinateQueue(
+                engine,
+                self._node_id,
+                queue_chooser(
+                    settings.cluster.model_queues,
+                    {m: getattr(s, "active_provider", "") for m, s in models.sessions.items()},
+                ),
+                [m for m, lm in models.registry.models.items() if any(b.triage for b in lm.manifest.labels)],
+                stalled_s=self._lease_s,
+            )
 
     @property
     def node_id(self) -> str:
@@ -229,15 +242,21 @@ class Runner:
         import node.outputs.sc
         import node.outputs.sr  # noqa: F401
 
-        with Session(self._engine) as session:
-            jobs.requeue_interrupted(session, utcnow(), self._settings.runner.max_attempts, self._node_id)
-            session.commit()
+        if self._queue is not None:  # interrupted jobs come back through the stalled-worker check
+            ensure_schema(self._engine)
+        else:
+            with Session(self._engine) as session:
+                jobs.requeue_interrupted(session, utcnow(), self._settings.runner.max_attempts, self._node_id)
+                session.commit()
         targets = [("heartbeat", self._heartbeat_loop)]
         if "scheduler" in parts:
             targets.append(("scheduler", self._schedule_loop))
         if "sender" in parts:
             targets.append(("sender", self._send_loop))
-        if "workers" in parts:
+        if "workers" in parts and self._queue is not None:
+            cfg = self._settings
+            self._queue.start_worker(self.run_queued, cfg.runner.workers, cfg.cluster.queues)
+        elif "workers" in parts:
             targets += [(f"worker-{i}", self._work_loop) for i in range(self._settings.runner.workers)]
         for name, target in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -249,6 +268,8 @@ class Runner:
         self._stop.set()
         self._wake_workers.set()
         self._wake_sender.set()
+        if self._queue is not None:
+            self._queue.stop_worker()
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
@@ -258,12 +279,36 @@ class Runner:
         """Renew the lease of every job this node runs, record that it is alive, and requeue
         running jobs whose lease expired (their node died: any node takes them back)."""
         now = utcnow()
+        if self._queue is not None:
+            self._queue_heartbeat(now)
+            return
         with Session(self._engine) as session:
             jobs.renew_leases(session, self._node_id, now, self._lease_s)
             cluster.heartbeat(session, self._node_id, now)
             session.commit()
             if jobs.reclaim_expired(session, now, self._settings.runner.max_attempts):
                 self._wake_workers.set()
+            session.commit()
+
+    def _queue_heartbeat(self, now: datetime) -> None:
+        """With procrastinate: record this node's heartbeat, recover the jobs of workers whose
+        heartbeats stopped (procrastinate's own record of them), and defer queued jobs that have
+        no procrastinate job (retried from the page, or queued before the switch)."""
+        assert self._queue is not None
+        max_attempts = self._settings.runner.max_attempts
+        with Session(self._engine) as session:
+            cluster.heartbeat(session, self._node_id, now)
+            session.commit()
+            self._queue.recover_stalled(
+                session,
+                now,
+                lambda job_id: jobs.requeue_job(session, job_id, now, max_attempts, "its worker stopped"),
+            )
+            session.commit()
+            # jobs claimed under the database queue before the switch (procrastinate's claims
+            # carry no lease), then every queued job without a procrastinate job
+            jobs.reclaim_expired(session, now, max_attempts)
+            self._queue.adopt_queued(session)
             session.commit()
 
     def _heartbeat_loop(self) -> None:
@@ -284,13 +329,18 @@ class Runner:
                 now,
                 localise=self._shared.localise if self._shared else None,
                 uploaded_only=self._shared is not None,
+                enqueue=self._enqueue,
             )
-            created = jobs.create_study_jobs(session, now)
+            created = jobs.create_study_jobs(session, now, self._enqueue)
             session.commit()
         if done.series or done.studies:
             log.info("assembly: %d series and %d studies complete", len(done.series), len(done.studies))
         if routed or created:
             self._wake_workers.set()
+
+    @property
+    def _enqueue(self) -> jobs.Enqueue | None:
+        return self._queue.defer if self._queue is not None else None
 
     def _schedule_loop(self) -> None:
         self._loop(self.tick, self._settings.assembly.poll_interval_s)
@@ -333,6 +383,26 @@ class Runner:
             log.exception("job %d (%s): runner error", job.id, job.model_id)
             self._retry_or_fail(job, Stopwatch(deadline=0.0), f"runner error {type(exc).__name__}: {exc}")
         return True
+
+    def run_queued(self, job_id: int) -> None:
+        """The procrastinate task: claim node job ``job_id`` and run it (nothing when it is not
+        queued: another claim won or it finished). Never raises: the node's row records the
+        outcome, and a transient error defers a new procrastinate job (see _retry_or_fail)."""
+        with Session(self._engine, expire_on_commit=False) as session:
+            job = jobs.claim_job_by_id(session, job_id, utcnow(), self._node_id)
+            session.commit()
+            if job is None:
+                log.info("job %d is not queued any more; nothing to run", job_id)
+                return
+            session.expunge(job)
+        try:
+            self._run_job(job)
+        except Exception as exc:  # e.g. the database went away mid-job: never leave it claimed
+            log.exception("job %d (%s): runner error", job.id, job.model_id)
+            try:
+                self._retry_or_fail(job, Stopwatch(deadline=0.0), f"runner error {type(exc).__name__}: {exc}")
+            except Exception:  # still no database: its worker's heartbeat recovers it
+                log.exception("job %d: could not record the runner error", job.id)
 
     def _record_stage(self, job_id: int, stage: str) -> None:
         state = _STAGE_STATE.get(stage)
@@ -506,6 +576,8 @@ class Runner:
                 assert fresh is not None
                 delay = backoff_s(self._settings.runner.retry_backoff_s, job.attempts)
                 jobs.retry_later(session, fresh, utcnow(), delay, error)
+                if self._queue is not None:  # the retry's queue entry commits with the row
+                    self._queue.defer(session, fresh, at=fresh.not_before)
                 session.commit()
 
     # -- sender ------------------------------------------------------------------------------

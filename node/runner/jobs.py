@@ -66,8 +66,20 @@ def _more_instances_than(session: Session, job: Job, series_uids: list[str]) -> 
     return session.exec(later).first() is not None
 
 
+#: Hands a job just created (or requeued) to the queue in the same transaction
+#: (``cluster.queue: procrastinate``; see node/runner/queue.py).
+Enqueue = Callable[[Session, Job], object]
+
+
 def _new_job(
-    session: Session, model_id: str, rule: str, level: str, study_uid: str, series: list[str], now: datetime
+    session: Session,
+    model_id: str,
+    rule: str,
+    level: str,
+    study_uid: str,
+    series: list[str],
+    now: datetime,
+    enqueue: Enqueue | None = None,
 ) -> bool | None:
     """Create the job for (model, level, uid) unless one covers the current instances already.
 
@@ -112,6 +124,8 @@ def _new_job(
     except RowConflict:
         log.info("job %s was created by another node", key)
         return False
+    if enqueue is not None:  # in this transaction: the row and its queue entry commit together
+        enqueue(session, job)
     return True
 
 
@@ -200,6 +214,7 @@ def route_complete_series(
     now: datetime,
     localise: Localise | None = None,
     uploaded_only: bool = False,
+    enqueue: Enqueue | None = None,
 ) -> int:
     """Route every complete, not yet routed series; create its jobs (series/image level).
     Returns the number of series routed or recorded as not routed (not those left complete
@@ -249,6 +264,7 @@ def route_complete_series(
                     series.study_uid,
                     [series.series_uid],
                     now,
+                    enqueue,
                 )
                 for model_id in models
             ]
@@ -268,7 +284,7 @@ def _not_uploaded() -> ColumnElement[bool]:
     )
 
 
-def create_study_jobs(session: Session, now: datetime) -> int:
+def create_study_jobs(session: Session, now: datetime, enqueue: Enqueue | None = None) -> int:
     """For complete studies, one job per study-level model over all its series routed to it."""
     created = 0
     studies = session.exec(
@@ -295,7 +311,7 @@ def create_study_jobs(session: Session, now: datetime) -> int:
                 for model_id in s.route_models:
                     by_model.setdefault(model_id, (s.route_rule, []))[1].append(s.series_uid)
         for model_id, (rule, uids) in by_model.items():
-            created += bool(_new_job(session, model_id, rule, "study", study_uid, uids, now))
+            created += bool(_new_job(session, model_id, rule, "study", study_uid, uids, now, enqueue))
     return created
 
 
@@ -329,6 +345,29 @@ def claim_job(session: Session, now: datetime, owner: str = "", lease_s: float =
         return None
     session.refresh(job)
     return job
+
+
+def claim_job_by_id(session: Session, job_id: int, now: datetime, owner: str) -> Job | None:
+    """Take the queued job ``job_id`` for ``owner`` (the queue handed it to this node: its
+    procrastinate job's schedule kept the back-off, so ``not_before`` is not checked again); None
+    when it is not queued (another claim won, or it finished). No lease: procrastinate's worker
+    heartbeats stand for it. The caller commits."""
+    claimed = session.exec(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.state) == JobState.QUEUED)
+        .values(
+            state=JobState.PREPROCESSING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            updated_at=now,
+            error="",
+            owner=owner,
+            lease_until=None,
+        )
+    )
+    if claimed.rowcount != 1:
+        return None
+    return session.get(Job, job_id, populate_existing=True)
 
 
 def set_state(session: Session, job_id: int, state: str, now: datetime, owner: str | None = None) -> None:
@@ -411,6 +450,14 @@ def reclaim_expired(session: Session, now: datetime, max_attempts: int) -> int:
     if count:
         log.warning("%d jobs whose node stopped renewing their lease were requeued", count)
     return count
+
+
+def requeue_job(session: Session, job_id: int, now: datetime, max_attempts: int, why: str) -> str:
+    """Job ``job_id``, if it is running, back to the queue (or failed when it used every attempt);
+    returns its state afterwards. The caller commits."""
+    _requeue(session, [col(Job.id) == job_id], now, max_attempts, why)
+    state = session.exec(select(Job.state).where(col(Job.id) == job_id)).first()
+    return state or JobState.FAILED
 
 
 def renew_leases(session: Session, owner: str, now: datetime, lease_s: float) -> int:
