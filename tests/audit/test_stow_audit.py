@@ -18,7 +18,7 @@ import pytest
 
 from tests.audit.conftest import Rsyslog, assert_valid
 from tests.helpers import make_series
-from tests.web.test_stow import ADMIN, RELATED, TOKENS, _serve, body
+from tests.web.test_dicomweb import ADMIN, RELATED, TOKENS, _serve, body
 
 pytestmark = pytest.mark.timeout(120)
 

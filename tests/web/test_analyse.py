@@ -35,13 +35,12 @@ from node.settings import load_settings
 from node.store.tables import Job, JobState, Study, utcnow
 from node.synth import generate_study
 from node.web.analyse import STAGES, AnalysisStore
-from node.web.photo import KINDS, PhotoRefused, decode_photo, wrap_photo
+from node.web.photo import KINDS
 from tests.helpers import REPO, add_job, free_port, sample_file, wait_port, write_config
 from tests.inference.conftest import example_manifest_dict, make_cam_model
-from tests.web.conftest import READ_TOKEN, TOKENS, chromium, cxr_models
+from tests.web.conftest import READ_TOKEN, TOKENS, UID_ROOT, chromium, cxr_models, picture
 
 MAX_UPLOAD_MB = 4
-UID_ROOT = "1.2.826.0.1.3680043.8.498.77."
 
 
 def photo_model(models: Path) -> None:
@@ -177,28 +176,6 @@ def events(client: TestClient, url: str, **headers: str) -> list[tuple[str, str,
     return out
 
 
-def picture(
-    colour: tuple[int, int, int] = (200, 40, 30),
-    size: tuple[int, int] = (96, 64),
-    fmt: str = "JPEG",
-    exif_rotate: bool = False,
-) -> bytes:
-    """A JPEG/PNG picture: one colour with a brighter disc (the heatmap's target)."""
-    w, h = size
-    rgb = np.zeros((h, w, 3), np.uint8)
-    rgb[:] = colour
-    cv2.circle(rgb, (w // 3, h // 2), min(w, h) // 5, (255, 60, 40), -1)
-    image = Image.fromarray(rgb)
-    out = BytesIO()
-    if exif_rotate:
-        exif = Image.Exif()
-        exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
-        image.save(out, fmt, exif=exif)
-    else:
-        image.save(out, fmt)
-    return out.getvalue()
-
-
 def analysed(page: Page, answer) -> tuple[str, list[tuple[str, str, dict]]]:
     """Follow an accepted upload: its result URL and its progress events."""
     assert answer.status_code == 303, answer.text
@@ -270,41 +247,6 @@ def test_dermoscopy_png_and_smear_are_routed_by_their_kind(page):
         routed = next(d["message"] for _, s, d in steps if s == "routed")
         assert f"rule '{rule}' -> photo-demo" in routed, routed
         assert steps[-1][1] == "done"
-
-
-def test_wrapped_photographs_are_valid_dicom(tmp_path):
-    data = picture()
-    for key, kind in KINDS.items():
-        pixels, fmt = decode_photo(data, 10**8, kind.colour)
-        path = tmp_path / f"{key}.dcm"
-        path.write_bytes(wrap_photo(pixels, kind, UID_ROOT, fmt, len(data)))
-        ds = pydicom.dcmread(path)
-        assert ds.SOPClassUID == kind.sop_class_uid and ds.Modality == kind.modality
-        assert str(ds.SOPInstanceUID).startswith(UID_ROOT) and str(ds.StudyInstanceUID).startswith(UID_ROOT)
-        assert ds.PatientName == "" and ds.LossyImageCompression == "01"
-        assert ds.pixel_array.shape[:2] == (64, 96)
-        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
-        assert not errors, (key, errors)
-    derm = pydicom.dcmread(tmp_path / "dermoscopy.dcm")
-    assert derm.SeriesDescription == "Dermoscopy"
-    assert derm.AnatomicRegionSequence[0].CodeValue == "39937001"
-    assert pydicom.dcmread(tmp_path / "microscopy.dcm").SeriesDescription == "blood smear"
-    assert pydicom.dcmread(tmp_path / "fundus.dcm").ImageLaterality == "R"
-
-
-def test_picture_over_the_pixel_budget_is_refused_before_decoding():
-    with pytest.raises(PhotoRefused) as refused:
-        decode_photo(picture(size=(96, 64)), max_pixels=96 * 64 - 1)
-    assert refused.value.status == 413 and "96x64 pixels; the limit is 6143 pixels" in refused.value.message
-    assert decode_photo(picture(size=(96, 64)), max_pixels=96 * 64)[0].shape == (64, 96, 3)
-
-
-def test_exif_orientation_is_applied():
-    pixels, fmt = decode_photo(picture(size=(96, 64), exif_rotate=True), 10**8)
-    assert fmt == "JPEG" and pixels.shape == (96, 64, 3)  # shown rotated: portrait
-    grey, _ = decode_photo(picture(fmt="PNG"), 10**8, colour=False)
-    assert grey.shape == (64, 96)
 
 
 def _refused(answer, status: int, text: str) -> None:

@@ -1,8 +1,14 @@
-"""Issue 18: a job result records the threshold in force per finding and whether the model ran in
-shadow; the jobs API and the study page mark a shadow model's job (and the status line names it),
-feedback on a shadow job's findings is accepted and counts in the shadow model's figures only, and
-the feedback takes the recorded threshold before the loaded manifest's. Results written before
-either was recorded still load (threshold unknown, shadow read from the monitoring run)."""
+"""GET /api/v1/jobs and /jobs/{id}, POST /jobs/{id}/retry and /retry.
+
+Retry: failed jobs and sends appear on the overview with a retry button for admins; the button
+(and the API) puts them back in the queue for the runner.
+
+Shadow jobs (issue 18): a job result records the threshold in force per finding and whether the
+model ran in shadow; the jobs API and the study page mark a shadow model's job (and the status
+line names it), feedback on a shadow job's findings is accepted and counts in the shadow model's
+figures only, and the feedback takes the recorded threshold before the loaded manifest's. Results
+written before either was recorded still load (threshold unknown, shadow read from the monitoring
+run)."""
 
 from __future__ import annotations
 
@@ -14,11 +20,11 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from node.store.tables import Feedback, Job, ModelRun, utcnow
+from node.store.tables import Feedback, Job, JobState, ModelRun, OutboxItem, OutboxState, Study, utcnow
 from node.types import JobResult
 from tests.helpers import REPO, add_job, raw_store_file, wait_for
 from tests.monitoring.common import model_copy, phantoms
-from tests.web.conftest import READ_TOKEN, TOKENS
+from tests.web.conftest import ADMIN_TOKEN, READ_TOKEN, TOKENS
 
 SHADOW_THRESHOLDS = {"tuberculosis": 0.0, "pneumonia": 0.0}  # the candidate calls everything
 
@@ -148,3 +154,67 @@ def test_the_recorded_threshold_comes_before_the_manifest_and_old_results_load(m
     assert jobs[rows["other-version"]]["shadow"] is True and jobs[rows["recorded"]]["shadow"] is False
     findings = {f["label"]: f["threshold"] for f in jobs[rows["recorded"]]["findings"]}
     assert findings == {"pneumonia": 0.35, "tuberculosis": None}
+
+
+def _failed_rows(node) -> int:
+    now = utcnow()
+    with Session(node.engine) as s:
+        s.add(Study(study_uid="1.2.3", modalities=["DX"], first_received_at=now, last_received_at=now))
+        s.flush()
+        analysis = Job(
+            key="nomodel|image|1.2.3.1", model_id="nomodel", level="image", study_uid="1.2.3",
+            series_uids=["1.2.3.1"], state=JobState.FAILED, error="DecodeError: broken pixels",
+            created_at=now, updated_at=now, not_before=now, finished_at=now, attempts=3,
+        )  # fmt: skip
+        delivery = Job(
+            key="nomodel|image|1.2.3.2", model_id="nomodel", level="image", study_uid="1.2.3",
+            series_uids=["1.2.3.2"], state=JobState.FAILED, error="1 outputs not delivered", result="{}",
+            created_at=now, updated_at=now, not_before=now, finished_at=now, attempts=1,
+        )  # fmt: skip
+        s.add(analysis)
+        s.add(delivery)
+        s.flush()
+        s.add(
+            OutboxItem(
+                job_id=delivery.id,
+                destination="pacs",
+                kind="sr",
+                sop_class_uid="1.2",
+                sop_instance_uid="9.9",
+                path="outbox/x.dcm",
+                state=OutboxState.FAILED,
+                attempts=8,
+                last_error="association rejected",
+                next_attempt_at=now,
+                created_at=now,
+            )  # fmt: skip
+        )
+        s.commit()
+        return analysis.id
+
+
+def test_retry_button(make_node):
+    node = make_node(web={"tokens": TOKENS}, runner={"workers": 1})
+    node.runner.stop()  # keep the rows as the test leaves them
+    job_id = _failed_rows(node)
+    client = TestClient(node.web_app(), follow_redirects=False)
+
+    read_page = client.get("/", headers={"Authorization": f"Bearer {READ_TOKEN}"}).text
+    assert "Recent errors" in read_page and "DecodeError: broken pixels" in read_page
+    assert "association rejected" in read_page
+    assert "<button>retry</button>" not in read_page  # read-only: no button
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    admin_page = client.get("/", headers=admin).text
+    assert admin_page.count("<button>retry</button>") == 3  # two failed jobs, one parked output
+    study_page = client.get("/studies/1.2.3", headers=admin).text
+    assert "DecodeError: broken pixels" in study_page and "<button>retry</button>" in study_page
+
+    answer = client.post("/retry", data={"job_id": str(job_id), "back": "/studies/1.2.3"}, headers=admin)
+    assert answer.status_code == 303 and answer.headers["location"] == "/studies/1.2.3"
+    with Session(node.engine) as s:
+        assert s.get(Job, job_id).state == JobState.QUEUED
+    assert client.post("/api/v1/retry", headers=admin).json() == {"jobs": 0, "outputs": 1}
+    with Session(node.engine) as s:
+        (item,) = s.exec(select(OutboxItem)).all()
+        assert item.state == OutboxState.PENDING and item.attempts == 0

@@ -1,6 +1,7 @@
-"""A real browser renders the pages: headless Chromium opens the overview, the worklist and a
-study page of a node that processed phantom studies, the text that matters is checked in the
-rendered DOM, and screenshots are saved (with PACS_NODE_SCREENSHOTS=docs, into docs/ for the README).
+"""The HTML pages (node/web/pages.py): the list columns read as text, and a real browser renders
+them: headless Chromium opens the overview, the worklist and a study page of a node that processed
+phantom studies, the text that matters is checked in the rendered DOM, and screenshots are saved
+(with PACS_NODE_SCREENSHOTS=docs, into docs/ for the README).
 
 Chromium on the command line cannot send a bearer header, so the pages are served here by the
 node's open loopback mode (no tokens configured); authentication is tested in test_auth.py.
@@ -98,3 +99,13 @@ def test_pages_in_chromium(processed, base_url, tmp_path):
         folder.mkdir(exist_ok=True)
         shutil.copy(shots / "overview.png", folder / "status.png")
         shutil.copy(shots / "study.png", folder / "study.png")
+
+
+def test_pages_show_the_list_columns_as_lists(processed):
+    """Modalities and routed models (JSON lists in the store) read as text on the pages."""
+    c = processed.client
+    assert c.get(f"/api/v1/studies/{processed.urgent}").json()["modalities"] == ["DX"]
+    page = c.get(f"/studies/{processed.urgent}").text
+    assert " · DX · " in page and "</b> → cxr (image)" in page
+    for html in (page, c.get("/studies").text, c.get("/").text):
+        assert "[&#39;" not in html and '["' not in html and "DX" in html

@@ -1,16 +1,18 @@
-"""The "failed" display priority: a study whose analysis failed says so (not "pending" for
+"""The worklist's order (repo.worklist_order: urgent by score, everything else in arrival order)
+and the "failed" display priority: a study whose analysis failed says so (not "pending" for
 ever), unless a later revision of that job succeeded or is still running, or only the delivery
 failed, or the study is urgent anyway."""
 
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session
 
 from node.store import repo
 from node.store.db import make_engine
+from node.store.repo import worklist_order
 from node.store.tables import Job, JobState, Priority, Series, SeriesState, Study, utcnow
 
 
@@ -92,3 +94,25 @@ def test_display_priority_of_failed_analysis(tmp_path):
         order = [study.study_uid for study, _ in repo.worklist(s)]
         assert order[0] == "1.5"  # urgent first; failed keeps its arrival place
     engine.dispose()
+
+
+def test_worklist_order_rules():
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    at = [t0 + timedelta(minutes=i) for i in range(7)]
+    items = [
+        ("routine", 0.40, at[0]),
+        ("not analysed", None, at[1]),
+        ("urgent", 0.70, at[2]),
+        ("routine", 0.10, at[3]),
+        ("urgent", 0.95, at[4]),
+        ("pending", None, at[5]),
+        ("urgent", 0.70, at[6]),
+    ]
+    order = worklist_order(items)
+    # urgent by score then arrival; everything else in arrival order, whatever its score
+    assert order == [4, 2, 6, 0, 1, 3, 5]
+    # no study is pushed below its arrival position by anything but an urgent study
+    for position, i in enumerate(order):
+        above = order[:position]
+        assert all(items[j][0] == "urgent" or items[j][2] < items[i][2] for j in above)
+    assert worklist_order([]) == []
