@@ -1,20 +1,30 @@
 """Helpers for the scale-out tests: node processes of one cluster (one PostgreSQL database, one
-shared data folder), a DCMTK storescp destination, a loopback webhook receiver that counts."""
+shared data folder or one object store), a DCMTK storescp destination, a loopback webhook
+receiver that counts, HAProxy in front of receivers and modalities that resend a failed
+association."""
 
 from __future__ import annotations
 
 import collections
+import csv
+import io
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pydicom
+import pytest
+import yaml
 
-from tests.helpers import REPO, free_port, need, wait_port, write_config
+from tests.helpers import REPO, free_port, need, wait_for, wait_port, write_config
 
 #: Set to a folder holding a (mutated) copy of the ``node`` package to run the node processes on
 #: it instead of the checkout's (the mutation checks in docs/scale.md).
@@ -62,6 +72,52 @@ def node_config(
         cluster={"node_id": name, "lease_s": lease_s},
         webhook={"url": webhook_url, "backoff_s": 0.2} if webhook_url else {},
     )
+
+
+def with_object_store(config: Path, seaweed: object, **more: object) -> Path:
+    """``config`` with ``storage.object_store`` on ``seaweed`` (a tests.seaweed.SeaweedFS), keys
+    under ``site-a/``; ``more`` overrides its settings."""
+    data = yaml.safe_load(config.read_text())
+    data["storage"]["object_store"] = seaweed.settings(**{"prefix": "site-a/", "max_parallel": 4, **more})  # type: ignore[attr-defined]
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def receiver_config(config: Path) -> tuple[Path, int]:
+    """The cluster node's configuration as a receiver with its status page on (HAProxy checks its
+    /readyz; its /metrics counts the associations it accepted); returns it and the web port."""
+    data = yaml.safe_load(config.read_text())
+    data["web"] = {"enabled": True, "host": "127.0.0.1", "port": free_port()}
+    config.write_text(yaml.safe_dump(data))
+    return config, data["web"]["port"]
+
+
+def ready(web_port: int) -> int:
+    """The status of a node's /readyz (-1 while its web server does not answer)."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{web_port}/readyz", timeout=5).status_code
+    except httpx.TransportError:
+        return -1
+
+
+def connected_to(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds an established TCP connection to loopback ``port`` (a sender
+    mid-association with the destination), from /proc (Linux)."""
+    try:
+        inodes = {
+            os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+        }
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:  # the process or one of its descriptors is gone
+        return False
+    for line in lines:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) == port and inode in inodes:
+            return True
+    return False
 
 
 class NodeProcess:
@@ -123,12 +179,15 @@ def dcmsend(port: int, files: list[Path]) -> None:
 class Destination:
     """DCMTK storescp with ``+uf``: one file per C-STORE received, so copies are counted."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, options: tuple[str, ...] = ()) -> None:
+        """``options``: more storescp options (``--fork``: associations at once; ``--sleep-after
+        1``: a second after each C-STORE, a slow peer)."""
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.port = port or free_port()
         cmd = [
             need("storescp"),
+            *options,
             "+uf",
             "--aetitle",
             "DEST",
@@ -179,3 +238,103 @@ class WebhookReceiver:
         """Stop serving."""
         self.server.shutdown()
         self.server.server_close()
+
+
+HAPROXY_CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def haproxy_binary() -> str:
+    """Debian's haproxy; skip (outside CI) or fail (in CI) when it is not installed."""
+    path = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy is not installed; scripts/system-deps.sh installs it")
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    return path
+
+
+class HAProxy:
+    """HAProxy on deploy/haproxy/haproxy.cfg with loopback values for its environment variables."""
+
+    def __init__(self, folder: Path, receivers: list[tuple[int, int]]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.socket = folder / "admin.sock"
+        env = dict(
+            os.environ,
+            PACS_DICOM_BIND=f"127.0.0.1:{self.port}",
+            PACS_HAPROXY_LOG="stdout",
+            PACS_HAPROXY_STATS_SOCKET=str(self.socket),
+            PACS_HAPROXY_CHECK_INTER="300ms",
+        )
+        for i, (dicom_port, web_port) in enumerate(receivers, start=1):
+            env[f"PACS_RECEIVER_{i}"] = f"127.0.0.1:{dicom_port}"
+            env[f"PACS_RECEIVER_{i}_WEB"] = str(web_port)
+        binary = haproxy_binary()
+        check = subprocess.run(
+            [binary, "-c", "-f", str(HAPROXY_CONFIG)], env=env, capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.log = folder / "haproxy.log"
+        self.proc = subprocess.Popen(
+            [binary, "-db", "-f", str(HAPROXY_CONFIG)],
+            env=env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        # up once its stats socket answers (a connection to the DICOM port would count as a session)
+        wait_for(self._answers, 20, f"haproxy did not start: {self.log}")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.servers())
+        except OSError:
+            return False
+
+    def servers(self) -> dict[str, dict[str, str]]:
+        """``show stat`` of the receivers backend: per server its status (UP, DOWN, ...), open
+        sessions (scur) and sessions so far (stot)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.socket))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        rows = csv.DictReader(io.StringIO(data.decode().removeprefix("# ")))
+        return {r["svname"]: r for r in rows if r["pxname"] == "receivers" and r["svname"] != "BACKEND"}
+
+    def status(self, server: str) -> str:
+        """UP, DOWN, ... of one receiver."""
+        return self.servers()[server]["status"]
+
+    def stop(self) -> None:
+        """Stop HAProxy."""
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Modality:
+    """A modality's queue: sends its batches one association each, and resends a batch whose
+    association failed (the receiver died under it) after a second, up to ten times."""
+
+    def __init__(self, port: int, batches: list[list[Path]]) -> None:
+        self.port = port
+        self.batches = batches
+        self.failures = 0
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        for files in self.batches:
+            for attempt in range(10):
+                try:
+                    dcmsend(self.port, files)
+                    break
+                except AssertionError as exc:  # dcmsend's exit status
+                    self.failures += 1
+                    if attempt == 9:
+                        self.errors.append(exc)
+                    time.sleep(1.0)
+                except BaseException as exc:  # noqa: BLE001 (reported from the test's thread)
+                    self.errors.append(exc)
+                    return

@@ -16,140 +16,36 @@ handing associations to the not-ready receiver and the second test fails."""
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from tests.helpers import REPO, free_port, query_db, wait_for
-from tests.scale.cluster import Destination, NodeProcess, dcmsend, node_config
+from tests.helpers import query_db, wait_for
+from tests.scale.cluster import (
+    Destination,
+    HAProxy,
+    Modality,
+    NodeProcess,
+    dcmsend,
+    haproxy_binary,
+    node_config,
+    ready,
+    receiver_config,
+)
 from tests.scale.test_cluster import _drained, _studies
 from tests.scale.test_reuse_port import _accepted
 
 pytestmark = pytest.mark.slow
 
-CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 SENDERS = 4  # concurrent modalities
 ROUNDS = 3  # associations per modality
 PER_ASSOCIATION = 2  # studies per association
 # no node is killed mid-job here; a short lease on this loaded machine expired while a busy worker
 # ran its first jobs (heartbeat late) and the job ran twice, which is not what this test is about
 LEASE_S = 20.0
-
-
-def _haproxy_binary() -> str:
-    path = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy is not installed; scripts/system-deps.sh installs it")
-        pytest.skip("haproxy is not installed (apt-get install haproxy)")
-    return path
-
-
-class HAProxy:
-    """HAProxy on deploy/haproxy/haproxy.cfg with loopback values for its environment variables."""
-
-    def __init__(self, folder: Path, receivers: list[tuple[int, int]]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.socket = folder / "admin.sock"
-        env = dict(
-            os.environ,
-            PACS_DICOM_BIND=f"127.0.0.1:{self.port}",
-            PACS_HAPROXY_LOG="stdout",
-            PACS_HAPROXY_STATS_SOCKET=str(self.socket),
-            PACS_HAPROXY_CHECK_INTER="300ms",
-        )
-        for i, (dicom_port, web_port) in enumerate(receivers, start=1):
-            env[f"PACS_RECEIVER_{i}"] = f"127.0.0.1:{dicom_port}"
-            env[f"PACS_RECEIVER_{i}_WEB"] = str(web_port)
-        binary = _haproxy_binary()
-        check = subprocess.run([binary, "-c", "-f", str(CONFIG)], env=env, capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
-        self.log = folder / "haproxy.log"
-        self.proc = subprocess.Popen(
-            [binary, "-db", "-f", str(CONFIG)], env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
-        )
-        # up once its stats socket answers (a connection to the DICOM port would count as a session)
-        wait_for(self._answers, 20, f"haproxy did not start: {self.log}")
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.servers())
-        except OSError:
-            return False
-
-    def servers(self) -> dict[str, dict[str, str]]:
-        """``show stat`` of the receivers backend: per server its status (UP, DOWN, ...), open
-        sessions (scur) and sessions so far (stot)."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(self.socket))
-            s.sendall(b"show stat\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        rows = csv.DictReader(io.StringIO(data.decode().removeprefix("# ")))
-        return {r["svname"]: r for r in rows if r["pxname"] == "receivers" and r["svname"] != "BACKEND"}
-
-    def status(self, server: str) -> str:
-        return self.servers()[server]["status"]
-
-    def stop(self) -> None:
-        """Stop HAProxy."""
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def _receiver(config: Path) -> tuple[Path, int]:
-    """The cluster node's configuration as a receiver with its status page on (HAProxy checks its
-    /readyz; its /metrics counts the associations it accepted)."""
-    data = yaml.safe_load(config.read_text())
-    data["web"] = {"enabled": True, "host": "127.0.0.1", "port": free_port()}
-    config.write_text(yaml.safe_dump(data))
-    return config, data["web"]["port"]
-
-
-def _ready(web_port: int) -> int:
-    try:
-        return httpx.get(f"http://127.0.0.1:{web_port}/readyz", timeout=5).status_code
-    except httpx.TransportError:
-        return -1
-
-
-class Modality:
-    """A modality's queue: sends its batches one association each, and resends a batch whose
-    association failed (the receiver died under it) after a second, up to ten times."""
-
-    def __init__(self, port: int, batches: list[list[Path]]) -> None:
-        self.port = port
-        self.batches = batches
-        self.failures = 0
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        for files in self.batches:
-            for attempt in range(10):
-                try:
-                    dcmsend(self.port, files)
-                    break
-                except AssertionError as exc:  # dcmsend's exit status
-                    self.failures += 1
-                    if attempt == 9:
-                        self.errors.append(exc)
-                    time.sleep(1.0)
-                except BaseException as exc:  # noqa: BLE001 (reported from the test's thread)
-                    self.errors.append(exc)
-                    return
 
 
 def _counted_once(db: str, dest: Destination, studies: int) -> None:
@@ -170,7 +66,7 @@ def _cluster(tmp_path: Path, db: str, dest: Destination, *, full: str = "") -> t
     shared = tmp_path / "shared-data"
     receivers, web_ports = [], []
     for name in ("receiver-1", "receiver-2"):
-        config, web_port = _receiver(
+        config, web_port = receiver_config(
             node_config(tmp_path / name, name, db, shared, dest.port, "", lease_s=LEASE_S)
         )
         if name == full:
@@ -187,7 +83,7 @@ def _cluster(tmp_path: Path, db: str, dest: Destination, *, full: str = "") -> t
 
 
 def test_two_receivers_behind_haproxy_one_killed_mid_association(tmp_path, postgres):
-    _haproxy_binary()
+    haproxy_binary()
     db = postgres.new_database()
     dest = Destination(tmp_path / "received")
     receivers, web_ports, others = _cluster(tmp_path, db, dest)
@@ -196,7 +92,7 @@ def test_two_receivers_behind_haproxy_one_killed_mid_association(tmp_path, postg
         for node in receivers:
             node.wait_listening()
         for port in web_ports:
-            wait_for(lambda p=port: _ready(p) == 200, 60, "receiver not ready")  # noqa: B023
+            wait_for(lambda p=port: ready(p) == 200, 60, "receiver not ready")  # noqa: B023
         proxy = HAProxy(
             tmp_path / "haproxy", [(n.port, w) for n, w in zip(receivers, web_ports, strict=True)]
         )
@@ -249,7 +145,7 @@ def test_two_receivers_behind_haproxy_one_killed_mid_association(tmp_path, postg
 
 
 def test_a_receiver_that_is_not_ready_gets_no_association(tmp_path, postgres):
-    _haproxy_binary()
+    haproxy_binary()
     db = postgres.new_database()
     dest = Destination(tmp_path / "received")
     receivers, web_ports, others = _cluster(tmp_path, db, dest, full="receiver-2")
@@ -257,9 +153,9 @@ def test_a_receiver_that_is_not_ready_gets_no_association(tmp_path, postgres):
     try:
         for node in receivers:
             node.wait_listening()
-        wait_for(lambda: _ready(web_ports[0]) == 200, 60, "receiver-1 not ready")
+        wait_for(lambda: ready(web_ports[0]) == 200, 60, "receiver-1 not ready")
         wait_for(lambda: _accepted(web_ports[1]) == 0, 60, "receiver-2's status page not up")
-        assert _ready(web_ports[1]) == 503  # listening, but its spool is "full"
+        assert ready(web_ports[1]) == 503  # listening, but its spool is "full"
         proxy = HAProxy(
             tmp_path / "haproxy", [(n.port, w) for n, w in zip(receivers, web_ports, strict=True)]
         )

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from node.synth import generate_study
 from tests.helpers import query_db, wait_for
 from tests.scale.cluster import Destination, NodeProcess, dcmsend, node_config
+from tests.scale.cluster import with_object_store as _with_object_store
 from tests.seaweed import SeaweedFS
 
 pytestmark = pytest.mark.slow
@@ -32,13 +32,6 @@ def seaweed(tmp_path: Path) -> Iterator[SeaweedFS]:
     server = SeaweedFS(tmp_path / "seaweed")
     yield server
     server.stop()
-
-
-def _with_object_store(config: Path, seaweed: SeaweedFS, **more: object) -> Path:
-    data = yaml.safe_load(config.read_text())
-    data["storage"]["object_store"] = seaweed.settings(prefix="site-a/", max_parallel=4, **more)
-    config.write_text(yaml.safe_dump(data))
-    return config
 
 
 def _drained(db: str, jobs: int) -> bool:
