@@ -250,12 +250,13 @@ class ProcrastinateQueue:
 
 def queue_chooser(model_queues: Mapping[str, str], providers: Mapping[str, str]) -> Callable[[str], str]:
     """model id -> queue: ``cluster.model_queues`` when it names the model, else by the provider
-    the routing node runs it on (``providers``: model id -> active provider)."""
+    the routing node runs it on (``providers``: model id -> active ONNX Runtime provider; a GPU
+    provider: pacsnode-gpu; CPU, or none such as a Triton client: pacsnode-cpu)."""
 
     def queue_of(model_id: str) -> str:
         if model_id in model_queues:
             return model_queues[model_id]
-        provider = providers.get(model_id, "CPUExecutionProvider")
+        provider = providers.get(model_id) or "CPUExecutionProvider"  # Triton clients: no provider
         return CPU_QUEUE if provider == "CPUExecutionProvider" else GPU_QUEUE
 
     return queue_of

@@ -32,7 +32,15 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 
 from node.runner import jobs
-from node.runner.queue import CPU_QUEUE, TASK, TRIAGE_MODEL_PRIORITY, ProcrastinateQueue, ensure_schema
+from node.runner.queue import (
+    CPU_QUEUE,
+    GPU_QUEUE,
+    TASK,
+    TRIAGE_MODEL_PRIORITY,
+    ProcrastinateQueue,
+    ensure_schema,
+    queue_chooser,
+)
 from node.store.db import make_engine
 from node.store.tables import Job, JobState, Series, SeriesState, Study, StudyState, utcnow
 from node.synth import generate_study
@@ -333,3 +341,16 @@ def test_a_worker_killed_mid_job_loses_it_through_heartbeats_and_it_finishes_onc
         for node in nodes.values():
             node.stop()
         dest.stop()
+
+
+def test_the_queue_follows_the_models_provider_unless_configured():
+    queue_of = queue_chooser(
+        {"seg": "big-gpus"}, {"cxr": "CPUExecutionProvider", "ct": "CUDAExecutionProvider", "tr": ""}
+    )
+    assert [queue_of(m) for m in ("cxr", "ct", "tr", "seg", "unknown")] == [
+        CPU_QUEUE,
+        GPU_QUEUE,
+        CPU_QUEUE,
+        "big-gpus",
+        CPU_QUEUE,
+    ]
