@@ -354,3 +354,23 @@ def test_the_queue_follows_the_models_provider_unless_configured():
         "big-gpus",
         CPU_QUEUE,
     ]
+
+
+def test_urgent_work_is_fetched_first(pg_engine):
+    queue = ProcrastinateQueue(pg_engine, "n1", lambda _m: CPU_QUEUE, ["cxr"], stalled_s=2.0)
+    with Session(pg_engine) as s:
+        for study in ("1.2.7", "1.2.8", "1.2.9"):
+            _series(s, study, study + ".1")
+        s.get(Study, "1.2.9").priority = "urgent"  # flagged by an earlier job of the study
+        s.commit()
+        # routed in this order: a model without triage labels, a triage model, the urgent study
+        for model, study in (("measure", "1.2.7"), ("cxr", "1.2.8"), ("measure", "1.2.9")):
+            assert jobs._new_job(s, model, model, "image", study, [study + ".1"], utcnow(), queue.defer)
+        s.commit()
+    fetched = [_fetch_as_stalled_worker(pg_engine) for _ in range(3)]
+    with pg_engine.connect() as con:
+        order = [
+            con.execute(text("select lock, priority from procrastinate_jobs where id = :i"), {"i": i}).one()
+            for i in fetched
+        ]
+    assert [tuple(r) for r in order] == [("1.2.9", 20), ("1.2.8", 10), ("1.2.7", 0)]
