@@ -44,6 +44,71 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"PACS_NODE_TEST_DATABASE={wanted}: sqlite or postgresql")
 
 
+#: Folders (and files) whose tests open no database: converters, models, decoding and
+#: preprocessing, output building, phantoms, evaluation, the viewer adapters. Their results cannot
+#: depend on which database the suite runs against, so the PostgreSQL pass leaves them out. The
+#: SQLite pass holds them to it: there a node or engine made by one of them fails the test.
+DATABASE_FREE = (
+    "tests/byom/",
+    "tests/inference/",
+    "tests/models/",
+    "tests/synth/",
+    "tests/viewer/",
+    "tests/evaluate/",
+    "tests/outputs/",
+)
+#: ... except these files, which do open one.
+NOT_DATABASE_FREE = ("tests/evaluate/test_feedback_labels.py", "tests/outputs/test_kos.py")
+#: Fixtures with which a test chooses its database itself (PostgreSQL, or each kind in turn): it
+#: runs the same in both passes, so only the SQLite pass runs it.
+PINNED_DATABASE = {"postgres", "database_url"}
+
+
+def _relative(item: pytest.Item) -> str:
+    return Path(str(item.path)).resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
+
+
+def database_free(item: pytest.Item) -> bool:
+    """True for a test of a folder that opens no database (:data:`DATABASE_FREE`)."""
+    path = _relative(item)
+    return path.startswith(DATABASE_FREE) and not path.startswith(NOT_DATABASE_FREE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The PostgreSQL pass runs only the tests whose outcome can depend on the database: those
+    that open the suite's database (SQLite in the first pass, PostgreSQL here). Tests that open
+    none, or choose theirs (and so ran against PostgreSQL in the first pass), are deselected."""
+    if os.environ.get("PACS_NODE_TEST_DATABASE", "sqlite") != "postgresql":
+        return
+    keep, drop = [], []
+    for item in items:
+        pinned = PINNED_DATABASE.intersection(getattr(item, "fixturenames", ()))
+        (drop if pinned or database_free(item) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _no_database_in_database_free_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the folders of :data:`DATABASE_FREE`, making a node's configuration or a database
+    engine fails the test, so that the PostgreSQL pass may leave those folders out."""
+    if not database_free(request.node):
+        return
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise AssertionError(
+            f"{_relative(request.node)} opens a database: remove it from DATABASE_FREE in tests/conftest.py"
+        )
+
+    import node.store.db
+
+    monkeypatch.setattr(node.store.db, "create_engine", refuse)
+    monkeypatch.setattr(helpers, "DATABASE_FACTORY", refuse)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Stop the PostgreSQL server if one was started."""
     server = _PG.pop("server", None)
