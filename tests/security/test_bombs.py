@@ -20,7 +20,16 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
 from node.synth import generate_study
-from tests.helpers import StoreSCP, analysing_config, free_port, fresh_copy, need, node_db_url, query_db
+from tests.helpers import (
+    StoreSCP,
+    analysing_config,
+    free_port,
+    fresh_copy,
+    need,
+    node_db_url,
+    query_db,
+    wait_port,
+)
 from tests.security.bombs import DEFLATE_SYNTAX, deflate_bomb_body, j2k_bomb, jpeg_bomb, rle_lying
 from tests.security.limited import start_limited_node
 
@@ -102,6 +111,11 @@ def env(tmp_path_factory):  # noqa: ANN001, ANN201
     template = sorted((tmp / "cxr").glob("*.dcm"))[0]
     scp = StoreSCP(tmp / "received", dest_port)
     proc = start_limited_node(config, tmp / "node.log")
+    try:
+        wait_port(web_port, 60)  # start_limited_node waits for the DICOM port only
+    except TimeoutError:
+        proc.kill()
+        raise
     client = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", timeout=120)
     yield proc, config, template, scp, client, tmp
     client.close()

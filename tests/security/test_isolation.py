@@ -43,6 +43,7 @@ from tests.helpers import (
     node_db_url,
     query_db,
     raw_store_file,
+    wait_port,
 )
 from tests.security.limited import start_limited_node
 
@@ -113,6 +114,11 @@ def node(files):  # noqa: ANN001, ANN201
     )
     scp = StoreSCP(tmp / "received", dest_port)
     proc = start_limited_node(config, tmp / "node.log")
+    try:
+        wait_port(web_port, 60)  # start_limited_node waits for the DICOM port only
+    except TimeoutError:
+        proc.kill()
+        raise
     client = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", timeout=120)
     yield proc, config, scp, client
     client.close()

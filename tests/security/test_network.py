@@ -349,7 +349,9 @@ def test_readyz_names_full_association_slots(make_node) -> None:
 
 
 def test_idle_associations_cost_little_cpu(make_node, record_property) -> None:
-    """Reported, not asserted on time: CPU seconds per second of wall time of 16 idle associations."""
+    """CPU seconds per second of wall time of 16 idle associations, reported and bounded: with
+    pynetdicom's 1 ms polling they cost ~0.75 cores (0.77 measured with IDLE_WAIT_S at 0.001),
+    waiting on their sockets ~0.03. CPU time of this process, so a busy machine does not raise it."""
     node = make_node(dicom={"max_associations": 16, "max_associations_per_address": 16})
     held = [raw_associate(node.scp.port, calling=f"IDLE{i}") for i in range(16)]
     assert all(kind == ASSOC_AC for _, kind, _ in held)
@@ -362,3 +364,4 @@ def test_idle_associations_cost_little_cpu(make_node, record_property) -> None:
     assert node.scp.gate.in_use() == 16
     for sock, _, _ in held:
         sock.close()
+    assert cores < 0.25, f"16 idle associations cost {cores:.2f} CPU cores (polling?)"

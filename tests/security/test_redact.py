@@ -41,3 +41,15 @@ def test_control_characters_and_length_are_bounded() -> None:
     text = redact(forged)
     assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\\x1b" in text
     assert len(redact("1." * 40000)) == 1000
+
+
+def test_a_job_error_loses_the_birth_date() -> None:
+    """The text recorded on a failed job (shown by the API, the pages and the log) is redacted
+    too: a job that failed on pydicom's conversion of an invalid PatientBirthDate does not carry
+    the date."""
+    from node.runner import describe_error
+
+    exc = _raised(lambda: pydicom.valuerep.DA("1911-09-27"))
+    text = describe_error(exc)
+    assert "1911" not in text, text
+    assert "<value>" in text and "'DA'" in text, text
