@@ -17,8 +17,10 @@ and the test counts the SOP Instance UIDs of the files.
    running: ``runner.workers: 2``); it is **not restarted**: the other worker's heartbeat requeues
    them once their lease (20 s) has expired and runs them again.
 3. The destination is down until every job is analysed, so the outbox holds a backlog; then it
-   comes up and the sender delivering it is killed mid-association (an established connection of
-   that process to storescp, some files already received); it is **not restarted**. The other
+   comes up as a slow peer that takes several associations at once (``--fork --sleep-after 1``:
+   a second per C-STORE, so the other sender passes several times during one association) and
+   the sender delivering the backlog is killed mid-association (an established connection of
+   that process to storescp, 4 files received); it is **not restarted**. The other
    sender is paused (SIGSTOP) across the kill so that what the killed association delivered can be
    read off the destination, then resumed: it takes over the rows the dead sender's transaction
    held.
