@@ -22,6 +22,7 @@ from node.inference.runtime import RuntimeConfig, create_session
 from node.outputs.identity import node_device_uid
 from node.pipeline.route import RuleSet, check_models, load_rules
 from node.prometheus import NodeMetrics
+from node.redact import redact_library_logs
 from node.runner import Models, Runner
 from node.runner.one_file import Outcome, Progress, analyse_upload
 from node.runner.shared_files import Prefetcher, SharedFiles
@@ -237,6 +238,7 @@ def build_node(settings: Settings, role: str = "all") -> Node:
     """Wire a node from settings for ``role`` (all, receiver, worker, sender); nothing listens
     until ``start()``."""
     check_role(settings, role)
+    redact_library_logs()  # pydicom quotes invalid values (a birth date) in its warnings
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     rules = load_rules(settings.routing.rules_file)
     if role == "sender":  # sends what workers wrote: no model session needed

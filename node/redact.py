@@ -7,6 +7,7 @@ and bounds the length.
 
 from __future__ import annotations
 
+import logging
 import re
 
 _Q = r"(?P<q>['\"])(?P<v>.*?)(?P=q)"
@@ -38,3 +39,30 @@ def redact(text: str, keyword: str | None = None, max_chars: int = MAX_CHARS) ->
 def error_text(exc: BaseException, keyword: str | None = None, max_chars: int = MAX_CHARS) -> str:
     """``TypeName: message`` of an exception, redacted (see :func:`redact`)."""
     return redact(f"{type(exc).__name__}: {exc}", keyword, max_chars)
+
+
+#: Loggers of libraries that quote data values in their messages (pydicom's "Invalid value for VR
+#: DA: '1911-09-27'", also raised as a warning, which ``logging.captureWarnings`` logs to
+#: py.warnings).
+LIBRARY_LOGGERS = ("pydicom", "highdicom", "py.warnings")
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts (see :func:`redact`) each record's message in place, before any handler sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always keeps the record; replaces its message when redaction changes it."""
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def redact_library_logs() -> None:
+    """Put a :class:`RedactingFilter` on the loggers of :data:`LIBRARY_LOGGERS` (once each), so no
+    handler (console, file, syslog) gets a value such a library quoted from a data set."""
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())

@@ -47,6 +47,7 @@ import numpy as np
 from node.budget import DEFAULT_BUDGET, MIB, Budget
 from node.errors import DecodeError, NodeError, PreprocessError
 from node.inference.prepared import DisplaySpec, Item, PreparedFrame, PrepareSpec
+from node.redact import redact_library_logs
 from node.types import ModelInput
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ def child_main(conn: Connection, memory_bytes: int) -> None:
     """A preparation process: limit its own address space to its warm size + ``memory_bytes``,
     then prepare what the parent sends until it sends None (or goes away)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the node, which stops us
+    redact_library_logs()  # what pydicom logs while decoding here quotes no data values either
     _limit_arenas()
     import cv2  # noqa: F401 - already in the forkserver; imported before measuring, in any case
 

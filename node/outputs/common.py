@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
@@ -79,6 +81,25 @@ _STANDARD_SCHEMES = {
 }
 
 
+def _valid_date_time(elem: DataElement) -> bool:
+    """False for a DA, TM or DT element whose value pydicom cannot read as one (highdicom would
+    refuse it, quoting the value); True for any other element."""
+    from pydicom.valuerep import DA, DT, TM
+
+    kind = {"DA": DA, "TM": TM, "DT": DT}.get(str(elem.VR))
+    raw = elem.value
+    if kind is None or raw in (None, ""):
+        return True
+    values = raw if isinstance(raw, (list, tuple, MultiValue)) else [raw]
+    try:
+        for value in values:
+            if value not in (None, ""):
+                kind(str(value))
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
 def header_copy(ds: Dataset) -> Dataset:
     """A copy of ``ds`` without its pixel data, with absent Type 2 patient/study attributes
     (see ``_TYPE2_PATIENT_STUDY``) added empty. The caller's data set is not changed."""
@@ -89,6 +110,9 @@ def header_copy(ds: Dataset) -> Dataset:
         out.add(copy.deepcopy(elem))
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in out:
+            setattr(out, keyword, None)
+        elif not _valid_date_time(out[keyword]):  # e.g. a birth date as 1911-09-27: unknown
+            log.info("%s is not a valid %s: the outputs carry it empty", keyword, out[keyword].VR)
             setattr(out, keyword, None)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not out.get(keyword):

@@ -85,3 +85,63 @@ def test_logs_carry_no_patient_identifiers(make_node, tmp_path: Path, caplog) ->
     assert len(caplog.records) > 50, "the capture saw too little to prove anything"
     for name, value in phi.items():
         assert value not in text, f"the log output contains the phantom's {name}"
+
+
+def test_an_invalid_birth_date_reaches_no_log_job_api_or_page(make_node, tmp_path: Path, caplog) -> None:
+    """Issue 21 item 6 as it was found: a chest radiograph whose PatientBirthDate is not a DICOM
+    date ('1911-09-27') used to fail its job with pydicom's "Unable to convert '1911-09-27' to
+    'DA'", written to the ERROR log, the job's error, the API and the pages, and the study got no
+    result. Now the job is done, its SR carries the birth date as unknown (empty), and the value
+    appears in no log record (pydicom's own warning included), job, API answer or page."""
+    from fastapi.testclient import TestClient
+
+    from tests.helpers import raw_store_file
+
+    bad = "1911-09-27"
+    port = free_port()
+    receiver = StoreSCP(tmp_path / "received", port)
+    caplog.set_level(logging.DEBUG)
+    try:
+        node = make_node(
+            models={"directory": str(REPO / "models" / "onnx")},
+            destinations=[{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": port}],
+            outputs={"send_to": "all"},
+            logging={"level": "DEBUG"},
+        )
+        generate_study("cxr", tmp_path / "cxr", seed=24, label="pneumonia", scale=0.5, write_masks=False)
+        for f in sorted((tmp_path / "cxr").glob("*.dcm")):
+            ds = pydicom.dcmread(f)
+            ds.PatientBirthDate = bad  # not YYYYMMDD: pydicom refuses it as a DA when the SR copies it
+            ds.save_as(f)
+            assert raw_store_file(node.scp.port, f) == 0
+        job = _wait_done(node)
+        client = TestClient(node.web_app())
+        seen = {
+            "job error": job.error,
+            "log": caplog.text + "\n".join(r.getMessage() for r in caplog.records),
+            "jobs API": client.get("/api/v1/jobs").text,
+            "studies API": client.get("/api/v1/studies").text,
+            "overview page": client.get("/").text,
+            "study page": client.get(f"/studies/{_study_uid(node)}").text,
+        }
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(d.Modality == "SR" for d in receiver.received()):
+            time.sleep(0.2)
+        reports = [d for d in receiver.received() if d.Modality == "SR"]
+    finally:
+        receiver.stop()
+    # the study gets its result: the invalid date is carried as unknown (Type 2, empty)
+    assert job.state == JobState.DONE, job.error
+    assert reports and all(str(r.PatientBirthDate) == "" for r in reports)
+    assert len(seen["jobs API"]) > 20 and len(seen["study page"]) > 200
+    for where, text in seen.items():
+        assert bad not in text and "1911" not in text, f"the invalid birth date is in the {where}"
+
+
+def _study_uid(node: Node) -> str:
+    from node.store.tables import Study
+
+    with Session(node.engine) as s:
+        study = s.exec(select(Study)).first()
+    assert study is not None
+    return study.study_uid
