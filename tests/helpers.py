@@ -11,11 +11,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
+if TYPE_CHECKING:
+    from node.app import Node
+    from node.store.tables import Job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -373,3 +378,21 @@ def add_job(session, *, key: str, state: str | None = None, **fields: object):  
     session.commit()
     session.refresh(job)
     return job
+
+
+def wait_first_job_finished(node: Node, timeout: float = 120.0) -> Job:
+    """The first job of an in-process ``node`` once it is done or failed (TimeoutError naming its
+    state otherwise)."""
+    from sqlmodel import Session, select
+
+    from node.store.tables import Job, JobState  # noqa: F811 - the run-time import of the hint's class
+
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        with Session(node.engine) as s:
+            job = s.exec(select(Job)).first()
+        if job is not None and job.state in (JobState.DONE, JobState.FAILED):
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(f"job not finished: {job and (job.state, job.error)}")

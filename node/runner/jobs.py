@@ -328,30 +328,16 @@ def claim_job(session: Session, now: datetime, owner: str = "", lease_s: float =
     ).first()
     if job is None:
         return None
-    claimed = session.exec(
-        update(Job)
-        .where(col(Job.id) == job.id, col(Job.state) == JobState.QUEUED)
-        .values(
-            state=JobState.PREPROCESSING,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            updated_at=now,
-            error="",
-            owner=owner,
-            lease_until=now + timedelta(seconds=lease_s),
-        )
-    )
-    if claimed.rowcount != 1:
+    assert job.id is not None
+    if not _take(session, job.id, now, owner, now + timedelta(seconds=lease_s)):
         return None
     session.refresh(job)
     return job
 
 
-def claim_job_by_id(session: Session, job_id: int, now: datetime, owner: str) -> Job | None:
-    """Take the queued job ``job_id`` for ``owner`` (the queue handed it to this node: its
-    procrastinate job's schedule kept the back-off, so ``not_before`` is not checked again); None
-    when it is not queued (another claim won, or it finished). No lease: procrastinate's worker
-    heartbeats stand for it. The caller commits."""
+def _take(session: Session, job_id: int, now: datetime, owner: str, lease_until: datetime | None) -> bool:
+    """Move the queued job ``job_id`` to its first running state for ``owner``, counting the
+    attempt; False when it is no longer queued (another claim won)."""
     claimed = session.exec(
         update(Job)
         .where(col(Job.id) == job_id, col(Job.state) == JobState.QUEUED)
@@ -362,10 +348,18 @@ def claim_job_by_id(session: Session, job_id: int, now: datetime, owner: str) ->
             updated_at=now,
             error="",
             owner=owner,
-            lease_until=None,
+            lease_until=lease_until,
         )
     )
-    if claimed.rowcount != 1:
+    return bool(claimed.rowcount == 1)
+
+
+def claim_job_by_id(session: Session, job_id: int, now: datetime, owner: str) -> Job | None:
+    """Take the queued job ``job_id`` for ``owner`` (the queue handed it to this node: its
+    procrastinate job's schedule kept the back-off, so ``not_before`` is not checked again); None
+    when it is not queued (another claim won, or it finished). No lease: procrastinate's worker
+    heartbeats stand for it. The caller commits."""
+    if not _take(session, job_id, now, owner, None):
         return None
     return session.get(Job, job_id, populate_existing=True)
 

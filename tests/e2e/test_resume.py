@@ -3,7 +3,6 @@ outputs keep their SOP Instance UIDs, so the destination never holds two copies 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,10 @@ from node.app import build_node
 from node.settings import load_settings
 from node.store.tables import Job, JobState, OutboxItem, OutboxState
 from node.synth import generate_study
-from tests.helpers import StoreSCP, free_port, raw_store_file, write_config
+from tests.helpers import StoreSCP, free_port, raw_store_file, wait_first_job_finished, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _wait_done(node, timeout: float = 180.0) -> Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with Session(node.engine) as s:
-            job = s.exec(select(Job)).first()
-        if job is not None and job.state in (JobState.DONE, JobState.FAILED):
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(f"job not finished: {job and (job.state, job.error)}")
 
 
 def test_interrupted_job_resumes_with_the_same_output_uids(tmp_path):
@@ -47,7 +35,7 @@ def test_interrupted_job_resumes_with_the_same_output_uids(tmp_path):
             generate_study("cxr", tmp_path / "cxr", seed=11, label="pneumonia", scale=0.5)
             for f in sorted((tmp_path / "cxr").glob("*.dcm")):
                 assert raw_store_file(node.scp.port, f) == 0
-            first = _wait_done(node)
+            first = wait_first_job_finished(node, 180.0)
         finally:
             node.stop()
         assert first.state == JobState.DONE, first.error
@@ -66,7 +54,7 @@ def test_interrupted_job_resumes_with_the_same_output_uids(tmp_path):
         restarted = build_node(load_settings(config))
         restarted.start()
         try:
-            again = _wait_done(restarted)
+            again = wait_first_job_finished(restarted, 180.0)
         finally:
             restarted.stop()
         assert again.id == first.id and again.state == JobState.DONE

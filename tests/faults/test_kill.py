@@ -87,19 +87,25 @@ def test_sigkill_during_sending_then_restart_delivers_once(tmp_path):
             scp.stop()
 
 
-def test_sigkill_during_inference_then_restart_resumes(tmp_path):
+def _node_sent_a_cxr(tmp_path: Path) -> tuple[Path, str, Path, StoreSCP, subprocess.Popen, int]:
+    """A node process with its destination up, sent a CXR study: (config, database URL, log,
+    destination, process, DICOM port)."""
+    import yaml
+
     need("storescp")
     dest_port = free_port()
     config = _config(tmp_path, dest_port)
-    db = node_db_url(config)
     log = tmp_path / "node.log"
     scp = StoreSCP(tmp_path / "received", dest_port)
     node = start_node_process(config, log)
-    try:
-        import yaml
+    port = yaml.safe_load(config.read_text())["dicom"]["port"]
+    _send_cxr(tmp_path, port)
+    return config, node_db_url(config), log, scp, node, port
 
-        port = yaml.safe_load(config.read_text())["dicom"]["port"]
-        _send_cxr(tmp_path, port)
+
+def test_sigkill_during_inference_then_restart_resumes(tmp_path):
+    config, db, log, scp, node, _ = _node_sent_a_cxr(tmp_path)
+    try:
         wait_for(
             lambda: query_db(db, "select 1 from job where state in ('preprocessing', 'inferring')"),
             90,
@@ -133,19 +139,9 @@ def test_a_job_that_takes_the_node_down_each_time_fails_after_max_attempts(tmp_p
     is killed while the job runs, as the kernel's OOM killer did) is resumed at each restart only
     while it has attempts left; at the restart after the last one it fails, naming why, and is
     never run again. A study sent afterwards is analysed: the node serves on."""
-    need("storescp")
-    dest_port = free_port()
-    config = _config(tmp_path, dest_port)
     attempts = 3  # runner.max_attempts, the default
-    db = node_db_url(config)
-    log = tmp_path / "node.log"
-    scp = StoreSCP(tmp_path / "received", dest_port)
-    node = start_node_process(config, log)
+    config, db, log, scp, node, port = _node_sent_a_cxr(tmp_path)
     try:
-        import yaml
-
-        port = yaml.safe_load(config.read_text())["dicom"]["port"]
-        _send_cxr(tmp_path, port)
         running = (
             "select 1 from job where state in ('preprocessing', 'inferring', 'writing') and attempts = {}"
         )

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlmodel import Session, select
 
-from node.app import Node
-from node.store.tables import Job, JobState
+from node.store.tables import JobState
 from node.synth import generate_study
-from tests.helpers import REPO, StoreSCP, free_port, raw_store_file
+from tests.helpers import REPO, StoreSCP, free_port, raw_store_file, wait_first_job_finished
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_done(node: Node, timeout: float = 120.0) -> Job:
-    deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
-        with Session(node.engine) as s:
-            job = s.exec(select(Job)).first()
-        if job is not None and job.state in (JobState.DONE, JobState.FAILED):
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(f"job not finished: {job and (job.state, job.error)}")
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -64,7 +49,7 @@ def test_metrics_move_after_a_study(make_node, tmp_path: Path) -> None:
         for f in files:
             assert raw_store_file(node.scp.port, f) == 0
         assert raw_store_file(node.scp.port, files[0]) == 0  # a duplicate
-        job = _wait_done(node)
+        job = wait_first_job_finished(node)
         assert job.state == JobState.DONE, job.error
         after = _samples(client.get("/metrics").text)
     finally:

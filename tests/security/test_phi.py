@@ -14,23 +14,11 @@ import pytest
 from sqlmodel import Session, select
 
 from node.app import Node
-from node.store.tables import Job, JobState
+from node.store.tables import JobState
 from node.synth import generate_study
-from tests.helpers import REPO, StoreSCP, free_port, need
+from tests.helpers import REPO, StoreSCP, free_port, need, wait_first_job_finished
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_done(node: Node, timeout: float = 120.0) -> Job:
-    deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
-        with Session(node.engine) as s:
-            job = s.exec(select(Job)).first()
-        if job is not None and job.state in (JobState.DONE, JobState.FAILED):
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(f"job not finished: {job and (job.state, job.error)}")
 
 
 def _identifiers(path: Path) -> dict[str, str]:
@@ -49,6 +37,16 @@ def _identifiers(path: Path) -> dict[str, str]:
     return values
 
 
+def _debug_node(make_node, dest_port: int) -> Node:
+    """A node with the bundled models, logging at DEBUG, sending every output to ``dest_port``."""
+    return make_node(
+        models={"directory": str(REPO / "models" / "onnx")},
+        destinations=[{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}],
+        outputs={"send_to": "all"},
+        logging={"level": "DEBUG"},
+    )
+
+
 def test_logs_carry_no_patient_identifiers(make_node, tmp_path: Path, caplog) -> None:
     port = free_port()
     receiver = StoreSCP(tmp_path / "received", port)
@@ -56,12 +54,7 @@ def test_logs_carry_no_patient_identifiers(make_node, tmp_path: Path, caplog) ->
     for name in ("node", "pynetdicom"):
         caplog.set_level(logging.DEBUG, logger=name)
     try:
-        node = make_node(
-            models={"directory": str(REPO / "models" / "onnx")},
-            destinations=[{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": port}],
-            outputs={"send_to": "all"},
-            logging={"level": "DEBUG"},
-        )
+        node = _debug_node(make_node, port)
         generate_study("cxr", tmp_path / "cxr", seed=23, label="pneumonia", scale=0.5)
         files = sorted((tmp_path / "cxr").glob("*.dcm"))
         phi = _identifiers(files[0])
@@ -74,7 +67,7 @@ def test_logs_carry_no_patient_identifiers(make_node, tmp_path: Path, caplog) ->
             timeout=60,
         )
         assert sent.returncode == 0, sent.stderr
-        job = _wait_done(node)
+        job = wait_first_job_finished(node)
         assert job.state == JobState.DONE, job.error
     finally:
         receiver.stop()
@@ -102,19 +95,14 @@ def test_an_invalid_birth_date_reaches_no_log_job_api_or_page(make_node, tmp_pat
     receiver = StoreSCP(tmp_path / "received", port)
     caplog.set_level(logging.DEBUG)
     try:
-        node = make_node(
-            models={"directory": str(REPO / "models" / "onnx")},
-            destinations=[{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": port}],
-            outputs={"send_to": "all"},
-            logging={"level": "DEBUG"},
-        )
+        node = _debug_node(make_node, port)
         generate_study("cxr", tmp_path / "cxr", seed=24, label="pneumonia", scale=0.5, write_masks=False)
         for f in sorted((tmp_path / "cxr").glob("*.dcm")):
             ds = pydicom.dcmread(f)
             ds.PatientBirthDate = bad  # not YYYYMMDD: pydicom refuses it as a DA when the SR copies it
             ds.save_as(f)
             assert raw_store_file(node.scp.port, f) == 0
-        job = _wait_done(node)
+        job = wait_first_job_finished(node)
         client = TestClient(node.web_app())
         seen = {
             "job error": job.error,
