@@ -649,3 +649,138 @@ def slice_order(headers: Sequence[ImageHeader]) -> list[int]:
     if all(h.instance_number is not None for h in headers):
         return sorted(range(n), key=lambda i: (headers[i].instance_number, headers[i].frame_number or 0, i))
     return list(range(n))
+
+
+#: transfer syntaxes whose frames are JPEG 2000 / HTJ2K codestreams (Pillow's JPEG 2000 plugin,
+#: OpenJPEG underneath, decodes them at a reduced resolution where that OpenJPEG can)
+_J2K_SYNTAXES = frozenset(
+    {
+        pydicom.uid.JPEG2000Lossless,
+        pydicom.uid.JPEG2000,
+        pydicom.uid.HTJ2KLossless,
+        pydicom.uid.HTJ2KLosslessRPCL,
+        pydicom.uid.HTJ2K,
+    }
+)
+
+
+def j2k_levels(codestream: bytes) -> int | None:
+    """The number of wavelet decomposition levels the COD marker of a JPEG 2000 / HTJ2K main
+    header gives (a JP2 file's codestream is found first); None when there is no readable COD.
+    A decoder can reduce the resolution by at most 2**levels."""
+    start = codestream.find(b"\xff\x4f\xff\x51")
+    if start < 0:
+        return None
+    pos = start + 2
+    while pos + 4 <= len(codestream):
+        if codestream[pos] != 0xFF:
+            return None
+        marker = codestream[pos + 1]
+        if marker in (0x90, 0x93):  # SOT / SOD: the main header ended without a COD
+            return None
+        length = int.from_bytes(codestream[pos + 2 : pos + 4], "big")
+        if marker == 0x52:  # COD: Lcod, Scod, SGcod (4 bytes), then SPcod's levels
+            return codestream[pos + 9] if pos + 10 <= len(codestream) else None
+        pos += 2 + length
+    return None
+
+
+def _j2k_signedness(codestream: bytes) -> tuple[int, bool] | None:
+    """(precision, signed) of the first component in the SIZ marker; None when unreadable."""
+    start = codestream.find(b"\xff\x4f\xff\x51")
+    ssiz_at = start + 2 + 2 + 2 + 2 + 32 + 2  # SIZ marker, Lsiz, Rsiz, 8 sizes, Csiz
+    if start < 0 or ssiz_at >= len(codestream):
+        return None
+    ssiz = codestream[ssiz_at]
+    return (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
+
+
+def _pillow_reduced(codestream: bytes, k: int, header: ImageHeader) -> np.ndarray | None:
+    """One frame decoded by Pillow at 1/2**k of its size, as stored values of the dtype pydicom
+    gives; None where Pillow cannot (no OpenJPEG, HTJ2K unsupported, an unexpected mode)."""
+    import io
+
+    from PIL import Image
+
+    found = _j2k_signedness(codestream)
+    if found is None:
+        return None
+    precision, signed = found
+    if precision != header.bits_stored or signed != bool(header.pixel_representation):
+        return None  # pydicom corrects such mismatches; keep its full decode for them
+    try:
+        with Image.open(io.BytesIO(codestream)) as im:
+            im.reduce = k  # type: ignore[method-assign,assignment]  # the plugin's resolution level
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except Exception as exc:  # Pillow and OpenJPEG raise many types
+        log.debug("reduced JPEG 2000 decode not possible here (%s); full decode", type(exc).__name__)
+        return None
+    if header.samples_per_pixel == 3:
+        return arr if mode == "RGB" and precision == 8 else None
+    if mode == "L" and precision == 8 and not signed:
+        return arr
+    if mode != "I;16" or not 8 < precision <= 16:
+        return None
+    # Pillow scales to 16 bits (and offsets signed values to unsigned): undo both
+    values = arr.astype(np.int32) >> (16 - precision)
+    if signed:
+        return (values - (1 << (precision - 1))).astype(np.int16)
+    return values.astype(np.uint16)
+
+
+def iter_frames_reduced(
+    source: Dataset | str | Path, reduce: int, budget: Budget = DEFAULT_BUDGET
+) -> Iterator[tuple[DecodedImage, int]]:
+    """As :func:`iter_frames`, each frame decoded at ``1 / 2**k`` of its size where that is
+    possible: ``k = min(reduce, the codestream's decomposition levels)``. Yields (frame, k); a
+    frame at k > 0 has ``ceil(rows / 2**k) x ceil(cols / 2**k)`` pixels (its header stays the
+    source's). k is 0 (pydicom's full decode) for a transfer syntax other than JPEG 2000 /
+    HTJ2K, a greyscale image over 16 bits or colour over 8, a palette, or where Pillow cannot
+    decode the frame. Every frame is checked against ``budget`` first, as ``iter_frames`` does."""
+    ds = read_dataset(source)
+    header, ts = _checked(ds, budget)
+    usable = (
+        reduce > 0
+        and ts in _J2K_SYNTAXES
+        and header.stored_photometric_interpretation != "PALETTE COLOR"
+        and header.samples_per_pixel in (1, 3)
+    )
+    if not usable:
+        for image in iter_frames(ds, budget):
+            yield image, 0
+        return
+    eot = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
+    extended = (eot[0], eot[1]) if eot[0] and eot[1] else None
+    for index in range(header.number_of_frames):
+        try:
+            codestream = get_frame(
+                ds.PixelData, index, extended_offsets=extended, number_of_frames=header.number_of_frames
+            )
+        except Exception as exc:  # pydicom's encapsulation parsers raise several types
+            raise DecodeError(
+                f"{_name(ds)}: encapsulated pixel data cannot be split into frames: {redact(str(exc))}"
+            ) from exc
+        levels = j2k_levels(codestream) or 0
+        arr, k = None, min(reduce, levels)
+        # Pillow 13 / OpenJPEG 2.5 refuse some levels whose size does not divide evenly
+        # (1250 rows at 1/8): the next lower level is tried then
+        while k > 0:
+            arr = _pillow_reduced(codestream, k, header)
+            expected = (-(-header.rows // 2**k), -(-header.cols // 2**k))
+            if arr is not None and arr.shape[:2] == expected:
+                break
+            arr, k = None, k - 1
+        if arr is None:
+            log.debug(
+                "%s frame %d: full decode (asked 1/%d, codestream has %d levels)",
+                _name(ds),
+                index + 1,
+                2**reduce,
+                levels,
+            )
+            yield decode_frame(ds, index, budget), 0
+            continue
+        pixels = np.ascontiguousarray(arr[np.newaxis, ...])
+        yield DecodedImage(header=header.for_frame(index), pixels=pixels), k

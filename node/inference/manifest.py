@@ -611,6 +611,10 @@ class Manifest(_Strict):
     model: ModelFile
     input: InputSpec
     preprocessing: list[Step] = Field(default_factory=list)
+    #: decode JPEG 2000 / HTJ2K frames at a reduced resolution when the preprocessing area-reduces
+    #: them by 2 or more before the model (node/inference/reduce.py ``decode_reduction``); the
+    #: model input then differs from the full decode's within a small tolerance (docs/byom.md)
+    decode_reduced: StrictBool = False
     outputs: Outputs
     kind: Literal["multi_label", "multi_class", "segmentation"]
     labels: list[Label] = Field(min_length=1)

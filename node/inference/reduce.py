@@ -26,14 +26,14 @@ condition does not hold.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
-from node.types import Geometry, ImageHeader
+from node.types import DecodedImage, Geometry, ImageHeader, ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +140,67 @@ def reduce_early(
         geometry=geometry,
         next_step=first,
     )
+
+
+def decode_reduction(steps: Sequence[Any], shape: tuple[int, int]) -> int:
+    """The k for which a ``shape`` image may be decoded at ``1 / 2**k`` of its size before
+    ``steps`` (JPEG 2000 / HTJ2K resolution levels): the largest ``2**k`` at most the factor by
+    which the first area resize/letterbox reduces it, when only pointwise steps come before
+    that resize (the model never sees the full resolution); 0 otherwise."""
+    first = next((i for i, s in enumerate(steps) if s.op not in POINTWISE), None)
+    if first is None or steps[first].op not in RESIZES or steps[first].interpolation != "area":
+        return 0
+    target = _target_shape(steps[first], shape)
+    factor = min(shape[0] / max(target[0], 1), shape[1] / max(target[1], 1))
+    k = 0
+    while 2 ** (k + 1) <= factor:
+        k += 1
+    return k
+
+
+def from_source(geometry: Geometry, source_shape: tuple[int, int], k: int) -> Geometry:
+    """``geometry`` (reduced image -> model) as source -> model, the reduced image having been
+    decoded at ``1 / 2**k`` (its pixel ``i`` spans source pixels ``[i * 2**k, (i + 1) * 2**k)``)."""
+    if k == 0:
+        return geometry
+    step = float(2**k)
+    return Geometry(
+        source_shape=source_shape,
+        model_shape=geometry.model_shape,
+        scale_y=geometry.scale_y / step,
+        scale_x=geometry.scale_x / step,
+        offset_y=geometry.offset_y,
+        offset_x=geometry.offset_x,
+    )
+
+
+def prepare_frames(
+    source: Any, manifest: Any, budget: Any = None, *, check_size: bool = True
+) -> Iterator[tuple[DecodedImage, ModelInput]]:
+    """Decode ``source`` frame by frame and prepare each for ``manifest``: (frame, model input).
+
+    With ``manifest.decode_reduced`` a JPEG 2000 / HTJ2K frame is decoded at the resolution
+    :func:`decode_reduction` allows (``decode.iter_frames_reduced``: full decode where it
+    cannot) and the model input's geometry maps back to the source's pixels; otherwise (the
+    default) this is ``iter_frames`` then ``preprocess.prepare``, as the node runs today. The
+    budget is checked before anything is decoded either way. A reduced frame's pixels are at
+    the reduced size."""
+    from node.budget import DEFAULT_BUDGET
+    from node.inference import decode as dec
+    from node.inference import preprocess as pp
+
+    budget = DEFAULT_BUDGET if budget is None else budget
+    ds = dec.read_dataset(source)
+    k = 0
+    if manifest.decode_reduced:
+        header = dec.check_budget(ds, budget)
+        k = decode_reduction(manifest.preprocessing, (header.rows, header.cols))
+    if k == 0:
+        for decoded in dec.iter_frames(ds, budget):
+            yield decoded, pp.prepare(decoded, manifest, check_size=check_size)
+        return
+    for decoded, got in dec.iter_frames_reduced(ds, k, budget):
+        model_input = pp.prepare(decoded, manifest, check_size=check_size)
+        source_shape = (decoded.header.rows, decoded.header.cols)
+        geometry = from_source(model_input.geometry, source_shape, got)
+        yield decoded, ModelInput(tensor=model_input.tensor, geometry=geometry, layout=model_input.layout)
