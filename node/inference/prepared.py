@@ -22,8 +22,9 @@ from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.inference import preprocess as pp
-from node.inference.decode import decode_frame, iter_frames, read_dataset
+from node.inference.decode import decode_frame, read_dataset
 from node.inference.manifest import Manifest
+from node.inference.reduce import prepare_frames
 from node.types import DecodedImage, ImageHeader, ModelInput
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,11 @@ class PrepareSpec:
         ds = read_dataset(item)
         keep = self.keep_display or not isinstance(item, (str, Path))
         frames = []
-        for index, decoded in enumerate(iter_frames(ds, budget)):
-            model_input = pp.prepare(decoded, self.manifest, check_size=self.check_size)
+        # manifest.decode_reduced may decode a JPEG 2000 frame at the size the model needs; a kept
+        # display is the full-resolution image, so then the frame is decoded whole, as always
+        manifest = self.manifest.model_copy(update={"decode_reduced": False}) if keep else self.manifest
+        pairs = prepare_frames(ds, manifest, budget, check_size=self.check_size)
+        for index, (decoded, model_input) in enumerate(pairs):
             display = display_image(decoded) if keep else None
             frames.append(PreparedFrame(position, index, ds, decoded.header, model_input, display))
         if "PixelData" in ds:

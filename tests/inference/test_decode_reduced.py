@@ -191,3 +191,23 @@ def test_the_option_is_a_strict_boolean(registry):
     assert Manifest.model_validate({**data, "decode_reduced": True}).decode_reduced is True
     with pytest.raises(ValueError, match="decode_reduced"):
         Manifest.model_validate({**data, "decode_reduced": "yes"})
+
+
+def test_the_node_s_preparation_uses_it_where_no_display_is_kept(registry, phantoms, tmp_path):
+    """PrepareSpec (what jobs and the preparation processes run) takes the reduced decode for a
+    file whose display it does not keep (series-level models decode their shown frames again),
+    and the full decode where it keeps the full-resolution display."""
+    from node.inference.prepared import PrepareSpec
+
+    manifest = _on(registry.models["cxr"].manifest)
+    path = tmp_path / "cxr.dcm"
+    phantoms["cxr"][0].save_as(path)
+    _, expected = _one(pydicom.dcmread(path), manifest)
+    (lean,) = PrepareSpec(manifest, check_size=False, keep_display=False).prepare(path, 0)
+    assert lean.display is None
+    assert np.array_equal(lean.model_input.tensor, expected.tensor)
+    (shown,) = PrepareSpec(manifest, check_size=False, keep_display=True).prepare(path, 0)
+    _, full = _one(pydicom.dcmread(path), registry.models["cxr"].manifest)
+    assert shown.display is not None and shown.display.shape == (shown.header.rows, shown.header.cols)
+    assert np.array_equal(shown.model_input.tensor, full.tensor)
+    assert not np.array_equal(lean.model_input.tensor, full.tensor)
