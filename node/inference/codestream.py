@@ -33,6 +33,7 @@ class FrameClaim:
     cols: int
     components: int
     bits: int
+    signed: bool = False  #: JPEG 2000: the first component's samples are signed (Ssiz bit 7)
 
 
 class CodestreamError(ValueError):
@@ -80,8 +81,31 @@ def _j2k(data: bytes) -> FrameClaim:
         raise CodestreamError("JPEG 2000 SIZ marker segment is truncated")
     xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", data, start + 8)
     (csiz,) = struct.unpack_from(">H", data, start + 40)
-    bits = (data[start + 42] & 0x7F) + 1 if start + 43 <= len(data) else 0
-    return FrameClaim("JPEG 2000 SIZ", max(ysiz - yo, 0), max(xsiz - xo, 0), csiz, bits)
+    ssiz = data[start + 42] if start + 43 <= len(data) else None
+    bits = (ssiz & 0x7F) + 1 if ssiz is not None else 0
+    signed = bool(ssiz & 0x80) if ssiz is not None else False
+    return FrameClaim("JPEG 2000 SIZ", max(ysiz - yo, 0), max(xsiz - xo, 0), csiz, bits, signed)
+
+
+def j2k_levels(codestream: bytes) -> int | None:
+    """The number of wavelet decomposition levels the COD marker of a JPEG 2000 / HTJ2K main
+    header gives (a JP2 file's codestream is found first); None when there is no readable COD.
+    A decoder can reduce the resolution by at most 2**levels."""
+    start = codestream.find(_SOC_SIZ)
+    if start < 0:
+        return None
+    pos = start + 2
+    while pos + 4 <= len(codestream):
+        if codestream[pos] != 0xFF:
+            return None
+        marker = codestream[pos + 1]
+        if marker in (0x90, 0x93):  # SOT / SOD: the main header ended without a COD
+            return None
+        length = int.from_bytes(codestream[pos + 2 : pos + 4], "big")
+        if marker == 0x52:  # COD: Lcod, Scod, SGcod (4 bytes), then SPcod's levels
+            return codestream[pos + 9] if pos + 10 <= len(codestream) else None
+        pos += 2 + length
+    return None
 
 
 def _rle(data: bytes) -> FrameClaim:

@@ -29,7 +29,7 @@ from pydicom.uid import UID
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import BudgetExceeded, DecodeError
-from node.inference.codestream import HEADER_WINDOW, CodestreamError, FrameClaim, frame_claim
+from node.inference.codestream import HEADER_WINDOW, CodestreamError, FrameClaim, frame_claim, j2k_levels
 from node.redact import redact
 from node.types import DecodedImage, FrameValues, ImageHeader, LookupTable, first_window
 
@@ -664,48 +664,20 @@ _J2K_SYNTAXES = frozenset(
 )
 
 
-def j2k_levels(codestream: bytes) -> int | None:
-    """The number of wavelet decomposition levels the COD marker of a JPEG 2000 / HTJ2K main
-    header gives (a JP2 file's codestream is found first); None when there is no readable COD.
-    A decoder can reduce the resolution by at most 2**levels."""
-    start = codestream.find(b"\xff\x4f\xff\x51")
-    if start < 0:
-        return None
-    pos = start + 2
-    while pos + 4 <= len(codestream):
-        if codestream[pos] != 0xFF:
-            return None
-        marker = codestream[pos + 1]
-        if marker in (0x90, 0x93):  # SOT / SOD: the main header ended without a COD
-            return None
-        length = int.from_bytes(codestream[pos + 2 : pos + 4], "big")
-        if marker == 0x52:  # COD: Lcod, Scod, SGcod (4 bytes), then SPcod's levels
-            return codestream[pos + 9] if pos + 10 <= len(codestream) else None
-        pos += 2 + length
-    return None
-
-
-def _j2k_signedness(codestream: bytes) -> tuple[int, bool] | None:
-    """(precision, signed) of the first component in the SIZ marker; None when unreadable."""
-    start = codestream.find(b"\xff\x4f\xff\x51")
-    ssiz_at = start + 2 + 2 + 2 + 2 + 32 + 2  # SIZ marker, Lsiz, Rsiz, 8 sizes, Csiz
-    if start < 0 or ssiz_at >= len(codestream):
-        return None
-    ssiz = codestream[ssiz_at]
-    return (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
-
-
-def _pillow_reduced(codestream: bytes, k: int, header: ImageHeader) -> np.ndarray | None:
+def _pillow_reduced(codestream: bytes, ts: UID, k: int, header: ImageHeader) -> np.ndarray | None:
     """One frame decoded by Pillow at 1/2**k of its size, as stored values of the dtype pydicom
     gives; None where Pillow cannot (no OpenJPEG, HTJ2K unsupported, an unexpected mode)."""
     import io
 
     from PIL import Image
 
-    found = _j2k_signedness(codestream)
-    if found is None:
+    try:
+        claim = frame_claim(ts, codestream)
+    except CodestreamError:
         return None
-    precision, signed = found
+    if claim is None:
+        return None
+    precision, signed = claim.bits, claim.signed
     if precision != header.bits_stored or signed != bool(header.pixel_representation):
         return None  # pydicom corrects such mismatches; keep its full decode for them
     try:
@@ -767,7 +739,7 @@ def iter_frames_reduced(
         # Pillow 13 / OpenJPEG 2.5 refuse some levels whose size does not divide evenly
         # (1250 rows at 1/8): the next lower level is tried then
         while k > 0:
-            arr = _pillow_reduced(codestream, k, header)
+            arr = _pillow_reduced(codestream, ts, k, header)
             expected = (-(-header.rows // 2**k), -(-header.cols // 2**k))
             if arr is not None and arr.shape[:2] == expected:
                 break

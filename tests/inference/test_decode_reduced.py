@@ -16,7 +16,8 @@ import pytest
 
 from node.budget import Budget
 from node.errors import BudgetExceeded
-from node.inference.decode import iter_frames, iter_frames_reduced, j2k_levels
+from node.inference.codestream import j2k_levels
+from node.inference.decode import iter_frames, iter_frames_reduced
 from node.inference.manifest import Manifest
 from node.inference.preprocess import prepare
 from node.inference.reduce import decode_reduction, prepare_frames
