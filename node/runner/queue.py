@@ -107,7 +107,6 @@ class ProcrastinateQueue:
         self._triage_models = frozenset(triage_models)
         self._stalled_s = stalled_s
         self._worker: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -232,7 +231,7 @@ class ProcrastinateQueue:
                 stalled_worker_timeout=self._stalled_s,
                 delete_jobs="successful",
             )
-            self._worker, self._loop = worker, asyncio.get_running_loop()
+            self._worker = worker  # its stop() is safe from another thread (it wakes its own loop)
             if self._stopping.is_set():
                 return
             await worker.run()
