@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -601,6 +602,48 @@ def decode_frame(source: Dataset | str | Path, index: int, budget: Budget = DEFA
     return DecodedImage(header=header.for_frame(index), pixels=arr)
 
 
+#: native transfer syntaxes whose pixel data bytes are the little-endian stored values as they are
+_NATIVE_LITTLE = frozenset({pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian})
+
+
+def _native_frame(ds: Dataset, header: ImageHeader, ts: UID, index: int) -> np.ndarray | None:
+    """Frame ``index`` of native little-endian greyscale pixel data as a read-only view of the
+    data set's bytes, or None where pydicom's decode must run.
+
+    It is what pydicom's ``pixel_array`` gives (same dtype, shape, values; no copy, no masking
+    pass) for 8- or 16-bit MONOCHROME samples: pydicom reads the same bytes and, when BitsStored
+    < BitsAllocated, clears (unsigned) or sign-extends (signed) the bits above BitsStored; that
+    changes nothing when every value already lies in BitsStored's range, which is checked here
+    (one min/max pass); a frame with a value outside it goes to pydicom."""
+    if (
+        ts not in _NATIVE_LITTLE
+        or "PixelData" not in ds
+        or header.samples_per_pixel != 1
+        or header.stored_photometric_interpretation not in ("MONOCHROME1", "MONOCHROME2")
+        or header.bits_allocated not in (8, 16)
+        or not 1 <= header.bits_stored <= header.bits_allocated
+        or header.pixel_representation not in (0, 1)
+    ):
+        return None
+    buffer = ds.PixelData
+    if not isinstance(buffer, bytes):
+        return None
+    signed = header.pixel_representation == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{header.bits_allocated // 8}")
+    count = header.rows * header.cols
+    offset = index * count * dtype.itemsize
+    if offset + count * dtype.itemsize > len(buffer):
+        return None
+    arr = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(header.rows, header.cols)
+    bits = header.bits_stored
+    if bits < header.bits_allocated:
+        low, high, _, _ = cv2.minMaxLoc(arr)
+        lowest, highest = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        if low < lowest or high > highest:
+            return None  # bits set above BitsStored: pydicom's correction
+    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
+
+
 def iter_frames(source: Dataset | str | Path, budget: Budget = DEFAULT_BUDGET) -> Iterator[DecodedImage]:
     """Decode an image frame by frame (pydicom's ``iter_pixels``): one DecodedImage per frame,
     each holding one frame and that frame's header (``ImageHeader.for_frame``), so that a
@@ -608,6 +651,9 @@ def iter_frames(source: Dataset | str | Path, budget: Budget = DEFAULT_BUDGET) -
     against ``budget`` before the first is decoded (BudgetExceeded)."""
     ds = read_dataset(source)
     header, ts = _checked(ds, budget)
+    if header.number_of_frames == 1 and (native := _native_frame(ds, header, ts, 0)) is not None:
+        yield DecodedImage(header=header.for_frame(0), pixels=native[np.newaxis])
+        return
     frames = iter_pixels(ds) if header.number_of_frames > 1 else iter([pixel_array(ds)])
     index = 0
     while True:

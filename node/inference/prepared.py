@@ -52,7 +52,7 @@ def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
         # per pixel: bit for bit the per-pixel result, without float64 work on 5 million pixels
         table = _display_table(pixels.dtype, header)
         if table is not None:
-            return np.take(table, pixels.view(np.dtype(f"u{pixels.dtype.itemsize}")))
+            return lookup(table, pixels.view(np.dtype(f"u{pixels.dtype.itemsize}")))
     values, _ = pp.header_modality(pixels, header)
     out = pp.header_voi(values, header) if usable else None
     if out is None:
@@ -61,6 +61,22 @@ def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
     if header.photometric_interpretation == "MONOCHROME1":
         out = 255.0 - out
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+#: pixels looked up per ``np.take``: its index array (converted to intp, 8 bytes a pixel) stays
+#: in cache instead of a 40 MB temporary for a 5-Mpixel radiograph (~2x faster, same values)
+_LOOKUP_CHUNK = 1 << 18
+
+
+def lookup(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``np.take(table, indices)`` (same values, same shape and dtype), chunk by chunk."""
+    flat_in = np.ascontiguousarray(indices).reshape(-1)
+    out = np.empty(indices.shape, dtype=table.dtype)
+    flat_out = out.reshape(-1)
+    for start in range(0, flat_in.size, _LOOKUP_CHUNK):
+        stop = start + _LOOKUP_CHUNK
+        np.take(table, flat_in[start:stop], out=flat_out[start:stop])
+    return out
 
 
 def _display_table(dtype: np.dtype, header: ImageHeader) -> np.ndarray | None:

