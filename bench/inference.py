@@ -2,13 +2,18 @@
 
 For each reference model in ``models/onnx``, a phantom study of the model's kind is generated
 (node.synth) and pushed through the node's own path, as the runner does it
-(``node.runner.analyse.prepare_all``: read + decode + ``prepare`` per file, then ``infer_images``:
-one ``ModelSession.run`` over the batch, or the patch tiler for patch models). Every array that
-the node hands to ``ModelSession.run`` is recorded; the bare baseline then runs the same ONNX file
-in a plain ``onnxruntime.InferenceSession`` (same provider, same thread settings) over exactly those
-already-prepared arrays, in the same chunks of at most ``max_batch`` (padded when the graph's batch
-is fixed). images/s = source images per second; the ratio node ÷ bare shows what decode and
-preprocessing cost on top of the model itself. Heatmaps/explain and outputs are not included.
+(``node.runner.analyse.prepare_and_infer``: read + decode + ``prepare`` per file in the node's
+preparation processes, a ``PreparePool`` sized as the node sizes it (one per core, at least
+runner.workers + 1 = 3), the frames handed to the model through a ``SessionBatcher`` while the
+rest are prepared; the patch tiler for patch models). ``--in-process`` prepares in the bench's
+own process instead (``limits.decode_memory_mib: 0``). Every array that the node hands to
+``ModelSession.run`` is recorded; the bare baseline then runs the same ONNX file in a plain
+``onnxruntime.InferenceSession`` (same provider, same thread settings) over exactly those
+already-prepared arrays, all of them in chunks of ``max_batch`` (padded when the graph's batch is
+fixed): the batching most favourable to the bare side. images/s = source images per second; the
+ratio node ÷ bare shows what decode and preprocessing cost on top of the model itself. "prep
+ms/img" is preparation alone on one core (``prepare_all`` in this process). Heatmaps/explain and
+outputs are not included.
 
 ``--real`` adds real-size architectures beside the tiny references, built at bench time into the
 temporary folder (random weights, nothing downloaded or committed) by ``pacs-node convert torch``
@@ -51,6 +56,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from node.inference.isolate import PreparePool  # noqa: E402
 from node.inference.manifest import PatchHeatmap  # noqa: E402
 from node.inference.registry import LoadedModel, load_registry  # noqa: E402
 from node.inference.runtime import (  # noqa: E402
@@ -62,7 +68,7 @@ from node.inference.runtime import (  # noqa: E402
     missing_cuda_library,
     open_session,
 )
-from node.runner.analyse import Stopwatch, analyse, infer_images, make_predictor, prepare_all  # noqa: E402
+from node.runner.analyse import Stopwatch, analyse, prepare_all, prepare_and_infer  # noqa: E402
 from node.synth import generate_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,17 +110,15 @@ def study_files(kind: str, folder: Path, images: int) -> list[Path]:
     return files[:images]
 
 
-def node_path(model: LoadedModel, session: ModelSession, files: list[Path]) -> list:
+def node_path(model: LoadedModel, session: ModelSession, files: list[Path], pool: PreparePool | None) -> list:
     """One pass of the node's path; returns the recorded session calls."""
     rec = Recording(session)
     if model.manifest.kind == "segmentation":  # per-pixel classes mapped back and post-processed
         watch = Stopwatch(deadline=time.monotonic() + 3600)
-        analyse(model, rec, files, level="series", uid_seed="bench", watch=watch)  # type: ignore[arg-type]
+        analyse(model, rec, files, level="series", uid_seed="bench", watch=watch, preparer=pool)  # type: ignore[arg-type]
         return rec.calls
     is_patch = isinstance(model.manifest.heatmap, PatchHeatmap)
-    batches: list[int] = []
-    images = prepare_all(files, model.manifest, is_patch)
-    infer_images(model.manifest, rec, images, make_predictor(model.manifest, rec, batches), is_patch, batches)
+    prepare_and_infer(files, model.manifest, rec, is_patch, preparer=pool)  # type: ignore[arg-type]
     return rec.calls
 
 
@@ -126,15 +130,25 @@ def bare_path(
     max_batch: int,
     fixed: int | None,
 ) -> None:
-    """The same arrays, the same chunks, through a plain InferenceSession."""
+    """The same arrays through a plain InferenceSession: consecutive calls fetching the same
+    outputs packed into chunks of up to ``max_batch`` rows (a call of more is cut)."""
+    chunks: list[tuple[list[str], list[np.ndarray]]] = []
+    rows = 0
     for batch, outputs in calls:
         names = list(outputs) if outputs is not None else default_outputs
         for start in range(0, batch.shape[0], max_batch):
-            chunk = batch[start : start + max_batch]
-            if fixed is not None and chunk.shape[0] < fixed:
-                pad = np.zeros((fixed - chunk.shape[0], *chunk.shape[1:]), dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            sess.run(names, {input_name: chunk})
+            part = batch[start : start + max_batch]
+            if not chunks or chunks[-1][0] != names or rows + part.shape[0] > max_batch:
+                chunks.append((names, []))
+                rows = 0
+            chunks[-1][1].append(part)
+            rows += part.shape[0]
+    for names, parts in chunks:
+        chunk = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if fixed is not None and chunk.shape[0] < fixed:
+            pad = np.zeros((fixed - chunk.shape[0], *chunk.shape[1:]), dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        sess.run(names, {input_name: chunk})
 
 
 def best(fn, repeat: int) -> float:  # noqa: ANN001
@@ -170,12 +184,19 @@ def machine() -> str:
     )
 
 
-def measure(model: LoadedModel, files: list[Path], provider: str, max_batch: int, repeat: int) -> str:
+def measure(
+    model: LoadedModel,
+    files: list[Path],
+    provider: str,
+    max_batch: int,
+    repeat: int,
+    pool: PreparePool | None,
+) -> str:
     """One table row: node path vs bare ORT for one model and provider."""
     config = RuntimeConfig(providers=(provider,), max_batch=max_batch)
     session = create_session(model, config)
-    calls = node_path(model, session, files)  # warm: page cache, arenas
-    node_s = best(lambda: node_path(model, session, files), repeat)
+    calls = node_path(model, session, files, pool)  # warm: page cache, arenas, the pool's processes
+    node_s = best(lambda: node_path(model, session, files, pool), repeat)
     bare = open_session(model.onnx_path, config, model.id)
     outs = list(session.output_names)
     mb, fixed = session.max_batch, model.fixed_batch
@@ -184,7 +205,7 @@ def measure(model: LoadedModel, files: list[Path], provider: str, max_batch: int
     is_patch = isinstance(model.manifest.heatmap, PatchHeatmap)
     prep_s = best(lambda: prepare_all(files, model.manifest, is_patch), repeat)
     n = len(files)
-    runs = sum(-(-b.shape[0] // mb) for b, _ in calls)
+    runs = len(calls)  # the node's runs (the bare side runs the same rows in full chunks)
     batch = max(b.shape[0] for b, _ in calls)
     return (
         f"{model.id:<16}{provider.replace('ExecutionProvider', ''):<10}{n:>7}{runs:>6}"
@@ -257,6 +278,14 @@ def main() -> None:
     parser.add_argument(
         "--real3d", action="store_true", help="also a 3-D MONAI UNet segmentation model (needs torch, monai)"
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="prepare in this process (limits.decode_memory_mib: 0), not in the node's preparation processes",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=None, help="preparation processes (default: as the node, per core)"
+    )
     args = parser.parse_args()
 
     providers = [CPU]
@@ -277,6 +306,9 @@ def main() -> None:
         f"{'model':<16}{'provider':<10}{'images':>7}{'runs':>6}{'batch':>7}"
         f"{'node img/s':>12}{'bare img/s':>12}{'node ÷ bare':>13}{'prep ms/img':>13}"
     )
+    size = args.processes or max(3, os.cpu_count() or 1)  # the node's default with runner.workers 2
+    pool = None if args.in_process else PreparePool(size, 4096, 600)
+    print(f"preparation: {'in this process' if pool is None else f'{size} processes'}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory(prefix="bench-inf-") as tmp:
@@ -292,7 +324,9 @@ def main() -> None:
                 kind = KIND[model_id]
             files = study_files(kind, Path(tmp) / f"{model_id}-study", args.images)
             for provider in providers:
-                print(measure(model, files, provider, args.max_batch, args.repeat), flush=True)
+                print(measure(model, files, provider, args.max_batch, args.repeat, pool), flush=True)
+    if pool is not None:
+        pool.close()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Nothing starts at import."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -311,10 +312,12 @@ def build_node(settings: Settings, role: str = "all") -> Node:
 
 
 def preparation_pool(settings: Settings) -> PreparePool | None:
-    """The child processes that decode and prepare images (one per worker, one for the inference
-    API), started on first use; None when ``limits.decode_memory_mib`` is 0 (in-process)."""
+    """The child processes that decode and prepare images (``limits.prepare_processes``: by
+    default one per core, at least one per worker and one for the inference API), started on
+    first use; None when ``limits.decode_memory_mib`` is 0 (in-process)."""
     memory = settings.limits.decode_memory()
     if memory == 0:
         log.warning("limits.decode_memory_mib is 0: images are decoded in the node's own process")
         return None
-    return PreparePool(settings.runner.workers + 1, memory, settings.limits.decode_timeout_s)
+    size = settings.limits.prepare_processes or max(settings.runner.workers + 1, os.cpu_count() or 1)
+    return PreparePool(size, memory, settings.limits.decode_timeout_s)

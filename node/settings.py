@@ -598,6 +598,16 @@ class LimitsSettings(_Section):
     decode_timeout_s: float = Field(
         300.0, gt=0, description="longest a preparation process may take over one job's images"
     )
+    prepare_processes: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "preparation processes (decode and prepare images; one job's images are spread over every "
+            "free one while the model runs on the first). None: the machine's cores, at least "
+            "runner.workers + 1"
+        ),
+    )
 
     def decode_memory(self) -> int:
         """``decode_memory_mib``, or its default derived from the budget; 0: in-process."""

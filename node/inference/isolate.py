@@ -6,7 +6,8 @@ line of defence for what they do not reveal (a decoder bug, a huge LUT, an alloc
 codec). A :class:`PreparePool` keeps a few warm children (pydicom, numpy and OpenCV imported once,
 by the ``forkserver`` they are forked from: never a fork of the threaded node). Each child runs
 under ``RLIMIT_AS`` = its own size once warm + ``limits.decode_memory_mib``. A job's instances go
-to one child (:meth:`PreparePool.submit`); the prepared arrays come back through
+in short runs to every free child (:meth:`PreparePool.stream`: one job uses all the cores, and
+its first images come back while the others are decoded); the prepared arrays come back through
 ``multiprocessing.shared_memory`` (one block per instance, copied out and unlinked at once), the
 data sets and headers pickled.
 
@@ -21,6 +22,7 @@ budget -> prepared frames), so that a pool of such processes can feed batches to
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import itertools
@@ -34,13 +36,13 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -202,12 +204,15 @@ def _send_frames(conn: Connection, task: int, position: int, frames: list[Prepar
             conn.send_bytes(arr.data.cast("B"))
 
 
-def _run_task(conn: Connection, task: tuple[int, Sequence[Item], PrepareSpec | DisplaySpec, Budget]) -> bool:
-    """Prepare one submit's items; False when the child should end (it ran out of memory)."""
-    task_id, items, spec, budget = task
-    position = 0
+def _run_task(
+    conn: Connection, task: tuple[int, Sequence[Item], PrepareSpec | DisplaySpec, Budget, int]
+) -> bool:
+    """Prepare one run of a submit's items (the first at position ``offset`` of the submit);
+    False when the child should end (it ran out of memory)."""
+    task_id, items, spec, budget, offset = task
+    position = offset
     try:
-        for position, item in enumerate(items):
+        for position, item in enumerate(items, start=offset):
             _send_frames(conn, task_id, position, spec.prepare(item, position, budget))
         conn.send(("done",))
         return True
@@ -314,6 +319,31 @@ def _died(code: int | None) -> str:
     return f"the decoder process exited with status {code}"
 
 
+@dataclass(eq=False)
+class _Run:
+    """A run of a submit's items given to one child: task id, items ``lo:hi``, and the item
+    being prepared next."""
+
+    task: int
+    lo: int
+    hi: int
+    next: int
+
+
+#: the most items one child takes at a time (a run)
+_RUN_MAX = 8
+
+
+def _runs(count: int, children: int) -> list[tuple[int, int]]:
+    """``count`` items cut into runs ``(lo, hi)`` for ``children`` children: about three per
+    child, so that the children finish together and the first images come back early, of at
+    most :data:`_RUN_MAX` items."""
+    if count <= 0:
+        return []
+    size = max(1, min(_RUN_MAX, -(-count // (3 * max(1, children)))))
+    return [(lo, min(count, lo + size)) for lo in range(0, count, size)]
+
+
 class PreparePool:
     """Persistent child processes that decode and prepare instances (see the module text).
 
@@ -370,12 +400,19 @@ class PreparePool:
             self._children.add(out)
         return out
 
-    def _acquire(self, until: float) -> _Child:
+    def _acquire(self, until: float, block: bool = True) -> _Child | None:
+        """A child for one task: the next free one (a fresh one where its slot has none, or its
+        last one died). ``block``: wait until ``until`` for one; else None when none is free."""
         if self._closed:
             raise PoolClosed("the preparation pool is closed")
         try:
-            slot = self._slots.get(timeout=max(0.0, until - time.monotonic()))
+            if block:
+                slot = self._slots.get(timeout=max(0.0, until - time.monotonic()))
+            else:
+                slot = self._slots.get_nowait()
         except queue.Empty:
+            if not block:
+                return None
             raise PreparationDeadline(
                 "no preparation process became free before the job's time limit"
             ) from None
@@ -422,21 +459,9 @@ class PreparePool:
             self._forget(child)
 
     # -- work --------------------------------------------------------------------------------
-    def _receive(self, child: _Child, until: float) -> Any:
-        while True:
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            ready = wait([child.conn, child.process.sentinel], timeout=min(remaining, 5.0))
-            if child.conn in ready:
-                try:
-                    return child.conn.recv()
-                except (EOFError, OSError):
-                    raise _Lost from None
-            if ready or self._closed:
-                raise _Lost
-
     def _item(self, child: _Child, message: tuple) -> list[PreparedFrame]:
+        """One instance's frames from a child's "item" message (its arrays copied out of the
+        shared-memory block, which is then removed)."""
         _, position, dataset, meta, name = message
         arrays: list[np.ndarray] = []
         if name is not None:
@@ -463,9 +488,9 @@ class PreparePool:
             out.append(PreparedFrame(position, index, dataset, header, model_input, shown))
         return out
 
-    def _unlink_left(self, child: _Child, task: int, count: int) -> None:
+    def _unlink_left(self, child: _Child, task: int, positions: range) -> None:
         """Remove the blocks a failed child made and nobody took."""
-        for position in range(count):
+        for position in positions:
             path = os.path.join(_SHM_DIR, _shm_name(child.pid, task, position))
             if os.path.exists(path):
                 with contextlib.suppress(OSError):
@@ -480,49 +505,125 @@ class PreparePool:
         budget: Budget = DEFAULT_BUDGET,
         deadline: float | None = None,
     ) -> list[PreparedFrame]:
-        """Prepare every frame of every item in a child (in the order handed in), within
-        ``budget`` and this pool's memory and time limits, before ``deadline`` (monotonic).
-        Raises what the preparation raised (DecodeError, PreprocessError, ...),
-        PreparationFailed (out of memory, a crash, over time: permanent) or PreparationDeadline."""
+        """Prepare every frame of every item in children (see :meth:`stream`), returned in the
+        order handed in."""
+        frames = list(self.stream(items, spec, budget, deadline))
+        frames.sort(key=lambda f: (f.item, f.index))  # stable: an item's frames are in order
+        return frames
+
+    def stream(
+        self,
+        items: Sequence[Item],
+        spec: PrepareSpec | DisplaySpec,
+        budget: Budget = DEFAULT_BUDGET,
+        deadline: float | None = None,
+    ) -> Iterator[PreparedFrame]:
+        """Prepare every frame of every item within ``budget`` and this pool's memory and time
+        limits, before ``deadline`` (monotonic); yield each instance's frames as soon as they
+        are ready, so that the caller can run the model on the first while the others are
+        prepared.
+
+        The items go in small runs (:func:`_runs`) to the free children: the first child is
+        waited for, more are taken while free, each takes the next run when it finishes one,
+        so one submit uses every free core and a slow image holds up only its own run. An
+        item's frames come in order; items come in no set order (``PreparedFrame.item`` says
+        which). Raises what the preparation raised (DecodeError, PreprocessError, ...; of
+        several, the earliest item's, once the other runs have ended), PreparationFailed (out
+        of memory, a crash, over time: permanent) or PreparationDeadline. A caller that stops
+        reading ends the children still busy for it."""
         start = time.monotonic()
         limit_at = start + self.timeout_s
         until = limit_at if deadline is None else min(limit_at, deadline)
-        child: _Child | None = self._acquire(until)
-        assert child is not None
-        task = next(self._tasks)
-        out: list[PreparedFrame] = []
-        position = 0
-        healthy = False  # the child is waiting for its next task
-        try:
-            child.conn.send((task, list(items), spec, budget))
-            while True:
-                message = self._receive(child, until)
-                if message[0] == "item":
-                    position = message[1] + 1  # the one being prepared next
-                    out.extend(self._item(child, message))
-                    continue
-                healthy = message[0] in ("done", "error")
-                if message[0] == "done":
-                    return out
-                position = message[1]
-                if message[0] == "error":
-                    raise _rebuild(message[2])
-                raise _Lost("memory")
-        except _Lost as lost:
-            code = self._replace(child, task, len(items))
-            child = None
+        items = list(items)
+        waiting = collections.deque(_runs(len(items), self.size))
+        busy: dict[_Child, _Run] = {}
+        failure: BaseException | None = None
+        failed_at = len(items)
+
+        def fail(exc: BaseException, position: int) -> None:
+            nonlocal failure, failed_at
+            if failure is None or position < failed_at:
+                failure, failed_at = exc, position
+
+        def assign(child: _Child) -> None:
+            lo, hi = waiting.popleft()
+            run = _Run(next(self._tasks), lo, hi, lo)
+            busy[child] = run  # before sending: a send that fails leaves the child's state unknown
+            child.conn.send((run.task, items[lo:hi], spec, budget, lo))
+
+        def lost(child: _Child, run: _Run, memory: bool) -> None:
+            code = self._replace(child, run)
             if self._closed:
-                raise PoolClosed("the preparation pool was closed (the node is stopping)") from None
-            where = f" (image {position + 1} of {len(items)})"
-            if lost.args == ("memory",):
+                fail(PoolClosed("the preparation pool was closed (the node is stopping)"), run.next)
+                return
+            where = f" (image {run.next + 1} of {len(items)})"
+            if memory:
                 reason = f"decoding needed more than {self.memory_mib} MiB (limits.decode_memory_mib){where}"
             else:
                 reason = f"{_died(code)}{where}"
             log.warning("preparation failed: %s; the process is replaced", reason)
-            raise PreparationFailed(reason) from None
+            fail(PreparationFailed(reason), run.next)
+
+        if not waiting:
+            return
+        first = self._acquire(until)
+        assert first is not None
+        try:
+            assign(first)
+            while busy:
+                while waiting and failure is None and len(busy) < self.size:
+                    more = self._acquire(until, block=False)
+                    if more is None:
+                        break
+                    assign(more)
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                by_conn = {child.conn: child for child in busy}
+                by_sentinel = {child.process.sentinel: child for child in busy}
+                try:
+                    ready = wait([*by_conn, *by_sentinel], timeout=min(remaining, 5.0))
+                except (OSError, ValueError):  # a pipe closed under us: the pool is closing
+                    if not self._closed:
+                        raise
+                    raise PoolClosed("the preparation pool was closed (the node is stopping)") from None
+                for conn in [r for r in ready if r in by_conn]:
+                    child = by_conn[conn]
+                    run = busy[child]
+                    try:
+                        message = conn.recv()
+                    except (EOFError, OSError):
+                        del busy[child]
+                        lost(child, run, memory=False)
+                        continue
+                    kind = message[0]
+                    if kind == "item":
+                        frames = self._item(child, message)
+                        run.next = message[1] + 1  # the one being prepared next
+                        if failure is None:
+                            yield from frames
+                        continue
+                    del busy[child]
+                    if kind == "done":
+                        if waiting and failure is None:
+                            assign(child)
+                        else:
+                            self._release(child)
+                    elif kind == "error":
+                        self._release(child)  # healthy: waiting for its next task
+                        fail(_rebuild(message[2]), message[1])
+                    else:  # "memory": the child ends itself
+                        run.next = message[1]
+                        lost(child, run, memory=True)
+                for sentinel in [r for r in ready if r in by_sentinel]:
+                    child = by_sentinel[sentinel]
+                    if child in busy and not child.conn.poll():  # ended with nothing left to say
+                        lost(child, busy.pop(child), memory=False)
         except TimeoutError:
-            self._replace(child, task, len(items))
-            child = None
+            position = min((run.next for run in busy.values()), default=0)
+            for child, run in list(busy.items()):
+                del busy[child]
+                self._replace(child, run)
             if deadline is not None and deadline < limit_at:
                 raise PreparationDeadline(
                     f"decoding and preparing {len(items)} images did not finish before the job's time limit"
@@ -533,22 +634,23 @@ class PreparePool:
                 f" (image {position + 1} of {len(items)})"
             ) from None
         finally:
-            if child is not None:
-                if healthy:
-                    self._release(child)
-                else:  # e.g. an item that does not pickle, or an interrupt: state unknown
-                    self._replace(child, task, len(items))
+            # a child still busy here (the caller stopped reading, an item that does not
+            # pickle, an interrupt) is in an unknown state: replaced
+            for child, run in list(busy.items()):
+                self._replace(child, run)
+        if failure is not None:
+            raise failure
 
-    def _replace(self, child: _Child, task: int, count: int) -> int | None:
+    def _replace(self, child: _Child, run: _Run) -> int | None:
         """End ``child`` (it failed, or its state is unknown), remove the shared-memory blocks it
-        left, free its slot for a fresh child; its exit code."""
+        left of ``run``, free its slot for a fresh child; its exit code."""
         if child.alive():
             child.process.join(0.5)  # it may be exiting on its own (out of memory)
         child.kill()
         code = child.process.exitcode
         with self._lock:
             self._children.discard(child)
-        self._unlink_left(child, task, count)
+        self._unlink_left(child, run.task, range(run.lo, run.hi))
         self._slots.put(None)  # a fresh child starts on the next submit
         self.replaced += 1
         return code

@@ -22,6 +22,7 @@ from sqlmodel import Session
 
 from node.backoff import backoff_s
 from node.errors import ConfigError, DecodeError, ManifestError, NodeError, PreprocessError
+from node.inference.batcher import RunsBatches, SessionBatcher
 from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel, Registry
 from node.inference.runtime import ModelSession
@@ -203,6 +204,9 @@ class Runner:
         self._settings = settings
         self._rules = rules
         self._models = models
+        # one batcher per model: the workers' jobs of one model share its runs (issue 16)
+        self._batchers: dict[str, SessionBatcher] = {}
+        self._batchers_lock = threading.Lock()
         self._identity = identity
         self._destinations = destinations
         self._data_dir = settings.storage.data_dir
@@ -273,6 +277,18 @@ class Runner:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+        with self._batchers_lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close()
+
+    def _batcher(self, model_id: str, session: RunsBatches) -> SessionBatcher:
+        """The batcher in front of ``model_id``'s session (made on first use)."""
+        with self._batchers_lock:
+            batcher = self._batchers.get(model_id)
+            if batcher is None or batcher.session is not session:
+                batcher = self._batchers[model_id] = SessionBatcher(session, model_id)
+            return batcher
 
     # -- heartbeat: leases of this node's jobs, jobs of nodes that died ---------------------
     def heartbeat(self) -> None:
@@ -442,7 +458,7 @@ class Runner:
                 jobs.check_stored_files(stored)
             result, sources = analyse(
                 model,
-                session_,
+                self._batcher(job.model_id, session_),
                 files,
                 level=job.level,
                 uid_seed=job.key,

@@ -3,9 +3,11 @@ series or study. The same path serves the pipeline, the rule tester and evaluati
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +16,14 @@ from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import DecodeError, NodeError
+from node.inference.batcher import RunsBatches, SessionBatcher
 from node.inference.decode import decode_frame, read_dataset, slice_order
 from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
-from node.inference.isolate import PreparationDeadline
+from node.inference.isolate import PreparationDeadline, PreparePool
 from node.inference.manifest import Manifest, PatchHeatmap
 from node.inference.postprocess import label_scores, probabilities
-from node.inference.prepared import DisplaySpec, Preparer, PrepareSpec, display_image, prepare_items
+from node.inference.prepared import DisplaySpec, PreparedFrame, Preparer, PrepareSpec, display_image
 from node.inference.registry import LoadedModel
-from node.inference.runtime import ModelSession
 from node.types import (
     AlgorithmIdentity,
     AnalysisResult,
@@ -101,7 +103,7 @@ def algorithm_identity(model: LoadedModel) -> AlgorithmIdentity:
 
 def analyse(
     model: LoadedModel,
-    session: ModelSession,
+    session: RunsBatches,
     files: Sequence[Path],
     *,
     level: str,
@@ -134,38 +136,41 @@ def analyse(
             preparer=preparer,
         )
     is_patch = isinstance(manifest.heatmap, PatchHeatmap)
-    with watch.stage("preprocessing"):
-        images = prepare_all(files, manifest, is_patch, budget, preparer, watch.deadline)
-    predict = make_predictor(manifest, session, watch.batches)
-    with watch.stage("inferring"):
-        outputs, probs, patch_results = infer_images(
-            manifest, session, images, predict, is_patch, watch.batches
+    batcher, own = _batcher(session, manifest)
+    try:
+        predict = make_predictor(manifest, batcher, watch.batches)
+        images, outputs, probs, patch_results = prepare_and_infer(
+            files, manifest, batcher, is_patch, budget, preparer, watch
         )
-        per_image = [label_scores(manifest, row) for row in probs]
-        agg = manifest.aggregation
-        findings = label_scores(manifest, aggregate(probs, agg.method, agg.k))
-        shown = _images_to_show(manifest, probs, len(images))
-        displays = _displays(images, shown, budget, preparer, watch.deadline)
-        results = []
-        for i in shown:
-            image_outputs = {name: value[i : i + 1] for name, value in outputs.items()}
-            maps = heatmaps(
-                manifest,
-                images[i].model_input,
-                image_outputs,
-                predict,
-                patch_result=patch_results[i] if is_patch else None,
-            )
-            results.append(
-                ImageResult(
-                    sop_instance_uid=images[i].header.sop_instance_uid,
-                    sop_class_uid=images[i].header.sop_class_uid,
-                    scores=tuple(per_image[i]),
-                    heatmaps=tuple(maps),
-                    display=displays[i],
-                    frame=images[i].header.frame_number,
+        with watch.stage("inferring"):  # what is left of it: heatmaps and the shown images
+            per_image = [label_scores(manifest, row) for row in probs]
+            agg = manifest.aggregation
+            findings = label_scores(manifest, aggregate(probs, agg.method, agg.k))
+            shown = _images_to_show(manifest, probs, len(images))
+            displays = _displays(images, shown, budget, preparer, watch.deadline)
+            results = []
+            for i in shown:
+                image_outputs = {name: value[i : i + 1] for name, value in outputs.items()}
+                maps = heatmaps(
+                    manifest,
+                    images[i].model_input,
+                    image_outputs,
+                    predict,
+                    patch_result=patch_results[i] if is_patch else None,
                 )
-            )
+                results.append(
+                    ImageResult(
+                        sop_instance_uid=images[i].header.sop_instance_uid,
+                        sop_class_uid=images[i].header.sop_class_uid,
+                        scores=tuple(per_image[i]),
+                        heatmaps=tuple(maps),
+                        display=displays[i],
+                        frame=images[i].header.frame_number,
+                    )
+                )
+    finally:
+        if own:
+            batcher.close()
     sources = list({id(im.dataset): im.dataset for im in images}.values())  # one per instance
     result = AnalysisResult(
         algorithm=algorithm_identity(model),
@@ -180,6 +185,43 @@ def analyse(
     return result, sources
 
 
+def _spec(manifest: Manifest, is_patch: bool) -> PrepareSpec:
+    """How a classifier's files are prepared: a series-level model (top-k frames shown) decodes
+    its shown frames again at the end (``_displays``); otherwise every frame is shown, and its
+    uint8 display is kept now."""
+    return PrepareSpec(manifest, check_size=not is_patch, keep_display=manifest.aggregation.level != "series")
+
+
+def _frames(
+    files: Sequence[Path],
+    spec: PrepareSpec,
+    budget: Budget,
+    preparer: Preparer | None,
+    deadline: float | None,
+) -> Iterator[PreparedFrame]:
+    """Every frame of every file as it is prepared: by ``preparer``'s processes (in no set order
+    across files) when it streams, else in the order handed in."""
+    if not files:
+        raise DecodeError("the job has no images")
+    try:
+        if preparer is None:
+            for position, item in enumerate(files):
+                yield from spec.prepare(item, position, budget)
+        elif isinstance(preparer, PreparePool):
+            yield from preparer.stream(files, spec, budget, deadline)
+        else:
+            yield from preparer.submit(files, spec, budget, deadline)
+    except PreparationDeadline as exc:
+        raise JobTimeout(str(exc)) from exc
+
+
+def _image(files: Sequence[Path], frame: PreparedFrame, recompute: bool) -> _Image:
+    path = files[frame.item]
+    source = Path(path) if recompute and isinstance(path, (str, Path)) else None
+    assert frame.model_input is not None  # a PrepareSpec prepares every frame
+    return _Image(frame.dataset, frame.header, frame.model_input, source, frame.index, frame.display)
+
+
 def prepare_all(
     files: Sequence[Path],
     manifest: Manifest,
@@ -189,33 +231,115 @@ def prepare_all(
     deadline: float | None = None,
 ) -> list[_Image]:
     """Decode every frame of every file, frame by frame, and prepare each to its model input,
-    in spatial order (per-frame positions for multi-frame images): through ``preparer`` (a child
-    process) when given, else in this process (:func:`node.inference.prepared.prepare_items`).
+    in spatial order (per-frame positions for multi-frame images): through ``preparer`` (child
+    processes) when given, else in this process (:meth:`PrepareSpec.prepare`).
 
     A frame's full-resolution pixels are dropped once prepared. For a series-level model (top-k
     frames shown) the shown frames are decoded again at the end (``_displays``); otherwise every
     frame is shown and its uint8 display is kept now. Frames of multi-frame images take part like
     slices, each with its own header (``ImageHeader.for_frame``).
     """
-    if not files:
-        raise DecodeError("the job has no images")
-    recompute = manifest.aggregation.level == "series"
-    spec = PrepareSpec(manifest, check_size=not is_patch, keep_display=not recompute)
-    if preparer is None:
-        frames = prepare_items(files, spec, budget)
-    else:
-        try:
-            frames = preparer.submit(files, spec, budget, deadline)
-        except PreparationDeadline as exc:
-            raise JobTimeout(str(exc)) from exc
-    images = []
-    for f in frames:
-        path = files[f.item]
-        source = Path(path) if recompute and isinstance(path, (str, Path)) else None
-        assert f.model_input is not None  # a PrepareSpec prepares every frame
-        images.append(_Image(f.dataset, f.header, f.model_input, source, f.index, f.display))
+    spec = _spec(manifest, is_patch)
+    recompute = not spec.keep_display
+    images = [_image(files, f, recompute) for f in _frames(files, spec, budget, preparer, deadline)]
     order = slice_order([im.header for im in images])
     return [images[i] for i in order]
+
+
+def _batcher(session: RunsBatches, manifest: Manifest) -> tuple[SessionBatcher, bool]:
+    """``session`` if it is a batcher (the runner's, shared by its jobs), else one of its own
+    for this analysis (True: to be closed after it)."""
+    if isinstance(session, SessionBatcher):
+        return session, False
+    return SessionBatcher(session, manifest.id), True
+
+
+def prepare_and_infer(
+    files: Sequence[Path],
+    manifest: Manifest,
+    session: RunsBatches,
+    is_patch: bool,
+    budget: Budget = DEFAULT_BUDGET,
+    preparer: Preparer | None = None,
+    watch: Stopwatch | None = None,
+) -> tuple[list[_Image], dict[str, np.ndarray], np.ndarray, list]:
+    """Prepare every frame (as :func:`prepare_all`) and run the model over them while the rest
+    are prepared: (images in spatial order, raw outputs by name, per-image probabilities, patch
+    results), all in that order.
+
+    Frames go to the model as they come: whenever the model has nothing of this job to run,
+    every frame prepared meanwhile goes in one batch (at most the session's ``max_batch``), so
+    the model starts on the first image and later batches grow while it works. ``session``
+    goes through a :class:`SessionBatcher` (which merges these batches with other jobs' of the
+    same model). A patch-heatmap model scores each image's sliding patches (on a thread of its
+    own, its patch batches through the batcher too); the probabilities are each image's highest
+    patch scores. ``watch``: its "preprocessing" stage is the time until the last frame is
+    prepared, "inferring" the model's work left after it; batch sizes go to ``watch.batches``.
+    """
+    batcher, own = _batcher(session, manifest)
+    batches: list[int] = watch.batches if watch is not None else []
+    deadline = watch.deadline if watch is not None else None
+    spec = _spec(manifest, is_patch)
+    images: list[_Image] = []
+    waiting: list[int] = []  # images not yet handed to the model
+    running: list[tuple[list[int], Future]] = []
+    patcher = ThreadPoolExecutor(1, thread_name_prefix="pacs-node-patches") if is_patch else None
+    predict = make_predictor(manifest, batcher, batches)
+
+    def hand_in() -> None:
+        for start in range(0, len(waiting), batcher.max_batch):
+            chunk = waiting[start : start + batcher.max_batch]
+            batch = np.concatenate([images[i].model_input.tensor for i in chunk], axis=0)
+            batches.append(int(batch.shape[0]))
+            running.append((chunk, batcher.submit(batch)))
+        waiting.clear()
+
+    def score_patches(i: int) -> tuple[np.ndarray, object]:
+        assert isinstance(manifest.heatmap, PatchHeatmap)
+        heatmap = manifest.heatmap
+        tensor, layout = images[i].model_input.tensor, images[i].model_input.layout
+        return patch_scores(
+            tensor, predict, heatmap.patch_size, heatmap.stride, batch_size=heatmap.batch_size, layout=layout
+        )
+
+    try:
+        with watch.stage("preprocessing") if watch is not None else contextlib.nullcontext():
+            for frame in _frames(files, spec, budget, preparer, deadline):
+                images.append(_image(files, frame, not spec.keep_display))
+                if patcher is not None:
+                    running.append(([len(images) - 1], patcher.submit(score_patches, len(images) - 1)))
+                    continue
+                waiting.append(len(images) - 1)
+                if len(waiting) >= batcher.max_batch or all(f.done() for _, f in running):
+                    hand_in()
+        with watch.stage("inferring") if watch is not None else contextlib.nullcontext():
+            hand_in()
+            done = [(chunk, future.result()) for chunk, future in running]
+    finally:
+        for _, future in running:
+            future.cancel()
+        if patcher is not None:
+            patcher.shutdown(wait=True, cancel_futures=True)
+        if own:
+            batcher.close()
+    order = slice_order([im.header for im in images])
+    position = np.empty(len(images), dtype=np.intp)
+    position[order] = np.arange(len(images))  # where each image goes in spatial order
+    images = [images[i] for i in order]
+    if patcher is not None:
+        results: list = [None] * len(images)
+        for chunk, value in done:
+            results[position[chunk[0]]] = value
+        probs = np.stack([scores.max(axis=0) for scores, _ in results])
+        return images, {}, probs, results
+    outputs: dict[str, np.ndarray] = {}
+    for chunk, value in done:
+        for name, rows in value.items():
+            if name not in outputs:
+                outputs[name] = np.empty((len(images), *rows.shape[1:]), dtype=rows.dtype)
+            outputs[name][position[chunk]] = rows
+    probs = probabilities(manifest, outputs[manifest.outputs.probabilities])
+    return images, outputs, probs, []
 
 
 def _displays(
@@ -255,7 +379,7 @@ def _displays(
 
 
 def make_predictor(
-    manifest: Manifest, session: ModelSession, batches: list[int]
+    manifest: Manifest, session: RunsBatches, batches: list[int]
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function from a model-input batch to the manifest's label probabilities through
     ``session``; each batch's size is appended to ``batches``."""
@@ -266,41 +390,6 @@ def make_predictor(
         return probabilities(manifest, raw)
 
     return predict
-
-
-def infer_images(
-    manifest: Manifest,
-    session: ModelSession,
-    images: list[_Image],
-    predict: Callable[[np.ndarray], np.ndarray],
-    is_patch: bool,
-    batches: list[int],
-) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
-    """Run the model over prepared ``images``: (raw outputs by name, per-image probabilities,
-    patch results). A patch-heatmap model scores sliding patches through ``predict`` (the
-    probabilities are each image's highest patch scores); any other runs one batch of every
-    image (its size appended to ``batches``)."""
-    if is_patch:
-        spec = manifest.heatmap
-        assert isinstance(spec, PatchHeatmap)
-        patch_results = [
-            patch_scores(
-                im.model_input.tensor,
-                predict,
-                spec.patch_size,
-                spec.stride,
-                batch_size=spec.batch_size,
-                layout=im.model_input.layout,
-            )
-            for im in images
-        ]
-        probs = np.stack([scores.max(axis=0) for scores, _ in patch_results])
-        return {}, probs, patch_results
-    batch = np.concatenate([im.model_input.tensor for im in images], axis=0)
-    batches.append(int(batch.shape[0]))
-    outputs = session.run(batch)
-    probs = probabilities(manifest, outputs[manifest.outputs.probabilities])
-    return outputs, probs, []
 
 
 def _images_to_show(manifest: Manifest, probs: np.ndarray, count: int) -> list[int]:

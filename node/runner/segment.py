@@ -28,12 +28,12 @@ from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import InferenceError
+from node.inference.batcher import RunsBatches
 from node.inference.explain import find_hotspot, map_to_source, top_slices
 from node.inference.manifest import Manifest
 from node.inference.postprocess import pixel_probabilities, remove_small_volumes, segment_masks
 from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel
-from node.inference.runtime import ModelSession
 from node.inference.sliding import sliding_window_inference
 from node.outputs.common import plane_geometry
 from node.runner.analyse import JobTimeout, Stopwatch, _displays, _Image, algorithm_identity, prepare_all
@@ -65,7 +65,7 @@ class _FrameMasks:
 
 def analyse_segmentation(
     model: LoadedModel,
-    session: ModelSession,
+    session: RunsBatches,
     files: Sequence[Path],
     *,
     level: str,
@@ -180,7 +180,7 @@ def _frame_masks(manifest: Manifest, source: np.ndarray, masks: np.ndarray) -> _
 
 
 def _slice_masks(
-    manifest: Manifest, session: ModelSession, images: list[_Image], watch: Stopwatch
+    manifest: Manifest, session: RunsBatches, images: list[_Image], watch: Stopwatch
 ) -> Iterator[_FrameMasks]:
     """2-D: every frame's masks, the frames run in batches of ``segmentation.batch_size``."""
     spec = manifest.segmentation
@@ -224,7 +224,7 @@ def stack_volume(manifest: Manifest, images: list[_Image]) -> np.ndarray:
 
 def volume_logits(
     manifest: Manifest,
-    session: ModelSession,
+    session: RunsBatches,
     volume: np.ndarray,
     batches: list[int],
     deadline: float | None = None,
@@ -254,7 +254,7 @@ def volume_logits(
 
 
 def _volume_masks(
-    manifest: Manifest, session: ModelSession, images: list[_Image], watch: Stopwatch
+    manifest: Manifest, session: RunsBatches, images: list[_Image], watch: Stopwatch
 ) -> list[_FrameMasks]:
     """3-D: sliding-window inference over the stacked slices, each output slice mapped back to its
     source frame and thresholded, then small 26-connected components removed over the volume."""

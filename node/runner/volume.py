@@ -18,10 +18,10 @@ from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import InferenceError
+from node.inference.batcher import RunsBatches
 from node.inference.postprocess import label_scores
 from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel
-from node.inference.runtime import ModelSession
 from node.runner.analyse import Stopwatch, _displays, algorithm_identity, make_predictor, prepare_all
 from node.runner.segment import stack_volume
 from node.types import AnalysisResult, ImageResult
@@ -43,7 +43,7 @@ def resample_depth(volume: np.ndarray, depth: int) -> np.ndarray:
 
 def analyse_volume(
     model: LoadedModel,
-    session: ModelSession,
+    session: RunsBatches,
     files: Sequence[Path],
     *,
     level: str,
