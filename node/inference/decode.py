@@ -606,6 +606,41 @@ def decode_frame(source: Dataset | str | Path, index: int, budget: Budget = DEFA
 _NATIVE_LITTLE = frozenset({pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian})
 
 
+#: the last (array, (min, max)) :func:`stored_range` computed, for an array that cannot change
+_last_range: tuple[np.ndarray, tuple[int, int]] | None = None
+
+
+def _immutable(arr: np.ndarray) -> bool:
+    """True for a read-only view whose memory is a ``bytes`` object (a native frame)."""
+    base: object = arr
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    return isinstance(base, bytes)
+
+
+def stored_range(arr: np.ndarray) -> tuple[int, int]:
+    """(minimum, maximum) of an integer frame (H, W) in one pass (OpenCV's minMaxLoc). The
+    result for a native frame (a view of immutable bytes, which cannot change) is kept until
+    the next call, so that decoding, the reduction and the display share one pass."""
+    global _last_range
+    key = (arr.__array_interface__["data"][0], arr.shape, arr.strides, arr.dtype.str)
+    last = _last_range
+    if last is not None:
+        held, found = last
+        if (held.__array_interface__["data"][0], held.shape, held.strides, held.dtype.str) == key:
+            return found
+    if arr.ndim == 2 and arr.dtype.itemsize <= 2 and arr.dtype.kind in "iu":
+        low, high, _, _ = cv2.minMaxLoc(arr)
+        found = (int(low), int(high))
+    else:
+        found = (int(arr.min()), int(arr.max()))
+    # the array is held, so its memory cannot be freed and reused by another while it is here
+    _last_range = (arr, found) if _immutable(arr) else None
+    return found
+
+
 def _native_frame(ds: Dataset, header: ImageHeader, ts: UID, index: int) -> np.ndarray | None:
     """Frame ``index`` of native little-endian greyscale pixel data as a read-only view of the
     data set's bytes, or None where pydicom's decode must run.
@@ -637,7 +672,7 @@ def _native_frame(ds: Dataset, header: ImageHeader, ts: UID, index: int) -> np.n
     arr = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(header.rows, header.cols)
     bits = header.bits_stored
     if bits < header.bits_allocated:
-        low, high, _, _ = cv2.minMaxLoc(arr)
+        low, high = stored_range(arr)
         lowest, highest = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
         if low < lowest or high > highest:
             return None  # bits set above BitsStored: pydicom's correction

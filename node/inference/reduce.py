@@ -118,8 +118,9 @@ def reduce_early(
     target = _target_shape(steps[first], shape)
     if target[0] > shape[0] or target[1] > shape[1]:
         return None  # an enlargement: nothing to save
-    low, high, _, _ = cv2.minMaxLoc(image)  # one pass over the image (numpy's min and max make two)
-    vmin, vmax = int(low), int(high)
+    from node.inference.decode import stored_range
+
+    vmin, vmax = stored_range(image)  # one pass (numpy's min and max make two), shared
     # every stored value the image holds, through the steps' own code (a minmax window sees the
     # image's own minimum and maximum here, as it does on the image)
     values = np.arange(vmin, vmax + 1, dtype=image.dtype).reshape(1, -1)

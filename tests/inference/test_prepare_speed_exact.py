@@ -4,7 +4,8 @@
   OpenCV for the columns) against the code it replaces, ``cv2.resize(clip(float32(image)),
   INTER_AREA)``, and against a float64 truth: within float32 summation error (stated below), no
   less accurate than OpenCV; ``area_weights`` is OpenCV's table (checked through cv2 in float64).
-- ``prepared.lookup`` (the display table chunk by chunk) is ``np.take``, bit for bit.
+- ``prepared.lookup`` (the display table chunk by chunk) is ``np.take``, bit for bit, and so is
+  ``prepared._display_by_opencv`` (a header window in two OpenCV passes) wherever it is taken.
 - ``decode._native_frame`` (native little-endian greyscale as a view of the file's bytes) is
   pydicom's ``pixel_array``, bit for bit, dtype included, and leaves to pydicom every frame with
   bits set above BitsStored.
@@ -24,6 +25,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.inference import decode as dec
+from node.inference import prepared
 from node.inference.prepared import lookup
 from node.inference.reduce import area_reduce_clipped, area_weights
 
@@ -248,3 +250,123 @@ def test_native_frames_are_read_only_views() -> None:
     assert not frame.pixels.flags.writeable
     with pytest.raises(ValueError):
         frame.pixels[0, 0, 0] = 1
+
+
+def _windowed(values: np.ndarray, bits: int, center, width, **extra) -> dec.DecodedImage:
+    ds = _native_dataset(values, bits, False)
+    ds.WindowCenter, ds.WindowWidth = center, width
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    (frame,) = list(dec.iter_frames(ds))
+    return frame
+
+
+def _table_display(frame: dec.DecodedImage) -> np.ndarray:
+    """The display through the table alone (the reference the OpenCV passes must equal)."""
+    pixels = frame.frame(0)
+    table = prepared._display_table(pixels.dtype, frame.header)
+    assert table is not None
+    return np.take(table, pixels)
+
+
+WINDOWS = [
+    # bits, center, width, extra attributes
+    (12, 1549.9, 2423, {}),
+    (12, 2551.8, 2423.7, {"PhotometricInterpretation": "MONOCHROME1"}),
+    (
+        16,
+        40801.5,
+        38400,
+        {"PhotometricInterpretation": "MONOCHROME1", "RescaleSlope": 1, "RescaleIntercept": 0},
+    ),
+    (16, 24375.4, 37348.6, {}),
+    (14, 6215, 9436.5, {}),
+    (12, 300, 2, {}),  # a 1-grey-level-wide ramp
+    (12, 100000, 50, {}),  # every value below the window
+    (12, -5000, 50, {"PhotometricInterpretation": "MONOCHROME1"}),  # every value above it
+    (12, 40, 400, {"RescaleSlope": 0.25, "RescaleIntercept": -1024}),
+    (12, 1500, 1001, {"VOILUTFunction": "LINEAR_EXACT"}),
+    (8, 127.5, 200, {}),
+    (12, -700, 900, {"RescaleSlope": -1.5, "RescaleIntercept": 100}),  # a decreasing rescale
+]
+
+
+@pytest.mark.parametrize("bits, center, width, extra", WINDOWS)
+def test_the_opencv_display_is_the_table(bits, center, width, extra) -> None:
+    rng = np.random.default_rng(bits + int(width))
+    dtype = np.uint8 if bits == 8 else np.uint16
+    top = (1 << bits) - 1
+    for trial in range(3):
+        shape = (301 + trial, 517)
+        values = rng.integers(0, top + 1, shape).astype(dtype)
+        values[0, :64] = np.arange(64) * (top // 64)  # the whole range present
+        frame = _windowed(values, bits, center, width, **extra)
+        pixels = frame.frame(0)
+        table = prepared._display_table(pixels.dtype, frame.header)
+        assert table is not None
+        shown = prepared.display_image(frame)
+        assert shown.dtype == np.uint8 and np.array_equal(shown, np.take(table, pixels)), (trial, extra)
+
+
+def test_the_opencv_display_is_taken_and_its_fixups_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Radiograph-like windows take the OpenCV passes (so the equality above is not vacuous),
+    and values that round ambiguously in float32 are looked up: exact even with many of them."""
+    monkeypatch.setattr(prepared, "_MAX_FIXUPS", 10**6)
+    compares = []
+    real = prepared.cv2.compare
+
+    def counting(*args, **kwargs):
+        compares.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepared.cv2, "compare", counting)
+    taken = 0
+    rng = np.random.default_rng(16)
+    for bits, center, width, extra in WINDOWS:
+        dtype = np.uint8 if bits == 8 else np.uint16
+        values = rng.integers(0, (1 << bits), (257, 263)).astype(dtype)
+        frame = _windowed(values, bits, center, width, **extra)
+        pixels = frame.frame(0)
+        table = prepared._display_table(pixels.dtype, frame.header)
+        fast = prepared._display_by_opencv(pixels, frame.header, table)
+        if fast is not None:
+            taken += 1
+            assert np.array_equal(fast, _table_display(frame)), (bits, center, width)
+    assert taken >= len(WINDOWS) - 2
+    assert compares, "some stored value should have needed the table (16-bit windows have several)"
+
+
+def test_signed_or_lut_displays_keep_the_table() -> None:
+    path = get_testdata_file("CT_small.dcm")  # signed
+    (frame,) = list(dec.iter_frames(path))
+    pixels = frame.frame(0)
+    table = prepared._display_table(pixels.dtype, frame.header)
+    assert prepared._display_by_opencv(pixels, frame.header, table) is None
+    path = get_testdata_file("vlut_04.dcm")  # a VOI LUT Sequence
+    (frame,) = list(dec.iter_frames(path))[:1]
+    pixels = frame.frame(0)
+    table = prepared._display_table(pixels.dtype, frame.header)
+    if table is not None:
+        assert prepared._display_by_opencv(pixels, frame.header, table) is None
+
+
+def test_stored_range_is_shared_only_for_frames_that_cannot_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = dec.cv2.minMaxLoc
+
+    def counting(arr):
+        calls.append(1)
+        return real(arr)
+
+    monkeypatch.setattr(dec.cv2, "minMaxLoc", counting)
+    values = (np.arange(40 * 100, dtype=np.uint16) % 4000).reshape(40, 100)
+    (frame,) = list(dec.iter_frames(_native_dataset(values, 12, False)))  # one pass: the BitsStored check
+    assert dec.stored_range(frame.frame(0)) == (0, 3999)
+    assert dec.stored_range(frame.pixels[0]) == (0, 3999)  # another view of the same bytes
+    assert len(calls) == 1
+    writable = values.copy()
+    assert dec.stored_range(writable) == (0, 3999)
+    writable[3, 3] = 4095
+    assert dec.stored_range(writable) == (0, 4095)  # a writable array is never taken from before
+    signed = (values.astype(np.int16) - 2000)[:, ::2]
+    assert dec.stored_range(signed) == (int(signed.min()), int(signed.max()))
