@@ -190,6 +190,10 @@ def area_reduce_clipped(image: np.ndarray, lo: float, hi: float, target: tuple[i
     rows, cols = int(image.shape[0]), int(image.shape[1])
     th, tw = target
     lo32, hi32 = np.float32(lo), np.float32(hi)
+    from node.inference.decode import stored_range
+
+    vmin, vmax = stored_range(image)  # the clip is a no-op where the window spans the image
+    clip = not (float(lo32) <= vmin and vmax <= float(hi32))
     tab = area_weights(rows, th)
     longest = max(b - a for a, b, _ in tab)
     strip = np.empty((max(_STRIP_ROWS, longest), cols), dtype=np.float32)
@@ -203,7 +207,8 @@ def area_reduce_clipped(image: np.ndarray, lo: float, hi: float, target: tuple[i
         stop = tab[j - 1][1]
         block = strip[: stop - start]
         np.copyto(block, image[start:stop])
-        np.clip(block, lo32, hi32, out=block)
+        if clip:
+            np.clip(block, lo32, hi32, out=block)
         for k in range(i, j):
             a, b, w = tab[k]
             np.dot(w, block[a - start : b - start], out=vertical[k])

@@ -90,6 +90,24 @@ def test_area_reduce_is_the_opencv_average(shape, target, dtype) -> None:
     assert np.abs(got - truth).max() <= np.abs(ref - truth).max() + 2 * ulp
 
 
+@pytest.mark.parametrize("lo, hi", [(-10.5, 5000.0), (0.0, 4095.0), (1.0, 4095.0), (0.0, 4094.5)])
+def test_area_reduce_without_a_clip_is_the_same(lo: float, hi: float) -> None:
+    """A window that spans the image skips the clip (exactly a no-op then), one that cuts a
+    single extreme value does not."""
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 4096, (1000, 900)).astype(np.uint16)
+    image[0, 0], image[-1, -1] = 0, 4095
+    got = area_reduce_clipped(image, lo, hi, (100, 90))
+    ref = _reference(image, lo, hi, (100, 90))
+    ulp = float(np.spacing(np.float32(4096)))
+    assert np.abs(got - ref).max() <= (ULPS + 20) * ulp
+    if lo > 0 or hi < 4095:
+        assert (
+            got[0, 0] != area_reduce_clipped(image, -1.0, 5000.0, (100, 90))[0, 0]
+            or got[-1, -1] != (area_reduce_clipped(image, -1.0, 5000.0, (100, 90))[-1, -1])
+        )
+
+
 def test_area_reduce_of_a_constant_clip_is_that_constant() -> None:
     image = np.arange(300 * 200, dtype=np.uint16).reshape(300, 200) % 1000
     got = area_reduce_clipped(image, 5000.25, 5000.25, (30, 20))
