@@ -47,13 +47,16 @@ class Stopwatch:
     timings: dict[str, float] = field(default_factory=dict)
     on_stage: Callable[[str], None] | None = None
     batches: list[int] = field(default_factory=list)  # images (or patches) per inference call
+    last: str | None = None  # the stage reported last
 
     def stage(self, name: str) -> _Stage:
-        """Time a stage (and report its start, e.g. to record the job state)."""
+        """Time a stage (and report its start, e.g. to record the job state; a stage entered
+        again right after itself adds to its time and is not reported twice)."""
         if time.monotonic() > self.deadline:
             raise JobTimeout(f"job timed out before stage {name}")
-        if self.on_stage is not None:
+        if self.on_stage is not None and name != self.last:
             self.on_stage(name)
+        self.last = name
         return _Stage(self, name)
 
 
