@@ -3,10 +3,10 @@ memory than ``limits.decode_memory_mib`` fails its job permanently with that rea
 preparation process is replaced and the node keeps serving; so does a crash (a signal) or a decode
 past ``limits.decode_timeout_s``.
 
-The image is valid and its headers are within the budget (a 6000x6000 16-bit DX, RLE lossless,
-1 MB on the wire: 36 M pixels, under the 2^26 of ``limits.max_frame_pixels``), so the header
-checks let it through; its decode and float32 preparation need 600-900 MiB, over the 300 MiB the
-node below allows. The node runs in a subprocess under an address-space limit
+The image is valid and its headers are within the budget (an 8192x8192 16-bit DX, RLE lossless,
+2 MB on the wire: 2^26 pixels, the most ``limits.max_frame_pixels`` lets through), so the header
+checks let it through; its decoded frame alone is 128 MiB (its preparation peaks at ~320 MiB),
+over the 100 MiB the node below allows, however lean the preparation gets. The node runs in a subprocess under an address-space limit
 (tests/security/limited), so a regression fails this test instead of taking the machine down.
 """
 
@@ -48,10 +48,10 @@ from tests.helpers import (
 from tests.security.limited import start_limited_node
 
 pytestmark = pytest.mark.slow
-LIMIT_MIB = 300
+LIMIT_MIB = 100
 
 
-def oversized(template: Path, dst: Path, side: int = 6000) -> Path:
+def oversized(template: Path, dst: Path, side: int = 8192) -> Path:
     """``template`` (a DX) with a ``side`` x ``side`` 12-bit image, RLE lossless: a few large
     flat regions, so that the file stays small while its decode is 2 bytes a pixel."""
     ds = pydicom.dcmread(template)
