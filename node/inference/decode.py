@@ -641,6 +641,13 @@ def stored_range(arr: np.ndarray) -> tuple[int, int]:
     return found
 
 
+def forget_stored_range() -> None:
+    """Drop what :func:`stored_range` keeps (it holds its frame, and so the file's pixel bytes,
+    alive): called once an instance is prepared, so that no instance outlives its turn."""
+    global _last_range
+    _last_range = None
+
+
 def _native_frame(ds: Dataset, header: ImageHeader, ts: UID, index: int) -> np.ndarray | None:
     """Frame ``index`` of native little-endian greyscale pixel data as a read-only view of the
     data set's bytes, or None where pydicom's decode must run.

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.inference import preprocess as pp
-from node.inference.decode import decode_frame, read_dataset, stored_range
+from node.inference.decode import decode_frame, forget_stored_range, read_dataset, stored_range
 from node.inference.manifest import Manifest
 from node.inference.reduce import prepare_frames
 from node.types import DecodedImage, ImageHeader, ModelInput
@@ -224,6 +224,7 @@ class PrepareSpec:
         for index, (decoded, model_input) in enumerate(pairs):
             display = display_image(decoded) if keep else None
             frames.append(PreparedFrame(position, index, ds, decoded.header, model_input, display))
+        forget_stored_range()
         if "PixelData" in ds:
             del ds.PixelData  # the outputs need the header only
         if frames and frames[-1].header.is_multiframe:
@@ -245,6 +246,7 @@ class DisplaySpec:
         for index in self.frames[position]:
             decoded = decode_frame(ds, index, budget)
             out.append(PreparedFrame(position, index, ds, decoded.header, None, display_image(decoded)))
+        forget_stored_range()
         if "PixelData" in ds:
             del ds.PixelData
         return out

@@ -388,3 +388,25 @@ def test_stored_range_is_shared_only_for_frames_that_cannot_change(monkeypatch: 
     assert dec.stored_range(writable) == (0, 4095)  # a writable array is never taken from before
     signed = (values.astype(np.int16) - 2000)[:, ::2]
     assert dec.stored_range(signed) == (int(signed.min()), int(signed.max()))
+
+
+def test_a_prepared_instance_leaves_no_frame_held(tmp_path: Path) -> None:
+    """stored_range holds its frame (and so the file's pixel bytes): preparing an instance ends
+    with it dropped, so that an instance's bytes never outlive its turn."""
+    from node.inference.prepared import PrepareSpec, prepare_items
+    from node.inference.registry import load_registry
+
+    manifest = load_registry(Path(__file__).resolve().parents[2] / "models" / "onnx").get("cxr").manifest
+    ds = _native_dataset((np.arange(300 * 280, dtype=np.uint16) % 4000).reshape(300, 280), 12, False)
+    ds.WindowCenter, ds.WindowWidth = 2000, 3000
+    ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.3",
+        "1.2.3.5",
+    )
+    ds.Modality = "CR"
+    path = tmp_path / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    (frame,) = prepare_items([path], PrepareSpec(manifest))
+    assert frame.display is not None and frame.model_input is not None
+    assert dec._last_range is None
