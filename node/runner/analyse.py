@@ -244,9 +244,18 @@ def prepare_all(
     """
     spec = _spec(manifest, is_patch)
     recompute = not spec.keep_display
-    images = [_image(files, f, recompute) for f in _frames(files, spec, budget, preparer, deadline)]
-    order = slice_order([im.header for im in images])
-    return [images[i] for i in order]
+    frames = list(_frames(files, spec, budget, preparer, deadline))
+    images = [_image(files, f, recompute) for f in frames]
+    return [images[i] for i in _spatial_order(frames, images)]
+
+
+def _spatial_order(frames: Sequence[PreparedFrame], images: Sequence[_Image]) -> list[int]:
+    """Indices of ``images`` (prepared from ``frames``, in the order they came) in spatial
+    order; images that it does not tell apart stay in the order the files were handed in, not
+    in the order the preparation processes happened to finish them."""
+    handed = sorted(range(len(frames)), key=lambda i: (frames[i].item, frames[i].index))
+    order = slice_order([images[i].header for i in handed])
+    return [handed[i] for i in order]
 
 
 def _batcher(session: RunsBatches, manifest: Manifest) -> tuple[SessionBatcher, bool]:
@@ -284,6 +293,7 @@ def prepare_and_infer(
     deadline = watch.deadline if watch is not None else None
     spec = _spec(manifest, is_patch)
     images: list[_Image] = []
+    frames: list[PreparedFrame] = []
     waiting: list[int] = []  # images not yet handed to the model
     running: list[tuple[list[int], Future]] = []
     patcher = ThreadPoolExecutor(1, thread_name_prefix="pacs-node-patches") if is_patch else None
@@ -308,6 +318,7 @@ def prepare_and_infer(
     try:
         with watch.stage("preprocessing") if watch is not None else contextlib.nullcontext():
             for frame in _frames(files, spec, budget, preparer, deadline):
+                frames.append(frame)
                 images.append(_image(files, frame, not spec.keep_display))
                 if patcher is not None:
                     running.append(([len(images) - 1], patcher.submit(score_patches, len(images) - 1)))
@@ -325,7 +336,7 @@ def prepare_and_infer(
             patcher.shutdown(wait=True, cancel_futures=True)
         if own:
             batcher.close()
-    order = slice_order([im.header for im in images])
+    order = _spatial_order(frames, images)
     position = np.empty(len(images), dtype=np.intp)
     position[order] = np.arange(len(images))  # where each image goes in spatial order
     images = [images[i] for i in order]
