@@ -8,8 +8,9 @@ by the ``forkserver`` they are forked from: never a fork of the threaded node). 
 under ``RLIMIT_AS`` = its own size once warm + ``limits.decode_memory_mib``. A job's instances go
 in short runs to every free child (:meth:`PreparePool.stream`: one job uses all the cores, and
 its first images come back while the others are decoded); the prepared arrays come back through
-``multiprocessing.shared_memory`` (one block per instance, copied out and unlinked at once), the
-data sets and headers pickled.
+shared memory: one file of /dev/shm per instance, written by the child, mapped copy-on-write by
+the parent and its name removed at once (the arrays are views of the child's pages: no copy, no
+resource tracker), the data sets and headers pickled.
 
 A child that runs out of its memory (MemoryError), is killed by a signal (the kernel's OOM killer,
 a crash in a codec) or passes ``limits.decode_timeout_s`` is replaced, and the submit raises
@@ -27,6 +28,7 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -41,7 +43,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
-from multiprocessing.shared_memory import SharedMemory
 from typing import Literal
 
 import numpy as np
@@ -59,7 +60,9 @@ _PRELOAD = ["node.inference.prepared", "node.inference.isolate"]
 _ALIGN = 64
 _START_TIMEOUT_S = 60.0
 _SHM_DIR = "/dev/shm"
-_M_ARENA_MAX = -8  # glibc mallopt parameter
+_M_ARENA_MAX = -8  # glibc mallopt parameters
+_M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD = -1
 
 
 class PreparationFailed(DecodeError):
@@ -85,11 +88,18 @@ def _address_space() -> int:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _limit_arenas() -> None:
+def _tune_malloc() -> None:
     """At most two malloc arenas: each thread's own arena reserves 64 MiB of address space, which
-    would count against RLIMIT_AS without being used."""
+    would count against RLIMIT_AS without being used. Blocks up to 32 MiB (a radiograph's bytes,
+    its decoded frame) come from the heap and up to 128 MiB of freed heap is kept, so that the
+    next image reuses the pages of the last instead of mapping fresh ones and faulting each in
+    (~2.5 ms of a 10 MB radiograph's preparation); what is kept counts against the limit like
+    any allocation, and the next image's allocations take it first."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, 2)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * MIB)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * MIB)
 
 
 def _is_memory(exc: BaseException) -> bool:
@@ -153,12 +163,39 @@ def _room_in_shm(nbytes: int) -> bool:
 _Spec = tuple[int, int, tuple[int, ...], str]
 
 
-def _write(buf: memoryview, arrays: list[np.ndarray]) -> None:
-    block = np.ndarray((len(buf),), dtype=np.uint8, buffer=buf)
-    start = 0
-    for arr in arrays:
-        block[start : start + arr.nbytes] = arr.reshape(-1).view(np.uint8)
-        start += -(-arr.nbytes // _ALIGN) * _ALIGN
+def _write_block(path: str, arrays: list[np.ndarray]) -> None:
+    """``arrays`` one after the other (each at a multiple of _ALIGN) into a new file of /dev/shm
+    (one copy, by write(2): no mapping to set up and tear down, nothing for multiprocessing's
+    resource tracker to register); a partial file is removed."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        for arr in arrays:
+            view = arr.reshape(-1).view(np.uint8).data
+            while view:
+                view = view[os.write(fd, view) :]
+            pad = -arr.nbytes % _ALIGN
+            if pad:
+                os.write(fd, bytes(pad))
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _map_block(path: str) -> mmap.mmap:
+    """A private (copy-on-write) mapping of a block the child wrote, whose name is removed at
+    once: the arrays read from it are views of the pages the child filled, not copies, and they
+    stay writable; the memory goes when the last of them does."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.unlink(path)
+        return mmap.mmap(
+            fd, os.fstat(fd).st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    finally:
+        os.close(fd)
 
 
 def _send_frames(conn: Connection, task: int, position: int, frames: list[PreparedFrame]) -> None:
@@ -193,11 +230,11 @@ def _send_frames(conn: Connection, task: int, position: int, frames: list[Prepar
     name = None
     if offset and _room_in_shm(offset):
         name = _shm_name(os.getpid(), task, position)
-        shm = SharedMemory(name=name, create=True, size=offset)
         try:
-            _write(_buffer(shm), arrays)
-        finally:
-            shm.close()
+            _write_block(os.path.join(_SHM_DIR, name), arrays)
+        except OSError as exc:  # e.g. /dev/shm filled up meanwhile: through the pipe
+            log.debug("shared memory block not written (%s); sending through the pipe", exc.strerror)
+            name = None
     conn.send(("item", position, dataset, meta, name))
     if name is None:
         for arr in arrays:
@@ -233,7 +270,7 @@ def child_main(conn: Connection, memory_bytes: int) -> None:
     then prepare what the parent sends until it sends None (or goes away)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the node, which stops us
     redact_library_logs()  # what pydicom logs while decoding here quotes no data values either
-    _limit_arenas()
+    _tune_malloc()
     import cv2  # noqa: F401 - already in the forkserver; imported before measuring, in any case
 
     baseline = _address_space()
@@ -289,20 +326,10 @@ def _context(start_method: str) -> ForkServerContext | SpawnContext | ForkContex
     raise ValueError(f"cannot find context for {start_method!r}")
 
 
-def _buffer(shm: SharedMemory) -> memoryview:
-    """The memory of an open shared-memory block (its ``buf`` is None only once it is closed)."""
-    if shm.buf is None:
-        raise RuntimeError(f"shared memory {shm.name} is closed")
-    return shm.buf
-
-
-def _copy_out(buf: memoryview, spec: _Spec) -> np.ndarray:
+def _view(block: mmap.mmap, spec: _Spec) -> np.ndarray:
     offset, nbytes, shape, dtype = spec
-    return (
-        np.frombuffer(buf, dtype=np.dtype(dtype), count=nbytes // np.dtype(dtype).itemsize, offset=offset)
-        .reshape(shape)
-        .copy()
-    )
+    kind = np.dtype(dtype)
+    return np.frombuffer(block, dtype=kind, count=nbytes // kind.itemsize, offset=offset).reshape(shape)
 
 
 def _died(code: int | None) -> str:
@@ -460,19 +487,14 @@ class PreparePool:
 
     # -- work --------------------------------------------------------------------------------
     def _item(self, child: _Child, message: tuple) -> list[PreparedFrame]:
-        """One instance's frames from a child's "item" message (its arrays copied out of the
-        shared-memory block, which is then removed)."""
+        """One instance's frames from a child's "item" message (its arrays views of the
+        shared-memory block, whose name is removed at once)."""
         _, position, dataset, meta, name = message
         arrays: list[np.ndarray] = []
         if name is not None:
-            shm = SharedMemory(name=name)
-            try:
-                for *_, pair in meta:
-                    buf = _buffer(shm)
-                    arrays.extend(_copy_out(buf, spec) for spec in pair if spec is not None)
-            finally:
-                shm.close()
-                shm.unlink()
+            block = _map_block(os.path.join(_SHM_DIR, name))
+            for *_, pair in meta:
+                arrays.extend(_view(block, spec) for spec in pair if spec is not None)
         else:
             for *_, pair in meta:
                 for spec in pair:
@@ -491,12 +513,8 @@ class PreparePool:
     def _unlink_left(self, child: _Child, task: int, positions: range) -> None:
         """Remove the blocks a failed child made and nobody took."""
         for position in positions:
-            path = os.path.join(_SHM_DIR, _shm_name(child.pid, task, position))
-            if os.path.exists(path):
-                with contextlib.suppress(OSError):
-                    shm = SharedMemory(name=_shm_name(child.pid, task, position))
-                    shm.close()
-                    shm.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(_SHM_DIR, _shm_name(child.pid, task, position)))
 
     def submit(
         self,

@@ -239,3 +239,30 @@ def test_the_model_starts_before_the_last_image_is_prepared(studies, registry, m
     prepare_and_infer(files, model.manifest, session, False)
     assert session.seen[0][0] < len(files), f"the first run waited for every image: {session.seen}"
     assert sum(n for _, n in session.seen) == len(files)
+
+
+@dataclass(frozen=True)
+class NoRoomInShm(PrepareSpec):
+    """Prepares as /dev/shm were full: the child sends the arrays through its pipe instead."""
+
+    def prepare(self, item: Item, position: int, budget: Budget = DEFAULT_BUDGET) -> list[PreparedFrame]:
+        sys.modules["node.inference.isolate"]._room_in_shm = lambda nbytes: False  # in the child
+        return super().prepare(item, position, budget)
+
+
+@pytest.mark.parametrize("spec_type", [PrepareSpec, NoRoomInShm], ids=["shared-memory", "pipe"])
+def test_arrays_come_back_exact_and_writable_either_way(studies, registry, spec_type) -> None:  # noqa: ANN001
+    files = studies["cxr"][:3]
+    manifest = registry.get("cxr").manifest
+    pool = PreparePool(1, LIMIT_MIB, 60)
+    try:
+        frames = pool.submit(files, spec_type(manifest))
+    finally:
+        pool.close()
+    here = prepare_items(files, PrepareSpec(manifest))
+    for a, b in zip(frames, here, strict=True):
+        assert np.array_equal(a.model_input.tensor, b.model_input.tensor)
+        assert np.array_equal(a.display, b.display)
+        a.display[0, 0] ^= 1  # the node's own copy: writable (copy-on-write pages, or a copy)
+        a.model_input.tensor.flat[0] += 1.0
+    assert not _shm_left()
