@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from node.inference.runtime import CPU
+
 log = logging.getLogger(__name__)
 
 #: seconds the thread waits for work before it ends (a later submit starts another)
@@ -73,6 +75,15 @@ class SessionBatcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+
+    @property
+    def eager(self) -> bool:
+        """True when the model runs off this machine's cores (a GPU, a Triton server): then a
+        job hands in its images as soon as the model is free, since preparing the next ones
+        costs the model nothing. On the CPU provider the model and the preparation share the
+        cores, so a job hands in full batches (and the rest at the end): small runs would only
+        add their fixed cost."""
+        return str(getattr(self.session, "active_provider", CPU)) != CPU
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):  # not set up yet (unpickling, a failed __init__): no recursion

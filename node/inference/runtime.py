@@ -47,6 +47,9 @@ class RuntimeConfig:
     io_binding: bool = True  # used only when CUDA is the active provider
     device_id: int = 0
     log_severity: int = 3  # ORT's own log: 0 verbose .. 4 fatal
+    # ONNX Runtime's intra-op threads busy-wait for the next run by default: beside the node's
+    # preparation processes (which run while the model does) that spinning takes their cores
+    spin: bool = False
 
 
 _CUDA_LIBRARIES = ("libcuda.so.1", "libcudart.so.13", "libcublasLt.so.13", "libcudnn.so.9")
@@ -182,6 +185,7 @@ def _session_options(config: RuntimeConfig) -> ort.SessionOptions:
     opts.inter_op_num_threads = max(0, config.inter_op_threads)
     opts.log_severity_level = config.log_severity
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
     return opts
 
 

@@ -279,9 +279,10 @@ def prepare_and_infer(
     are prepared: (images in spatial order, raw outputs by name, per-image probabilities, patch
     results), all in that order.
 
-    Frames go to the model as they come: whenever the model has nothing of this job to run,
-    every frame prepared meanwhile goes in one batch (at most the session's ``max_batch``), so
-    the model starts on the first image and later batches grow while it works. ``session``
+    Frames go to the model as they come: a full batch (the session's ``max_batch``) as soon as
+    it is prepared; on a GPU or a Triton server (``SessionBatcher.eager``) also, whenever the
+    model has nothing of this job to run, every frame prepared meanwhile, so that the model
+    starts on the first image and later batches grow while it works. ``session``
     goes through a :class:`SessionBatcher` (which merges these batches with other jobs' of the
     same model). A patch-heatmap model scores each image's sliding patches (on a thread of its
     own, its patch batches through the batcher too); the probabilities are each image's highest
@@ -324,7 +325,7 @@ def prepare_and_infer(
                     running.append(([len(images) - 1], patcher.submit(score_patches, len(images) - 1)))
                     continue
                 waiting.append(len(images) - 1)
-                if len(waiting) >= batcher.max_batch or all(f.done() for _, f in running):
+                if len(waiting) >= batcher.max_batch or batcher.eager and all(f.done() for _, f in running):
                     hand_in()
         with watch.stage("inferring") if watch is not None else contextlib.nullcontext():
             hand_in()

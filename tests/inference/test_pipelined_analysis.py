@@ -219,26 +219,53 @@ class Counted(PrepareSpec):
 
 
 class Watching:
-    """The session, recording how many images were prepared when each run began."""
+    """The session, recording how many images were prepared when each run began; it reports
+    ``provider`` as where it runs (the hand-in policy depends on it, not the arithmetic)."""
 
-    def __init__(self, session) -> None:  # noqa: ANN001
+    def __init__(self, session, provider: str) -> None:  # noqa: ANN001
         self.session, self.max_batch, self.seen = session, session.max_batch, []
+        self.active_provider = provider
 
     def run(self, batch, outputs=None):  # noqa: ANN001, ANN201
         self.seen.append((len(PREPARED), int(batch.shape[0])))
+        if self.active_provider != CPU:
+            time.sleep(0.25)  # a model slower than preparing an image (0.1 s each here)
         return self.session.run(batch, outputs)
 
 
-def test_the_model_starts_before_the_last_image_is_prepared(studies, registry, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("provider", "max_batch", "runs"),
+    [
+        # on a GPU the first image goes at once, later runs take what came meanwhile
+        ("CUDAExecutionProvider", 16, None),
+        # on the CPU (the cores are shared) full batches go as they fill, the rest at the end
+        ("CPUExecutionProvider", 4, [4, 2]),
+        ("CPUExecutionProvider", 16, [6]),
+    ],
+)
+def test_the_model_starts_before_the_last_image_is_prepared(  # noqa: ANN201
+    studies,
+    registry,
+    monkeypatch,
+    provider,
+    max_batch,
+    runs,  # noqa: ANN001
+):
     analyse_module = sys.modules["node.runner.analyse"]
     model = registry.get("cxr")
-    session = Watching(create_session(model, RuntimeConfig(providers=(CPU,), max_batch=16)))
+    session = Watching(create_session(model, RuntimeConfig(providers=(CPU,), max_batch=max_batch)), provider)
     monkeypatch.setattr(analyse_module, "_spec", lambda manifest, is_patch: Counted(manifest))
     PREPARED.clear()
     files = studies["cxr"]
     prepare_and_infer(files, model.manifest, session, False)
-    assert session.seen[0][0] < len(files), f"the first run waited for every image: {session.seen}"
     assert sum(n for _, n in session.seen) == len(files)
+    if runs is None:
+        assert session.seen[0] == (1, 1), f"the first image waited for others: {session.seen}"
+        assert len(session.seen) < len(files), "the images prepared meanwhile go in one run"
+    else:
+        assert [n for _, n in session.seen] == runs
+        if len(runs) > 1:
+            assert session.seen[0][0] < len(files), f"the first batch waited for every image: {session.seen}"
 
 
 @dataclass(frozen=True)
