@@ -228,6 +228,19 @@ def _uid_carriable(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64
 
 
+def configured_ae(s: DicomSettings) -> AE:
+    """A pynetdicom AE with the node's association settings (``dicom``: AE title, largest PDU,
+    association limit, timeouts), without contexts; the node's gate checks the called AE title."""
+    ae = AE(ae_title=s.ae_title)
+    ae.maximum_pdu_size = s.max_pdu
+    ae.maximum_associations = s.max_associations
+    ae.acse_timeout = s.acse_timeout_s
+    ae.dimse_timeout = s.dimse_timeout_s
+    ae.network_timeout = s.network_timeout_s
+    ae.require_called_aet = False  # the gate checks it (dicom.require_called_ae_title)
+    return ae
+
+
 class StorageSCP:
     """Listens for associations; files every instance durably before answering."""
 
@@ -265,13 +278,7 @@ class StorageSCP:
     def start(self) -> None:
         """Bind and serve in background threads."""
         s = self.settings
-        ae = AE(ae_title=s.ae_title)
-        ae.maximum_pdu_size = s.max_pdu
-        ae.maximum_associations = s.max_associations
-        ae.acse_timeout = s.acse_timeout_s
-        ae.dimse_timeout = s.dimse_timeout_s
-        ae.network_timeout = s.network_timeout_s
-        ae.require_called_aet = False  # the gate checks it (dicom.require_called_ae_title)
+        ae = configured_ae(s)
         if not self.allowed:  # the gate checks the allow-list (AE titles and addresses)
             log.warning("dicom.allowed_calling_aets is empty: every calling AE title is accepted")
         # the acceptor may support any number of contexts (the 128 limit is on what a requestor proposes)

@@ -46,13 +46,18 @@ class Gated:
         return self.session.run(batch, outputs)
 
 
+def _started(future) -> None:  # noqa: ANN001
+    """Wait until the batcher's thread has taken ``future`` (and waits at the gate)."""
+    while not future.running():
+        threading.Event().wait(0.01)
+
+
 def test_waiting_requests_share_one_run_and_get_their_own_rows(session) -> None:  # noqa: ANN001
     gated = Gated(session)
     batcher = SessionBatcher(gated, "cxr")
     try:
         first = batcher.submit(_inputs(session, 1, 0))  # the thread takes it and waits at the gate
-        while not first.running():
-            threading.Event().wait(0.01)
+        _started(first)
         batches = [_inputs(session, n, seed) for seed, n in enumerate((2, 3, 1, 2), start=1)]
         futures = [batcher.submit(b) for b in batches]
         gated.gate.set()
@@ -74,8 +79,7 @@ def test_a_run_is_at_most_max_batch_and_shapes_do_not_mix(session) -> None:  # n
     batcher = SessionBatcher(gated, "cxr")
     try:
         blocker = batcher.submit(_inputs(session, 1, 0))
-        while not blocker.running():
-            threading.Event().wait(0.01)
+        _started(blocker)
         small = [batcher.submit(_inputs(session, 5, s)) for s in (1, 2)]  # 5 + 5 > 8: two runs
         big = batcher.submit(_inputs(session, 11, 3))  # more than max_batch: alone, cut by the session
         wrong = batcher.submit(np.zeros((1, 1, 64, 64), dtype=session.input_dtype))  # another shape
@@ -102,8 +106,7 @@ def test_an_error_reaches_every_request_of_its_run(session) -> None:  # noqa: AN
     batcher = SessionBatcher(failing, "cxr")
     try:
         ok = batcher.submit(_inputs(session, 1, 0))
-        while not ok.running():
-            threading.Event().wait(0.01)
+        _started(ok)
         merged = [batcher.submit(_inputs(session, 1, s)) for s in (1, 2)]
         failing.gate.set()
         assert ok.result(30)
