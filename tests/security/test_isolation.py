@@ -6,8 +6,9 @@ past ``limits.decode_timeout_s``.
 The image is valid and its headers are within the budget (an 8192x8192 16-bit DX, RLE lossless,
 2 MB on the wire: 2^26 pixels, the most ``limits.max_frame_pixels`` lets through), so the header
 checks let it through; its decoded frame alone is 128 MiB (its preparation peaks at ~320 MiB),
-over the 100 MiB the node below allows, however lean the preparation gets. The node runs in a subprocess under an address-space limit
-(tests/security/limited), so a regression fails this test instead of taking the machine down.
+over the 100 MiB the node below allows, however lean the preparation gets. The node runs in a
+subprocess under an address-space limit (tests/security/limited), so a regression fails this test
+instead of taking the machine down.
 """
 
 from __future__ import annotations
