@@ -21,6 +21,7 @@ command -v rsyslogd >/dev/null 2>&1 || [ -x /usr/sbin/rsyslogd ] || missing+=(rs
 compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || missing+=(rsyslog-gnutls)  # its TLS driver (RFC 5425)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool: deploy/prometheus/alerts.yml and its tests
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)  # TCP load balancer in front of two receivers (tests/scale/test_haproxy.py)
+command -v keepalived >/dev/null 2>&1 || [ -x /usr/sbin/keepalived ] || missing+=(keepalived)  # checks deploy/'s keepalived configuration (tests/deploy/test_deploy.py)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (apt-get)" >&2
