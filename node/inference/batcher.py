@@ -15,7 +15,6 @@ run fails every request it carried with the session's error (an InferenceError).
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -25,8 +24,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from node.inference.runtime import CPU
-
-log = logging.getLogger(__name__)
 
 #: seconds the thread waits for work before it ends (a later submit starts another)
 _IDLE_S = 60.0

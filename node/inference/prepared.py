@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -252,14 +252,20 @@ class DisplaySpec:
         return out
 
 
+def iter_prepared(
+    items: Sequence[Item], spec: PrepareSpec | DisplaySpec, budget: Budget = DEFAULT_BUDGET
+) -> Iterator[PreparedFrame]:
+    """Every frame of every item prepared in this process, item by item in the order handed in,
+    each yielded as soon as it is prepared."""
+    for position, item in enumerate(items):
+        yield from spec.prepare(item, position, budget)
+
+
 def prepare_items(
     items: Sequence[Item], spec: PrepareSpec | DisplaySpec, budget: Budget = DEFAULT_BUDGET
 ) -> list[PreparedFrame]:
     """Every frame of every item prepared in this process, in the order handed in."""
-    out: list[PreparedFrame] = []
-    for position, item in enumerate(items):
-        out.extend(spec.prepare(item, position, budget))
-    return out
+    return list(iter_prepared(items, spec, budget))
 
 
 class Preparer(Protocol):
@@ -274,4 +280,15 @@ class Preparer(Protocol):
     ) -> list[PreparedFrame]:
         """Every frame of every item prepared, in the order handed in, before ``deadline``
         (``time.monotonic``)."""
+        ...
+
+    def stream(
+        self,
+        items: Sequence[Item],
+        spec: PrepareSpec | DisplaySpec,
+        budget: Budget = DEFAULT_BUDGET,
+        deadline: float | None = None,
+    ) -> Iterator[PreparedFrame]:
+        """The frames of :meth:`submit`, each as soon as it is ready (items in no set order;
+        ``PreparedFrame.item`` says which)."""
         ...

@@ -19,10 +19,17 @@ from node.errors import DecodeError, NodeError
 from node.inference.batcher import RunsBatches, SessionBatcher
 from node.inference.decode import decode_frame, read_dataset, slice_order
 from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
-from node.inference.isolate import PreparationDeadline, PreparePool
+from node.inference.isolate import PreparationDeadline
 from node.inference.manifest import Manifest, PatchHeatmap
 from node.inference.postprocess import label_scores, probabilities
-from node.inference.prepared import DisplaySpec, PreparedFrame, Preparer, PrepareSpec, display_image
+from node.inference.prepared import (
+    DisplaySpec,
+    PreparedFrame,
+    Preparer,
+    PrepareSpec,
+    display_image,
+    iter_prepared,
+)
 from node.inference.registry import LoadedModel
 from node.types import (
     AlgorithmIdentity,
@@ -203,17 +210,14 @@ def _frames(
     deadline: float | None,
 ) -> Iterator[PreparedFrame]:
     """Every frame of every file as it is prepared: by ``preparer``'s processes (in no set order
-    across files) when it streams, else in the order handed in."""
+    across files), else in this process in the order handed in."""
     if not files:
         raise DecodeError("the job has no images")
     try:
         if preparer is None:
-            for position, item in enumerate(files):
-                yield from spec.prepare(item, position, budget)
-        elif isinstance(preparer, PreparePool):
-            yield from preparer.stream(files, spec, budget, deadline)
+            yield from iter_prepared(files, spec, budget)
         else:
-            yield from preparer.submit(files, spec, budget, deadline)
+            yield from preparer.stream(files, spec, budget, deadline)
     except PreparationDeadline as exc:
         raise JobTimeout(str(exc)) from exc
 
