@@ -389,10 +389,14 @@ def _memoized_pynetdicom(validate: Callable[[Any], tuple[bool, str]]) -> Callabl
     return validator
 
 
-if not getattr(VALIDATORS["UI"], "memoized", False):
-    VALIDATORS["UI"] = _memoized(VALIDATORS["UI"])
-    UID.is_valid = property(_uid_is_valid)  # type: ignore[assignment, method-assign]
-    pynetdicom_config.VALIDATORS["UI"] = _memoized_pynetdicom(pynetdicom_config.VALIDATORS["UI"])
+def remember_uid_checks() -> None:
+    """Make pydicom's and pynetdicom's UID checks remember their answers, for this process (they
+    answer as before, and pydicom still warns on every invalid value); called when the node's
+    DICOM server starts, at most once in effect."""
+    if not getattr(VALIDATORS["UI"], "memoized", False):
+        VALIDATORS["UI"] = _memoized(VALIDATORS["UI"])
+        UID.is_valid = property(_uid_is_valid)  # type: ignore[assignment, method-assign]
+        pynetdicom_config.VALIDATORS["UI"] = _memoized_pynetdicom(pynetdicom_config.VALIDATORS["UI"])
 
 
 class _Waker:
@@ -768,6 +772,7 @@ def start_gated_server(
 ) -> GatedServer:
     """Bind and serve in a background thread, like ``ae.start_server(block=False)``;
     ``reuse_port``: share the port with the other processes that bind it so (SO_REUSEPORT)."""
+    remember_uid_checks()
     server = ae.make_server(
         address,
         contexts=contexts,

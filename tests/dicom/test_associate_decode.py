@@ -67,8 +67,9 @@ def test_remembered_uid_validation_answers_as_pydicom() -> None:
     from pynetdicom._config import VALIDATORS as pynetdicom_validators
     from pynetdicom._validators import validate_ui
 
-    import node.dicom.transport  # noqa: F401  # installs them
+    from node.dicom.transport import remember_uid_checks
 
+    remember_uid_checks()  # as the node's DICOM server does when it starts
     assert getattr(VALIDATORS["UI"], "memoized", False)
     values = ["1.2.3", "1.02", "0", "", "1." * 40 + "1", "1.2.840.10008.1.2.1", "a.b", "1.2 ", "1..2"]
     for value in values * 2:
