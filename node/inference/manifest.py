@@ -597,6 +597,32 @@ class Reference(_Strict):
     manufacturers: dict[str, int] = Field(default_factory=dict, description="cases per manufacturer")
 
 
+class RuntimeSpec(_Strict):
+    """How the node may run the model on a GPU (issue 16). Absent, or every field false, is the
+    default path: the ONNX graph as shipped, FP32, no CUDA graph. Each option applies only when
+    CUDA is the active execution provider; on the CPU provider it is ignored (logged once)."""
+
+    cuda_graph: StrictBool = Field(
+        default=False,
+        description="capture the model in a CUDA graph and replay it (less launch overhead); used only"
+        " when the graph's input shape is fully static (a fixed batch size and fixed image dims) and"
+        " ONNX Runtime places every node on CUDA, otherwise the node runs without one and logs why",
+    )
+    fp16: StrictBool = Field(
+        default=False,
+        description="convert the FP32 model to FP16 (inputs and outputs stay float32) when the session"
+        " is created; kept only if its probabilities match the FP32 model's within fp16_tolerance on a"
+        " fixed-seed check batch, else the node keeps FP32 and warns with the difference",
+    )
+    fp16_tolerance: float = Field(
+        default=1e-2,
+        gt=0,
+        le=1,
+        description="largest absolute difference of the probabilities (after the manifest's"
+        " activation) between FP16 and FP32 on the check batch that still allows FP16",
+    )
+
+
 class Manifest(_Strict):
     """Everything the node needs to know about one model."""
 
@@ -625,6 +651,8 @@ class Manifest(_Strict):
     #: shadow: routed and analysed on live traffic and recorded for monitoring, nothing sent
     mode: Literal["active", "shadow"] = "active"
     reference: Reference | None = None
+    #: GPU options (CUDA graph, FP16); None: the default path (RuntimeSpec)
+    runtime: RuntimeSpec | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Manifest:
