@@ -10,6 +10,10 @@ while the rest are still being decoded (:func:`node.runner.analyse.prepare_and_i
 
 A request of more than ``max_batch`` rows runs alone (the session cuts it in chunks). A failed
 run fails every request it carried with the session's error (an InferenceError).
+
+A batch may be a device array (CuPy, from GPU preparation: anything with
+``__cuda_array_interface__``): it stays on the device, requests merge only with others on the
+same device, and they are concatenated with the arrays' own library (``cupy.concatenate``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from node.inference.runtime import CPU
+from node.inference.runtime import CPU, array_module, is_device_array
 
 #: seconds the thread waits for work before it ends (a later submit starts another)
 _IDLE_S = 60.0
@@ -34,20 +38,37 @@ class RunsBatches(Protocol):
 
     max_batch: int
 
-    def run(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The named outputs (None: the session's own) of ``batch``, concatenated along N."""
+    def run(self, batch: Any, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The named outputs (None: the session's own) of ``batch`` (a numpy or a device
+        array), concatenated along N."""
         ...
+
+
+def _device(batch: Any) -> tuple[str, int | None]:
+    """Where ``batch`` lives: ("cpu", None), or ("cuda", its GPU when the array says)."""
+    if not is_device_array(batch):
+        return ("cpu", None)
+    gpu = getattr(getattr(batch, "device", None), "id", None)
+    return ("cuda", gpu if isinstance(gpu, int) else None)
+
+
+def _concatenate(batches: list[Any]) -> Any:
+    """Concatenate along N with the arrays' own library (numpy's refuses CuPy arrays)."""
+    xp = array_module(batches[0]) if is_device_array(batches[0]) else np
+    return xp.concatenate(batches)
 
 
 @dataclass(eq=False)
 class _Request:
-    batch: np.ndarray
+    batch: Any  # a numpy array or a device array
     outputs: tuple[str, ...] | None
     future: Future[dict[str, np.ndarray]] = field(default_factory=Future)
 
     @property
     def key(self) -> tuple[Any, ...]:
-        return (self.batch.shape[1:], self.batch.dtype.str, self.outputs)
+        """Requests merge only with the same key: row shape, dtype, outputs, device."""
+        shape = tuple(int(d) for d in self.batch.shape[1:])
+        return (shape, np.dtype(self.batch.dtype).str, self.outputs, _device(self.batch))
 
     @property
     def rows(self) -> int:
@@ -87,14 +108,13 @@ class SessionBatcher:
             raise AttributeError(attr)
         return getattr(self.session, attr)
 
-    def submit(
-        self, batch: np.ndarray, outputs: Sequence[str] | None = None
-    ) -> Future[dict[str, np.ndarray]]:
-        """Queue ``batch`` (N, ...) for the model; the future's result is what ``session.run``
-        would have returned for it alone."""
-        request = _Request(np.asarray(batch), None if outputs is None else tuple(outputs))
-        if request.rows == 0:
-            raise ValueError(f"model {self.name}: empty batch (shape {request.batch.shape})")
+    def submit(self, batch: Any, outputs: Sequence[str] | None = None) -> Future[dict[str, np.ndarray]]:
+        """Queue ``batch`` (N, ...), a numpy or a device array, for the model; the future's
+        result is what ``session.run`` would have returned for it alone."""
+        array = batch if is_device_array(batch) else np.asarray(batch)
+        request = _Request(array, None if outputs is None else tuple(outputs))
+        if request.batch.ndim < 1 or request.rows == 0:
+            raise ValueError(f"model {self.name}: empty batch (shape {tuple(request.batch.shape)})")
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"model {self.name}: the batcher is closed")
@@ -107,7 +127,7 @@ class SessionBatcher:
             self._cond.notify()
         return request.future
 
-    def run(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, batch: Any, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """:meth:`submit` and wait for the result (raises the session's error)."""
         return self.submit(batch, outputs).result()
 
@@ -147,7 +167,7 @@ class SessionBatcher:
             self.runs += 1
             self.merged += len(group) - 1
             try:
-                batch = group[0].batch if len(group) == 1 else np.concatenate([r.batch for r in group])
+                batch = group[0].batch if len(group) == 1 else _concatenate([r.batch for r in group])
                 out = self.session.run(batch, group[0].outputs)
             except BaseException as exc:  # the session's error goes to every caller it carried
                 for r in group:
