@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,6 +108,36 @@ def _no_database_in_database_free_tests(
 
     monkeypatch.setattr(node.store.db, "create_engine", refuse)
     monkeypatch.setattr(helpers, "DATABASE_FACTORY", refuse)
+
+
+@functools.cache
+def _no_cuda_device() -> str | None:
+    """Why no CUDA device is usable here (None when one is): CuPy sees a device, or the CUDA
+    libraries load and onnxruntime offers its CUDA provider."""
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return None
+        why = "cupy sees no CUDA device"
+    except Exception as exc:  # not installed, or no driver / device
+        why = f"cupy: {type(exc).__name__}"
+    import onnxruntime as ort
+
+    from node.inference.runtime import missing_cuda_library
+
+    missing = missing_cuda_library()
+    if missing is None and "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    return f"{why}; onnxruntime: " + (f"{missing} cannot be loaded" if missing else "no CUDA provider")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``gpu`` run only where a CUDA device is usable (see _no_cuda_device)."""
+    if item.get_closest_marker("gpu") is not None:
+        why = _no_cuda_device()
+        if why is not None:
+            pytest.skip(f"needs a CUDA GPU ({why})")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
