@@ -149,6 +149,10 @@ def to_host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+#: what ModelSession.run needs of a device array's library (CuPy has them; PyTorch does not)
+_ARRAY_FUNCTIONS = ("ascontiguousarray", "zeros", "concatenate")
+
+
 def _sync_producer(x: Any) -> None:
     """Wait for the work that wrote device array ``x`` (its library's current stream): ONNX
     Runtime reads it on its own stream, which does not wait for the producer's."""
@@ -245,6 +249,16 @@ class ModelSession:
             )
             batch, on_device = to_host(batch), False
         xp: ModuleType = np
+        if on_device and not all(hasattr(array_module(batch), f) for f in _ARRAY_FUNCTIONS):
+            self._log_once(
+                "no-array-functions",
+                logging.INFO,
+                "model %s: device arrays of %s lack %s: copied to the host",
+                self.name,
+                array_module(batch).__name__,
+                "/".join(_ARRAY_FUNCTIONS),
+            )
+            batch, on_device = to_host(batch), False
         if on_device:
             xp = array_module(batch)
             gpu = getattr(getattr(batch, "device", None), "id", None)

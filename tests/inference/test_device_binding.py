@@ -278,8 +278,27 @@ def test_batcher_never_merges_host_and_device_and_concatenates_device_arrays(reg
         _assert_identical(result, session.run(data))
 
 
-def test_device_array_on_another_gpu_is_refused(registry, fakecupy) -> None:  # noqa: ANN001
+def test_device_array_without_array_functions_is_copied_to_host(registry, fakecupy, caplog) -> None:  # noqa: ANN001
+    """A device array whose library lacks ascontiguousarray/zeros (PyTorch): copied to the host
+    once per model with an info line, even where the session binds on the device."""
+    model = registry.get("cxr")
+    s = create_session(model, RuntimeConfig(providers=(CPU,), **ONE_THREAD))
+    s.binding_device = "cuda"  # as on CUDA: the check comes before any binding
+    x = _batch(model, 2, seed=12)
+    with caplog.at_level(logging.INFO, logger="node.inference.runtime"):
+        got = s.run(FakeDeviceArray(x))
+        s.run(FakeDeviceArray(x))
+    lines = [
+        r.getMessage() for r in caplog.records if "lack ascontiguousarray/zeros/concatenate" in r.getMessage()
+    ]
+    assert len(lines) == 1 and "fakecupy" in lines[0]
+    _assert_identical(got, s.run(x))
+
+
+def test_device_array_on_another_gpu_is_refused(registry, fakecupy, monkeypatch) -> None:  # noqa: ANN001
     """Only reachable on a CUDA session; checked here through the binding device directly."""
+    monkeypatch.setattr(fakecupy, "ascontiguousarray", lambda a, dtype=None: a, raising=False)
+    monkeypatch.setattr(fakecupy, "zeros", np.zeros, raising=False)
     s = create_session(registry.get("cxr"), RuntimeConfig(providers=(CPU,), **ONE_THREAD))
     s.binding_device = "cuda"  # as on CUDA; the device check comes before any binding
     x = FakeDeviceArray(_batch(registry.get("cxr"), 1))
