@@ -32,6 +32,7 @@ Nothing here imports CuPy or nvImageCodec at module import: the node imports it 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import threading
@@ -528,6 +529,22 @@ def display(xp: Any, pixels: Any, header: ImageHeader) -> np.ndarray:
     return prepared.display_image(DecodedImage(header=header, pixels=host[np.newaxis]))
 
 
+def host_array(arr: Any) -> np.ndarray:
+    """``arr`` as a host NumPy array: a device (CuPy) array copied back, anything else as it is
+    (for the consumers of a prepared tensor that work on the host: heatmaps, patch tiling)."""
+    if hasattr(arr, "__cuda_array_interface__") and hasattr(arr, "get"):
+        return np.asarray(arr.get())
+    return np.asarray(arr)
+
+
+def concatenate(tensors: Sequence[Any]) -> Any:
+    """The tensors (all NumPy, or all CuPy) joined along the batch axis, on their device."""
+    first = tensors[0]
+    if hasattr(first, "__cuda_array_interface__"):
+        return importlib.import_module("cupy").concatenate(list(tensors), axis=0)
+    return np.concatenate(list(tensors), axis=0)
+
+
 def to_host(xp: Any, arr: Any) -> np.ndarray:
     """A host NumPy array of ``arr`` (a copy from the device for CuPy)."""
     asnumpy = getattr(xp, "asnumpy", None)
@@ -663,6 +680,20 @@ def iter_device_frames(
 # The preparer
 
 
+def make_gpu_preparer(provider: str, cpu: prepared.Preparer | None = None) -> GpuPreparer | None:
+    """A :class:`GpuPreparer` for models whose session's active provider is ``provider``, or
+    None where the GPU preparation is not usable here (:func:`gpu_probe.gpu_preparation`, which
+    logs why once). Made once per node (it holds nvImageCodec's decoder and the resize
+    matrices on the device); ``cpu``: the node's PreparePool, for what the device path does not
+    take."""
+    from node.inference.gpu_probe import gpu_preparation
+
+    found = gpu_preparation(provider)
+    if not found.usable:
+        return None
+    return GpuPreparer(device_decode=found.device_decode, cpu=cpu)
+
+
 class GpuPreparer:
     """Prepares items as :class:`~node.inference.isolate.PreparePool` does (the Preparer
     protocol: :meth:`submit`, :meth:`stream`), in this process, on the GPU: each file read,
@@ -684,9 +715,7 @@ class GpuPreparer:
         self, xp: Any = None, device_decode: bool | None = None, cpu: prepared.Preparer | None = None
     ) -> None:
         if xp is None:
-            import cupy  # type: ignore[import-not-found]
-
-            xp = cupy
+            xp = importlib.import_module("cupy")
         self.xp = xp
         self.cpu = cpu
         self._codec: Any = None

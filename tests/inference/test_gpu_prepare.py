@@ -228,6 +228,26 @@ def test_probe_with_everything_decodes_on_the_gpu(probe, monkeypatch) -> None:
     assert found.usable and found.device_decode and found.reason == ""
 
 
+def test_make_gpu_preparer_follows_the_probe(probe, monkeypatch) -> None:
+    assert gp.make_gpu_preparer("CPUExecutionProvider") is None
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert gp.make_gpu_preparer("CUDAExecutionProvider") is None
+    probe.cache_clear()
+    fake = _fake_cupy(1)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)
+    pool = _Recording()
+    made = gp.make_gpu_preparer("CUDAExecutionProvider", cpu=pool)
+    assert made is not None and made.xp is fake and made.cpu is pool and not made.device_decode
+
+
+def test_host_arrays_and_batches_of_host_tensors() -> None:
+    a, b = np.ones((1, 3, 4, 4), np.float32), np.zeros((2, 3, 4, 4), np.float32)
+    assert gp.host_array(a) is a or np.array_equal(gp.host_array(a), a)
+    joined = gp.concatenate([a, b])
+    assert isinstance(joined, np.ndarray) and joined.shape == (3, 3, 4, 4) and joined[0].min() == 1
+
+
 def test_the_modules_import_without_cupy_or_nvimgcodec() -> None:
     code = (
         "import sys\n"
@@ -684,7 +704,8 @@ class _FakeCodec:
         return out[..., np.newaxis]
 
 
-def _j2k(values: np.ndarray, bits: int, signed: bool) -> Dataset:
+def _native(values: np.ndarray, bits: int, signed: bool) -> Dataset:
+    """A native greyscale data set of ``values`` (BitsAllocated from their dtype)."""
     ds = Dataset()
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
@@ -693,11 +714,43 @@ def _j2k(values: np.ndarray, bits: int, signed: bool) -> Dataset:
     ds.Rows, ds.Columns = values.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8 * values.dtype.itemsize, bits, bits - 1
     ds.PixelRepresentation = int(signed)
     ds.PixelData = values.tobytes()
+    return ds
+
+
+def _j2k(values: np.ndarray, bits: int, signed: bool) -> Dataset:
+    ds = _native(values, bits, signed)
     ds.compress(pydicom.uid.JPEG2000Lossless, encoding_plugin="pylibjpeg")
     return ds
+
+
+def _encapsulated(values: np.ndarray, bits: int, ts: str, frame: bytes) -> Dataset:
+    """A data set whose one frame is ``frame`` (a codestream of ``values``) in syntax ``ts``."""
+    ds = _native(values, bits, False)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(ts)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.WindowCenter, ds.WindowWidth = 2 ** (bits - 1), 2**bits
+    return ds
+
+
+def _jpeg_baseline(rows: int = 300, cols: int = 260) -> Dataset:
+    """A greyscale JPEG baseline (8-bit, OpenCV's encoder at quality 90) data set."""
+    pixels, _ = _synthetic(rows, cols, bits=8)
+    values = pixels.astype(np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", values, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return _encapsulated(values, 8, pydicom.uid.JPEGBaseline8Bit, jpeg.tobytes())
+
+
+def test_a_jpeg_baseline_file_through_the_cpu_decode_is_the_cpu_paths(registry) -> None:
+    """(The data set the GPU test decodes on the device, here through the CPU decode.)"""
+    manifest = registry.models["mr-brain"].manifest
+    ds = _jpeg_baseline()
+    ref = list(iter_prepared([copy.deepcopy(ds)], PrepareSpec(manifest)))
+    _assert_same(ref, list(_numpy_preparer().stream([copy.deepcopy(ds)], PrepareSpec(manifest))), manifest)
 
 
 @pytest.mark.parametrize("bits, signed", [(12, False), (12, True), (16, True), (10, False)])
@@ -797,33 +850,25 @@ def test_gpu_lossy_decodes_within_a_level_or_two(name) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_jpeg_baseline_greyscale_and_htj2k(tmp_path) -> None:
+def test_gpu_jpeg_baseline_greyscale_and_htj2k() -> None:
+    """JPEG baseline within two levels (IDCTs differ); HTJ2K lossless (encoded on the device
+    as a bare codestream, 16 bits as its encoder writes uint16) bit for bit."""
     cupy, nvimgcodec = _cupy_and_codec()
-    pixels, _ = _synthetic(300, 260, bits=8)
-    values = pixels.astype(np.uint8)
-    ok, jpeg = cv2.imencode(".jpg", values, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    ds = _j2k(values.astype(np.uint16), 8, False)
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
-    ds.PixelData = encapsulate([jpeg.tobytes()])
-    ds["PixelData"].VR = "OB"
-    got, ref = _device_decode(ds)
+    got, ref = _device_decode(_jpeg_baseline())
     assert got is not None
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2
-    # HTJ2K lossless, encoded on the device
-    encoder = nvimgcodec.Encoder()
-    params = nvimgcodec.EncodeParams(
-        quality_type=nvimgcodec.QualityType.LOSSLESS,
-        jpeg2k_encode_params=nvimgcodec.Jpeg2kEncodeParams(ht=True),
+    pixels, _ = _synthetic(300, 260, bits=12)
+    params = nvimgcodec.Jpeg2kEncodeParams()
+    params.ht = True
+    params.bitstream_type = nvimgcodec.Jpeg2kBitstreamType.J2K
+    encode = nvimgcodec.EncodeParams(
+        quality_type=nvimgcodec.QualityType.LOSSLESS, jpeg2k_encode_params=params
     )
-    twelve = (pixels & 0x0FFF).astype(np.uint16)
-    stream = encoder.encode(cupy.asarray(twelve[..., np.newaxis]), "jpeg2k", params=params)
-    ht = _j2k(twelve, 12, False)
-    ht.file_meta.TransferSyntaxUID = pydicom.uid.HTJ2KLossless
-    ht.PixelData = encapsulate([bytes(stream)])
+    stream = nvimgcodec.Encoder().encode(pixels, codec="jpeg2k", params=encode)
+    ht = _encapsulated(pixels, 16, pydicom.uid.HTJ2KLossless, bytes(stream))
     got, ref = _device_decode(ht)
-    assert got is not None and np.array_equal(got, ref)
+    assert got is not None, "the device decode should take it"
+    assert np.array_equal(got, ref) and np.array_equal(ref, pixels)
 
 
 @pytest.mark.gpu
@@ -844,6 +889,9 @@ def test_gpu_preparer_streams_device_tensors_as_the_cpu_path(registry, phantoms)
     for batch in (files, compressed):
         got = list(preparer.stream(batch, spec))
         assert all(isinstance(f.model_input.tensor, cupy.ndarray) for f in got)
+        joined = gp.concatenate([f.model_input.tensor for f in got])
+        assert isinstance(joined, cupy.ndarray) and joined.shape[0] == len(got)
+        assert isinstance(gp.host_array(joined), np.ndarray)
         host = [
             type(f)(
                 f.item,
