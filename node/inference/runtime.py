@@ -518,11 +518,44 @@ def _cuda_graph_refusal(model: LoadedModel, config: RuntimeConfig) -> str | None
     return None
 
 
+#: largest difference of the probabilities between a CUDA-graph replay and the same model run
+#: without the graph (same kernels; cuDNN may pick other algorithms in another session). A replay
+#: that read stale buffers differs by far more
+GRAPH_TOLERANCE = 1e-3
+
+
+def verify_replay(
+    session: ModelSession, reference: ModelSession, model: LoadedModel, tolerance: float
+) -> str | None:
+    """Why ``session`` (persistent buffers) cannot be trusted, or None: two zero batches (the
+    buffers made, the CUDA graph captured), then the fixed-seed check batch, whose probabilities
+    must match ``reference``'s within ``tolerance`` (a replay that read stale buffers would not)."""
+    dims, found = _input_shape(model)
+    if dims is None:
+        return f"input dims {found} are not all fixed"
+    shape = [model.fixed_batch or 1, *dims]
+    manifest = model.manifest
+    try:
+        zeros = np.zeros(shape, dtype=session.input_dtype)
+        session.run(zeros)
+        session.run(zeros)
+        batch = fp16.check_batch(shape, seed=1)
+        diff = fp16.parity_difference(
+            reference, session, batch, manifest.outputs.probabilities, manifest.outputs.activation
+        )
+    except InferenceError as exc:
+        return f"the capture or replay failed ({exc})"
+    if diff > tolerance:
+        return f"its replay differs from the session without it by {diff:.3g} (> {tolerance:g})"
+    return None
+
+
 def _cuda_graph_session(
-    model: LoadedModel, config: RuntimeConfig, source: str | bytes
+    model: LoadedModel, config: RuntimeConfig, source: str | bytes, reference: ModelSession, tolerance: float
 ) -> ModelSession | None:
-    """A session of ``source`` created with ``enable_cuda_graph`` (persistent buffers), or None
-    with an info log saying why not (a dynamic shape, ONNX Runtime refusing the graph)."""
+    """A session of ``source`` created with ``enable_cuda_graph`` (persistent buffers), captured
+    and checked against ``reference`` (:func:`verify_replay`); or None with a log saying why not
+    (a dynamic shape, ONNX Runtime refusing the graph, a replay that differs)."""
     name = model.manifest.id
     if (refusal := _cuda_graph_refusal(model, config)) is not None:
         log.info("model %s: no CUDA graph: %s", name, refusal)
@@ -536,8 +569,12 @@ def _cuda_graph_session(
     if graph.get_providers()[0] != CUDA:
         log.info("model %s: no CUDA graph: the session fell back to %s", name, graph.get_providers()[0])
         return None
-    log.info("model %s: CUDA graph on (input shape fixed)", name)
-    return _model_session(graph, model, config, persistent_io=True)
+    session = _model_session(graph, model, config, persistent_io=True)
+    if (problem := verify_replay(session, reference, model, tolerance)) is not None:
+        log.warning("model %s: no CUDA graph: %s", name, problem)
+        return None
+    log.info("model %s: CUDA graph on (input shape fixed, replay checked)", name)
+    return session
 
 
 def create_session(model: LoadedModel, config: RuntimeConfig) -> ModelSession:
@@ -560,7 +597,10 @@ def create_session(model: LoadedModel, config: RuntimeConfig) -> ModelSession:
     elif wanted:
         data = fp16_variant(model, config, session, spec) if spec.fp16 else None
         source: str | bytes = str(model.onnx_path) if data is None else data
-        graph = _cuda_graph_session(model, config, source) if spec.cuda_graph else None
+        graph = None
+        if spec.cuda_graph:  # checked against FP32 (FP16's own tolerance when FP16 was kept)
+            tolerance = GRAPH_TOLERANCE if data is None else spec.fp16_tolerance
+            graph = _cuda_graph_session(model, config, source, session, tolerance)
         if graph is not None:
             session = graph
         elif data is not None:

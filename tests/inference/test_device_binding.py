@@ -22,7 +22,16 @@ import pytest
 from node.errors import InferenceError
 from node.inference.batcher import SessionBatcher, _Request
 from node.inference.registry import load_model, load_registry
-from node.inference.runtime import CPU, CUDA, ModelSession, RuntimeConfig, create_session, open_session
+from node.inference.runtime import (
+    CPU,
+    CUDA,
+    GRAPH_TOLERANCE,
+    ModelSession,
+    RuntimeConfig,
+    create_session,
+    open_session,
+    verify_replay,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ONE_THREAD = {"intra_op_threads": 1, "inter_op_threads": 1, "warmup": False}
@@ -377,3 +386,27 @@ def test_gpu_cuda_graph_fixed_batch_matches_plain_cuda(make_model_dir, caplog) -
     for got in (graph.run(x), graph.run(cupy.asarray(x)), graph.run(x)):
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_verify_replay_accepts_fresh_buffers_and_catches_stale_ones(make_model_dir) -> None:  # noqa: ANN001
+    """The check create_session runs on a CUDA-graph session before keeping it, run here on the
+    CPU persistent-buffer path: a replay that reads the chunk passes; one whose input buffer is
+    never refreshed (as a graph replaying stale addresses would) is refused with the difference."""
+    from tests.inference.conftest import make_cam_model
+
+    model = load_model(make_model_dir(onnx_bytes=make_cam_model(input_shape=[2, 3, 32, 32])))
+
+    def session(**kw) -> ModelSession:  # noqa: ANN003
+        return ModelSession(
+            open_session(model.onnx_path, RuntimeConfig(providers=(CPU,)), "t"), name="t", input_name="image",
+            output_names=["logits", "cam"], max_batch=8, fixed_batch=2, **kw,
+        )  # fmt: skip
+
+    plain = session()
+    assert (
+        verify_replay(session(binding_on_cpu=True, persistent_io=True), plain, model, GRAPH_TOLERANCE) is None
+    )
+    stale = session(binding_on_cpu=True, persistent_io=True)
+    stale._copy_into = lambda target, chunk, on_device: None  # type: ignore[method-assign]
+    problem = verify_replay(stale, plain, model, GRAPH_TOLERANCE)
+    assert problem is not None and "differs from the session without it by" in problem
