@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import pydicom.uid
 from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
+from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
 from node.budget import DEFAULT_BUDGET, Budget
@@ -575,20 +575,27 @@ def decode_on_device(
     xp: Any, codec: Any, decoder: Any, codestream: bytes, ts: UID, header: ImageHeader
 ) -> Any | None:
     """One frame's codestream decoded by nvImageCodec (``codec`` the module, ``decoder`` its
-    Decoder) to stored values on ``xp``'s device as pydicom gives them (dtype from BitsAllocated
-    and PixelRepresentation; unsigned values masked to BitsStored, signed ones sign-extended
-    from it), or None where the device decode cannot stand for pydicom's: a transfer syntax it
-    does not take, a codestream whose precision or sign is not the data set's (pydicom corrects
-    those), a colour model it does not convert the same way, an unexpected output. Exceptions
-    from nvImageCodec propagate (the caller decodes the frame on the CPU)."""
+    Decoder) to stored values on ``xp``'s device as pydicom gives them, or None where the device
+    decode cannot stand for pydicom's.
+
+    The values are the codestream's samples at its own precision ``p`` (SIZ / SOF), however the
+    decoder returns them (sign-extended or not, bits above ``p`` set or not): masked to ``p``
+    bits and, signed, sign-extended from bit ``p - 1``, in the dtype pydicom gives
+    (BitsAllocated, PixelRepresentation). Where ``p`` is at most BitsStored and the
+    codestream's sign is the data set's, those are pydicom's values; otherwise (pydicom corrects
+    a precision above BitsStored, or a sign that differs), a transfer syntax it does not take, a
+    colour model it does not convert the same way, a signed JPEG, or an unexpected output:
+    None. Exceptions from nvImageCodec propagate (the caller decodes the frame on the CPU)."""
     if ts not in DEVICE_SYNTAXES or header.bits_allocated not in (8, 16):
         return None
     try:
         claim = frame_claim(ts, codestream)
     except CodestreamError:
         return None
-    if claim is None or claim.bits != header.bits_stored or (ts in _J2K and claim.signed != header.is_signed):
+    if claim is None or not 0 < claim.bits <= header.bits_stored:
         return None
+    if (claim.signed != header.is_signed) if ts in _J2K else header.is_signed:
+        return None  # a signed JPEG frame (pydicom's sign handling) goes to the CPU too
     spec = _color_spec(codec, ts, header)
     if spec is None:
         return None
@@ -608,12 +615,12 @@ def decode_on_device(
     if got.itemsize > size:
         return None
     arr = arr.view(np.dtype(f"u{got.itemsize}")).astype(unsigned, copy=False)
-    bits = header.bits_stored
+    bits = claim.bits
     if bits < 8 * size:
         arr = arr & unsigned.type((1 << bits) - 1)
     if header.is_signed:
         signed = np.dtype(f"i{size}")
-        if bits < 8 * size:  # sign-extend from BitsStored: (v ^ s) - s in a wider type
+        if bits < 8 * size:  # sign-extend from the precision: (v ^ s) - s in a wider type
             sign = 1 << (bits - 1)
             arr = ((arr.astype(xp.int32) ^ sign) - sign).astype(signed)
         else:
@@ -653,11 +660,14 @@ def iter_device_frames(
     ts = UID(header.transfer_syntax_uid)
     eot = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
     extended = (eot[0], eot[1]) if eot[0] and eot[1] else None
-    for index in range(header.number_of_frames):
+    count = header.number_of_frames
+    frames = generate_frames(ds.PixelData, number_of_frames=count, extended_offsets=extended)
+    index = 0
+    while index < count:
         try:
-            codestream = get_frame(
-                ds.PixelData, index, extended_offsets=extended, number_of_frames=header.number_of_frames
-            )
+            codestream = next(frames)
+        except StopIteration:
+            break
         except Exception as exc:  # pydicom's encapsulation parsers raise several types
             raise DecodeError(
                 f"instance {header.sop_instance_uid}: encapsulated pixel data cannot be split into "
@@ -672,8 +682,14 @@ def iter_device_frames(
             pixels = None
         if pixels is None:
             yield _upload(xp, dec.decode_frame(ds, index, budget))
-            continue
-        yield DeviceFrame(header.for_frame(index), pixels, None)
+        else:
+            yield DeviceFrame(header.for_frame(index), pixels, None)
+        index += 1
+    if index < count:
+        raise DecodeError(
+            f"instance {header.sop_instance_uid}: pixel data holds {index} frame(s), "
+            f"NumberOfFrames says {count}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from node.errors import BudgetExceeded, PreprocessError
 from node.inference import gpu_prepare as gp
 from node.inference import gpu_probe
 from node.inference import preprocess as pp
+from node.inference.codestream import frame_claim
 from node.inference.decode import decode_frame, header_from_dataset, iter_frames, read_dataset
 from node.inference.isolate import PreparationDeadline
 from node.inference.manifest import Manifest
@@ -693,14 +694,17 @@ class _FakeCodec:
         return self
 
     def decode(self, codestream: bytes, params: Any) -> np.ndarray:
+        import openjpeg  # the codestream it is given, decoded by OpenJPEG (pylibjpeg's)
+
         self.calls += 1
         if self.fail:
             raise RuntimeError("nvjpeg2k: decode failed")
-        values = decode_frame(self.ds, 0).frame(0)
+        values = np.asarray(openjpeg.decode(codestream))
         out = values.view(np.dtype(f"u{values.dtype.itemsize}")).copy()
-        if self.garbage:  # bits above BitsStored set (a decoder that does not clear them)
-            bits = int(self.ds.BitsStored)
-            out |= np.uint16(0xFFFF ^ ((1 << bits) - 1)) if values.dtype.kind == "u" else 0
+        if self.garbage:  # the samples' bits above the precision set (unsigned) or not
+            bits = frame_claim(pydicom.uid.JPEG2000Lossless, codestream).bits  # sign-extended (signed)
+            high = out.dtype.type(((1 << 8 * out.itemsize) - 1) ^ ((1 << bits) - 1))
+            out = out | high if values.dtype.kind == "u" else out & ~high
         return out[..., np.newaxis]
 
 
@@ -753,13 +757,19 @@ def test_a_jpeg_baseline_file_through_the_cpu_decode_is_the_cpu_paths(registry) 
     _assert_same(ref, list(_numpy_preparer().stream([copy.deepcopy(ds)], PrepareSpec(manifest))), manifest)
 
 
-@pytest.mark.parametrize("bits, signed", [(12, False), (12, True), (16, True), (10, False)])
+@pytest.mark.parametrize(
+    "bits, signed, declared",
+    [(12, False, 12), (12, True, 12), (16, True, 16), (10, False, 10), (10, False, 12), (14, True, 16)],
+)
 @pytest.mark.parametrize("garbage", [False, True])
-def test_device_decode_gives_pydicoms_stored_values(bits, signed, garbage) -> None:
+def test_device_decode_gives_pydicoms_stored_values(bits, signed, declared, garbage) -> None:
+    """Samples of ``bits`` precision in a data set whose BitsStored is ``declared`` (at least
+    the precision: 693_J2KR.dcm has 14 in 16), as a GPU decoder may return them."""
     rng = np.random.default_rng(bits)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     values = rng.integers(lo, hi + 1, (40, 56)).astype(np.int16 if signed else np.uint16)
     ds = _j2k(values, bits, signed)
+    ds.BitsStored, ds.HighBit = declared, declared - 1
     codec = _FakeCodec(ds, garbage=garbage)
     header = header_from_dataset(ds)
     codestream = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
@@ -787,13 +797,43 @@ def test_device_decode_failures_fall_back_to_the_cpu(registry, caplog, tmp_path)
             assert failed and pydicom.uid.JPEG2000Lossless in failed[0]
 
 
-def test_precision_or_sign_other_than_the_data_sets_is_left_to_pydicom(tmp_path) -> None:
-    ds = pydicom.dcmread(_testdata("J2K_pixelrep_mismatch.dcm"))  # pydicom corrects its sign
+@pytest.mark.parametrize(
+    "name, model_id", [("MR2_J2KR.dcm", "mr-brain"), ("693_J2KR.dcm", "ct-liver"), ("RG1_J2KR.dcm", "cxr")]
+)
+def test_device_decoded_files_prepare_as_on_the_cpu(registry, name, model_id) -> None:
+    """Real JPEG 2000 files through the device decode's path (the stand-in decoder): MR, a
+    signed CT whose codestream has 14 bits for BitsStored 16, a 15-bit MONOCHROME1 CR: the
+    CPU path's frames, tensors and displays."""
+    manifest = registry.models[model_id].manifest
+    path = _testdata(name)
+    codec = _FakeCodec(pydicom.dcmread(path), garbage=True)
+    preparer = _numpy_preparer()
+    preparer._codec, preparer._decoder = codec, codec
+    got = list(preparer.stream([path], PrepareSpec(manifest)))
+    ref = list(iter_prepared([path], PrepareSpec(manifest)))
+    assert codec.calls == len(ref) == int(pydicom.dcmread(path).get("NumberOfFrames", 1))
+    _assert_same(ref, got, manifest)
+
+
+@pytest.mark.parametrize("name", ["J2K_pixelrep_mismatch.dcm", "emri_small_jpeg_2k_lossless.dcm"])
+def test_precision_or_sign_other_than_the_data_sets_is_left_to_pydicom(registry, name) -> None:
+    """A codestream signed where the data set says unsigned (pydicom corrects it), or of more
+    bits than BitsStored (16 for 12: pydicom's handling), is decoded on the CPU; a 10-frame
+    file of such frames prepares as on the CPU through that fallback."""
+    path = _testdata(name)
+    ds = pydicom.dcmread(path)
     header = header_from_dataset(ds)
-    codestream = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    codestream = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=header.number_of_frames)
     codec = _FakeCodec(ds)
     assert gp.decode_on_device(np, codec, codec, codestream, pydicom.uid.JPEG2000Lossless, header) is None
     assert codec.calls == 0
+    if header.number_of_frames > 1:
+        manifest = registry.models["mr-brain"].manifest
+        preparer = _numpy_preparer()
+        preparer._codec, preparer._decoder = codec, codec
+        got = list(preparer.stream([path], PrepareSpec(manifest)))
+        _assert_same(list(iter_prepared([path], PrepareSpec(manifest))), got, manifest)
+        assert len(got) == 10
 
 
 # -- on a GPU (skipped without one) --------------------------------------------------------------
@@ -824,10 +864,11 @@ def _device_decode(path_or_ds: Path | Dataset) -> tuple[np.ndarray | None, np.nd
         "MR2_J2KR.dcm",
         "693_J2KR.dcm",
         "MR_small_jp2klossless.dcm",
-        "emri_small_jpeg_2k_lossless.dcm",
+        "examples_jpeg2k.dcm",  # colour, YBR_RCT (reversible) to RGB
     ],
 )
 def test_gpu_lossless_jpeg2000_is_pydicoms(name) -> None:
+    """CR 15-bit MONOCHROME1, MR 12-bit, signed CT (14-bit codestream), signed MR, colour."""
     got, ref = _device_decode(_testdata(name))
     assert got is not None, "the device decode should take it"
     assert got.dtype == ref.dtype and np.array_equal(got, ref)
