@@ -22,9 +22,15 @@ step. Every frame the device path cannot prepare (a data error, an unusable wind
 the CPU code in this process and uploaded, so errors and results are the CPU path's.
 
 Decoding: JPEG baseline / extended, JPEG 2000 and HTJ2K frames are decoded by nvImageCodec on
-the device where its output can be pydicom's (same precision and sign as the data set says; the
-values masked to BitsStored and sign-extended as pydicom does); any other frame, or any device
-decode that fails, is decoded on the CPU (:mod:`node.inference.decode`) and uploaded.
+the device where its output can be pydicom's (:func:`decode_on_device`: the codestream's
+precision at most BitsStored, its sign the data set's; the samples masked and sign-extended
+from that precision); any other frame, or any device decode that fails, is decoded on the CPU
+(:mod:`node.inference.decode`) and uploaded.
+
+Use: ``make_gpu_preparer(session.active_provider, cpu=pool)`` once per node (None where the GPU
+path is not usable: :mod:`node.inference.gpu_probe` logs why), then its ``stream`` / ``submit``
+as any Preparer. Its tensors are CuPy arrays: join them with :func:`concatenate`, bring them to
+the host with :func:`host_array` where host code needs them (heatmaps, patch tiling).
 
 Nothing here imports CuPy or nvImageCodec at module import: the node imports it without them.
 """
@@ -142,6 +148,12 @@ def resize_weights(ssize: int, dsize: int, kind: str) -> np.ndarray:
     source pixels of output pixel ``d`` along one axis (``resize.cpp``): ``kind`` "area" (its
     area table, :func:`node.inference.reduce.area_weights`), "area_linear" (INTER_AREA where an
     axis grows), "linear" (INTER_LINEAR), "nearest" (INTER_NEAREST)."""
+    m = _weights(ssize, dsize, kind)
+    m.flags.writeable = False  # cached and shared
+    return m
+
+
+def _weights(ssize: int, dsize: int, kind: str) -> np.ndarray:
     m = np.zeros((dsize, ssize), dtype=np.float32)
     if kind == "area":
         for d, (a, b, w) in enumerate(area_weights(ssize, dsize)):
