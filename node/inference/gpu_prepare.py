@@ -729,10 +729,12 @@ class GpuPreparer:
     frames' ``model_input.tensor`` are ``xp`` (CuPy: device) arrays, their displays host uint8
     arrays equal to :func:`~node.inference.prepared.display_image`'s.
 
-    A model whose steps have no device version (:func:`supported`) is prepared by the CPU code
-    in this process, its tensors uploaded (logged once per model). A
-    :class:`~node.inference.prepared.DisplaySpec` (displays only) runs the CPU code. Unlike the
-    pool, nothing isolates the decoders here: the budget's header checks are the only guard.
+    A model whose steps have no device version (:func:`supported`) is prepared by ``cpu`` (or
+    the CPU code in this process), its tensors uploaded (logged once per model); so is a
+    :class:`~node.inference.prepared.DisplaySpec` (displays only). Items are prepared one after
+    the other on the calling thread. Unlike the pool, nothing isolates the decoders of the
+    device path: the budget's header checks are the only guard, and no time limit interrupts
+    a decode (the deadline is checked between frames).
 
     ``xp``: the array module (default CuPy, imported here; NumPy for tests); ``device_decode``:
     decode compressed frames with nvImageCodec (default: when it imports); ``cpu``: the
