@@ -832,6 +832,50 @@ def test_device_decoded_files_prepare_as_on_the_cpu(registry, name, model_id) ->
     _assert_same(ref, got, manifest)
 
 
+def _openjph(source: Path, ts: str) -> Dataset:
+    """``source`` (uncompressed, one frame) as an HTJ2K file written by OpenJPH (itkwasm-htj2k,
+    the dev extra), lossless, one tile; RPCL order for .202."""
+    htj2k = pytest.importorskip("itkwasm_htj2k", reason="itkwasm-htj2k (dev extra) writes HTJ2K")
+    itkwasm = pytest.importorskip("itkwasm")
+    ds = pydicom.dcmread(source)
+    frame = np.ascontiguousarray(ds.pixel_array)
+    rows, cols = frame.shape
+    image = itkwasm.Image(
+        itkwasm.ImageType(dimension=2, componentType=frame.dtype.name, pixelType="Scalar", components=1),
+        size=[cols, rows],
+        data=frame,
+    )
+    stream = htj2k.encode(
+        image,
+        decompositions=5,
+        not_reversible=False,
+        quantization_step=1,
+        progression_order=2 if ts == pydicom.uid.HTJ2KLosslessRPCL else 1,
+        tile_size=[cols, rows],
+        tile_offset=[0, 0],
+        block_dimensions=[64, 64],
+    )
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(ts)
+    ds.PixelData = encapsulate([bytes(stream)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+@pytest.mark.parametrize("ts", [pydicom.uid.HTJ2KLossless, pydicom.uid.HTJ2KLosslessRPCL])
+def test_htj2k_files_through_the_device_decode_path(registry, ts) -> None:
+    """A signed 16-bit CT written as HTJ2K by OpenJPH, through the device decode's path (the
+    stand-in decoder): taken there (its precision is BitsStored), the CPU path's results."""
+    ds = _openjph(_testdata("CT_small.dcm"), ts)
+    manifest = registry.models["ct-liver"].manifest
+    codec = _FakeCodec(ds, garbage=True)
+    preparer = _numpy_preparer()
+    preparer._codec, preparer._decoder = codec, codec
+    got = list(preparer.stream([copy.deepcopy(ds)], PrepareSpec(manifest)))
+    assert codec.calls == 1
+    _assert_same(list(iter_prepared([copy.deepcopy(ds)], PrepareSpec(manifest))), got, manifest)
+
+
 @pytest.mark.parametrize("name", ["J2K_pixelrep_mismatch.dcm", "emri_small_jpeg_2k_lossless.dcm"])
 def test_precision_or_sign_other_than_the_data_sets_is_left_to_pydicom(registry, name) -> None:
     """A codestream signed where the data set says unsigned (pydicom corrects it), or of more
@@ -927,6 +971,16 @@ def test_gpu_jpeg_baseline_greyscale_and_htj2k() -> None:
     got, ref = _device_decode(ht)
     assert got is not None, "the device decode should take it"
     assert np.array_equal(got, ref) and np.array_equal(ref, pixels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ts", [pydicom.uid.HTJ2KLossless, pydicom.uid.HTJ2KLosslessRPCL])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_gpu_htj2k_from_openjph_is_pydicoms(name, ts) -> None:
+    """HTJ2K lossless written by another implementation (OpenJPH), signed 16-bit CT and MR."""
+    got, ref = _device_decode(_openjph(_testdata(name), ts))
+    assert got is not None, "the device decode should take it"
+    assert got.dtype == ref.dtype and np.array_equal(got, ref)
 
 
 @pytest.mark.gpu
