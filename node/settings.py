@@ -389,6 +389,12 @@ class ModelsSettings(_Section):
     intra_op_threads: int = Field(0, ge=0, description="0: ONNX Runtime's default")
     max_batch: int = Field(16, ge=1, le=1024)
     strict: bool = Field(False, description="refuse to start when any model is refused")
+    gpu_preparation: bool = Field(
+        True,
+        description="decode and prepare the frames of a model that runs on CUDA on the GPU "
+        "(nvImageCodec, CuPy: node/inference/gpu_prepare.py) where that is possible; false: "
+        "always in the preparation processes on the CPU",
+    )
 
     @field_validator("directory")
     @classmethod

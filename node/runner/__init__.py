@@ -23,9 +23,10 @@ from sqlmodel import Session
 from node.backoff import backoff_s
 from node.errors import ConfigError, DecodeError, ManifestError, NodeError, PreprocessError
 from node.inference.batcher import RunsBatches, SessionBatcher
+from node.inference.gpu_prepare import GpuPreparer, make_gpu_preparer
 from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel, Registry
-from node.inference.runtime import ModelSession
+from node.inference.runtime import CUDA, ModelSession
 from node.monitoring.record import record_run
 from node.outputs import OutputError
 from node.pipeline.assemble import assemble
@@ -200,6 +201,8 @@ class Runner:
         self._node_id = node_id or cluster.node_id(settings.cluster.node_id)  # owner of its job claims
         self._lease_s = settings.cluster.lease_s
         self._preparer = preparer  # decodes in child processes (limits.decode_memory_mib); None: here
+        self._gpu_preparer: GpuPreparer | None | bool = None  # made for the first CUDA model; False: none
+        self._gpu_lock = threading.Lock()
         self._metrics = metrics or NodeMetrics()
         self._settings = settings
         self._rules = rules
@@ -289,6 +292,17 @@ class Runner:
             if batcher is None or batcher.session is not session:
                 batcher = self._batchers[model_id] = SessionBatcher(session, model_id)
             return batcher
+
+    def _preparer_for(self, session: RunsBatches) -> Preparer | None:
+        """Who prepares the frames of a model run by ``session``: on CUDA, the GPU preparer
+        (made once, for the first such model; ``models.gpu_preparation``), which hands what the
+        device cannot do to the preparation processes; otherwise those processes."""
+        if getattr(session, "active_provider", None) != CUDA or not self._settings.models.gpu_preparation:
+            return self._preparer
+        with self._gpu_lock:
+            if self._gpu_preparer is None:  # why not, when not, is logged once by the probe
+                self._gpu_preparer = make_gpu_preparer(CUDA, cpu=self._preparer) or False
+            return self._gpu_preparer if isinstance(self._gpu_preparer, GpuPreparer) else self._preparer
 
     # -- heartbeat: leases of this node's jobs, jobs of nodes that died ---------------------
     def heartbeat(self) -> None:
@@ -464,7 +478,7 @@ class Runner:
                 uid_seed=job.key,
                 watch=watch,
                 budget=settings.limits.budget(),
-                preparer=self._preparer,
+                preparer=self._preparer_for(session_),
             )
             shadow = model.manifest.mode == "shadow"  # analysed and recorded; nothing is sent
             targets = [] if shadow else settings.destinations

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from node.errors import DecodeError, NodeError
 from node.inference.batcher import RunsBatches, SessionBatcher
 from node.inference.decode import decode_frame, read_dataset, slice_order
 from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
+from node.inference.gpu_prepare import GpuPreparer, concatenate, host_array
 from node.inference.isolate import PreparationDeadline
 from node.inference.manifest import Manifest, PatchHeatmap
 from node.inference.postprocess import label_scores, probabilities
@@ -129,6 +130,8 @@ def analyse(
     a child process under a memory and time limit; None: in this process."""
     manifest = model.manifest
     if manifest.kind == "segmentation" or manifest.input.is_volume:
+        # these work on the host tensors: the GPU preparer's CPU side prepares them
+        preparer = preparer.cpu if isinstance(preparer, GpuPreparer) else preparer
         # per-pixel models (node.runner.segment) and volume classifiers (node.runner.volume), both
         # imported here: they use this module
         if manifest.kind == "segmentation":
@@ -163,7 +166,7 @@ def analyse(
                 image_outputs = {name: value[i : i + 1] for name, value in outputs.items()}
                 maps = heatmaps(
                     manifest,
-                    images[i].model_input,
+                    _on_host(images[i].model_input),
                     image_outputs,
                     predict,
                     patch_result=patch_results[i] if is_patch else None,
@@ -253,6 +256,14 @@ def prepare_all(
     return [images[i] for i in _spatial_order(frames, images)]
 
 
+def _on_host(model_input: ModelInput) -> ModelInput:
+    """``model_input`` with its tensor on the host (a GPU-prepared tensor copied back: the
+    heatmap methods work on NumPy arrays); a host tensor as it is."""
+    if isinstance(model_input.tensor, np.ndarray):
+        return model_input
+    return replace(model_input, tensor=host_array(model_input.tensor))
+
+
 def _spatial_order(frames: Sequence[PreparedFrame], images: Sequence[_Image]) -> list[int]:
     """Indices of ``images`` (prepared from ``frames``, in the order they came) in spatial
     order; images that it does not tell apart stay in the order the files were handed in, not
@@ -307,7 +318,7 @@ def prepare_and_infer(
     def hand_in() -> None:
         for start in range(0, len(waiting), batcher.max_batch):
             chunk = waiting[start : start + batcher.max_batch]
-            batch = np.concatenate([images[i].model_input.tensor for i in chunk], axis=0)
+            batch = concatenate([images[i].model_input.tensor for i in chunk])  # on their device
             batches.append(int(batch.shape[0]))
             running.append((chunk, batcher.submit(batch)))
         waiting.clear()
@@ -315,7 +326,7 @@ def prepare_and_infer(
     def score_patches(i: int) -> tuple[np.ndarray, object]:
         assert isinstance(manifest.heatmap, PatchHeatmap)
         heatmap = manifest.heatmap
-        tensor, layout = images[i].model_input.tensor, images[i].model_input.layout
+        tensor, layout = host_array(images[i].model_input.tensor), images[i].model_input.layout
         return patch_scores(
             tensor, predict, heatmap.patch_size, heatmap.stride, batch_size=heatmap.batch_size, layout=layout
         )
