@@ -6,11 +6,14 @@ For each reference model in ``models/onnx``, a phantom study of the model's kind
 preparation processes, a ``PreparePool`` sized as the node sizes it (one per core, at least
 runner.workers + 1 = 3), the frames handed to the model through a ``SessionBatcher`` while the
 rest are prepared; the patch tiler for patch models). ``--in-process`` prepares in the bench's
-own process instead (``limits.decode_memory_mib: 0``). Every array that the node hands to
-``ModelSession.run`` is recorded; the bare baseline then runs the same ONNX file in a plain
-``onnxruntime.InferenceSession`` (same provider, same thread settings) over exactly those
-already-prepared arrays, all of them in chunks of ``max_batch`` (padded when the graph's batch is
-fixed): the batching most favourable to the bare side. images/s = source images per second; the
+own process instead (``limits.decode_memory_mib: 0``). On the CUDA provider the frames are
+prepared on the GPU where that is usable (``node.inference.gpu_prepare``, as the node does with
+``models.gpu_preparation`` on); ``--cpu-prepare`` keeps them in the preparation processes.
+Every array that the node hands to ``ModelSession.run`` is recorded; the bare baseline then
+runs the same ONNX file in a plain ``onnxruntime.InferenceSession`` (same provider, same
+thread settings) over exactly those already-prepared arrays, all of them in chunks of
+``max_batch`` (padded when the graph's batch is fixed): the batching most favourable to the
+bare side. images/s = source images per second; the
 ratio node ÷ bare shows what decode and preprocessing cost on top of the model itself. "prep
 ms/img" is preparation alone on one core (``prepare_all`` in this process). Heatmaps/explain and
 outputs are not included.
@@ -56,6 +59,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from node.inference.gpu_prepare import host_array, make_gpu_preparer  # noqa: E402
 from node.inference.isolate import PreparePool  # noqa: E402
 from node.inference.manifest import PatchHeatmap  # noqa: E402
 from node.inference.registry import LoadedModel, load_registry  # noqa: E402
@@ -90,7 +94,8 @@ class Recording:
         self.calls: list[tuple[np.ndarray, tuple[str, ...] | None]] = []
 
     def run(self, batch: np.ndarray, outputs=None) -> dict[str, np.ndarray]:  # noqa: ANN001
-        self.calls.append((np.ascontiguousarray(batch, dtype=self.session.input_dtype), outputs))
+        host = host_array(batch)  # a GPU-prepared batch is recorded on the host for the bare side
+        self.calls.append((np.ascontiguousarray(host, dtype=self.session.input_dtype), outputs))
         return self.session.run(batch, outputs)
 
     def __getattr__(self, name: str) -> object:
@@ -191,10 +196,15 @@ def measure(
     max_batch: int,
     repeat: int,
     pool: PreparePool | None,
+    gpu_prepare: bool = True,
 ) -> str:
-    """One table row: node path vs bare ORT for one model and provider."""
+    """One table row: node path vs bare ORT for one model and provider (on CUDA with the
+    frames prepared on the GPU where that is usable, as the node does, unless ``gpu_prepare``
+    is off)."""
     config = RuntimeConfig(providers=(provider,), max_batch=max_batch)
     session = create_session(model, config)
+    if gpu_prepare and session.active_provider == CUDA:  # as the node: the GPU preparer where usable
+        pool = make_gpu_preparer(session.active_provider, cpu=pool) or pool  # type: ignore[assignment]
     calls = node_path(model, session, files, pool)  # warm: page cache, arenas, the pool's processes
     node_s = best(lambda: node_path(model, session, files, pool), repeat)
     bare = open_session(model.onnx_path, config, model.id)
@@ -284,6 +294,11 @@ def main() -> None:
         help="prepare in this process (limits.decode_memory_mib: 0), not in the node's preparation processes",
     )
     parser.add_argument(
+        "--cpu-prepare",
+        action="store_true",
+        help="on CUDA, prepare in the preparation processes (models.gpu_preparation: false)",
+    )
+    parser.add_argument(
         "--processes", type=int, default=None, help="preparation processes (default: as the node, per core)"
     )
     args = parser.parse_args()
@@ -324,7 +339,8 @@ def main() -> None:
                 kind = KIND[model_id]
             files = study_files(kind, Path(tmp) / f"{model_id}-study", args.images)
             for provider in providers:
-                print(measure(model, files, provider, args.max_batch, args.repeat, pool), flush=True)
+                row = measure(model, files, provider, args.max_batch, args.repeat, pool, not args.cpu_prepare)
+                print(row, flush=True)
     if pool is not None:
         pool.close()
 
