@@ -139,8 +139,9 @@ def analyse_segmentation(
                     sop_class_uid=images[i].header.sop_class_uid,
                     scores=tuple(scores),
                     heatmaps=tuple(shown_maps),
-                    display=displays.get(i),
+                    display=displays[i][0] if i in displays else None,
                     frame=images[i].header.frame_number,
+                    display_shape=displays[i][1] if i in displays else None,
                 )
             )
     sources = list({id(im.dataset): im.dataset for im in images}.values())

@@ -76,8 +76,9 @@ def analyse_volume(
             sop_class_uid=shown.header.sop_class_uid,
             scores=tuple(findings),
             heatmaps=(),
-            display=displays[middle],
+            display=displays[middle][0],
             frame=shown.header.frame_number,
+            display_shape=displays[middle][1],
         )
     sources = list({id(im.dataset): im.dataset for im in images}.values())
     result = AnalysisResult(
