@@ -247,44 +247,9 @@ def window(
     out_max: float = 255.0,
     function: str = "LINEAR",
 ) -> Any:
-    """pp.window on ``xp``: LINEAR, LINEAR_EXACT, SIGMOID to [out_min, out_max], float32, with
-    the same float64 operations (the clipped ramp where pp._clip_is_exact proves it is the
-    piecewise definition, else the piecewise form)."""
-    function = function.upper()
-    x = arr.astype(xp.float64)
-    r = out_max - out_min
-    if function == "SIGMOID":
-        if width <= 0:
-            raise PreprocessError(f"window width must be > 0 for SIGMOID (found {width})")
-        t = x
-        t -= float(center)
-        t *= -4.0
-        t /= float(width)
-        with np.errstate(over="ignore"):
-            xp.exp(t, out=t)
-        t += 1.0
-        y = r / t
-        y += out_min
-        return y.astype(xp.float32)
-    if function == "LINEAR":
-        if width < 1:
-            raise PreprocessError(f"window width must be >= 1 (found {width})")
-        c, w = float(center) - 0.5, float(width) - 1.0
-    elif function == "LINEAR_EXACT":
-        if width <= 0:
-            raise PreprocessError(f"window width must be > 0 for LINEAR_EXACT (found {width})")
-        c, w = float(center), float(width)
-    else:
-        raise PreprocessError(f"unsupported VOI LUT function {function!r}")
-    if w == 0:
-        y = xp.where(x <= c, out_min, out_max).astype(xp.float64)
-    elif out_min < out_max and pp._clip_is_exact(c, w, out_min, out_max):
-        y = pp._ramp(x, c, w, out_min, r)
-        xp.clip(y, out_min, out_max, out=y)
-    else:
-        y = ((x - c) / w + 0.5) * r + out_min
-        y = xp.where(x <= c - w / 2, out_min, xp.where(x > c + w / 2, out_max, y))
-    return y.astype(xp.float32)
+    """pp.window on ``xp``: LINEAR, LINEAR_EXACT, SIGMOID to [out_min, out_max], float32 (the CPU
+    code itself, run on ``xp``'s arrays)."""
+    return pp.window(arr, center, width, out_min, out_max, function, xp=xp)
 
 
 def header_voi(xp: Any, arr: Any, header: ImageHeader) -> Any | None:

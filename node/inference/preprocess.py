@@ -136,6 +136,8 @@ def window(
     out_min: float = 0.0,
     out_max: float = 255.0,
     function: str = "LINEAR",
+    *,
+    xp: Any = np,
 ) -> np.ndarray:
     """DICOM VOI window to [out_min, out_max], float32: pydicom's ``apply_windowing`` with its
     output range (the stored or rescaled range) scaled to [out_min, out_max].
@@ -144,9 +146,12 @@ def window(
     -> out_max; else ``((x - (c - 0.5)) / (w - 1) + 0.5) * (out_max - out_min) + out_min``; w >= 1.
     LINEAR_EXACT (C.11.2.1.3.2): the same with c and w as given; w > 0.
     SIGMOID (C.11.2.1.3.1): ``(out_max - out_min) / (1 + exp(-4 (x - c) / w)) + out_min``; w > 0.
+
+    ``xp``: the array module of ``arr`` (NumPy; CuPy for node/inference/gpu_prepare.py): the
+    same float64 operations on either.
     """
     function = function.upper()
-    x = arr.astype(np.float64)
+    x = arr.astype(xp.float64)
     r = out_max - out_min
     if function == "SIGMOID":
         if width <= 0:
@@ -156,11 +161,11 @@ def window(
         t *= -4.0
         t /= float(width)
         with np.errstate(over="ignore"):
-            np.exp(t, out=t)
+            xp.exp(t, out=t)
         t += 1.0
         y = r / t
         y += out_min
-        return y.astype(np.float32)
+        return y.astype(xp.float32)
     if function == "LINEAR":
         if width < 1:
             raise PreprocessError(f"window width must be >= 1 (found {width})")
@@ -174,16 +179,16 @@ def window(
             f"unsupported VOI LUT function {function!r} (known: {', '.join(VOI_LUT_FUNCTIONS)})"
         )
     if w == 0:  # LINEAR width 1: a threshold
-        y = np.where(x <= c, out_min, out_max)
+        y = xp.where(x <= c, out_min, out_max)
     elif out_min < out_max and _clip_is_exact(c, w, out_min, out_max):
         # the clipped ramp is the piecewise definition here (see _clip_is_exact); in place
         # (2.6x faster than the piecewise form on a 3.7-Mpixel radiograph)
         y = _ramp(x, c, w, out_min, r)
-        np.clip(y, out_min, out_max, out=y)
+        xp.clip(y, out_min, out_max, out=y)
     else:  # pydicom's piecewise form
         y = ((x - c) / w + 0.5) * r + out_min
-        y = np.where(x <= c - w / 2, out_min, np.where(x > c + w / 2, out_max, y))
-    return y.astype(np.float32)
+        y = xp.where(x <= c - w / 2, out_min, xp.where(x > c + w / 2, out_max, y))
+    return y.astype(xp.float32)
 
 
 def header_window_problem(header: ImageHeader) -> str | None:
