@@ -336,9 +336,6 @@ class ImageResult:
     heatmaps: tuple[Heatmap, ...]  # values (rows, cols) in source-image pixels, 0..1
     display: np.ndarray | None = None  # uint8 (rows, cols): the source image windowed for display
     frame: int | None = None  # 1-based frame number in a multi-frame source, None for single-frame
-    #: the full display's (rows, cols) when ``display`` was reduced to its drawn size (long side
-    #: over node.display_size.MAX_SIDE); None or equal to its shape: ``display`` is full size
-    display_shape: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -65,11 +65,7 @@ def overlay_png(display: np.ndarray, heat: np.ndarray, max_side: int = 256) -> s
     """The windowed image with a JET heatmap blended on it, as base64 PNG (at most ``max_side``).
 
     ``display`` is greyscale (rows, cols) or RGB (rows, cols, 3), as ``display_image`` gives it;
-    OpenCV works in BGR, so an RGB display is converted before blending and encoding. The
-    display of an analysed image (``ImageResult.display``) is kept at the SC's drawn size (a
-    long side of at most ``node.display_size.MAX_SIDE``), so a larger image's thumbnail is made
-    from that reduced display (the heatmap blended at its size) rather than from the full one:
-    it may differ from a thumbnail of the full display by a grey level or so here and there."""
+    OpenCV works in BGR, so an RGB display is converted before blending and encoding."""
     if display.ndim == 2:
         grey = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR)
     else:

@@ -55,7 +55,6 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
 from node.budget import DEFAULT_BUDGET, Budget
-from node.display_size import reduce_display
 from node.errors import DecodeError, PreprocessError
 from node.inference import decode as dec
 from node.inference import prepared
@@ -693,7 +692,7 @@ class GpuPreparer:
     protocol: :meth:`submit`, :meth:`stream`), in this process, on the GPU: each file read,
     its frames decoded on the device (or on the CPU and uploaded), prepared with ``xp``; the
     frames' ``model_input.tensor`` are ``xp`` (CuPy: device) arrays, their displays host uint8
-    arrays equal to :func:`~node.inference.prepared.drawn_display`'s (reduced to the drawn size).
+    arrays equal to :func:`~node.inference.prepared.display_image`'s.
 
     A model whose steps have no device version (:func:`supported`) is prepared by ``cpu`` (or
     the CPU code in this process), its tensors uploaded (logged once per model); so is a
@@ -819,18 +818,13 @@ class GpuPreparer:
             for index, frame in enumerate(iter_device_frames(xp, ds, budget, self._codec, self._decoder)):
                 check()
                 model_input = self._model_input(frame, spec)
-                shown, shape = None, None
+                shown = None
                 if keep:
                     shown = prepared.display_image(frame.host) if frame.host is not None else None
                     if shown is None:
                         shown = display(xp, frame.pixels, frame.header)
-                    # kept at the drawn size, as the CPU preparation keeps it (drawn_display)
-                    shape = (int(shown.shape[0]), int(shown.shape[1]))
-                    shown = reduce_display(shown)
                 _synchronize(xp)
-                frames.append(
-                    prepared.PreparedFrame(position, index, ds, frame.header, model_input, shown, shape)
-                )
+                frames.append(prepared.PreparedFrame(position, index, ds, frame.header, model_input, shown))
         finally:
             dec.forget_stored_range()
         if "PixelData" in ds:

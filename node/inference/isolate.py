@@ -222,7 +222,6 @@ def _send_frames(conn: Connection, task: int, position: int, frames: list[Prepar
             f.header,
             f.model_input and f.model_input.geometry,
             f.model_input and f.model_input.layout,
-            f.display_shape,
             spec,
         )
         for f, spec in zip(frames, specs, strict=True)
@@ -505,10 +504,10 @@ class PreparePool:
                         arrays.append(np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy())
         out = []
         taken = iter(arrays)
-        for index, header, geometry, layout, display_shape, (tensor, display) in meta:
+        for index, header, geometry, layout, (tensor, display) in meta:
             model_input = None if tensor is None else ModelInput(next(taken), geometry, layout)
             shown = None if display is None else next(taken)
-            out.append(PreparedFrame(position, index, dataset, header, model_input, shown, display_shape))
+            out.append(PreparedFrame(position, index, dataset, header, model_input, shown))
         return out
 
     def _unlink_left(self, child: _Child, task: int, positions: range) -> None:

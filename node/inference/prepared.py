@@ -23,7 +23,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
-from node.display_size import reduce_display
 from node.inference import preprocess as pp
 from node.inference.decode import decode_frame, forget_stored_range, read_dataset, stored_range
 from node.inference.manifest import Manifest
@@ -67,16 +66,6 @@ def display_image(image: DecodedImage, frame: int = 0) -> np.ndarray:
     if header.photometric_interpretation == "MONOCHROME1":
         out = 255.0 - out
     return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def drawn_display(image: DecodedImage, frame: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
-    """The display the node keeps of a frame and the frame's full (rows, cols): :func:`display_image`,
-    reduced to the drawn size where its long side is over ``node.display_size.MAX_SIDE``
-    (:func:`~node.display_size.reduce_display`, the very resize the renderers made of the full
-    display), else as it is."""
-    display = display_image(image, frame)
-    rows, cols = display.shape[:2]
-    return reduce_display(display), (rows, cols)
 
 
 #: pixels looked up per ``np.take``: its index array (converted to intp, 8 bytes a pixel) stays
@@ -201,9 +190,7 @@ class PreparedFrame:
     """One frame prepared for the model. ``item``: its position in the list handed in; ``index``:
     0-based frame index in that instance; ``dataset``: the instance's data set, pixel data dropped
     (one object shared by the frames of an instance); ``model_input``: None for a
-    :class:`DisplaySpec`; ``display``: the uint8 display when asked (:func:`drawn_display`:
-    reduced to the drawn size when larger); ``display_shape``: the full display's (rows, cols),
-    with the display."""
+    :class:`DisplaySpec`; ``display``: the uint8 display when asked."""
 
     item: int
     index: int
@@ -211,7 +198,6 @@ class PreparedFrame:
     header: ImageHeader
     model_input: ModelInput | None
     display: np.ndarray | None = None
-    display_shape: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -236,8 +222,8 @@ class PrepareSpec:
         manifest = self.manifest.model_copy(update={"decode_reduced": False}) if keep else self.manifest
         pairs = prepare_frames(ds, manifest, budget, check_size=self.check_size)
         for index, (decoded, model_input) in enumerate(pairs):
-            display, shape = drawn_display(decoded) if keep else (None, None)
-            frames.append(PreparedFrame(position, index, ds, decoded.header, model_input, display, shape))
+            display = display_image(decoded) if keep else None
+            frames.append(PreparedFrame(position, index, ds, decoded.header, model_input, display))
         forget_stored_range()
         if "PixelData" in ds:
             del ds.PixelData  # the outputs need the header only
@@ -254,14 +240,12 @@ class DisplaySpec:
     frames: tuple[tuple[int, ...], ...]
 
     def prepare(self, item: Item, position: int, budget: Budget = DEFAULT_BUDGET) -> list[PreparedFrame]:
-        """Decode each chosen frame of ``item`` alone within ``budget``; its display
-        (:func:`drawn_display`), no model input."""
+        """Decode each chosen frame of ``item`` alone within ``budget``; its display, no model input."""
         ds = read_dataset(item)
         out = []
         for index in self.frames[position]:
             decoded = decode_frame(ds, index, budget)
-            display, shape = drawn_display(decoded)
-            out.append(PreparedFrame(position, index, ds, decoded.header, None, display, shape))
+            out.append(PreparedFrame(position, index, ds, decoded.header, None, display_image(decoded)))
         forget_stored_range()
         if "PixelData" in ds:
             del ds.PixelData

@@ -32,9 +32,6 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.display_size import MAX_SIDE as MAX_SIDE  # the drawn size's bounds, re-exported
-from node.display_size import MIN_SIDE as MIN_SIDE
-from node.display_size import drawn_size
 from node.outputs import OutputError
 from node.outputs.common import (
     BURNED_IN_WARNING,
@@ -54,6 +51,9 @@ from node.types import AlgorithmIdentity, AnalysisResult, Heatmap, ImageResult, 
 
 log = logging.getLogger(__name__)
 
+#: Long side of the drawn image (before the legend and text band are added).
+MIN_SIDE = 512
+MAX_SIDE = 1024
 #: Heatmap values below LOW are not coloured; the colour reaches ALPHA at HIGH and above.
 LOW, HIGH, ALPHA = 0.25, 0.75, 0.65
 COLORMAP = cv2.COLORMAP_INFERNO
@@ -99,9 +99,7 @@ def build_heatmap_scs(
         frame = referenced_frame(source, image.frame)
         for heatmap in heatmaps_to_show(image, result):
             score = _score_for(heatmap.label, image, result)
-            pixels, scale = render_overlay(
-                image.display, heatmap, score, algorithm, full_shape=image.display_shape
-            )
+            pixels, scale = render_overlay(image.display, heatmap, score, algorithm)
             sc = _sc_dataset(
                 result, image, heatmap, ref, pixels, scale, identity, series_uid, description, len(out) + 1
             )
@@ -134,20 +132,12 @@ def _score_for(label: str, image: ImageResult, result: AnalysisResult) -> LabelS
 
 
 def render_overlay(
-    display: np.ndarray,
-    heatmap: Heatmap,
-    score: LabelScore | None,
-    algorithm: AlgorithmIdentity,
-    full_shape: tuple[int, int] | None = None,
+    display: np.ndarray, heatmap: Heatmap, score: LabelScore | None, algorithm: AlgorithmIdentity
 ) -> tuple[np.ndarray, float]:
     """The RGB picture (uint8, rows x cols x 3) and the scale factor applied to the source image.
 
     ``display`` is the windowed greyscale image (rows, cols) or a colour photograph (rows, cols,
-    3) RGB, which the heatmap is blended over in its own colours. ``full_shape`` is the full
-    display's (rows, cols) (``ImageResult.display_shape``; None: ``display`` is full size): a
-    display already reduced to its drawn size (:func:`node.display_size.reduce_display`, as the
-    preparation keeps it) is not resized again, and the heatmap is resized to the full size, then
-    to the drawn one, as for a full display, so the picture and the scale are the same."""
+    3) RGB, which the heatmap is blended over in its own colours."""
     grey = np.asarray(display)
     if grey.size == 0 or not (grey.ndim == 2 or (grey.ndim == 3 and grey.shape[2] == 3)):
         raise OutputError(
@@ -157,22 +147,21 @@ def render_overlay(
     values: np.ndarray = np.nan_to_num(np.asarray(heatmap.values, dtype=np.float32), nan=0.0)
     if values.ndim != 2:
         raise OutputError(f"heatmap {heatmap.label!r} must be 2-D, found shape {values.shape}")
-    rows, cols = grey.shape[:2] if full_shape is None else (int(full_shape[0]), int(full_shape[1]))
-    scale, height, width = drawn_size(rows, cols)
-    reduced = grey.shape[:2] != (rows, cols)
-    if reduced and (scale >= 1.0 or grey.shape[:2] != (height, width)):
-        raise OutputError(
-            f"display image of shape {grey.shape} is neither its full size {(rows, cols)} "
-            f"nor its drawn size {(height, width)}"
-        )
-    if values.shape != (rows, cols):
+    rows, cols = grey.shape[:2]
+    if values.shape != grey.shape[:2]:
         values = cv2.resize(values, (cols, rows), interpolation=cv2.INTER_LINEAR)
     values = np.clip(values, 0.0, 1.0)
 
+    long_side = max(rows, cols)
+    scale = 1.0
+    if long_side > MAX_SIDE:
+        scale = MAX_SIDE / long_side
+    elif long_side < MIN_SIDE:
+        scale = MIN_SIDE / long_side
+    height, width = max(round(rows * scale), 1), max(round(cols * scale), 1)
     if scale != 1.0:
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        if not reduced:  # a reduced display was reduced so already (reduce_display)
-            grey = cv2.resize(grey, (width, height), interpolation=interp)
+        grey = cv2.resize(grey, (width, height), interpolation=interp)
         values = cv2.resize(values, (width, height), interpolation=interp)
 
     base = (grey if grey.ndim == 3 else cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)).astype(np.float32)

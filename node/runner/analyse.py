@@ -28,10 +28,9 @@ from node.inference.prepared import (
     PreparedFrame,
     Preparer,
     PrepareSpec,
-    drawn_display,
+    display_image,
     iter_prepared,
 )
-from node.inference.prepared import display_image as display_image  # imported from here by tests
 from node.inference.registry import LoadedModel
 from node.types import (
     AlgorithmIdentity,
@@ -92,7 +91,6 @@ class _Image:
     source: Path | None  # the file, to decode the frame again for display; None: display kept
     index: int = 0  # 0-based frame index in the source
     display: np.ndarray | None = None
-    display_shape: tuple[int, int] | None = None  # the full display's (rows, cols)
 
 
 def algorithm_identity(model: LoadedModel) -> AlgorithmIdentity:
@@ -179,9 +177,8 @@ def analyse(
                         sop_class_uid=images[i].header.sop_class_uid,
                         scores=tuple(per_image[i]),
                         heatmaps=tuple(maps),
-                        display=displays[i][0],
+                        display=displays[i],
                         frame=images[i].header.frame_number,
-                        display_shape=displays[i][1],
                     )
                 )
     finally:
@@ -232,15 +229,7 @@ def _image(files: Sequence[Path], frame: PreparedFrame, recompute: bool) -> _Ima
     path = files[frame.item]
     source = Path(path) if recompute and isinstance(path, (str, Path)) else None
     assert frame.model_input is not None  # a PrepareSpec prepares every frame
-    return _Image(
-        frame.dataset,
-        frame.header,
-        frame.model_input,
-        source,
-        frame.index,
-        frame.display,
-        frame.display_shape,
-    )
+    return _Image(frame.dataset, frame.header, frame.model_input, source, frame.index, frame.display)
 
 
 def prepare_all(
@@ -389,17 +378,15 @@ def _displays(
     budget: Budget = DEFAULT_BUDGET,
     preparer: Preparer | None = None,
     deadline: float | None = None,
-) -> dict[int, tuple[np.ndarray, tuple[int, int]]]:
-    """The uint8 display of each shown image (:func:`~node.inference.prepared.drawn_display`:
-    at its drawn size) and its full (rows, cols): kept, or decoded again (each file read once;
+) -> dict[int, np.ndarray]:
+    """The uint8 display of each shown image: kept, or decoded again (each file read once;
     through ``preparer``, in a child process, when given)."""
-    out: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
+    out: dict[int, np.ndarray] = {}
     by_source: dict[Path, list[int]] = {}
     for i in shown:
         display, source = images[i].display, images[i].source
         if display is not None:
-            shape = images[i].display_shape
-            out[i] = (display, shape if shape is not None else (display.shape[0], display.shape[1]))
+            out[i] = display
         elif source is not None:
             by_source.setdefault(source, []).append(i)
     if preparer is not None and by_source:
@@ -411,13 +398,13 @@ def _displays(
             raise JobTimeout(str(exc)) from exc
         for f in frames:
             i = next(i for i in by_source[sources[f.item]] if images[i].index == f.index)
-            assert f.display is not None and f.display_shape is not None
-            out[i] = (f.display, f.display_shape)
+            assert f.display is not None
+            out[i] = f.display
         return out
     for source, indices in by_source.items():
         ds = read_dataset(source)
         for i in indices:
-            out[i] = drawn_display(decode_frame(ds, images[i].index, budget))
+            out[i] = display_image(decode_frame(ds, images[i].index, budget))
     return out
 
 

@@ -223,8 +223,6 @@ def _overlays(result: AnalysisResult) -> list[tuple[str, np.ndarray]]:
             continue
         for heatmap in heatmaps_to_show(image, result):
             score = next((s for s in (*image.scores, *result.findings) if s.label == heatmap.label), None)
-            picture, _ = render_overlay(
-                image.display, heatmap, score, result.algorithm, full_shape=image.display_shape
-            )
+            picture, _ = render_overlay(image.display, heatmap, score, result.algorithm)
             out.append((heatmap.label, picture))
     return out

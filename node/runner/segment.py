@@ -139,9 +139,8 @@ def analyse_segmentation(
                     sop_class_uid=images[i].header.sop_class_uid,
                     scores=tuple(scores),
                     heatmaps=tuple(shown_maps),
-                    display=displays[i][0] if i in displays else None,
+                    display=displays.get(i),
                     frame=images[i].header.frame_number,
-                    display_shape=displays[i][1] if i in displays else None,
                 )
             )
     sources = list({id(im.dataset): im.dataset for im in images}.values())

@@ -76,9 +76,8 @@ def analyse_volume(
             sop_class_uid=shown.header.sop_class_uid,
             scores=tuple(findings),
             heatmaps=(),
-            display=displays[middle][0],
+            display=displays[middle],
             frame=shown.header.frame_number,
-            display_shape=displays[middle][1],
         )
     sources = list({id(im.dataset): im.dataset for im in images}.values())
     result = AnalysisResult(

@@ -209,10 +209,6 @@ def test_the_node_s_preparation_uses_it_where_no_display_is_kept(registry, phant
     assert np.array_equal(lean.model_input.tensor, expected.tensor)
     (shown,) = PrepareSpec(manifest, check_size=False, keep_display=True).prepare(path, 0)
     _, full = _one(pydicom.dcmread(path), registry.models["cxr"].manifest)
-    # the display is kept at its drawn size (long side <= MAX_SIDE), its full size beside it
-    from node.display_size import drawn_size
-
-    assert shown.display is not None and shown.display_shape == (shown.header.rows, shown.header.cols)
-    assert shown.display.shape == drawn_size(shown.header.rows, shown.header.cols)[1:]
+    assert shown.display is not None and shown.display.shape == (shown.header.rows, shown.header.cols)
     assert np.array_equal(shown.model_input.tensor, full.tensor)
     assert not np.array_equal(lean.model_input.tensor, full.tensor)
