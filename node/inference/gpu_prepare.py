@@ -447,22 +447,15 @@ def run_steps(
     )
     for step in steps:
         state = _apply(xp, state, step, header, cache)
-    img = state.image.astype(xp.float32, copy=False)
-    if img.ndim == 2:
-        img = img[..., None]
-    h, w, c = (int(n) for n in img.shape)
-    if expected_channels is not None and c != expected_channels:
-        raise PreprocessError(f"preprocessing produced {c} channel(s); the model needs {expected_channels}")
-    if expected_hw is not None:
-        eh, ew = expected_hw
-        if (eh is not None and eh != h) or (ew is not None and ew != w):
-            raise PreprocessError(f"preprocessing produced {h}x{w}; the model input needs {eh}x{ew}")
-    tensor = img.transpose(2, 0, 1)[None] if layout == "NCHW" else img[None]
-    if dtype == "uint8":
-        tensor = xp.clip(xp.floor(tensor + 0.5), 0, 255).astype(xp.uint8)
-    else:
-        tensor = tensor.astype(np.dtype(dtype))
-    return ModelInput(tensor=xp.ascontiguousarray(tensor), geometry=state.geometry, layout=layout)
+    return pp.model_input(
+        state.image.astype(xp.float32, copy=False),
+        state.geometry,
+        layout=layout,
+        dtype=dtype,
+        expected_hw=expected_hw,
+        expected_channels=expected_channels,
+        xp=xp,
+    )
 
 
 def prepare_frame(

@@ -788,10 +788,32 @@ def run_steps(
             state = _State(image=reduced.image, value_range=reduced.value_range, geometry=reduced.geometry)
             start = reduced.next_step
     state = _run(state, steps, header, start, len(steps))
-    img = _f32(state.image)
+    return model_input(
+        _f32(state.image),
+        state.geometry,
+        layout=layout,
+        dtype=dtype,
+        expected_hw=expected_hw,
+        expected_channels=expected_channels,
+    )
+
+
+def model_input(
+    img: Any,
+    geometry: Geometry,
+    *,
+    layout: str,
+    dtype: str,
+    expected_hw: tuple[int | None, int | None] | None,
+    expected_channels: int | None,
+    xp: Any = np,
+) -> ModelInput:
+    """The prepared float32 image (H, W) or (H, W, C) checked against the model's channels and
+    size, as a batch of one in ``layout`` and ``dtype`` (uint8 rounded half up and clipped);
+    ``xp``: its array module (CuPy for node/inference/gpu_prepare.py)."""
     if img.ndim == 2:
-        img = img[..., np.newaxis]
-    h, w, c = img.shape
+        img = img[..., None]
+    h, w, c = (int(n) for n in img.shape)
     if expected_channels is not None and c != expected_channels:
         raise PreprocessError(
             f"preprocessing produced {c} channel(s); the model input needs {expected_channels}"
@@ -800,12 +822,12 @@ def run_steps(
         eh, ew = expected_hw
         if (eh is not None and eh != h) or (ew is not None and ew != w):
             raise PreprocessError(f"preprocessing produced {h}x{w}; the model input needs {eh}x{ew}")
-    tensor = img.transpose(2, 0, 1)[np.newaxis] if layout == "NCHW" else img[np.newaxis]
+    tensor = img.transpose(2, 0, 1)[None] if layout == "NCHW" else img[None]
     if dtype == "uint8":
-        tensor = np.clip(np.floor(tensor + 0.5), 0, 255).astype(np.uint8)
+        tensor = xp.clip(xp.floor(tensor + 0.5), 0, 255).astype(xp.uint8)
     else:
         tensor = tensor.astype(np.dtype(dtype))
-    return ModelInput(tensor=np.ascontiguousarray(tensor), geometry=state.geometry, layout=layout)
+    return ModelInput(tensor=xp.ascontiguousarray(tensor), geometry=geometry, layout=layout)
 
 
 def prepare(
