@@ -59,7 +59,8 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from node.inference.gpu_prepare import host_array, make_gpu_preparer  # noqa: E402
+from node.inference.device_arrays import to_host  # noqa: E402
+from node.inference.gpu_prepare import make_gpu_preparer  # noqa: E402
 from node.inference.isolate import PreparePool  # noqa: E402
 from node.inference.manifest import PatchHeatmap  # noqa: E402
 from node.inference.registry import LoadedModel, load_registry  # noqa: E402
@@ -94,7 +95,7 @@ class Recording:
         self.calls: list[tuple[np.ndarray, tuple[str, ...] | None]] = []
 
     def run(self, batch: np.ndarray, outputs=None) -> dict[str, np.ndarray]:  # noqa: ANN001
-        host = host_array(batch)  # a GPU-prepared batch is recorded on the host for the bare side
+        host = to_host(batch)  # a GPU-prepared batch is recorded on the host for the bare side
         self.calls.append((np.ascontiguousarray(host, dtype=self.session.input_dtype), outputs))
         return self.session.run(batch, outputs)
 

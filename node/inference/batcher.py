@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from node.inference.runtime import CPU, array_module, is_device_array
+from node.inference.device_arrays import concatenate, is_device_array
+from node.inference.runtime import CPU
 
 #: seconds the thread waits for work before it ends (a later submit starts another)
 _IDLE_S = 60.0
@@ -50,12 +51,6 @@ def _device(batch: Any) -> tuple[str, int | None]:
         return ("cpu", None)
     gpu = getattr(getattr(batch, "device", None), "id", None)
     return ("cuda", gpu if isinstance(gpu, int) else None)
-
-
-def _concatenate(batches: list[Any]) -> Any:
-    """Concatenate along N with the arrays' own library (numpy's refuses CuPy arrays)."""
-    xp = array_module(batches[0]) if is_device_array(batches[0]) else np
-    return xp.concatenate(batches)
 
 
 @dataclass(eq=False)
@@ -167,7 +162,7 @@ class SessionBatcher:
             self.runs += 1
             self.merged += len(group) - 1
             try:
-                batch = group[0].batch if len(group) == 1 else _concatenate([r.batch for r in group])
+                batch = group[0].batch if len(group) == 1 else concatenate([r.batch for r in group])
                 out = self.session.run(batch, group[0].outputs)
             except BaseException as exc:  # the session's error goes to every caller it carried
                 for r in group:

@@ -29,8 +29,9 @@ from that precision); any other frame, or any device decode that fails, is decod
 
 Use: ``make_gpu_preparer(session.active_provider, cpu=pool)`` once per node (None where the GPU
 path is not usable: :mod:`node.inference.gpu_probe` logs why), then its ``stream`` / ``submit``
-as any Preparer. Its tensors are CuPy arrays: join them with :func:`concatenate`, bring them to
-the host with :func:`host_array` where host code needs them (heatmaps, patch tiling).
+as any Preparer. Its tensors are CuPy arrays: join them with
+:func:`node.inference.device_arrays.concatenate`, bring them to the host with its
+:func:`~node.inference.device_arrays.to_host` where host code needs them (heatmaps, patch tiling).
 
 Nothing here imports CuPy or nvImageCodec at module import: the node imports it without them.
 """
@@ -60,6 +61,7 @@ from node.inference import decode as dec
 from node.inference import prepared
 from node.inference import preprocess as pp
 from node.inference.codestream import CodestreamError, frame_claim
+from node.inference.device_arrays import to_host
 from node.inference.manifest import GREY_OPS, Manifest
 from node.inference.reduce import area_weights
 from node.redact import redact
@@ -494,31 +496,9 @@ def display(xp: Any, pixels: Any, header: ImageHeader) -> np.ndarray:
         table = prepared._display_table(dtype, header)
         if table is not None:
             looked_up = xp.asarray(table)[pixels.view(np.dtype(f"u{dtype.itemsize}"))]
-            return np.ascontiguousarray(to_host(xp, looked_up))
-    host = np.ascontiguousarray(to_host(xp, pixels))
+            return np.ascontiguousarray(to_host(looked_up))
+    host = np.ascontiguousarray(to_host(pixels))
     return prepared.display_image(DecodedImage(header=header, pixels=host[np.newaxis]))
-
-
-def host_array(arr: Any) -> np.ndarray:
-    """``arr`` as a host NumPy array: a device (CuPy) array copied back, anything else as it is
-    (for the consumers of a prepared tensor that work on the host: heatmaps, patch tiling)."""
-    if hasattr(arr, "__cuda_array_interface__") and hasattr(arr, "get"):
-        return np.asarray(arr.get())
-    return np.asarray(arr)
-
-
-def concatenate(tensors: Sequence[Any]) -> Any:
-    """The tensors (all NumPy, or all CuPy) joined along the batch axis, on their device."""
-    first = tensors[0]
-    if hasattr(first, "__cuda_array_interface__"):
-        return importlib.import_module("cupy").concatenate(list(tensors), axis=0)
-    return np.concatenate(list(tensors), axis=0)
-
-
-def to_host(xp: Any, arr: Any) -> np.ndarray:
-    """A host NumPy array of ``arr`` (a copy from the device for CuPy)."""
-    asnumpy = getattr(xp, "asnumpy", None)
-    return np.asarray(arr) if asnumpy is None else np.asarray(asnumpy(arr))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -840,9 +820,7 @@ class GpuPreparer:
             log.debug("device preparation not possible (%s); CPU preparation", exc)
         host = frame.host
         if host is None:
-            host = DecodedImage(
-                frame.header, np.ascontiguousarray(to_host(self.xp, frame.pixels))[np.newaxis]
-            )
+            host = DecodedImage(frame.header, np.ascontiguousarray(to_host(frame.pixels))[np.newaxis])
         cpu = pp.prepare(host, spec.manifest, check_size=spec.check_size)
         return ModelInput(self.xp.asarray(cpu.tensor), cpu.geometry, cpu.layout)
 

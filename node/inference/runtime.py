@@ -37,6 +37,7 @@ import onnxruntime as ort
 
 from node.errors import InferenceError
 from node.inference import fp16
+from node.inference.device_arrays import array_module, is_device_array, to_host
 from node.inference.manifest import RuntimeSpec
 from node.inference.registry import LoadedModel
 
@@ -118,35 +119,6 @@ def select_providers(requested: Sequence[str], available: Sequence[str] | None =
         chosen.remove(CPU)
         chosen.append(CPU)
     return chosen
-
-
-def is_device_array(x: object) -> bool:
-    """True for an array in GPU memory (``__cuda_array_interface__``: CuPy, Numba, PyTorch CUDA)."""
-    return hasattr(x, "__cuda_array_interface__")
-
-
-def array_module(x: object) -> ModuleType:
-    """The package of ``x``'s type (``cupy`` for a CuPy array), found among the imported modules:
-    the node never imports a GPU array library itself."""
-    name = type(x).__module__.split(".")[0]
-    module = sys.modules.get(name)
-    if module is None:  # pragma: no cover - an object's own package is imported by construction
-        raise InferenceError(f"the array's package {name} is not imported")
-    return module
-
-
-def to_host(x: Any) -> np.ndarray:
-    """A numpy copy of a device array (``x.get()`` as CuPy offers, ``x.cpu()`` as PyTorch does,
-    else ``np.asarray``); a numpy array is returned as it is."""
-    if isinstance(x, np.ndarray):
-        return x
-    get = getattr(x, "get", None)
-    if callable(get):
-        return np.asarray(get())
-    cpu = getattr(x, "cpu", None)
-    if callable(cpu):
-        return np.asarray(cpu().numpy())
-    return np.asarray(x)
 
 
 #: what ModelSession.run needs of a device array's library (CuPy has them; PyTorch does not)

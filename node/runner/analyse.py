@@ -18,8 +18,9 @@ from node.budget import DEFAULT_BUDGET, Budget
 from node.errors import DecodeError, NodeError
 from node.inference.batcher import RunsBatches, SessionBatcher
 from node.inference.decode import decode_frame, read_dataset, slice_order
+from node.inference.device_arrays import concatenate, to_host
 from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
-from node.inference.gpu_prepare import GpuPreparer, concatenate, host_array
+from node.inference.gpu_prepare import GpuPreparer
 from node.inference.isolate import PreparationDeadline
 from node.inference.manifest import Manifest, PatchHeatmap
 from node.inference.postprocess import label_scores, probabilities
@@ -261,7 +262,7 @@ def _on_host(model_input: ModelInput) -> ModelInput:
     heatmap methods work on NumPy arrays); a host tensor as it is."""
     if isinstance(model_input.tensor, np.ndarray):
         return model_input
-    return replace(model_input, tensor=host_array(model_input.tensor))
+    return replace(model_input, tensor=to_host(model_input.tensor))
 
 
 def _spatial_order(frames: Sequence[PreparedFrame], images: Sequence[_Image]) -> list[int]:
@@ -326,7 +327,7 @@ def prepare_and_infer(
     def score_patches(i: int) -> tuple[np.ndarray, object]:
         assert isinstance(manifest.heatmap, PatchHeatmap)
         heatmap = manifest.heatmap
-        tensor, layout = host_array(images[i].model_input.tensor), images[i].model_input.layout
+        tensor, layout = to_host(images[i].model_input.tensor), images[i].model_input.layout
         return patch_scores(
             tensor, predict, heatmap.patch_size, heatmap.stride, batch_size=heatmap.batch_size, layout=layout
         )

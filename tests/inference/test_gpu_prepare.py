@@ -43,6 +43,7 @@ from node.inference import gpu_probe
 from node.inference import preprocess as pp
 from node.inference.codestream import frame_claim
 from node.inference.decode import decode_frame, header_from_dataset, iter_frames, read_dataset
+from node.inference.device_arrays import concatenate, to_host
 from node.inference.isolate import PreparationDeadline
 from node.inference.manifest import Manifest
 from node.inference.prepared import DisplaySpec, PrepareSpec, iter_prepared
@@ -244,8 +245,8 @@ def test_make_gpu_preparer_follows_the_probe(probe, monkeypatch) -> None:
 
 def test_host_arrays_and_batches_of_host_tensors() -> None:
     a, b = np.ones((1, 3, 4, 4), np.float32), np.zeros((2, 3, 4, 4), np.float32)
-    assert gp.host_array(a) is a or np.array_equal(gp.host_array(a), a)
-    joined = gp.concatenate([a, b])
+    assert to_host(a) is a or np.array_equal(to_host(a), a)
+    joined = concatenate([a, b])
     assert isinstance(joined, np.ndarray) and joined.shape == (3, 3, 4, 4) and joined[0].min() == 1
 
 
@@ -1001,9 +1002,9 @@ def test_gpu_preparer_streams_device_tensors_as_the_cpu_path(registry, phantoms)
     for batch in (files, compressed):
         got = list(preparer.stream(batch, spec))
         assert all(isinstance(f.model_input.tensor, cupy.ndarray) for f in got)
-        joined = gp.concatenate([f.model_input.tensor for f in got])
+        joined = concatenate([f.model_input.tensor for f in got])
         assert isinstance(joined, cupy.ndarray) and joined.shape[0] == len(got)
-        assert isinstance(gp.host_array(joined), np.ndarray)
+        assert isinstance(to_host(joined), np.ndarray)
         host = [
             type(f)(
                 f.item,
