@@ -65,7 +65,7 @@ from node.inference.device_arrays import to_host
 from node.inference.manifest import GREY_OPS, Manifest
 from node.inference.reduce import area_weights
 from node.redact import redact
-from node.types import DecodedImage, Geometry, ImageHeader, LookupTable, ModelInput
+from node.types import DecodedImage, Geometry, ImageHeader, ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -210,66 +210,6 @@ class WeightCache:
 # The steps, on xp arrays (the formulas of node.inference.preprocess, in its order of operations)
 
 
-def _lut_indices(xp: Any, arr: Any, lut: LookupTable) -> Any:
-    """pp._lut_indices on ``xp``: entry 0 below the first mapped value, the last past the end,
-    non-integer values truncated; in 64 bits."""
-    wide = xp.float64 if np.issubdtype(arr.dtype, np.floating) else xp.int64
-    idx = arr.astype(wide)
-    idx -= lut.first_mapped
-    xp.clip(idx, 0, lut.entries - 1, out=idx)
-    return idx.astype(xp.intp)
-
-
-def lut_lookup(xp: Any, arr: Any, lut: LookupTable) -> Any:
-    """A Modality or VOI LUT's uint16 values (pp.lut_lookup)."""
-    return xp.asarray(lut.table())[_lut_indices(xp, arr, lut)]
-
-
-def voi_lut(xp: Any, arr: Any, lut: LookupTable, out_min: float = 0.0, out_max: float = 255.0) -> Any:
-    """pp.voi_lut: the LUT's output range scaled to [out_min, out_max], float32."""
-    scaled = lut.table().astype(np.float64) / pp.lut_output_max(lut) * (out_max - out_min) + out_min
-    return xp.asarray(scaled.astype(np.float32))[_lut_indices(xp, arr, lut)]
-
-
-def modality_lut(xp: Any, arr: Any, slope: float, intercept: float) -> Any:
-    """pp.modality_lut: ``arr * slope + intercept`` in float64, then float32."""
-    out = arr.astype(xp.float64)
-    out *= float(slope)
-    out += float(intercept)
-    return out.astype(xp.float32)
-
-
-def window(
-    xp: Any,
-    arr: Any,
-    center: float,
-    width: float,
-    out_min: float = 0.0,
-    out_max: float = 255.0,
-    function: str = "LINEAR",
-) -> Any:
-    """pp.window on ``xp``: LINEAR, LINEAR_EXACT, SIGMOID to [out_min, out_max], float32 (the CPU
-    code itself, run on ``xp``'s arrays)."""
-    return pp.window(arr, center, width, out_min, out_max, function, xp=xp)
-
-
-def header_voi(xp: Any, arr: Any, header: ImageHeader) -> Any | None:
-    """pp.header_voi: the VOI LUT, else the first usable window; None when there is none."""
-    if header.voi_lut is not None:
-        return voi_lut(xp, arr, header.voi_lut)
-    if header.window_center is None or header.window_width is None or pp.header_window_problem(header):
-        return None
-    return window(xp, arr, header.window_center, header.window_width, function=header.voi_lut_function)
-
-
-def scale_to_8bit(xp: Any, arr: Any, lo: float, hi: float) -> Any:
-    """pp.scale_to_8bit: [lo, hi] to 0..255, clipped, rounded half up (float32)."""
-    if hi <= lo:
-        return xp.zeros(arr.shape, dtype=xp.float32)
-    y = (arr.astype(xp.float64) - lo) / (hi - lo)
-    return xp.floor(xp.clip(y, 0.0, 1.0) * 255.0 + 0.5).astype(xp.float32)
-
-
 def resize(
     xp: Any, img: Any, size: tuple[int, int], interpolation: str, weights: WeightCache | None = None
 ) -> Any:
@@ -307,29 +247,6 @@ def letterbox(
     return canvas, params
 
 
-def normalize(xp: Any, img: Any, mean: Sequence[float], std: Sequence[float], max_pixel_value: float) -> Any:
-    """pp.normalize: ``(img / max_pixel_value - mean[c]) / std[c]`` in float32."""
-    f = img.astype(xp.float32, copy=False) / np.float32(max_pixel_value)
-    m = np.asarray(mean, dtype=np.float32)
-    s = np.asarray(std, dtype=np.float32)
-    channels = 1 if f.ndim == 2 else f.shape[-1]
-    if m.size not in (1, channels) or s.size != m.size:
-        raise PreprocessError(
-            f"normalize has {m.size} mean / {s.size} std values for an image with {channels} channel(s)"
-        )
-    if f.ndim == 2:
-        return (f - m[0]) / s[0]
-    return (f - xp.asarray(m)) / xp.asarray(s)
-
-
-def replicate_channels(xp: Any, img: Any, channels: int) -> Any:
-    """pp.replicate_channels: (H, W) or (H, W, 1) to (H, W, channels)."""
-    if img.ndim == 3 and img.shape[-1] != 1:
-        raise PreprocessError(f"replicate_channels needs a single-channel image (found {img.shape[-1]})")
-    base = img if img.ndim == 2 else img[..., 0]
-    return xp.repeat(base[..., None], channels, axis=-1).astype(xp.float32, copy=False)
-
-
 @dataclass(frozen=True, eq=False)
 class _State:
     image: Any
@@ -363,11 +280,11 @@ def _apply(xp: Any, state: _State, step: Any, header: ImageHeader, weights: Weig
         lo, hi = _range(state, op)
         if header.modality_lut is not None:
             lut = header.modality_lut
-            out = lut_lookup(xp, img, lut).astype(xp.float32)
+            out = pp.lut_lookup(img, lut, xp=xp).astype(xp.float32)
             return replace(state, image=out, value_range=(0.0, float(2**lut.bits - 1)))
         a = lo * header.rescale_slope + header.rescale_intercept
         b = hi * header.rescale_slope + header.rescale_intercept
-        out = modality_lut(xp, img, header.rescale_slope, header.rescale_intercept)
+        out = pp.modality_lut(img, header.rescale_slope, header.rescale_intercept, xp=xp)
         return replace(state, image=out, value_range=(min(a, b), max(a, b)))
     if op == "window":
         if _is_colour(img):
@@ -377,27 +294,27 @@ def _apply(xp: Any, state: _State, step: Any, header: ImageHeader, weights: Weig
         elif step.source == "explicit":
             center, width = step.center, step.width
         else:
-            voi = header_voi(xp, img, header)
+            voi = pp.header_voi(img, header, xp=xp)
             if voi is not None:
                 return replace(state, image=voi, value_range=(0.0, 255.0))
             if step.fallback != "minmax":
                 raise PreprocessError("no usable window")
             lo, hi = float(img.min()), float(img.max())
             center, width = (lo + hi + 1) / 2, max(1.0, hi - lo + 1)
-        return replace(state, image=window(xp, img, center, width), value_range=(0.0, 255.0))
+        return replace(state, image=pp.window(img, center, width, xp=xp), value_range=(0.0, 255.0))
     if op == "invert_monochrome1":
         if header.photometric_interpretation != "MONOCHROME1":
             return state
         lo, hi = _range(state, op)
-        return replace(state, image=(float(lo) + float(hi) - img.astype(xp.float64)).astype(xp.float32))
+        return replace(state, image=pp.invert(img, lo, hi, xp=xp))
     if op == "to_8bit":
         if _is_colour(img):
             raise PreprocessError("to_8bit needs a single-channel image")
         vr = _range(state, op)
         if step.method == "naive":
-            out = scale_to_8bit(xp, img, *vr)
+            out = pp.scale_to_8bit(img, *vr, xp=xp)
         elif step.method == "global_percentile":
-            out = scale_to_8bit(xp, img, step.low, step.high)
+            out = pp.scale_to_8bit(img, step.low, step.high, xp=xp)
         else:
             raise PreprocessError(f"to_8bit method {step.method} has no GPU implementation")
         return replace(state, image=out, value_range=(0.0, 255.0))
@@ -411,10 +328,10 @@ def _apply(xp: Any, state: _State, step: Any, header: ImageHeader, weights: Weig
         )
         return _resized(state, out, lb.scale_y, lb.scale_x, lb.pad_top, lb.pad_left)
     if op == "normalize":
-        out = normalize(xp, img, step.mean, step.std, step.max_pixel_value)
+        out = pp.normalize(img, step.mean, step.std, step.max_pixel_value, xp=xp)
         return replace(state, image=out, value_range=None)
     if op == "replicate_channels":
-        return replace(state, image=replicate_channels(xp, img, step.channels))
+        return replace(state, image=pp.replicate_channels(img, step.channels, xp=xp))
     raise PreprocessError(f"{op} has no GPU implementation")
 
 

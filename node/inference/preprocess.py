@@ -40,28 +40,29 @@ def _f32(arr: np.ndarray) -> np.ndarray:
 # Intensity ops
 
 
-def modality_lut(arr: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
-    """Stored values to modality units (e.g. HU): ``arr * slope + intercept`` (float32)."""
-    out = arr.astype(np.float64)
+def modality_lut(arr: np.ndarray, slope: float = 1.0, intercept: float = 0.0, *, xp: Any = np) -> np.ndarray:
+    """Stored values to modality units (e.g. HU): ``arr * slope + intercept`` (float32).
+    ``xp``, here and below: the array module of ``arr`` (CuPy for node/inference/gpu_prepare.py)."""
+    out = arr.astype(xp.float64)
     out *= float(slope)  # in place: the same operations as ``arr * slope + intercept``, less memory
     out += float(intercept)
-    return out.astype(np.float32)
+    return out.astype(xp.float32)
 
 
-def _lut_indices(arr: np.ndarray, lut: LookupTable) -> np.ndarray:
+def _lut_indices(arr: np.ndarray, lut: LookupTable, xp: Any = np) -> np.ndarray:
     """Table indices as pydicom's ``apply_modality_lut``/``apply_voi`` compute them: values below
     the first mapped value take entry 0, values past the end the last entry, non-integer values
     truncate (pydicom's cast). Computed in 64 bits, so no stored value can wrap around."""
-    wide = np.float64 if np.issubdtype(arr.dtype, np.floating) else np.int64
+    wide = xp.float64 if np.issubdtype(arr.dtype, np.floating) else xp.int64
     idx = arr.astype(wide)
     idx -= lut.first_mapped
-    np.clip(idx, 0, lut.entries - 1, out=idx)
-    return idx.astype(np.intp)
+    xp.clip(idx, 0, lut.entries - 1, out=idx)
+    return idx.astype(xp.intp)
 
 
-def lut_lookup(arr: np.ndarray, lut: LookupTable) -> np.ndarray:
+def lut_lookup(arr: np.ndarray, lut: LookupTable, *, xp: Any = np) -> np.ndarray:
     """Apply a Modality or VOI LUT (PS3.3 C.11.1/C.11.2) as pydicom does: uint16 table values."""
-    looked_up: np.ndarray = lut.table()[_lut_indices(arr, lut)]
+    looked_up: np.ndarray = xp.asarray(lut.table())[_lut_indices(arr, lut, xp)]
     return looked_up
 
 
@@ -78,11 +79,13 @@ def lut_output_max(lut: LookupTable) -> float:
     return top
 
 
-def voi_lut(arr: np.ndarray, lut: LookupTable, out_min: float = 0.0, out_max: float = 255.0) -> np.ndarray:
+def voi_lut(
+    arr: np.ndarray, lut: LookupTable, out_min: float = 0.0, out_max: float = 255.0, *, xp: Any = np
+) -> np.ndarray:
     """Apply a VOI LUT (pydicom's ``apply_voi``) and scale its output range (0 to
     ``lut_output_max``) to [out_min, out_max], float32."""
     scaled = lut.table().astype(np.float64) / lut_output_max(lut) * (out_max - out_min) + out_min
-    looked_up: np.ndarray = scaled.astype(np.float32)[_lut_indices(arr, lut)]
+    looked_up: np.ndarray = xp.asarray(scaled.astype(np.float32))[_lut_indices(arr, lut, xp)]
     return looked_up
 
 
@@ -205,15 +208,15 @@ def header_window_problem(header: ImageHeader) -> str | None:
     return None
 
 
-def header_voi(arr: np.ndarray, header: ImageHeader) -> np.ndarray | None:
+def header_voi(arr: np.ndarray, header: ImageHeader, *, xp: Any = np) -> np.ndarray | None:
     """The header's VOI transform to 0..255 (float32), as pydicom's ``apply_voi_lut`` chooses it:
     the VOI LUT Sequence when present, else the first window with VOILUTFunction. None when the
     header has no usable VOI (``header_window_problem`` says why, if it has an unusable one)."""
     if header.voi_lut is not None:
-        return voi_lut(arr, header.voi_lut)
+        return voi_lut(arr, header.voi_lut, xp=xp)
     if header.window_center is None or header.window_width is None or header_window_problem(header):
         return None
-    return window(arr, header.window_center, header.window_width, function=header.voi_lut_function)
+    return window(arr, header.window_center, header.window_width, function=header.voi_lut_function, xp=xp)
 
 
 def header_modality(arr: np.ndarray, header: ImageHeader) -> tuple[np.ndarray, tuple[float, float]]:
@@ -229,17 +232,19 @@ def header_modality(arr: np.ndarray, header: ImageHeader) -> tuple[np.ndarray, t
     return modality_lut(arr, header.rescale_slope, header.rescale_intercept), (min(a, b), max(a, b))
 
 
-def invert(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def invert(arr: np.ndarray, lo: float, hi: float, *, xp: Any = np) -> np.ndarray:
     """Mirror values within [lo, hi]: ``lo + hi - x`` (MONOCHROME1 -> MONOCHROME2)."""
-    return (float(lo) + float(hi) - arr.astype(np.float64)).astype(np.float32)
+    return (float(lo) + float(hi) - arr.astype(xp.float64)).astype(xp.float32)
 
 
-def scale_to_8bit(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def scale_to_8bit(arr: np.ndarray, lo: float, hi: float, *, xp: Any = np) -> np.ndarray:
     """Map [lo, hi] linearly to 0..255, clip, round half up (float32 holding integers)."""
     if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.float32)
-    y = (arr.astype(np.float64) - lo) / (hi - lo)
-    return np.floor(np.clip(y, 0.0, 1.0) * 255.0 + 0.5).astype(np.float32)
+        zeros: np.ndarray = xp.zeros(arr.shape, dtype=xp.float32)
+        return zeros
+    y = (arr.astype(xp.float64) - lo) / (hi - lo)
+    scaled: np.ndarray = xp.floor(xp.clip(y, 0.0, 1.0) * 255.0 + 0.5).astype(xp.float32)
+    return scaled
 
 
 def to_8bit_naive(arr: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
@@ -397,10 +402,15 @@ def letterbox(
 
 
 def normalize(
-    img: np.ndarray, mean: Sequence[float], std: Sequence[float], max_pixel_value: float = 255.0
+    img: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_pixel_value: float = 255.0,
+    *,
+    xp: Any = np,
 ) -> np.ndarray:
     """``(img / max_pixel_value - mean[c]) / std[c]``; a single mean/std value broadcasts."""
-    f = _f32(img) / np.float32(max_pixel_value)
+    f = img.astype(xp.float32, copy=False) / np.float32(max_pixel_value)
     m = np.asarray(mean, dtype=np.float32)
     s = np.asarray(std, dtype=np.float32)
     channels = 1 if f.ndim == 2 else f.shape[-1]
@@ -408,16 +418,17 @@ def normalize(
         raise PreprocessError(
             f"normalize has {m.size} mean / {s.size} std values for an image with {channels} channel(s)"
         )
-    normalized: np.ndarray = (f - m[0]) / s[0] if f.ndim == 2 else (f - m) / s
+    normalized: np.ndarray = (f - m[0]) / s[0] if f.ndim == 2 else (f - xp.asarray(m)) / xp.asarray(s)
     return normalized
 
 
-def replicate_channels(img: np.ndarray, channels: int = 3) -> np.ndarray:
+def replicate_channels(img: np.ndarray, channels: int = 3, *, xp: Any = np) -> np.ndarray:
     """(H, W) or (H, W, 1) -> (H, W, channels)."""
     if img.ndim == 3 and img.shape[-1] != 1:
         raise PreprocessError(f"replicate_channels needs a single-channel image (found {img.shape[-1]})")
     base = img if img.ndim == 2 else img[..., 0]
-    return np.repeat(base[..., np.newaxis], channels, axis=-1).astype(np.float32, copy=False)
+    repeated: np.ndarray = xp.repeat(base[..., None], channels, axis=-1).astype(xp.float32, copy=False)
+    return repeated
 
 
 # ------------------------------------------------------------------------------------------------
