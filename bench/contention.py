@@ -32,17 +32,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.inference import best, build_real, machine, study_files  # noqa: E402
-from node.inference.isolate import PreparePool  # noqa: E402
+from node.inference.isolate import PreparePool, cpu_seconds  # noqa: E402
 from node.inference.prepared import PrepareSpec  # noqa: E402
 from node.inference.registry import LoadedModel  # noqa: E402
 from node.inference.runtime import RuntimeConfig, create_session  # noqa: E402
 from node.runner.analyse import prepare_all, prepare_and_infer  # noqa: E402
+from node.settings import LimitsSettings  # noqa: E402
 
 
 def _cpu_of(pid: int) -> float:
-    """User + system CPU seconds of process ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(pid) or 0.0
 
 
 def _self_cpu() -> float:
@@ -100,7 +99,8 @@ def contention(model: LoadedModel, files: list[Path], max_batch: int, repeat: in
 
 def phases(model: LoadedModel, files: list[Path], max_batch: int, repeat: int) -> None:
     size = max(3, os.cpu_count() or 1)  # the node's default with runner.workers 2
-    pool = PreparePool(size, 4096, 600)
+    niceness = LimitsSettings().prepare_niceness  # as the node
+    pool = PreparePool(size, 4096, 600, niceness=niceness)
     session = create_session(model, RuntimeConfig(max_batch=max_batch))
     manifest = model.manifest
 
@@ -118,7 +118,7 @@ def phases(model: LoadedModel, files: list[Path], max_batch: int, repeat: int) -
             f"(node ÷ sum {(prep + infer) / both:.2f}; node ÷ bare model {infer / both:.2f})"
         )
         for processes in (1, size):
-            one = PreparePool(processes, 4096, 600)
+            one = PreparePool(processes, 4096, 600, niceness=niceness)
             try:
                 prepare_all(files, manifest, False, preparer=one)  # warm
                 kids = [c.pid for c in one._children]  # noqa: SLF001 - the bench reads the children's CPU

@@ -313,11 +313,14 @@ def build_node(settings: Settings, role: str = "all") -> Node:
 
 def preparation_pool(settings: Settings) -> PreparePool | None:
     """The child processes that decode and prepare images (``limits.prepare_processes``: by
-    default one per core, at least one per worker and one for the inference API), started on
-    first use; None when ``limits.decode_memory_mib`` is 0 (in-process)."""
+    default one per core, at least one per worker and one for the inference API) at
+    ``limits.prepare_niceness``, started on first use; None when ``limits.decode_memory_mib``
+    is 0 (in-process)."""
     memory = settings.limits.decode_memory()
     if memory == 0:
         log.warning("limits.decode_memory_mib is 0: images are decoded in the node's own process")
         return None
     size = settings.limits.prepare_processes or max(settings.runner.workers + 1, os.cpu_count() or 1)
-    return PreparePool(size, memory, settings.limits.decode_timeout_s)
+    return PreparePool(
+        size, memory, settings.limits.decode_timeout_s, niceness=settings.limits.prepare_niceness
+    )

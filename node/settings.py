@@ -602,7 +602,23 @@ class LimitsSettings(_Section):
         ),
     )
     decode_timeout_s: float = Field(
-        300.0, gt=0, description="longest a preparation process may take over one job's images"
+        300.0,
+        gt=0,
+        description=(
+            "most CPU time a preparation process may spend on one job's images (time spent waiting "
+            "for a core does not count); a job's preparation that has not finished after 4 times this "
+            "fails too"
+        ),
+    )
+    prepare_niceness: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "scheduling niceness of the preparation processes (0: as the node; 19: the lowest "
+            "priority): above 0, a model running on the CPU, receiving and the status page keep "
+            "their cores while images are prepared beside them"
+        ),
     )
     prepare_processes: int | None = Field(
         None,

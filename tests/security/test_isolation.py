@@ -297,18 +297,65 @@ def test_a_crash_fails_the_job_with_the_signal(pool, files, manifests, signum, s
     assert pool.replaced == 1
 
 
-def test_a_decode_over_time_is_ended(files, manifests) -> None:  # noqa: ANN001
+@dataclass(frozen=True)
+class Busy(PrepareSpec):
+    """Works on the CPU for ``seconds`` of its own CPU time before it prepares anything (a decoder
+    looping over its input)."""
+
+    seconds: float = 30.0
+
+    def prepare(self, item: Item, position: int, budget: Budget = DEFAULT_BUDGET) -> list[PreparedFrame]:
+        start = time.process_time()
+        while time.process_time() - start < self.seconds:
+            sum(range(10_000))
+        return super().prepare(item, position, budget)
+
+
+def test_a_decode_over_its_cpu_time_is_ended(files, manifests) -> None:  # noqa: ANN001
     pool = PreparePool(1, LIMIT_MIB, 1.0)
     try:
-        started = time.monotonic()
-        with pytest.raises(
-            PreparationFailed, match=r"decoding took longer than 1 s \(limits.decode_timeout_s\)"
-        ):
-            pool.submit([files["cxr"]], Slow(manifests["cxr"]))
-        assert time.monotonic() - started < 10
+        with pytest.raises(PreparationFailed) as failed:
+            pool.submit([files["cxr"]], Busy(manifests["cxr"]))
+        assert str(failed.value) == (
+            "decoding took more than 1 s of CPU time (limits.decode_timeout_s) (image 1 of 1)"
+        )
+        assert pool.replaced == 1
         assert len(pool.submit([files["cxr"]], PrepareSpec(manifests["cxr"]))) == 1
     finally:
         pool.close()
+
+
+def test_waiting_for_a_core_does_not_count_but_a_child_that_never_answers_is_ended(files, manifests) -> None:  # noqa: ANN001
+    """A child that takes 2.5 s without working (as one waiting for a core the model holds)
+    passes a 1 s limit; one that takes longer than 4 times the limit fails all the same."""
+    pool = PreparePool(1, LIMIT_MIB, 1.0)
+    try:
+        prepared = pool.submit([files["cxr"], files["cxr"]], Slow(manifests["cxr"], seconds=1.25))
+        assert len(prepared) == 2 and pool.replaced == 0
+        with pytest.raises(PreparationFailed) as failed:
+            pool.submit([files["cxr"]], Slow(manifests["cxr"]))
+        assert str(failed.value) == (
+            "decoding did not finish in 4 s (4 times limits.decode_timeout_s) (image 1 of 1)"
+        )
+        assert pool.replaced == 1
+        assert len(pool.submit([files["cxr"]], PrepareSpec(manifests["cxr"]))) == 1
+    finally:
+        pool.close()
+
+
+def test_the_children_run_at_the_pools_niceness(files, manifests) -> None:  # noqa: ANN001
+    pool = PreparePool(2, LIMIT_MIB, 20, niceness=7)
+    try:
+        frames = pool.submit([files["cxr"]] * 4, PrepareSpec(manifests["cxr"]))
+        assert len(frames) == 4
+        children = list(pool._children)  # noqa: SLF001 - the test reads the children's pids
+        assert children
+        assert {os.getpriority(os.PRIO_PROCESS, c.pid) for c in children} == {7}
+        assert os.getpriority(os.PRIO_PROCESS, 0) == 0, "the node itself keeps its priority"
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="niceness"):
+        PreparePool(1, LIMIT_MIB, 20, niceness=20)
 
 
 def test_errors_in_the_child_keep_their_type_and_text(pool, files, manifests) -> None:  # noqa: ANN001
@@ -335,4 +382,8 @@ def test_the_memory_limit_defaults_from_the_budget_and_zero_decodes_in_process(t
     assert preparation_pool(load_settings(None, limits={"decode_memory_mib": 0})) is None
     made = preparation_pool(load_settings(None, runner={"workers": 3}))
     assert made is not None and made.size == 4 and made.memory_mib == 3072
+    assert made.niceness == 10 and made.timeout_s == 300
+    made.close()
+    made = preparation_pool(load_settings(None, limits={"prepare_niceness": 0}))
+    assert made is not None and made.niceness == 0
     made.close()
