@@ -14,6 +14,8 @@ DecodeError: permanent) naming the limit and the claim.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -21,6 +23,7 @@ from typing import Any, Literal, overload
 import cv2
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames, get_frame
 from pydicom.errors import InvalidDicomError
@@ -61,15 +64,89 @@ def supported_transfer_syntaxes() -> list[UID]:
     return out
 
 
-def read_dataset(source: Dataset | str | Path) -> Dataset:
-    """Return ``source`` if it is a Dataset, else read the DICOM file at that path."""
+#: ``read_dataset(..., map_pixels=True)`` leaves a value at least this long in the file (pydicom's
+#: ``defer_size``): native pixel data is then mapped from the page cache instead of copied into
+#: fresh memory (2-4 CPU-ms of a 7.5 MB radiograph's preparation), and anything else that long is
+#: read when it is first used, as pydicom does for a deferred element
+MAP_PIXELS_BYTES = 4 * 2**20
+
+
+def read_dataset(source: Dataset | str | Path, map_pixels: bool = False) -> Dataset:
+    """Return ``source`` if it is a Dataset, else read the DICOM file at that path; with
+    ``map_pixels`` values of :data:`MAP_PIXELS_BYTES` or more stay in the file until used (the
+    preparation maps native pixel data, :func:`_native_frame`; :func:`load_deferred` reads the
+    rest before the data set leaves the preparation)."""
     if isinstance(source, Dataset):
         return source
     path = Path(source)
     try:
-        return pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, defer_size=MAP_PIXELS_BYTES if map_pixels else None)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise DecodeError(f"{path}: not a readable DICOM file: {redact(str(exc))}") from exc
+    if map_pixels and not _deferral_safe(ds, path):
+        return read_dataset(path)
+    return ds
+
+
+def _deferral_safe(ds: Dataset, path: Path) -> bool:
+    """Whether values left in the file by a deferred read lie at the offsets pydicom noted: not
+    for a deflated data set (they are offsets into the inflated bytes), nor when the pixel data
+    runs past the end of the file (cut short: pydicom's whole read says how)."""
+    if not _deferred_tags(ds):
+        return True
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or UID(str(syntax)).is_deflated:
+        return False
+    raw = _deferred(ds, "PixelData")
+    if raw is None:
+        return True
+    try:
+        return raw.value_tell + raw.length <= path.stat().st_size
+    except OSError:
+        return False
+
+
+def _deferred(ds: Dataset, key: str | int) -> RawDataElement | None:
+    """The element ``key`` (keyword or tag) while its value is still in the file (pydicom's
+    deferred read)."""
+    if key not in ds:
+        return None
+    raw = ds.get_item(key, keep_deferred=True)
+    if isinstance(raw, RawDataElement) and raw.value is None and raw.value_tell is not None:
+        return raw
+    return None
+
+
+def _deferred_tags(ds: Dataset) -> list[int]:
+    """The top-level elements whose values are still in the file (``Dataset.elements`` would
+    read them)."""
+    return [tag for tag in ds.keys() if _deferred(ds, tag) is not None]  # noqa: SIM118 - iterating ds reads them
+
+
+def _mapped_pixels(ds: Dataset) -> memoryview | None:
+    """Deferred pixel data as a read-only view of the file's pages (a private read-only mapping,
+    unmapped when the last array made from it goes), or None when it is not deferred or the file
+    does not hold all of it."""
+    raw = _deferred(ds, "PixelData")
+    filename = getattr(ds, "filename", None)
+    if raw is None or raw.value_tell is None or not isinstance(filename, (str, Path)):
+        return None
+    try:
+        with open(filename, "rb") as f:
+            if raw.length == 0 or raw.value_tell + raw.length > os.fstat(f.fileno()).st_size:
+                return None
+            whole = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    return memoryview(whole)[raw.value_tell : raw.value_tell + raw.length]
+
+
+def load_deferred(ds: Dataset) -> None:
+    """Read every value still left in the file (:func:`read_dataset` with ``map_pixels``), so
+    that ``ds`` no longer needs its file (it is pickled to the node's process)."""
+    for tag in _deferred_tags(ds):
+        ds[tag]  # noqa: B018 - pydicom reads a deferred value on access
 
 
 def _name(ds: Dataset) -> str:
@@ -360,13 +437,21 @@ def _check_native_length(ds: Dataset, header: ImageHeader, keyword: str) -> None
     stored_pi = header.stored_photometric_interpretation
     if stored_pi in ("YBR_FULL_422", "YBR_PARTIAL_422") and bits != 1:
         expected = expected * 2 // 3
-    actual = len(ds[keyword].value or b"")
+    actual = _pixel_bytes(ds, keyword)
     if actual < expected:
         raise DecodeError(
             f"{_name(ds)}: pixel data is truncated: {actual} bytes, expected {expected} "
             f"({header.number_of_frames} frame(s) of {header.rows}x{header.cols}x"
             f"{header.samples_per_pixel}, {bits} bits allocated)"
         )
+
+
+def _pixel_bytes(ds: Dataset, keyword: str) -> int:
+    """Length of the pixel data element ``keyword``, without reading a deferred value."""
+    raw = _deferred(ds, keyword)
+    if raw is not None:
+        return int(raw.length)
+    return len(ds[keyword].value or b"")
 
 
 def _sample_bytes(bits: int) -> int:
@@ -500,7 +585,7 @@ def _checked(ds: Dataset, budget: Budget, indices: Iterable[int] | None = None) 
     """The header of a dataset whose pixel data can be decoded here within ``budget``, frames
     ``indices`` (None: all) checked (DecodeError otherwise)."""
     keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
-    if keyword is None or ds[keyword].value in (None, b""):
+    if keyword is None or _pixel_bytes(ds, keyword) == 0:
         raise DecodeError(f"{_name(ds)}: no pixel data")
     header = header_from_dataset(ds)
     ts = UID(header.transfer_syntax_uid)
@@ -611,12 +696,15 @@ _last_range: tuple[np.ndarray, tuple[int, int]] | None = None
 
 
 def _immutable(arr: np.ndarray) -> bool:
-    """True for a read-only view whose memory is a ``bytes`` object (a native frame)."""
+    """True for a read-only view whose memory is a ``bytes`` object or a read-only mapping of
+    a file (a native frame; the node's files are never changed once stored)."""
     base: object = arr
     while isinstance(base, np.ndarray):
         if base.flags.writeable:
             return False
         base = base.base
+    if isinstance(base, memoryview):
+        return base.readonly and isinstance(base.obj, mmap.mmap)
     return isinstance(base, bytes)
 
 
@@ -650,7 +738,8 @@ def forget_stored_range() -> None:
 
 def _native_frame(ds: Dataset, header: ImageHeader, ts: UID, index: int) -> np.ndarray | None:
     """Frame ``index`` of native little-endian greyscale pixel data as a read-only view of the
-    data set's bytes, or None where pydicom's decode must run.
+    data set's bytes (or of the file's pages, when :func:`read_dataset` left the pixel data in
+    the file), or None where pydicom's decode must run.
 
     It is what pydicom's ``pixel_array`` gives (same dtype, shape, values; no copy, no masking
     pass) for 8- or 16-bit MONOCHROME samples: pydicom reads the same bytes and, when BitsStored
@@ -667,9 +756,11 @@ def _native_frame(ds: Dataset, header: ImageHeader, ts: UID, index: int) -> np.n
         or header.pixel_representation not in (0, 1)
     ):
         return None
-    buffer = ds.PixelData
-    if not isinstance(buffer, bytes):
-        return None
+    buffer: bytes | memoryview | None = _mapped_pixels(ds)
+    if buffer is None:
+        buffer = ds.PixelData
+        if not isinstance(buffer, bytes):
+            return None
     signed = header.pixel_representation == 1
     dtype = np.dtype(f"<{'i' if signed else 'u'}{header.bits_allocated // 8}")
     count = header.rows * header.cols

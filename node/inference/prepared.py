@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 
 from node.budget import DEFAULT_BUDGET, Budget
 from node.inference import preprocess as pp
-from node.inference.decode import decode_frame, forget_stored_range, read_dataset, stored_range
+from node.inference.decode import decode_frame, forget_stored_range, load_deferred, read_dataset, stored_range
 from node.inference.manifest import Manifest
 from node.inference.reduce import prepare_frames
 from node.types import DecodedImage, ImageHeader, ModelInput
@@ -214,7 +214,7 @@ class PrepareSpec:
     def prepare(self, item: Item, position: int, budget: Budget = DEFAULT_BUDGET) -> list[PreparedFrame]:
         """Decode ``item`` frame by frame within ``budget`` and prepare each frame; a frame's
         full-resolution pixels are dropped once prepared. Raises DecodeError / PreprocessError."""
-        ds = read_dataset(item)
+        ds = read_dataset(item, map_pixels=True)  # native pixel data mapped, not copied
         keep = self.keep_display or not isinstance(item, (str, Path))
         frames = []
         # manifest.decode_reduced may decode a JPEG 2000 frame at the size the model needs; a kept
@@ -227,6 +227,7 @@ class PrepareSpec:
         forget_stored_range()
         if "PixelData" in ds:
             del ds.PixelData  # the outputs need the header only
+        load_deferred(ds)
         if frames and frames[-1].header.is_multiframe:
             log.debug("prepared %d frames of one multi-frame image", frames[-1].header.number_of_frames)
         return frames
@@ -241,7 +242,7 @@ class DisplaySpec:
 
     def prepare(self, item: Item, position: int, budget: Budget = DEFAULT_BUDGET) -> list[PreparedFrame]:
         """Decode each chosen frame of ``item`` alone within ``budget``; its display, no model input."""
-        ds = read_dataset(item)
+        ds = read_dataset(item, map_pixels=True)
         out = []
         for index in self.frames[position]:
             decoded = decode_frame(ds, index, budget)
@@ -249,6 +250,7 @@ class DisplaySpec:
         forget_stored_range()
         if "PixelData" in ds:
             del ds.PixelData
+        load_deferred(ds)
         return out
 
 
