@@ -125,7 +125,7 @@ def _deferred_tags(ds: Dataset) -> list[int]:
 
 
 def _mapped_pixels(ds: Dataset) -> memoryview | None:
-    """Deferred pixel data as a read-only view of the file's pages (a private read-only mapping,
+    """Deferred pixel data as a read-only view of the file's pages (a read-only shared mapping,
     unmapped when the last array made from it goes), or None when it is not deferred or the file
     does not hold all of it."""
     raw = _deferred(ds, "PixelData")
