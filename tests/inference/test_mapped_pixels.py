@@ -170,3 +170,30 @@ def test_the_data_set_handed_on_holds_every_value_and_no_mapping_is_left(tmp_pat
     path.unlink()
     assert moved.EncapsulatedDocument == blob
     assert frame.dataset.EncapsulatedDocument == blob
+
+
+REAL = ["RG1_UNCR.dcm", "RG3_UNCI.dcm", "CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_vendor_files_prepare_as_read_whole(
+    monkeypatch: pytest.MonkeyPatch,
+    manifest,  # noqa: ANN001
+    name: str,
+) -> None:
+    """pydicom-data's real CRs (7.2 and 6.2 MB, MONOCHROME1, 15 and 10 bits: mapped at the node's
+    own threshold), a CT, an MR and an RGB ultrasound (pydicom's decode reads its deferred
+    pixel data; its display only) prepare as the data set read whole."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom-data lacks {name}"
+    path = Path(path)
+    if path.stat().st_size > 4 * 2**20:
+        monkeypatch.setattr(dec, "MAP_PIXELS_BYTES", 4 * 2**20)  # the node's own
+        assert _mapped(dec.read_dataset(path, map_pixels=True))
+    shown = DisplaySpec(((0,),))
+    _same(shown.prepare(path, 0), shown.prepare(pydicom.dcmread(path), 0))
+    if pydicom.dcmread(path, stop_before_pixels=True).SamplesPerPixel == 1:  # the chest steps are greyscale
+        spec = PrepareSpec(manifest, check_size=False)
+        _same(spec.prepare(path, 0), spec.prepare(pydicom.dcmread(path), 0))
