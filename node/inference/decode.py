@@ -130,7 +130,7 @@ def _mapped_pixels(ds: Dataset) -> memoryview | None:
     does not hold all of it."""
     raw = _deferred(ds, "PixelData")
     filename = getattr(ds, "filename", None)
-    if raw is None or raw.value_tell is None or not isinstance(filename, (str, Path)):
+    if raw is None or not isinstance(filename, (str, Path)):
         return None
     try:
         with open(filename, "rb") as f:
