@@ -5,7 +5,7 @@
   INTER_AREA)``, and against a float64 truth: within float32 summation error (stated below), no
   less accurate than OpenCV; ``area_weights`` is OpenCV's table (checked through cv2 in float64).
 - ``prepared.lookup`` (the display table chunk by chunk) is ``np.take``, bit for bit, and so is
-  ``prepared._display_by_opencv`` (a header window in two OpenCV passes) wherever it is taken.
+  ``prepared._display_by_opencv`` (a header window in one OpenCV pass) wherever it is taken.
 - ``decode._native_frame`` (native little-endian greyscale as a view of the file's bytes) is
   pydicom's ``pixel_array``, bit for bit, dtype included, and leaves to pydicom every frame with
   bits set above BitsStored.
@@ -352,6 +352,34 @@ def test_the_opencv_display_is_taken_and_its_fixups_are_exact(monkeypatch: pytes
             assert np.array_equal(fast, _table_display(frame)), (bits, center, width)
     assert taken >= len(WINDOWS) - 2
     assert compares, "some stored value should have needed the table (16-bit windows have several)"
+
+
+@pytest.mark.parametrize(
+    "center, width, extra",
+    [
+        (2048, 256, {}),  # y = v - 1920: every stored value's ramp is a whole number
+        (2048, 256, {"PhotometricInterpretation": "MONOCHROME1"}),
+        (2000, 255, {"VOILUTFunction": "LINEAR_EXACT"}),  # y = v - 1872.5: every one a half
+        (1024.5, 512, {}),  # y = (v - 1024) / 511 * 255 + 127.5: whole every 511 values
+    ],
+)
+def test_whole_number_ramps_need_no_look_up(monkeypatch: pytest.MonkeyPatch, center, width, extra) -> None:
+    """Where the window puts stored values exactly on whole grey levels (a round-number window),
+    the lifted rounding point keeps them off the tie: one OpenCV pass, no value looked up in the
+    table, and still the table's display (with the point unlifted, the first two windows put
+    every value on a tie and fell back to the whole look-up)."""
+    compares = []
+    real = prepared.cv2.compare
+    monkeypatch.setattr(prepared.cv2, "compare", lambda *a, **k: (compares.append(1), real(*a, **k))[1])
+    values = np.random.default_rng(7).integers(0, 4096, (211, 307)).astype(np.uint16)
+    values[0, : 4096 // 16] = np.arange(0, 4096, 16)
+    frame = _windowed(values, 12, center, width, **extra)
+    pixels = frame.frame(0)
+    table = prepared._display_table(pixels.dtype, frame.header)
+    fast = prepared._display_by_opencv(pixels, frame.header, table)
+    assert fast is not None
+    assert np.array_equal(fast, _table_display(frame))
+    assert not compares
 
 
 def test_signed_or_lut_displays_keep_the_table() -> None:
