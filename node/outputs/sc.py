@@ -144,13 +144,16 @@ def render_overlay(
             f"display image must be (rows, cols) or (rows, cols, 3) RGB, found shape {grey.shape}"
         )
     grey = grey.astype(np.uint8, copy=False)
-    values: np.ndarray = np.nan_to_num(np.asarray(heatmap.values, dtype=np.float32), nan=0.0)
+    values: np.ndarray = np.asarray(heatmap.values, dtype=np.float32)  # only read, never written
     if values.ndim != 2:
         raise OutputError(f"heatmap {heatmap.label!r} must be 2-D, found shape {values.shape}")
+    if not np.isfinite(values).all():  # a source-sized map is rarely anything but finite: no copy then
+        values = np.nan_to_num(values, nan=0.0)
     rows, cols = grey.shape[:2]
     if values.shape != grey.shape[:2]:
         values = cv2.resize(values, (cols, rows), interpolation=cv2.INTER_LINEAR)
-    values = np.clip(values, 0.0, 1.0)
+    if values.size and not (float(values.min()) >= 0.0 and float(values.max()) <= 1.0):
+        values = np.clip(values, 0.0, 1.0)  # a normalised heatmap is within 0..1 already
 
     long_side = max(rows, cols)
     scale = 1.0
@@ -164,10 +167,20 @@ def render_overlay(
         grey = cv2.resize(grey, (width, height), interpolation=interp)
         values = cv2.resize(values, (width, height), interpolation=interp)
 
+    # base * (1 - alpha) + colour * alpha + 0.5, clipped: the same float32 operations, in place
     base = (grey if grey.ndim == 3 else cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)).astype(np.float32)
     colour = _colormap(values)
-    alpha = (ALPHA * np.clip((values - LOW) / (HIGH - LOW), 0.0, 1.0))[..., None]
-    picture = np.clip(base * (1.0 - alpha) + colour * alpha + 0.5, 0, 255).astype(np.uint8)
+    alpha = values - LOW
+    alpha /= HIGH - LOW
+    np.clip(alpha, 0.0, 1.0, out=alpha)
+    alpha *= ALPHA
+    weights = alpha[..., None]
+    colour *= weights
+    base *= 1.0 - weights
+    base += colour
+    base += 0.5
+    np.clip(base, 0, 255, out=base)
+    picture = base.astype(np.uint8)
 
     positive = bool(score and score.positive)
     if positive and heatmap.hotspot is not None and len(heatmap.hotspot.polygon) >= 3:
