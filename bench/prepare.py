@@ -27,9 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ("read + decode", "to the tensor", "with the display")
 
 
 def worker(tree: Path, folder: Path, repeat: int) -> dict[str, float]:
@@ -88,22 +90,32 @@ def main() -> None:
     from bench.inference import machine, study_files
 
     print(f"machine: {machine()}")
-    trees = [("this tree", REPO)] + ([("before", args.before.resolve())] if args.before else [])
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         study_files("cxr", Path(tmp), args.images)
-        header = f"{'tree':<12}{'round':>6}{'read + decode':>16}{'to the tensor':>16}{'with the display':>19}"
         print(f"CPU-ms per image (median), {args.images} radiographs 2140x1760, {args.repeat} passes")
-        print(header)
-        print("-" * len(header))
-        for round_ in range(1, args.rounds + 1):
-            for name, tree in trees:
-                command = [sys.executable, __file__, "--repeat", str(args.repeat), "--worker", str(tree), tmp]
-                got = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-                print(
-                    f"{name:<12}{round_:>6}{got['read + decode']:>16.2f}{got['to the tensor']:>16.2f}"
-                    f"{got['with the display']:>19.2f}",
-                    flush=True,
-                )
+        alternate(__file__, REPO, args.before, Path(tmp), args.repeat, args.rounds, COLUMNS)
+
+
+def alternate(
+    script: str,
+    tree: Path,
+    before: Path | None,
+    folder: Path,
+    repeat: int,
+    rounds: int,
+    columns: Sequence[str],
+) -> None:
+    """Run ``script --worker TREE FOLDER`` for ``tree`` and ``before`` (when given) in turn,
+    ``rounds`` times, each in a fresh process, and print a row of its ``columns`` per run."""
+    trees = [("this tree", tree)] + ([("before", before.resolve())] if before else [])
+    header = f"{'tree':<12}{'round':>6}" + "".join(f"{name:>19}" for name in columns)
+    print(header)
+    print("-" * len(header))
+    for round_ in range(1, rounds + 1):
+        for name, path in trees:
+            command = [sys.executable, script, "--repeat", str(repeat), "--worker", str(path), str(folder)]
+            got = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            print(f"{name:<12}{round_:>6}" + "".join(f"{got[c]:>19.2f}" for c in columns), flush=True)
 
 
 if __name__ == "__main__":
