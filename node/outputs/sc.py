@@ -176,7 +176,7 @@ def render_overlay(
     alpha *= ALPHA
     weights = alpha[..., None]
     colour *= weights
-    base *= 1.0 - weights
+    np.multiply(base, 1.0 - weights, out=base)
     base += colour
     base += 0.5
     np.clip(base, 0, 255, out=base)
