@@ -19,11 +19,8 @@ time (``time.process_time``):
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,25 +81,10 @@ def worker(tree: Path, folder: Path, repeat: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the trees")
-    parser.add_argument("--before", type=Path, default=None, help="another tree to run beside this one")
-    parser.add_argument("--worker", nargs=2, metavar=("TREE", "FOLDER"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(Path(args.worker[0]), Path(args.worker[1]), args.repeat)))
-        return
     sys.path.insert(0, str(REPO))
-    from bench.inference import machine, study_files
-    from bench.prepare import alternate
+    from bench.prepare import run_bench
 
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory(prefix="bench-outputs-") as tmp:
-        study_files("cxr", Path(tmp), args.images)
-        print(f"CPU-ms per image (median), {args.images} radiographs 2140x1760, cxr, {args.repeat} passes")
-        alternate(__file__, REPO, args.before, Path(tmp), args.repeat, args.rounds, COLUMNS)
+    run_bench(__file__, __doc__, worker, COLUMNS, images=16, repeat=3, what=", cxr")
 
 
 if __name__ == "__main__":

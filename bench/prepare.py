@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,24 +76,39 @@ def worker(tree: Path, folder: Path, repeat: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=5)
+    run_bench(__file__, __doc__, worker, COLUMNS, images=32, repeat=5, what="")
+
+
+def run_bench(
+    script: str,
+    doc: str | None,
+    work: Callable[[Path, Path, int], dict[str, float]],
+    columns: Sequence[str],
+    *,
+    images: int,
+    repeat: int,
+    what: str,
+) -> None:
+    """The command line of a tree-beside-tree CPU bench: ``work(tree, folder, repeat)`` in a
+    worker process per tree and round (``--worker``), over ``--images`` CXR phantoms."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--repeat", type=int, default=repeat)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the trees")
     parser.add_argument("--before", type=Path, default=None, help="another tree to run beside this one")
     parser.add_argument("--worker", nargs=2, metavar=("TREE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(Path(args.worker[0]), Path(args.worker[1]), args.repeat)))
+        print(json.dumps(work(Path(args.worker[0]), Path(args.worker[1]), args.repeat)))
         return
     sys.path.insert(0, str(REPO))
     from bench.inference import machine, study_files
 
     print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
         study_files("cxr", Path(tmp), args.images)
-        print(f"CPU-ms per image (median), {args.images} radiographs 2140x1760, {args.repeat} passes")
-        alternate(__file__, REPO, args.before, Path(tmp), args.repeat, args.rounds, COLUMNS)
+        print(f"CPU-ms per image (median), {args.images} radiographs 2140x1760{what}, {args.repeat} passes")
+        alternate(script, REPO, args.before, Path(tmp), args.repeat, args.rounds, columns)
 
 
 def alternate(
