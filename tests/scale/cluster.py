@@ -6,6 +6,7 @@ association."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import io
 import json
@@ -94,38 +95,56 @@ def receiver_config(config: Path) -> tuple[Path, int]:
 
 def ready(web_port: int) -> int:
     """The status of a node's /readyz (-1 while its web server does not answer)."""
+    return readiness(web_port)[0]
+
+
+def readiness(web_port: int) -> tuple[int, str]:
+    """The status and body of a node's /readyz (the body names each check); (-1, why) while its
+    web server does not answer."""
     try:
-        return httpx.get(f"http://127.0.0.1:{web_port}/readyz", timeout=5).status_code
-    except httpx.TransportError:
-        return -1
+        answer = httpx.get(f"http://127.0.0.1:{web_port}/readyz", timeout=5)
+    except httpx.TransportError as exc:
+        return -1, type(exc).__name__
+    return answer.status_code, answer.text
+
+
+def _sockets(pid: int) -> tuple[set[str], list[list[str]]]:
+    """The socket inodes process ``pid`` holds and the rows of its /proc/PID/net/tcp (Linux)."""
+    fds = f"/proc/{pid}/fd"
+    inodes = set()
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
+            target = os.readlink(f"{fds}/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    rows = [line.split() for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]]
+    return inodes, rows
 
 
 def connected_to(pid: int, port: int) -> bool:
     """Whether process ``pid`` holds an established TCP connection to loopback ``port`` (a sender
     mid-association with the destination), from /proc (Linux)."""
     try:
-        inodes = {
-            os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
-            for fd in os.listdir(f"/proc/{pid}/fd")
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
-        }
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:  # the process or one of its descriptors is gone
+        inodes, rows = _sockets(pid)
+    except OSError:  # the process is gone
         return False
-    for line in lines:
-        fields = line.split()
-        remote, state, inode = fields[2], fields[3], fields[9]
-        if state == "01" and int(remote.split(":")[1], 16) == port and inode in inodes:
-            return True
-    return False
+    return any(r[3] == "01" and int(r[2].split(":")[1], 16) == port and r[9] in inodes for r in rows)
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself holds a listening TCP socket on ``port`` (not merely
+    something on the port), from /proc (Linux)."""
+    try:
+        inodes, rows = _sockets(pid)
+    except OSError:  # the process is gone
+        return False
+    return any(r[3] == "0A" and int(r[1].split(":")[1], 16) == port and r[9] in inodes for r in rows)
 
 
 class NodeProcess:
     """``pacs-node serve --role ROLE`` as a subprocess, logging to ``folder/node.log``."""
 
     def __init__(self, config: Path, role: str = "all") -> None:
-        import yaml
-
         self.config = config
         self.role = role
         self.log = config.parent / "node.log"
@@ -141,13 +160,37 @@ class NodeProcess:
             env=env,
         )
 
-    def wait_listening(self) -> None:
-        """Wait for the DICOM port (receivers); fail with the log if the process ended."""
-        try:
-            wait_port(self.port, 60)
-        except TimeoutError:
-            self.kill()
-            raise AssertionError(f"node did not listen:\n{self.log.read_text()[-3000:]}") from None
+    def wait_listening(self, timeout: float = 60) -> None:
+        """Wait until this process listens on its DICOM port (receivers): something else on the
+        port does not count. Fails with the log's end if the process ends or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while not listens_on(self.proc.pid, self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"node did not listen on {self.port}:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+
+    def web_port(self) -> int:
+        """The port of its status page (from its configuration)."""
+        return int(yaml.safe_load(self.config.read_text())["web"]["port"])
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Wait until the process's /readyz answers 200 (its status page must be on). Fails at
+        once if the process ends, with the log's end; at the timeout with the last /readyz answer
+        (which names the failing check) and the log's end."""
+        web_port = self.web_port()
+        deadline = time.monotonic() + timeout
+        while (answer := readiness(web_port))[0] != 200:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"node ended (exit code {self.proc.returncode}) before it was ready:\n"
+                    f"{self.text()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"node not ready after {timeout} s; /readyz: {answer}\n{self.text()[-3000:]}"
+                )
+            time.sleep(0.05)
 
     def text(self) -> str:
         """What it logged so far."""
@@ -167,6 +210,32 @@ class NodeProcess:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+#: what uvicorn or pynetdicom log when a port is taken at bind time
+PORT_TAKEN = "address already in use"
+
+
+def start_ready_receiver(config: Path, tries: int = 3) -> NodeProcess:
+    """A receiver (its status page on) started and waited for until it listens and is ready.
+    ``free_port()`` only says a port was free when it was asked: when a port was taken by another
+    process before the node bound it (the node ends, saying so; a race of the test's port picking,
+    not a fault of the node) the configuration gets fresh ports and the node is started again."""
+    attempt = 1
+    while True:
+        node = NodeProcess(config, role="receiver")
+        try:
+            node.wait_listening()
+            node.wait_ready()
+            return node
+        except AssertionError:
+            node.kill()
+            if attempt >= tries or PORT_TAKEN not in node.text().lower():
+                raise
+        attempt += 1
+        data = yaml.safe_load(config.read_text())
+        data["dicom"]["port"], data["web"]["port"] = free_port(), free_port()
+        config.write_text(yaml.safe_dump(data))
 
 
 def dcmsend(port: int, files: list[Path]) -> None:

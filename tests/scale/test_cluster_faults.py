@@ -66,8 +66,8 @@ from tests.scale.cluster import (
     connected_to,
     haproxy_binary,
     node_config,
-    ready,
     receiver_config,
+    start_ready_receiver,
     with_object_store,
 )
 from tests.scale.test_cluster import _studies
@@ -123,20 +123,18 @@ def test_receiver_worker_and_sender_killed_nothing_lost_nothing_done_twice(
     dest_port = free_port()  # storescp starts once every job is analysed
     dest: Destination | None = None
     proxy: HAProxy | None = None
-    configs, web_ports, procs = {}, {}, {}
-    for name in ("receiver-1", "receiver-2"):
-        configs[name], web_ports[name] = receiver_config(_config(tmp_path, name, db, dest_port, seaweed))
-        procs[name] = NodeProcess(configs[name], role="receiver")
+    configs, procs = {}, {}
     for name in ("worker-1", "worker-2", "sender-1", "sender-2"):
         configs[name] = _config(tmp_path, name, db, dest_port, seaweed)
         procs[name] = NodeProcess(configs[name], role=name.split("-")[0])
     retired: list[NodeProcess] = []
     try:
         for name in ("receiver-1", "receiver-2"):
-            procs[name].wait_listening()
-            wait_for(lambda n=name: ready(web_ports[n]) == 200, 90, f"{name} not ready")  # noqa: B023
+            configs[name] = receiver_config(_config(tmp_path, name, db, dest_port, seaweed))[0]
+            procs[name] = start_ready_receiver(configs[name])
         proxy = HAProxy(
-            tmp_path / "haproxy", [(procs[n].port, web_ports[n]) for n in ("receiver-1", "receiver-2")]
+            tmp_path / "haproxy",
+            [(procs[n].port, procs[n].web_port()) for n in ("receiver-1", "receiver-2")],
         )
         wait_for(lambda: all(s["status"] == "UP" for s in proxy.servers().values()), 30, "receivers not UP")
         wait_for(lambda: _count(db, "select count(*) from clusternode") == 6, 120, "nodes not up")

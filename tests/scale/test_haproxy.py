@@ -91,8 +91,7 @@ def test_two_receivers_behind_haproxy_one_killed_mid_association(tmp_path, postg
     try:
         for node in receivers:
             node.wait_listening()
-        for port in web_ports:
-            wait_for(lambda p=port: ready(p) == 200, 60, "receiver not ready")  # noqa: B023
+            node.wait_ready(60)
         proxy = HAProxy(
             tmp_path / "haproxy", [(n.port, w) for n, w in zip(receivers, web_ports, strict=True)]
         )
@@ -153,7 +152,7 @@ def test_a_receiver_that_is_not_ready_gets_no_association(tmp_path, postgres):
     try:
         for node in receivers:
             node.wait_listening()
-        wait_for(lambda: ready(web_ports[0]) == 200, 60, "receiver-1 not ready")
+        receivers[0].wait_ready(60)
         wait_for(lambda: _accepted(web_ports[1]) == 0, 60, "receiver-2's status page not up")
         assert ready(web_ports[1]) == 503  # listening, but its spool is "full"
         proxy = HAProxy(
