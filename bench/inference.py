@@ -21,13 +21,15 @@ outputs are not included.
 
 ``--real`` adds real-size architectures beside the tiny references, built at bench time into the
 temporary folder (random weights, nothing downloaded or committed) by ``pacs-node convert torch``
-with its parity check: ``resnet50-224`` (torchvision-layout ResNet-50, 23.5 M parameters, 3x224x224,
-GAP + linear with the CAM output) and ``densenet121-224`` (torchvision-layout DenseNet-121), both
-fed full-size chest radiograph phantoms through the scaffold's chest preprocessing (window,
-letterbox to 224, normalise, 3 channels). The segmentation model (``ct-liver-seg``, a 2-D U-Net run
-slice by slice) goes through the whole segmentation analysis: per-pixel classes mapped back to the
-source pixels and post-processed are node cost; ``--models ct-liver-seg --images 300`` measures it
-over a 300-slice CT.
+with its parity check: ``resnet50-224`` (torchvision-layout ResNet-50, 23.5 M parameters,
+3x224x224, GAP + linear with the CAM output), ``resnet50-224-plain`` (the same network converted
+without a CAM output, its manifest's ``heatmap: none``, as a model owner's plain classifier or a
+converted MONAI bundle is: no display of its images is made) and ``densenet121-224``
+(torchvision-layout DenseNet-121), all fed full-size chest radiograph phantoms through the
+scaffold's chest preprocessing (window, letterbox to 224, normalise, 3 channels). The segmentation
+model (``ct-liver-seg``, a 2-D U-Net run slice by slice) goes through the whole segmentation
+analysis: per-pixel classes mapped back to the source pixels and post-processed are node cost;
+``--models ct- liver-seg --images 300`` measures it over a 300-slice CT.
 
 ``--models unet3d-ct`` (or ``--real3d``) adds a 3-D segmentation model built at bench time (random
 weights, nothing committed): MONAI's UNet with ``spatial_dims=3``, channels (16, 32, 64, 128),
@@ -83,6 +85,7 @@ KIND = {"ct-liver": "ct", "ct-liver-seg": "ct", "cxr": "cxr", "mammo": "mammo", 
 #: Real-size architectures (``--real``): model id -> factory in tests/byom/archs.py, input C,H,W.
 REAL = {
     "resnet50-224": ("resnet50", (3, 224, 224)),
+    "resnet50-224-plain": ("resnet50", (3, 224, 224)),  # no CAM output, heatmap: none
     "densenet121-224": ("densenet121", (3, 224, 224)),
 }
 #: 3-D segmentation models built at bench time (``--real3d``): id -> (UNet channels, roi, in-plane size).
@@ -241,6 +244,7 @@ def build_real(model_id: str, folder: Path) -> LoadedModel:
     from tests.byom.conftest import fill_manifest
 
     factory, shape = REAL[model_id]
+    cam = not model_id.endswith("-plain")
     weights = folder / f"{model_id}.pt"
     torch.save(getattr(archs, factory)().state_dict(), weights)
     out = folder / model_id
@@ -250,13 +254,15 @@ def build_real(model_id: str, folder: Path) -> LoadedModel:
         weights=weights,
         input_shape=shape,
         model_id=model_id,
-        cam=True,
+        cam=cam,
         echo=lambda line: None,
         threads=os.cpu_count() or 1,
     )
     if not result.ok:
         sys.exit(f"{model_id}: parity failed; not benchmarking it")
-    fill_manifest(out, labels=["finding_a", "finding_b"])  # the scaffold's chest preprocessing, CAM
+    # the scaffold's chest preprocessing; its CAM, or no heatmap (not the scaffold's occlusion map,
+    # which would run the network ~200 times an image)
+    fill_manifest(out, labels=["finding_a", "finding_b"], **({} if cam else {"heatmap": {"method": "none"}}))
     return load_model(out)
 
 

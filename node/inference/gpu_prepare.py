@@ -46,7 +46,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -702,7 +701,7 @@ class GpuPreparer:
     ) -> Iterator[prepared.PreparedFrame]:
         xp = self.xp
         ds = dec.read_dataset(item)
-        keep = spec.keep_display or not isinstance(item, (str, Path))
+        keep = spec.keeps_display(item)
         frames: list[prepared.PreparedFrame] = []
         try:
             for index, frame in enumerate(iter_device_frames(xp, ds, budget, self._codec, self._decoder)):

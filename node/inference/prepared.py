@@ -213,17 +213,23 @@ class PrepareSpec:
     """How to prepare instances for one model (picklable: it travels to the child processes).
     ``check_size``: check the model's spatial input size (False for patch models, which tile the
     full image); ``keep_display``: keep each frame's uint8 display of a file (a data set handed
-    in keeps it always: it cannot be decoded again later)."""
+    in keeps it always: it cannot be decoded again later); ``shows``: False for a model whose
+    outputs show no image (no heatmap): then no display is made at all, a data set's neither."""
 
     manifest: Manifest
     check_size: bool = True
     keep_display: bool = True
+    shows: bool = True
+
+    def keeps_display(self, item: Item) -> bool:
+        """Whether ``item``'s displays are made now (see the class doc)."""
+        return self.shows and (self.keep_display or not isinstance(item, (str, Path)))
 
     def prepare(self, item: Item, position: int, budget: Budget = DEFAULT_BUDGET) -> list[PreparedFrame]:
         """Decode ``item`` frame by frame within ``budget`` and prepare each frame; a frame's
         full-resolution pixels are dropped once prepared. Raises DecodeError / PreprocessError."""
         ds = read_dataset(item, map_pixels=True)  # native pixel data mapped, not copied
-        keep = self.keep_display or not isinstance(item, (str, Path))
+        keep = self.keeps_display(item)
         frames = []
         # manifest.decode_reduced may decode a JPEG 2000 frame at the size the model needs; a kept
         # display is the full-resolution image, so then the frame is decoded whole, as always

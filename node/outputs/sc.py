@@ -113,7 +113,10 @@ def build_heatmap_scs(
 
 def heatmaps_to_show(image: ImageResult, result: AnalysisResult) -> list[Heatmap]:
     """The heatmaps of ``image`` for its positive labels (image or aggregated level), or the one of
-    its highest-scoring label when none is positive."""
+    its highest-scoring label when none is positive; none for an image without heatmaps (a
+    model with ``heatmap: none``)."""
+    if not image.heatmaps:
+        return []
     positive = {s.label for s in image.scores if s.positive and not s.normal} | {
         f.label for f in result.findings if f.positive and not f.normal
     }

@@ -22,7 +22,7 @@ from node.inference.device_arrays import concatenate, to_host
 from node.inference.explain import aggregate, heatmaps, patch_scores, top_slices
 from node.inference.gpu_prepare import GpuPreparer
 from node.inference.isolate import PreparationDeadline
-from node.inference.manifest import Manifest, PatchHeatmap
+from node.inference.manifest import Manifest, NoHeatmap, PatchHeatmap
 from node.inference.postprocess import label_scores, probabilities
 from node.inference.prepared import (
     DisplaySpec,
@@ -178,7 +178,7 @@ def analyse(
                         sop_class_uid=images[i].header.sop_class_uid,
                         scores=tuple(per_image[i]),
                         heatmaps=tuple(maps),
-                        display=displays[i],
+                        display=displays.get(i),
                         frame=images[i].header.frame_number,
                     )
                 )
@@ -199,11 +199,26 @@ def analyse(
     return result, sources
 
 
+def shows_images(manifest: Manifest) -> bool:
+    """Whether ``manifest``'s model shows its source images in its outputs (a heatmap's secondary
+    capture and the upload page's overlay, a segmentation's masks over the image), so that a
+    display of them is made; a classifier without a heatmap (``heatmap: none``, as a converted
+    MONAI bundle's) and a volume classifier show none."""
+    return manifest.kind == "segmentation" or (
+        not isinstance(manifest.heatmap, NoHeatmap) and not manifest.input.is_volume
+    )
+
+
 def _spec(manifest: Manifest, is_patch: bool) -> PrepareSpec:
     """How a classifier's files are prepared: a series-level model (top-k frames shown) decodes
     its shown frames again at the end (``_displays``); otherwise every frame is shown, and its
-    uint8 display is kept now."""
-    return PrepareSpec(manifest, check_size=not is_patch, keep_display=manifest.aggregation.level != "series")
+    uint8 display is kept now; a model that shows no image has none made."""
+    return PrepareSpec(
+        manifest,
+        check_size=not is_patch,
+        keep_display=manifest.aggregation.level != "series",
+        shows=shows_images(manifest),
+    )
 
 
 def _frames(
@@ -251,7 +266,7 @@ def prepare_all(
     slices, each with its own header (``ImageHeader.for_frame``).
     """
     spec = _spec(manifest, is_patch)
-    recompute = not spec.keep_display
+    recompute = spec.shows and not spec.keep_display
     frames = list(_frames(files, spec, budget, preparer, deadline))
     images = [_image(files, f, recompute) for f in frames]
     return [images[i] for i in _spatial_order(frames, images)]
@@ -336,7 +351,7 @@ def prepare_and_infer(
         with watch.stage("preprocessing") if watch is not None else contextlib.nullcontext():
             for frame in _frames(files, spec, budget, preparer, deadline):
                 frames.append(frame)
-                images.append(_image(files, frame, not spec.keep_display))
+                images.append(_image(files, frame, spec.shows and not spec.keep_display))
                 if patcher is not None:
                     running.append(([len(images) - 1], patcher.submit(score_patches, len(images) - 1)))
                     continue
@@ -381,7 +396,8 @@ def _displays(
     deadline: float | None = None,
 ) -> dict[int, np.ndarray]:
     """The uint8 display of each shown image: kept, or decoded again (each file read once;
-    through ``preparer``, in a child process, when given)."""
+    through ``preparer``, in a child process, when given); none for images with neither (a model
+    that shows no image: ``shows_images``)."""
     out: dict[int, np.ndarray] = {}
     by_source: dict[Path, list[int]] = {}
     for i in shown:

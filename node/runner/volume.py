@@ -4,8 +4,8 @@ The series' slices are prepared by the manifest's 2-D steps (as every model's ar
 spatial order into (C, D, H, W), resampled along the slice axis to the input's depth when it is
 fixed (linear, on slice centres: PyTorch's ``interpolate(..., mode="trilinear",
 align_corners=False)`` restricted to depth, which is how a 3-D network is usually fed a volume
-of another length), and classified in one call. The series' findings are the model's; the middle
-slice is shown (no heatmap yet).
+of another length), and classified in one call. The series' findings are the model's, given on
+its middle slice; it has no heatmap yet, so no display of that slice is made (no SC shows it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from node.inference.batcher import RunsBatches
 from node.inference.postprocess import label_scores
 from node.inference.prepared import Preparer
 from node.inference.registry import LoadedModel
-from node.runner.analyse import Stopwatch, _displays, algorithm_identity, make_predictor, prepare_all
+from node.runner.analyse import Stopwatch, algorithm_identity, make_predictor, prepare_all
 from node.runner.segment import stack_volume
 from node.types import AnalysisResult, ImageResult
 
@@ -69,14 +69,13 @@ def analyse_volume(
             )
         findings = label_scores(manifest, probs[0])
         middle = len(images) // 2
-        displays = _displays(images, [middle], budget, preparer, watch.deadline)
         shown = images[middle]
         result_image = ImageResult(
             sop_instance_uid=shown.header.sop_instance_uid,
             sop_class_uid=shown.header.sop_class_uid,
             scores=tuple(findings),
             heatmaps=(),
-            display=displays[middle],
+            display=None,  # no heatmap to show over it (analyse.shows_images)
             frame=shown.header.frame_number,
         )
     sources = list({id(im.dataset): im.dataset for im in images}.values())
