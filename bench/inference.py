@@ -29,7 +29,7 @@ converted MONAI bundle is: no display of its images is made) and ``densenet121-2
 scaffold's chest preprocessing (window, letterbox to 224, normalise, 3 channels). The segmentation
 model (``ct-liver-seg``, a 2-D U-Net run slice by slice) goes through the whole segmentation
 analysis: per-pixel classes mapped back to the source pixels and post-processed are node cost;
-``--models ct- liver-seg --images 300`` measures it over a 300-slice CT.
+``--models ct-liver-seg --images 300`` measures it over a 300-slice CT.
 
 ``--models unet3d-ct`` (or ``--real3d``) adds a 3-D segmentation model built at bench time (random
 weights, nothing committed): MONAI's UNet with ``spatial_dims=3``, channels (16, 32, 64, 128),
