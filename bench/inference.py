@@ -227,7 +227,7 @@ def measure(
     runs = len(calls)  # the node's runs (the bare side runs the same rows in full chunks)
     batch = max(b.shape[0] for b, _ in calls)
     return (
-        f"{model.id:<16}{provider.replace('ExecutionProvider', ''):<10}{n:>7}{runs:>6}"
+        f"{model.id:<20}{provider.replace('ExecutionProvider', ''):<10}{n:>7}{runs:>6}"
         f"{min(batch, mb):>7}{n / node_s:>12.1f}{n / bare_s:>12.1f}"
         f"{bare_s / node_s:>13.2f}{prep_s / n * 1000:>13.1f}"
     )
@@ -336,7 +336,7 @@ def main() -> None:
     )
     print(f"machine: {machine()}")
     header = (
-        f"{'model':<16}{'provider':<10}{'images':>7}{'runs':>6}{'batch':>7}"
+        f"{'model':<20}{'provider':<10}{'images':>7}{'runs':>6}{'batch':>7}"
         f"{'node img/s':>12}{'bare img/s':>12}{'node ÷ bare':>13}{'prep ms/img':>13}"
     )
     size = args.processes or max(3, os.cpu_count() or 1)  # the node's default with runner.workers 2
