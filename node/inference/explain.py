@@ -35,31 +35,44 @@ Normalization = Literal["relu_max", "minmax"]
 # Mapping and normalisation
 
 
-def normalize_map(values: np.ndarray, method: Normalization = "relu_max") -> np.ndarray:
+def normalize_map(
+    values: np.ndarray, method: Normalization = "relu_max", *, in_place: bool = False
+) -> np.ndarray:
     """Scale a map to 0..1: ``relu_max`` clips negatives and divides by the max (Grad-CAM);
-    ``minmax`` maps [min, max] to [0, 1]. A flat map becomes zeros."""
+    ``minmax`` maps [min, max] to [0, 1]. A flat map becomes zeros. ``in_place``: a float32
+    ``values`` is overwritten and returned (the same values; no source-sized temporary)."""
     m = np.asarray(values, dtype=np.float32)
+    own = in_place and m is values
     if method == "relu_max":
-        m = np.maximum(m, 0.0)
+        m = np.maximum(m, 0.0, out=m if own else None)
         top = float(m.max()) if m.size else 0.0
         if not top > 0:
-            return np.zeros_like(m)
+            return _zeros(m, own)
         m /= top  # in place: the same float32 division as ``m / top``, one array fewer
         return m
     lo, hi = float(m.min()), float(m.max())
     if not hi > lo:
-        return np.zeros_like(m)
-    out = m - lo
+        return _zeros(m, own)
+    out = m if own else m.copy()
+    out -= lo
     out /= hi - lo
     return out
 
 
-def map_to_source(values: np.ndarray, geometry: Geometry) -> np.ndarray:
+def _zeros(m: np.ndarray, own: bool) -> np.ndarray:
+    if own:
+        m.fill(0.0)
+        return m
+    return np.zeros_like(m)
+
+
+def map_to_source(values: np.ndarray, geometry: Geometry, out: np.ndarray | None = None) -> np.ndarray:
     """Resample a (h, w) map over the model input onto the source image (H, W).
 
     The map may be coarser than the model input (a CAM of 7x7 for 224x224): map pixel i covers
     model pixels [i * model_h / h, (i + 1) * model_h / h). Letterbox padding and resizing are
-    undone through ``geometry`` with one bilinear affine warp (edges replicated).
+    undone through ``geometry`` with one bilinear affine warp (edges replicated). ``out``: a
+    C-contiguous float32 (H, W) array to warp into (returned), instead of a new one.
     """
     values = np.asarray(values, dtype=np.float32)
     if values.ndim != 2:
@@ -72,13 +85,13 @@ def map_to_source(values: np.ndarray, geometry: Geometry) -> np.ndarray:
     b_y = (0.5 * geometry.scale_y + geometry.offset_y) * fy - 0.5
     b_x = (0.5 * geometry.scale_x + geometry.offset_x) * fx - 0.5
     matrix = np.array([[a_x, 0.0, b_x], [0.0, a_y, b_y]], dtype=np.float64)
-    return cv2.warpAffine(
-        values,
-        matrix,
-        (sw, sh),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
+    flags, border = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, cv2.BORDER_REPLICATE
+    if out is None:
+        return cv2.warpAffine(values, matrix, (sw, sh), flags=flags, borderMode=border)
+    if out.shape != (sh, sw) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise InferenceError(f"map_to_source: out must be C-contiguous float32 {(sh, sw)}, found {out.shape}")
+    cv2.warpAffine(values, matrix, (sw, sh), dst=out, flags=flags, borderMode=border)
+    return out
 
 
 def cam_to_source(
@@ -95,7 +108,23 @@ def cam_to_source(
         cam = cam[0]
     if cam.ndim != 3:
         raise InferenceError(f"CAM must be (C, h, w) (found shape {cam.shape})")
-    return np.stack([normalize_map(map_to_source(cam[i], geometry), normalize) for i in indices])
+    return _source_maps(
+        [cam[i] for i in indices], geometry, lambda m: normalize_map(m, normalize, in_place=True)
+    )
+
+
+def _source_maps(
+    maps: Sequence[np.ndarray], geometry: Geometry, finish: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """(len(maps), H, W): each map warped onto the source straight into its plane of one array
+    and ``finish``-ed there (in place), rather than a source-sized array per map stacked after."""
+    sh, sw = geometry.source_shape
+    out = np.empty((len(maps), sh, sw), dtype=np.float32)
+    for plane, values in zip(out, maps, strict=True):
+        done = finish(map_to_source(values, geometry, out=plane))
+        if done is not plane:
+            plane[...] = done
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +333,9 @@ def heatmaps(
         scores, origins = patch_result
         shape = model_input.geometry.model_shape
         model_maps = stitch_scores(scores, origins, spec.patch_size, shape)
-        maps = np.stack([np.clip(map_to_source(model_maps[pos[lb.name]], geometry), 0, 1) for lb in wanted])
+        maps = _source_maps(
+            [model_maps[pos[lb.name]] for lb in wanted], geometry, lambda m: np.clip(m, 0, 1, out=m)
+        )
     elif isinstance(spec, OcclusionHeatmap):
         if predict is None:
             raise InferenceError(f"model {manifest.id}: heatmap method 'occlusion' needs a predict function")
@@ -316,7 +347,9 @@ def heatmaps(
             batch_size=spec.batch_size,
             layout=model_input.layout,
         )
-        maps = np.stack([normalize_map(map_to_source(model_maps[pos[lb.name]], geometry)) for lb in wanted])
+        maps = _source_maps(
+            [model_maps[pos[lb.name]] for lb in wanted], geometry, lambda m: normalize_map(m, in_place=True)
+        )
     else:  # pragma: no cover - the schema admits no other method
         raise InferenceError(f"model {manifest.id}: unknown heatmap method {spec.method!r}")
     return [

@@ -15,9 +15,10 @@ import cv2
 import numpy as np
 import pytest
 
+from node.errors import InferenceError
 from node.inference import explain as ex
 from node.outputs import sc
-from node.types import Heatmap, Hotspot, LabelScore
+from node.types import Geometry, Heatmap, Hotspot, LabelScore
 from tests.outputs.fabricate import algorithm
 
 
@@ -99,6 +100,75 @@ def test_normalize_map_in_place_is_the_same_division(method: str) -> None:
             want = (m64 - lo) / (hi - lo) if hi > lo else np.zeros_like(m64)
         assert got.dtype == np.float32 and np.array_equal(got, want)
         assert np.array_equal(m, before)
+
+
+@pytest.mark.parametrize("method", ["relu_max", "minmax"])
+def test_normalize_map_in_place_writes_the_same_values_into_the_map(method: str) -> None:
+    rng = np.random.default_rng(13)
+    for kind in range(5):
+        m = _awkward_map(rng, kind)
+        want = ex.normalize_map(m, method)  # type: ignore[arg-type]
+        got = ex.normalize_map(m, method, in_place=True)  # type: ignore[arg-type]
+        assert got is m and np.array_equal(got, want)
+        doubles = _awkward_map(rng, kind).astype(np.float64)  # converted: a new array, the input kept
+        before = doubles.copy()
+        assert np.array_equal(
+            ex.normalize_map(doubles, method, in_place=True), ex.normalize_map(before, method)
+        )  # type: ignore[arg-type]
+        assert np.array_equal(doubles, before)
+
+
+def _old_normalize(values: np.ndarray) -> np.ndarray:
+    """normalize_map("relu_max") as it was: a new array for the ReLU, zeros_like for a flat map."""
+    m = np.maximum(np.asarray(values, dtype=np.float32), 0.0)
+    top = float(m.max()) if m.size else 0.0
+    return m / top if top > 0 else np.zeros_like(m)
+
+
+GEOMETRIES = [
+    Geometry(
+        (2140, 1760), (224, 224), 224 / 2140, 224 / 2140, 0.0, (224 - 1760 * 224 / 2140) / 2
+    ),  # letterbox
+    Geometry((512, 512), (128, 128), 0.25, 0.25),
+    Geometry((97, 301), (64, 64), 64 / 97, 64 / 301),  # stretched
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_source_maps_are_the_stacked_maps_of_before(geometry: Geometry) -> None:
+    """cam_to_source and the patch and occlusion maps now warp each map into its plane of one
+    array and finish it there: the same values as a warp, a new normalised array and np.stack."""
+    rng = np.random.default_rng(21)
+    cam = (rng.random((3, 7, 7)) - 0.3).astype(np.float32)
+    cam[2] = -1.0  # nothing positive: zeros
+    for normalize in ("relu_max", "minmax"):
+        old = np.stack(
+            [
+                ex.normalize_map(ex.map_to_source(cam[i], geometry), normalize)  # type: ignore[arg-type]
+                for i in (2, 0, 1)
+            ]
+        )
+        got = ex.cam_to_source(cam[np.newaxis], geometry, [2, 0, 1], normalize)  # type: ignore[arg-type]
+        assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, old)
+    relu = np.stack([_old_normalize(ex.map_to_source(cam[i], geometry)) for i in range(3)])
+    assert np.array_equal(ex.cam_to_source(cam, geometry, range(3)), relu)
+    maps = [rng.random(geometry.model_shape).astype(np.float32) * 1.3 - 0.1 for _ in range(2)]
+    clipped = np.stack([np.clip(ex.map_to_source(m, geometry), 0, 1) for m in maps])
+    assert np.array_equal(ex._source_maps(maps, geometry, lambda m: np.clip(m, 0, 1, out=m)), clipped)
+    # a finish that returns a new array is copied into the plane
+    assert np.array_equal(ex._source_maps(maps, geometry, lambda m: np.clip(m, 0, 1)), clipped)
+
+
+def test_map_to_source_into_a_wrong_array_is_refused() -> None:
+    geometry = GEOMETRIES[1]
+    ex.map_to_source(np.ones((7, 7), np.float32), geometry, out=np.empty((512, 512), np.float32))
+    for out in (
+        np.empty((512, 511), np.float32),
+        np.empty((512, 512)),
+        np.empty((512, 1024), np.float32)[:, ::2],
+    ):
+        with pytest.raises(InferenceError, match="map_to_source: out must be C-contiguous float32"):
+            ex.map_to_source(np.ones((7, 7), np.float32), geometry, out=out)
 
 
 def _reference_picture(display: np.ndarray, values: np.ndarray) -> np.ndarray:
