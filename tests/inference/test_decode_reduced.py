@@ -212,3 +212,7 @@ def test_the_node_s_preparation_uses_it_where_no_display_is_kept(registry, phant
     assert shown.display is not None and shown.display.shape == (shown.header.rows, shown.header.cols)
     assert np.array_equal(shown.model_input.tensor, full.tensor)
     assert not np.array_equal(lean.model_input.tensor, full.tensor)
+    # a model that shows no image (heatmap: none) keeps no display, even of a data set handed in,
+    # so its frames take the reduced decode at image level too
+    (plain,) = PrepareSpec(manifest, check_size=False, shows=False).prepare(pydicom.dcmread(path), 0)
+    assert plain.display is None and np.array_equal(plain.model_input.tensor, expected.tensor)
