@@ -221,6 +221,11 @@ class PrepareSpec:
     keep_display: bool = True
     shows: bool = True
 
+    @property
+    def displays_later(self) -> bool:
+        """Whether a file's displays are decoded again after inference (shown, but not kept)."""
+        return self.shows and not self.keep_display
+
     def keeps_display(self, item: Item) -> bool:
         """Whether ``item``'s displays are made now (see the class doc)."""
         return self.shows and (self.keep_display or not isinstance(item, (str, Path)))

@@ -203,10 +203,9 @@ def shows_images(manifest: Manifest) -> bool:
     """Whether ``manifest``'s model shows its source images in its outputs (a heatmap's secondary
     capture and the upload page's overlay, a segmentation's masks over the image), so that a
     display of them is made; a classifier without a heatmap (``heatmap: none``, as a converted
-    MONAI bundle's) and a volume classifier show none."""
-    return manifest.kind == "segmentation" or (
-        not isinstance(manifest.heatmap, NoHeatmap) and not manifest.input.is_volume
-    )
+    MONAI bundle's) and a volume classifier (which the manifest holds to ``heatmap: none``) show
+    none."""
+    return manifest.kind == "segmentation" or not isinstance(manifest.heatmap, NoHeatmap)
 
 
 def _spec(manifest: Manifest, is_patch: bool) -> PrepareSpec:
@@ -266,9 +265,8 @@ def prepare_all(
     slices, each with its own header (``ImageHeader.for_frame``).
     """
     spec = _spec(manifest, is_patch)
-    recompute = spec.shows and not spec.keep_display
     frames = list(_frames(files, spec, budget, preparer, deadline))
-    images = [_image(files, f, recompute) for f in frames]
+    images = [_image(files, f, spec.displays_later) for f in frames]
     return [images[i] for i in _spatial_order(frames, images)]
 
 
@@ -351,7 +349,7 @@ def prepare_and_infer(
         with watch.stage("preprocessing") if watch is not None else contextlib.nullcontext():
             for frame in _frames(files, spec, budget, preparer, deadline):
                 frames.append(frame)
-                images.append(_image(files, frame, spec.shows and not spec.keep_display))
+                images.append(_image(files, frame, spec.displays_later))
                 if patcher is not None:
                     running.append(([len(images) - 1], patcher.submit(score_patches, len(images) - 1)))
                     continue
