@@ -173,6 +173,8 @@ def triton_server(
     server = TritonServer(f"http://127.0.0.1:{ports[0]}", repository, bundled, process)
     ready = threading.Event()
 
+    decoder = json.JSONDecoder()
+
     def read() -> None:
         assert process.stdout is not None
         for line in process.stdout:
@@ -180,8 +182,14 @@ def triton_server(
             if "PYTRITON-SPEC-READY" in line:  # anywhere: tritonserver's log shares the pipe
                 ready.set()
             elif "PYTRITON-SPEC-BATCHES " in line:
+                # raw_decode: tritonserver's log may go on on the same line after the JSON; the
+                # reader must live on whatever it reads, or the server blocks on a full pipe
                 marker = "PYTRITON-SPEC-BATCHES "
-                server.batches.update(json.loads(line[line.index(marker) + len(marker) :]))
+                try:
+                    sizes, _ = decoder.raw_decode(line, line.index(marker) + len(marker))
+                    server.batches.update(sizes)
+                except ValueError:
+                    server.lines.append(f"(batch sizes not read from: {line.rstrip()!r})")
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
