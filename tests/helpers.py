@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -107,11 +108,40 @@ def make_series(
     ]
 
 
+_PORTS_HANDED_OUT: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux's default 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on loopback right now, never the same twice in this process, and below the
+    kernel's range for outgoing connections: a port the kernel hands out for port 0 is taken from
+    that range, where any client connection of the machine (thousands in a test run) may take it
+    again before the server meant for it binds, and two calls may get the same one."""
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    pick = random.Random(os.getpid() ^ time.monotonic_ns())
+    with _PORTS_LOCK:
+        for _ in range(500):
+            port = pick.randrange(low, high)
+            if port in _PORTS_HANDED_OUT:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _PORTS_HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free loopback port between {low} and {high}")
 
 
 def need(tool: str) -> str:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ pytest.importorskip(
 
 from node.inference.registry import Registry, load_registry  # noqa: E402
 from node.inference.triton_repo import export_repository  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,12 +69,6 @@ def _pytriton_python() -> Path | None:
     venv = Path(os.environ.get("PACS_NODE_PYTRITON_VENV", DEFAULT_VENV))
     python = venv / "bin" / "python"
     return python if python.exists() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tensor(t: Any) -> dict[str, Any]:
@@ -139,7 +133,7 @@ def triton_server(
     cxr = next(m for m in models if m["name"] == "cxr")
     models.append({**cxr, "name": "cxr-mb3", "max_batch_size": 3})
     failing = {**cxr, "name": "failing", "message": FAILING_MESSAGE}
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     spec = {
         "http_port": ports[0],
         "grpc_port": ports[1],
