@@ -16,6 +16,7 @@ from node.audit.syslog import BOM, SyslogSender, format_message, octet_counted
 from node.errors import ConfigError
 from node.settings import load_settings
 from tests.audit.conftest import assert_valid, validator
+from tests.helpers import free_port
 
 SOURCE = m.AuditSource("PACSNODE@node.example", "HOSPITAL")
 NODE = m.Participant(
@@ -134,9 +135,7 @@ def test_settings_defaults_and_checks(tmp_path: Path) -> None:
 
 def test_sender_keeps_messages_until_the_repository_answers() -> None:
     """TCP: nothing listens at first; the message is kept and delivered once a server is up."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     sender = SyslogSender("127.0.0.1", port, "tcp", hostname="h", retry_max_s=0.3)
     sender.start()
     sender.submit(b"<first/>")

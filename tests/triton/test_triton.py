@@ -32,7 +32,7 @@ from node.runner.analyse import Stopwatch, analyse
 from node.settings import ModelsSettings
 from node.store.tables import Job, JobState
 from node.synth import generate_study
-from tests.helpers import REPO, raw_store_file
+from tests.helpers import REPO, free_port, raw_store_file
 
 from .conftest import FAILING_MESSAGE, TritonServer, parse_config
 
@@ -47,12 +47,7 @@ TYPES = {"float32": 11, "float16": 10, "uint8": 2}  # inference.DataType
 
 
 def _dead_url() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"  # closed again: nothing listens there
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
 # ------------------------------------------------------------------ the exported repository
