@@ -525,10 +525,17 @@ def test_browser_uploads_a_photograph_and_gets_the_result_page(page, served, tmp
     assert not seen["errors"], where
     assert seen["urls"][:2] == ["/login", "/analyse"], where
     assert any(re.fullmatch(r"/analyse/[A-Za-z0-9_-]+", u) for u in seen["urls"]), where
-    # the progress page's event stream as its script received it: every step, in order
-    streamed = [e["type"] for e in seen["events"]]
-    assert streamed == [*STAGES[:-2], "done"], where
-    assert all(e["data"]["stage"] == e["type"] for e in seen["events"]), where
+    if seen["events"]:
+        # the progress page's event stream as its script received it: every step, in order
+        streamed = [e["type"] for e in seen["events"]]
+        assert streamed == [*STAGES[:-2], "done"], where
+        assert all(e["data"]["stage"] == e["type"] for e in seen["events"]), where
+    else:
+        # this small model can finish (~0.1 s) before the browser asks for the analysis's page,
+        # which is then the result page at once, with no stream to follow: its steps, in order
+        stages = "|".join(STAGES)
+        listed = re.findall(rf"^({stages}) \d+\.\d\d s ", seen["report"], re.MULTILINE)
+        assert listed == [*STAGES[:-2], "done"], where
     assert "Classification report" in seen["report"] and "Colour photograph demo classifier" in seen["report"]
     assert "rule 'photo-fundus' -> photo-demo" in seen["report"], where
     assert re.search(r"red Red \(99PACSNODE C-1\)\s+0\.\d{3}\s+0\.50\s+positive", seen["report"]), where
